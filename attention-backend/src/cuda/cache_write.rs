@@ -1,0 +1,52 @@
+//! KV-cache write on the GPU.
+
+use attention_kernels::launch::{self, KvWriteDims};
+use attention_kernels::Element;
+
+use super::{kernel_error, CudaDevice, CudaKvCache, DeviceSlotMapping, DeviceTensor};
+use crate::error::Result;
+use crate::validate::{self, TensorSpec};
+
+/// Writes `key[t]` / `value[t]` (`[num_tokens, num_kv_heads, head_size]`) into the cache row
+/// `slot_mapping[t]`, skipping negative slots; enqueued on the device's stream, no sync.
+///
+/// # Errors
+/// The errors of [`validate::kv_cache_update`] (checked on the host before the launch), or
+/// [`crate::AttentionError::Cuda`] when the launch fails.
+pub fn kv_cache_update<T: Element>(
+    dev: &CudaDevice,
+    key: &DeviceTensor<T>,
+    value: &DeviceTensor<T>,
+    cache: &mut CudaKvCache<T>,
+    slot_mapping: &DeviceSlotMapping,
+) -> Result<()> {
+    const OP: &str = "kv_cache_update";
+    let layout = *cache.layout();
+    let _span = tracing::debug_span!("kv_cache_update", backend = "cuda", tokens = slot_mapping.len()).entered();
+    validate::kv_cache_update(
+        OP,
+        &layout,
+        T::DTYPE,
+        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
+        slot_mapping.host(),
+    )?;
+    let row = layout.row_elems();
+    let dims = KvWriteDims {
+        num_tokens: slot_mapping.len(),
+        row_elems: row,
+        key_stride: row,
+        value_stride: row,
+        num_slots: layout.num_slots(),
+    };
+    launch::kv_cache_write(
+        dev.stream(),
+        key.buffer(),
+        value.buffer(),
+        &mut cache.key,
+        &mut cache.value,
+        slot_mapping.buffer(),
+        dims,
+    )
+    .map_err(|e| kernel_error(OP, e))
+}

@@ -1,0 +1,329 @@
+//! Attention metadata for one scheduler step: what the model runner builds and both backends read.
+//!
+//! Tokens are packed request after request, decodes first (vLLM's reorder), then prefills. A
+//! request is a *decode* when it schedules a single token (more generally, at most the runner's
+//! decode threshold); everything else, chunked prefills and prefix-cached prompts included, is a
+//! *prefill*. The arrays follow vLLM / FlashAttention's varlen contract exactly:
+//!
+//! | field | dtype | shape |
+//! | --- | --- | --- |
+//! | `query_start_loc` | i32 | `[num_reqs + 1]`, cumulative query lengths (`cu_seqlens_q`) |
+//! | `seq_lens` | i32 | `[num_reqs]`, computed + new tokens per request (`seqused_k`) |
+//! | `block_table` | i32 | `[num_reqs, max_blocks_per_req]` physical block ids |
+//! | `slot_mapping` | **i64** | `[num_tokens]`, padding = -1 |
+
+use crate::error::{AttentionError, Result};
+use crate::layout::CacheLayout;
+use crate::slot_mapping::SlotMapping;
+
+/// Block ids per request, row-major `[num_reqs, max_blocks_per_req]`, `i32` as the kernels read them.
+///
+/// Entries past a request's last used block are ignored (vLLM leaves stale ids there).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct BlockTable {
+    data: Vec<i32>,
+    num_reqs: usize,
+    max_blocks_per_req: usize,
+}
+
+impl BlockTable {
+    /// A table from row-major data.
+    ///
+    /// # Errors
+    /// [`AttentionError::ShapeMismatch`] when `data.len() != num_reqs * max_blocks_per_req`.
+    pub fn new(data: Vec<i32>, num_reqs: usize, max_blocks_per_req: usize) -> Result<Self> {
+        if Some(data.len()) != num_reqs.checked_mul(max_blocks_per_req) {
+            return Err(AttentionError::ShapeMismatch {
+                op: "block_table",
+                tensor: "block_table",
+                expected: vec![num_reqs, max_blocks_per_req],
+                actual: vec![data.len()],
+            });
+        }
+        Ok(BlockTable { data, num_reqs, max_blocks_per_req })
+    }
+
+    /// A table from one block list per request, padded with zeros to the longest row.
+    pub fn from_rows<R: AsRef<[i32]>>(rows: &[R]) -> Self {
+        let width = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+        let mut data = vec![0; rows.len() * width];
+        for (i, r) in rows.iter().enumerate() {
+            data[i * width..i * width + r.as_ref().len()].copy_from_slice(r.as_ref());
+        }
+        BlockTable { data, num_reqs: rows.len(), max_blocks_per_req: width }
+    }
+
+    /// Rows.
+    pub fn num_reqs(&self) -> usize {
+        self.num_reqs
+    }
+
+    /// Columns (the row stride).
+    pub fn max_blocks_per_req(&self) -> usize {
+        self.max_blocks_per_req
+    }
+
+    /// Row `req`.
+    pub fn row(&self, req: usize) -> &[i32] {
+        &self.data[req * self.max_blocks_per_req..(req + 1) * self.max_blocks_per_req]
+    }
+
+    /// The row-major data.
+    pub fn as_slice(&self) -> &[i32] {
+        &self.data
+    }
+
+    /// The table restricted to rows `start..end` (copies).
+    pub fn rows(&self, start: usize, end: usize) -> BlockTable {
+        let w = self.max_blocks_per_req;
+        BlockTable { data: self.data[start * w..end * w].to_vec(), num_reqs: end - start, max_blocks_per_req: w }
+    }
+}
+
+/// Everything attention needs to know about one step's batch.
+///
+/// Built by `model-runner`'s `prepare_inputs`; it can also be built by hand with
+/// [`AttentionMetadata::new`], which derives the counts and checks consistency.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct AttentionMetadata {
+    /// Tokens of real requests (`query_start_loc[num_reqs]`); rows past it are padding.
+    pub num_actual_tokens: usize,
+    /// `[num_reqs + 1]` cumulative query lengths, starting at 0.
+    pub query_start_loc: Vec<i32>,
+    /// `[num_reqs]` total tokens (cached + new) per request.
+    pub seq_lens: Vec<i32>,
+    /// `[num_reqs, max_blocks_per_req]` physical block ids.
+    pub block_table: BlockTable,
+    /// `[num_tokens]` i64 slots (num_tokens >= num_actual_tokens; padding slots are -1).
+    pub slot_mapping: SlotMapping,
+    /// Longest query of the batch.
+    pub max_query_len: usize,
+    /// Longest sequence of the batch.
+    pub max_seq_len: usize,
+    /// Leading requests that are decodes.
+    pub num_decodes: usize,
+    /// Tokens of those decodes.
+    pub num_decode_tokens: usize,
+    /// Requests after the decodes.
+    pub num_prefills: usize,
+    /// Tokens of those prefills.
+    pub num_prefill_tokens: usize,
+}
+
+/// The decode part of a batch: its first `num_decodes` requests (the seed's `DecodeMeta`).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeMeta<'a> {
+    /// `[num_decodes + 1]`, a prefix of the batch's `query_start_loc`.
+    pub query_start_loc: &'a [i32],
+    /// `[num_decodes]`.
+    pub seq_lens: &'a [i32],
+    /// Row-major `[num_decodes, max_blocks_per_req]`.
+    pub block_table: &'a [i32],
+    /// Row stride of `block_table`.
+    pub max_blocks_per_req: usize,
+    /// Longest decode query (1 unless the decode threshold is raised).
+    pub max_query_len: usize,
+    /// Longest decode sequence.
+    pub max_seq_len: usize,
+}
+
+/// The prefill part of a batch: requests `num_decodes..num_reqs` (the seed's `PrefillMeta`).
+///
+/// `query_start_loc` here is the batch's, *not* rebased: entry 0 is the first prefill token's row
+/// in the packed query (`num_decode_tokens`).
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillMeta<'a> {
+    /// `[num_prefills + 1]`, a suffix of the batch's `query_start_loc`.
+    pub query_start_loc: &'a [i32],
+    /// `[num_prefills]`.
+    pub seq_lens: &'a [i32],
+    /// Row-major `[num_prefills, max_blocks_per_req]`.
+    pub block_table: &'a [i32],
+    /// Row stride of `block_table`.
+    pub max_blocks_per_req: usize,
+    /// Longest prefill query.
+    pub max_query_len: usize,
+    /// Longest prefill sequence.
+    pub max_seq_len: usize,
+}
+
+const OP: &str = "attention_metadata";
+
+fn invalid(what: String) -> AttentionError {
+    AttentionError::InvalidMetadata { op: OP, what }
+}
+
+impl AttentionMetadata {
+    /// Builds metadata from the varlen arrays, deriving the maxima and the decode/prefill split
+    /// (leading requests with query length `<= decode_threshold` are decodes).
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidMetadata`] when the arrays are inconsistent (see
+    /// [`AttentionMetadata::check`]).
+    pub fn new(
+        query_start_loc: Vec<i32>,
+        seq_lens: Vec<i32>,
+        block_table: BlockTable,
+        slot_mapping: SlotMapping,
+        decode_threshold: usize,
+    ) -> Result<Self> {
+        if query_start_loc.is_empty() {
+            return Err(invalid("query_start_loc is empty (it has num_reqs + 1 entries)".into()));
+        }
+        let q_lens: Vec<usize> = query_start_loc.windows(2).map(|w| (w[1] - w[0]).max(0) as usize).collect();
+        let num_decodes = q_lens.iter().take_while(|&&q| q <= decode_threshold).count();
+        let num_decode_tokens: usize = q_lens[..num_decodes].iter().sum();
+        let num_actual_tokens = (*query_start_loc.last().unwrap_or(&0)).max(0) as usize;
+        let meta = AttentionMetadata {
+            num_actual_tokens,
+            max_query_len: q_lens.iter().copied().max().unwrap_or(0),
+            max_seq_len: seq_lens.iter().copied().max().unwrap_or(0).max(0) as usize,
+            num_decodes,
+            num_decode_tokens,
+            num_prefills: q_lens.len() - num_decodes,
+            num_prefill_tokens: num_actual_tokens.saturating_sub(num_decode_tokens),
+            query_start_loc,
+            seq_lens,
+            block_table,
+            slot_mapping,
+        };
+        meta.check()?;
+        Ok(meta)
+    }
+
+    /// Requests in the batch.
+    pub fn num_reqs(&self) -> usize {
+        self.seq_lens.len()
+    }
+
+    /// Tokens in the batch, padding included (the length of the slot mapping).
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+
+    /// Query length of request `req`.
+    pub fn query_len(&self, req: usize) -> usize {
+        (self.query_start_loc[req + 1] - self.query_start_loc[req]) as usize
+    }
+
+    /// The decode part.
+    pub fn decode(&self) -> DecodeMeta<'_> {
+        let n = self.num_decodes;
+        let w = self.block_table.max_blocks_per_req();
+        DecodeMeta {
+            query_start_loc: &self.query_start_loc[..n + 1],
+            seq_lens: &self.seq_lens[..n],
+            block_table: &self.block_table.as_slice()[..n * w],
+            max_blocks_per_req: w,
+            max_query_len: (0..n).map(|r| self.query_len(r)).max().unwrap_or(0),
+            max_seq_len: self.seq_lens[..n].iter().copied().max().unwrap_or(0) as usize,
+        }
+    }
+
+    /// The prefill part.
+    pub fn prefill(&self) -> PrefillMeta<'_> {
+        let d = self.num_decodes;
+        let w = self.block_table.max_blocks_per_req();
+        PrefillMeta {
+            query_start_loc: &self.query_start_loc[d..],
+            seq_lens: &self.seq_lens[d..],
+            block_table: &self.block_table.as_slice()[d * w..],
+            max_blocks_per_req: w,
+            max_query_len: (d..self.num_reqs()).map(|r| self.query_len(r)).max().unwrap_or(0),
+            max_seq_len: self.seq_lens[d..].iter().copied().max().unwrap_or(0) as usize,
+        }
+    }
+
+    /// Checks the metadata against itself: array lengths, `query_start_loc` starting at 0 and
+    /// non-decreasing, `0 < q_len <= seq_len` for every request, the decode/prefill counts adding
+    /// up, the block table wide enough for the longest sequence of any block size it is later
+    /// checked against (see [`AttentionMetadata::check_against`]).
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidMetadata`] naming the first inconsistency.
+    pub fn check(&self) -> Result<()> {
+        let num_reqs = self.seq_lens.len();
+        if self.query_start_loc.len() != num_reqs + 1 {
+            return Err(invalid(format!(
+                "query_start_loc has {} entries, expected num_reqs + 1 = {}",
+                self.query_start_loc.len(),
+                num_reqs + 1
+            )));
+        }
+        if self.query_start_loc[0] != 0 {
+            return Err(invalid(format!("query_start_loc[0] = {}, expected 0", self.query_start_loc[0])));
+        }
+        if self.block_table.num_reqs() != num_reqs {
+            return Err(invalid(format!("block_table has {} rows for {num_reqs} requests", self.block_table.num_reqs())));
+        }
+        for r in 0..num_reqs {
+            let (a, b) = (self.query_start_loc[r], self.query_start_loc[r + 1]);
+            if b < a {
+                return Err(invalid(format!("query_start_loc decreases at request {r} ({a} -> {b})")));
+            }
+            let (q, s) = (b - a, self.seq_lens[r]);
+            if q == 0 {
+                return Err(invalid(format!("request {r} schedules no token")));
+            }
+            if s < q {
+                return Err(invalid(format!("request {r}: seq_len {s} is shorter than its query length {q}")));
+            }
+        }
+        let total = *self.query_start_loc.last().unwrap_or(&0) as usize;
+        if total != self.num_actual_tokens {
+            return Err(invalid(format!("num_actual_tokens {} != query_start_loc[-1] = {total}", self.num_actual_tokens)));
+        }
+        if self.slot_mapping.len() < total {
+            return Err(invalid(format!("slot_mapping has {} entries for {total} tokens", self.slot_mapping.len())));
+        }
+        if self.num_decodes + self.num_prefills != num_reqs
+            || self.num_decode_tokens + self.num_prefill_tokens != total
+            || self.query_start_loc[self.num_decodes] as usize != self.num_decode_tokens
+        {
+            return Err(invalid(format!(
+                "decode/prefill split ({} decodes / {} tokens, {} prefills / {} tokens) does not add up to {num_reqs} requests / {total} tokens",
+                self.num_decodes, self.num_decode_tokens, self.num_prefills, self.num_prefill_tokens
+            )));
+        }
+        let max_q = (0..num_reqs).map(|r| self.query_len(r)).max().unwrap_or(0);
+        let max_s = self.seq_lens.iter().copied().max().unwrap_or(0) as usize;
+        if max_q != self.max_query_len || max_s != self.max_seq_len {
+            return Err(invalid(format!(
+                "max_query_len / max_seq_len are {} / {}, the arrays say {max_q} / {max_s}",
+                self.max_query_len, self.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the metadata against a cache: every slot inside it, every request's block table row
+    /// covering its sequence with block ids inside the cache.
+    ///
+    /// # Errors
+    /// [`AttentionError::SlotOutOfRange`] or [`AttentionError::InvalidMetadata`].
+    pub fn check_against(&self, op: &'static str, layout: &CacheLayout) -> Result<()> {
+        self.slot_mapping.check_within(op, layout.num_slots())?;
+        let w = self.block_table.max_blocks_per_req();
+        for (r, &s) in self.seq_lens.iter().enumerate() {
+            let needed = (s as usize).div_ceil(layout.block_size);
+            if needed > w {
+                return Err(AttentionError::InvalidMetadata {
+                    op,
+                    what: format!(
+                        "request {r} has {s} tokens = {needed} blocks of {} but the block table has {w} columns",
+                        layout.block_size
+                    ),
+                });
+            }
+            if let Some((j, &b)) =
+                self.block_table.row(r)[..needed].iter().enumerate().find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks)
+            {
+                return Err(AttentionError::InvalidMetadata {
+                    op,
+                    what: format!("block_table[{r}][{j}] = {b} is outside the cache's {} blocks", layout.num_blocks),
+                });
+            }
+        }
+        Ok(())
+    }
+}

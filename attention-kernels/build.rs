@@ -1,0 +1,132 @@
+//! Compiles the CUDA sources under `csrc/` into one static library when the `cuda` feature is on.
+//!
+//! Without the feature nothing is compiled and no CUDA toolkit is needed, so the crate still builds
+//! for documentation and for CPU-only users. With it, nvcc is looked up (see [`find_cuda_root`]) and
+//! a missing compiler stops the build with one message saying how to get one.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+/// Every CUDA translation unit, compiled in this order.
+const CU_SOURCES: &[&str] = &["csrc/cache_write.cu"];
+
+/// Headers the sources include; a change to any of them triggers a rebuild.
+const CU_HEADERS: &[&str] = &["csrc/common/vec.cuh", "csrc/common/check.cuh"];
+
+/// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
+const PINNED_CUDA_DIR: &str = "cuda-13.0";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    for path in CU_SOURCES.iter().chain(CU_HEADERS) {
+        println!("cargo:rerun-if-changed={path}");
+    }
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PAGED_ATTN_CACHE_DIR", "XDG_CACHE_HOME"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    // docs.rs and `cargo doc` without a toolkit: document the API without compiling kernels.
+    if env::var_os("DOCS_RS").is_some() {
+        return;
+    }
+
+    let Some(cuda_root) = find_cuda_root() else {
+        eprintln!();
+        eprintln!("error: attention-kernels was built with the `cuda` feature but no nvcc was found.");
+        eprintln!("       Install the pinned CUDA compiler with `cargo xtask setup-cuda` (from PyPI, no root");
+        eprintln!("       needed), or point NVCC or CUDA_HOME at an existing CUDA 12.4+ toolkit.");
+        eprintln!();
+        panic!("nvcc not found: run `cargo xtask setup-cuda` or set NVCC / CUDA_HOME");
+    };
+    let nvcc = cuda_root.join("bin").join("nvcc");
+    println!("cargo:warning=attention-kernels: compiling {} CUDA sources with {}", CU_SOURCES.len(), nvcc.display());
+
+    // cc reads the CUDA compiler from `NVCC`; this build script is single-threaded.
+    env::set_var("NVCC", &nvcc);
+    let mut build = cc::Build::new();
+    build
+        .cuda(true)
+        .cudart("static")
+        // Device code is always optimised: `-G` would make debug-profile tests of the kernels
+        // orders of magnitude slower and compile far longer. `-lineinfo` keeps sanitizer reports
+        // pointing at source lines.
+        .debug(false)
+        .opt_level(3)
+        .include("csrc")
+        .flag("-std=c++17")
+        .flag("-lineinfo")
+        .flag("--expt-relaxed-constexpr")
+        .flag("-Xfatbin=-compress-all")
+        .flag("-gencode=arch=compute_90a,code=sm_90a")
+        .flag("-gencode=arch=compute_80,code=[sm_80,compute_80]")
+        .warnings(false);
+    if let Ok(jobs) = env::var("NUM_JOBS") {
+        // nvcc compiles the two architectures of one file in parallel when told it may.
+        build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
+    }
+    for src in CU_SOURCES {
+        build.file(src);
+    }
+    build.compile("attention_kernels_cuda");
+
+    for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
+        let dir = cuda_root.join(lib_dir);
+        if dir.is_dir() {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        }
+    }
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+}
+
+/// Finds a CUDA root (a folder with `bin/nvcc`), in this order:
+/// `NVCC` (the compiler itself), `CUDA_HOME` / `CUDA_PATH` / `CUDA_ROOT`, the toolkit that
+/// `cargo xtask setup-cuda` installed in the user's cache, `nvcc` on `PATH`, `/usr/local/cuda`.
+fn find_cuda_root() -> Option<PathBuf> {
+    let root_of_nvcc = |nvcc: &Path| nvcc.parent()?.parent().map(Path::to_path_buf);
+    if let Some(nvcc) = env::var_os("NVCC").map(PathBuf::from) {
+        if nvcc.is_file() {
+            return root_of_nvcc(&nvcc);
+        }
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
+        if let Some(root) = env::var_os(var).map(PathBuf::from) {
+            if root.join("bin/nvcc").is_file() {
+                return Some(root);
+            }
+        }
+    }
+    if let Some(root) = xtask_cuda_root() {
+        return Some(root);
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let nvcc = dir.join("nvcc");
+            if nvcc.is_file() {
+                return root_of_nvcc(&nvcc);
+            }
+        }
+    }
+    let default = PathBuf::from("/usr/local/cuda");
+    default.join("bin/nvcc").is_file().then_some(default)
+}
+
+/// The toolkit root inside the virtual environment made by `cargo xtask setup-cuda`
+/// (`<cache>/paged-attn/cuda-13.0/lib/python3.*/site-packages/nvidia/cu13`).
+fn xtask_cuda_root() -> Option<PathBuf> {
+    let cache = env::var_os("PAGED_ATTN_CACHE_DIR").map(PathBuf::from).or_else(|| {
+        env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("paged-attn"))
+    })?;
+    let lib = cache.join(PINNED_CUDA_DIR).join("lib");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&lib).ok()?.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    entries
+        .into_iter()
+        .map(|python| python.join("site-packages/nvidia/cu13"))
+        .find(|root| root.join("bin/nvcc").is_file())
+}

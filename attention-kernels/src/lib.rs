@@ -1,0 +1,35 @@
+//! CUDA kernels for paged attention, compiled from `csrc/` by `build.rs` with nvcc, and the thin
+//! safe launchers that call them on cudarc buffers and streams.
+//!
+//! This crate is the workspace's FFI boundary: it is the only crate that holds `unsafe` code.
+//! Everything above it (`attention-backend`, `model-runner`) is safe Rust.
+//!
+//! # Features
+//! - `cuda` (off by default): compile the kernels with nvcc for sm_80 and sm_90a and expose
+//!   [`launch`]. Needs nvcc at build time (`cargo xtask setup-cuda` installs a pinned one) and a GPU
+//!   with its driver at run time. Without it the crate holds only the element types, so CPU users
+//!   and documentation builds need no CUDA toolkit.
+//!
+//! # Example
+//! ```
+//! use attention_kernels::{DType, Element};
+//! assert_eq!(<half::bf16 as Element>::DTYPE, DType::BF16);
+//! assert_eq!(DType::BF16.size_in_bytes(), 2);
+//! ```
+
+mod dtype;
+mod error;
+
+pub use dtype::{DType, DeviceElement, Element};
+pub use error::KernelError;
+
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod ffi;
+#[cfg(feature = "cuda")]
+pub mod launch;
+
+/// cudarc, re-exported so that users name one version of it.
+#[cfg(feature = "cuda")]
+pub use cudarc;

@@ -1,0 +1,1 @@
+//! Scheduler output to attention inputs (work in progress).
