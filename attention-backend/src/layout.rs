@@ -42,11 +42,15 @@ impl CacheLayout {
             ("head_size", self.head_size),
         ];
         if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
-            return Err(AttentionError::InvalidArgument { op: "cache_layout", what: format!("{name} must be positive") });
+            return Err(AttentionError::InvalidArgument {
+                op: "cache_layout",
+                what: format!("{name} must be positive"),
+            });
         }
-        self.num_elements()
-            .filter(|&n| i64::try_from(n).is_ok())
-            .ok_or_else(|| AttentionError::InvalidArgument { op: "cache_layout", what: format!("{self:?} overflows") })?;
+        self.num_elements().filter(|&n| i64::try_from(n).is_ok()).ok_or_else(|| AttentionError::InvalidArgument {
+            op: "cache_layout",
+            what: format!("{self:?} overflows"),
+        })?;
         Ok(())
     }
 

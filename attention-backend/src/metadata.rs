@@ -254,7 +254,10 @@ impl AttentionMetadata {
             return Err(invalid(format!("query_start_loc[0] = {}, expected 0", self.query_start_loc[0])));
         }
         if self.block_table.num_reqs() != num_reqs {
-            return Err(invalid(format!("block_table has {} rows for {num_reqs} requests", self.block_table.num_reqs())));
+            return Err(invalid(format!(
+                "block_table has {} rows for {num_reqs} requests",
+                self.block_table.num_reqs()
+            )));
         }
         for r in 0..num_reqs {
             let (a, b) = (self.query_start_loc[r], self.query_start_loc[r + 1]);
@@ -271,7 +274,10 @@ impl AttentionMetadata {
         }
         let total = *self.query_start_loc.last().unwrap_or(&0) as usize;
         if total != self.num_actual_tokens {
-            return Err(invalid(format!("num_actual_tokens {} != query_start_loc[-1] = {total}", self.num_actual_tokens)));
+            return Err(invalid(format!(
+                "num_actual_tokens {} != query_start_loc[-1] = {total}",
+                self.num_actual_tokens
+            )));
         }
         if self.slot_mapping.len() < total {
             return Err(invalid(format!("slot_mapping has {} entries for {total} tokens", self.slot_mapping.len())));
@@ -315,8 +321,10 @@ impl AttentionMetadata {
                     ),
                 });
             }
-            if let Some((j, &b)) =
-                self.block_table.row(r)[..needed].iter().enumerate().find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks)
+            if let Some((j, &b)) = self.block_table.row(r)[..needed]
+                .iter()
+                .enumerate()
+                .find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks)
             {
                 return Err(AttentionError::InvalidMetadata {
                     op,

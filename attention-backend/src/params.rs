@@ -122,7 +122,10 @@ impl AttentionParams {
             ));
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("num_heads ({}) is not a multiple of num_kv_heads ({})", self.num_heads, self.num_kv_heads));
+            return bad(format!(
+                "num_heads ({}) is not a multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if !self.scale.is_finite() || self.scale <= 0.0 {
             return bad(format!("scale must be finite and positive, got {}", self.scale));

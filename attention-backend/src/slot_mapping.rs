@@ -28,7 +28,8 @@ pub struct SlotMapping {
 impl SlotMapping {
     /// Wraps per-token slots (negative = padding).
     pub fn new(slots: Vec<i64>) -> Self {
-        let max = slots.iter().copied().enumerate().filter(|&(_, s)| s >= 0).max_by_key(|&(i, s)| (s, std::cmp::Reverse(i)));
+        let max =
+            slots.iter().copied().enumerate().filter(|&(_, s)| s >= 0).max_by_key(|&(i, s)| (s, std::cmp::Reverse(i)));
         SlotMapping { slots, max }
     }
 

@@ -42,5 +42,9 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, KernelError> {
             ),
         });
     }
-    CudaContext::new(ordinal).map_err(|e| KernelError::Cuda { kernel: "open_device", code: e.0 as i32, message: format!("{e:?}") })
+    CudaContext::new(ordinal).map_err(|e| KernelError::Cuda {
+        kernel: "open_device",
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    })
 }

@@ -121,10 +121,11 @@ pub fn kv_cache_write<T: Element>(
         to_i64(KV_WRITE, "value_stride", value_stride)?,
         to_i64(KV_WRITE, "num_slots", num_slots)?,
     );
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| KernelError::Cuda { kernel: KV_WRITE, code: e.0 as i32, message: format!("{e:?}") })?;
+    stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
+        kernel: KV_WRITE,
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    })?;
 
     let (k, _k_guard) = key.device_ptr(stream);
     let (v, _v_guard) = value.device_ptr(stream);

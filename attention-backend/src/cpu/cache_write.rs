@@ -38,7 +38,10 @@ pub fn kv_cache_update<T: Element>(
         }
         let (block, offset) = (slot as usize / layout.block_size, slot as usize % layout.block_size);
         key_cache.index_axis_mut(Axis(0), block).index_axis_mut(Axis(0), offset).assign(&key.index_axis(Axis(0), t));
-        value_cache.index_axis_mut(Axis(0), block).index_axis_mut(Axis(0), offset).assign(&value.index_axis(Axis(0), t));
+        value_cache
+            .index_axis_mut(Axis(0), block)
+            .index_axis_mut(Axis(0), offset)
+            .assign(&value.index_axis(Axis(0), t));
     }
     Ok(())
 }
