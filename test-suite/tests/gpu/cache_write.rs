@@ -1,0 +1,1 @@
+//! KV-cache write tests (to be written).

@@ -1,0 +1,14 @@
+//! Shared set-up for the GPU tests.
+
+use std::sync::OnceLock;
+
+use attention_backend::cuda::CudaDevice;
+
+/// The device every GPU test runs on. Panics (failing the test) when none is visible.
+pub fn device() -> &'static CudaDevice {
+    static DEVICE: OnceLock<CudaDevice> = OnceLock::new();
+    DEVICE.get_or_init(|| match CudaDevice::new(0) {
+        Ok(dev) => dev,
+        Err(e) => panic!("GPU test needs a CUDA device and found none: {e}"),
+    })
+}
