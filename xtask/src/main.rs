@@ -1,1 +1,48 @@
-fn main() {}
+//! `cargo xtask <command>`: project automation, in Rust so it needs nothing but cargo.
+//!
+//! Every command prints the commands it runs. See `cargo xtask help`.
+
+mod bundle;
+mod cuda;
+mod shell;
+mod test;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  setup-cuda     install the pinned CUDA compiler (nvcc 13.0 from PyPI) into the user cache; idempotent
+  test           fmt check, clippy -D warnings, every workspace test (kernels compiled when nvcc is
+                 available or can be set up); GPU tests are built and, with no GPU here, reported as NOT RUN
+  fuzz [CASES]   the property tests with many more cases (default 20000), release build
+  gpu-bundle     build the GPU test and bench binaries (release, stripped) into gpu-bundle/ with run.sh
+  gpu-test       run the GPU test suite here (needs cargo, nvcc and a GPU; fails without a GPU)
+  bench          build the bundle and print the command that runs the benchmark on a GPU machine
+  help           this text
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup-cuda") => cuda::setup().map(|root| println!("CUDA root: {}", root.display())),
+        Some("test") => test::run(),
+        Some("fuzz") => test::fuzz(args.get(1).map(String::as_str)),
+        Some("gpu-bundle") => bundle::build().map(|_| ()),
+        Some("gpu-test") => bundle::gpu_test(),
+        Some("bench") => bundle::bench(),
+        Some("help") | Some("--help") | Some("-h") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{HELP}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

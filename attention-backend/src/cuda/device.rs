@@ -19,15 +19,24 @@ pub struct CudaDevice {
 }
 
 impl CudaDevice {
-    /// Opens device `ordinal` (after `CUDA_VISIBLE_DEVICES`) and creates a stream on it.
+    /// Opens device `ordinal` (after `CUDA_VISIBLE_DEVICES`) and works on its default stream.
+    ///
+    /// The default stream keeps cudarc in single-stream mode, where it records no events around
+    /// each buffer use; that bookkeeping costs microseconds per launch, as much as a whole decode
+    /// step's KV write. Engines with their own streams use [`CudaDevice::from_stream`].
     ///
     /// # Errors
     /// [`crate::AttentionError::NoCudaDevice`] on a machine without a driver or device;
     /// [`crate::AttentionError::Cuda`] when the driver fails.
     pub fn new(ordinal: usize) -> Result<Self> {
         let ctx = device::open(ordinal).map_err(|e| kernel_error("CudaDevice::new", e))?;
-        let stream = ctx.new_stream().map_err(|e| super::driver_error("CudaDevice::new", e))?;
+        let stream = ctx.default_stream();
         Ok(CudaDevice { ctx, stream })
+    }
+
+    /// Works on a stream the caller already has (its context comes with it).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Self {
+        CudaDevice { ctx: stream.context().clone(), stream }
     }
 
     /// Visible CUDA devices (0 without a driver).

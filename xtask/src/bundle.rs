@@ -1,0 +1,201 @@
+//! `cargo xtask gpu-bundle`, `gpu-test` and `bench`: GPU binaries for a machine without cargo.
+//!
+//! The bundle is one ignored folder, `gpu-bundle/`, holding the GPU test binary, the benchmark
+//! binaries (release, stripped), the peers script and `run.sh`, which runs them all and fails when
+//! no GPU is visible.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::shell;
+
+
+/// Largest bundle we accept: the device transfer limit leaves room for the working tree.
+const MAX_BUNDLE_BYTES: u64 = 40 * 1024 * 1024;
+
+/// The folder the bundle is written to.
+pub fn bundle_dir() -> PathBuf {
+    shell::workspace_root().join("gpu-bundle")
+}
+
+/// True when `nvidia-smi -L` lists a GPU.
+pub fn gpu_present() -> bool {
+    Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU"))
+        .unwrap_or(false)
+}
+
+/// `(target name, executable)` of every artifact with an executable in cargo's JSON messages.
+fn executables(json: &str) -> Vec<(String, PathBuf)> {
+    json.lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(|l| {
+            let exe = field(l, "\"executable\":\"")?;
+            let target = &l[l.find("\"target\":{")?..];
+            Some((field(target, "\"name\":\"")?, PathBuf::from(exe)))
+        })
+        .collect()
+}
+
+fn field(s: &str, key: &str) -> Option<String> {
+    let start = s.find(key)? + key.len();
+    let end = s[start..].find('"')? + start;
+    Some(s[start..end].to_string())
+}
+
+/// Builds the GPU test binary (`release` or the test profile) and returns its path.
+pub fn build_gpu_tests(release: bool) -> Result<PathBuf, String> {
+    let mut cmd = shell::cargo();
+    cmd.args(["test", "-p", "test-suite", "--features", "cuda", "--test", "gpu", "--no-run"]);
+    cmd.args(["--message-format", "json-render-diagnostics"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let json = shell::output(cmd)?;
+    executables(&json)
+        .into_iter()
+        .find(|(name, _)| name == "gpu")
+        .map(|(_, exe)| exe)
+        .ok_or_else(|| "cargo built no `gpu` test executable".to_string())
+}
+
+fn build_bins() -> Result<Vec<(String, PathBuf)>, String> {
+    let mut cmd = shell::cargo();
+    cmd.args(["build", "--release", "-p", "test-suite", "--features", "cuda", "--bins"]);
+    cmd.args(["--message-format", "json-render-diagnostics"]);
+    Ok(executables(&shell::output(cmd)?))
+}
+
+fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))?;
+    let mut strip = Command::new("strip");
+    strip.arg(to);
+    shell::run(strip)
+}
+
+/// Builds the bundle and returns its folder.
+pub fn build() -> Result<PathBuf, String> {
+    let dir = bundle_dir();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+
+    copy_stripped(&build_gpu_tests(true)?, &dir.join("gpu-tests"))?;
+    for (name, exe) in build_bins()? {
+        copy_stripped(&exe, &dir.join(&name))?;
+    }
+    let root = shell::workspace_root();
+    for script in ["bench/peers.py", "bench/report.py"] {
+        let src = root.join(script);
+        if src.exists() {
+            let name = src.file_name().map(PathBuf::from).unwrap_or_default();
+            std::fs::copy(&src, dir.join(name)).map_err(|e| format!("copy {script}: {e}"))?;
+        }
+    }
+    let run_sh = dir.join("run.sh");
+    std::fs::write(&run_sh, RUN_SH).map_err(|e| format!("write run.sh: {e}"))?;
+    set_executable(&run_sh)?;
+
+    let mut total = 0;
+    println!("\ngpu-bundle/:");
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        total += len;
+        println!("  {:>10}  {}", len, e.file_name().to_string_lossy());
+    }
+    println!("  {total:>10}  total");
+    if total > MAX_BUNDLE_BYTES {
+        return Err(format!("the bundle is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte limit"));
+    }
+    Ok(dir)
+}
+
+#[cfg(unix)]
+fn set_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
+}
+
+#[cfg(not(unix))]
+fn set_executable(_: &Path) -> Result<(), String> {
+    Ok(())
+}
+
+/// Runs the GPU test suite with cargo on this machine; fails without a GPU.
+pub fn gpu_test() -> Result<(), String> {
+    if !gpu_present() {
+        return Err("no NVIDIA GPU visible (nvidia-smi -L lists none): the GPU tests cannot run here".into());
+    }
+    let exe = build_gpu_tests(true)?;
+    shell::run(Command::new(exe))
+}
+
+/// Builds the bundle and says how to run the benchmark.
+pub fn bench() -> Result<(), String> {
+    let dir = build()?;
+    println!("\nbundle ready in {}.", dir.display());
+    println!("On a machine with an NVIDIA GPU (python3 with torch for the peers), run:\n");
+    println!("    gpu-bundle/run.sh bench\n");
+    println!("It prints one table (ours, the peers, ratios) and writes bench-results.json and bench-ratios.png");
+    println!("into $OUT if set, else the bundle folder.");
+    Ok(())
+}
+
+/// The script that runs on the GPU machine.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs the GPU suite of paged-attention-rs from this folder, with no cargo needed.
+#   ./run.sh            tests, then compute-sanitizer (memcheck + racecheck) on the subset, then bench
+#   ./run.sh test       the GPU tests only
+#   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
+#   ./run.sh bench      our benchmark binaries and the torch peers, one table
+# Every mode fails when no NVIDIA GPU is visible.
+set -uo pipefail
+cd "$(dirname "$0")"
+mode="${1:-all}"
+out="${OUT:-$PWD}"
+status=0
+
+if ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    echo "run.sh: no NVIDIA GPU visible (nvidia-smi -L lists none): failing" >&2
+    exit 1
+fi
+nvidia-smi -L
+
+step() { echo; echo "=== $*"; "$@"; local rc=$?; if [ $rc -ne 0 ]; then echo "=== FAILED ($rc): $*"; status=1; fi; }
+
+run_tests() { step ./gpu-tests; }
+run_sanitize() {
+    step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
+    step compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
+}
+run_bench() {
+    local jsons=()
+    for b in bench bench_*; do
+        [ -x "$b" ] || continue
+        step "./$b" --json "$out/ours-$b.json"
+        jsons+=("$out/ours-$b.json")
+    done
+    if [ -f peers.py ]; then
+        step python3 peers.py --json "$out/peers.json" "${jsons[@]}"
+    fi
+    if [ -f report.py ]; then
+        step python3 report.py --out "$out" "${jsons[@]}" "$out/peers.json"
+    fi
+}
+
+case "$mode" in
+    all) run_tests; run_sanitize; run_bench ;;
+    test) run_tests ;;
+    sanitize) run_sanitize ;;
+    bench) run_bench ;;
+    *) echo "usage: $0 [all|test|sanitize|bench]" >&2; exit 2 ;;
+esac
+echo
+if [ $status -eq 0 ]; then echo "run.sh: all steps passed"; else echo "run.sh: SOME STEPS FAILED"; fi
+exit $status
+"#;

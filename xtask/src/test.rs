@@ -1,0 +1,86 @@
+//! `cargo xtask test` and `cargo xtask fuzz`.
+
+use std::path::PathBuf;
+
+use crate::{bundle, cuda, shell};
+
+/// Features that turn on the CUDA code paths in every crate that has them.
+pub const CUDA_FEATURES: &str = "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,test-suite/cuda";
+
+/// The CUDA root to compile the kernels with: an existing nvcc, or the pinned one installed now.
+/// `None` (after a loud banner) when neither works; the CPU-only tests still run then.
+fn cuda_for_tests() -> Option<PathBuf> {
+    if let Some(root) = cuda::find() {
+        println!("nvcc: {}", root.join("bin/nvcc").display());
+        return Some(root);
+    }
+    match cuda::setup() {
+        Ok(root) => Some(root),
+        Err(e) => {
+            shell::banner(&[
+                "CUDA KERNELS NOT COMPILED",
+                "no nvcc was found and `cargo xtask setup-cuda` failed:",
+                &e,
+                "only the CPU code paths are built and tested in this run",
+            ]);
+            None
+        }
+    }
+}
+
+/// fmt check, clippy, every test; GPU tests built and run only where a GPU is present.
+pub fn run() -> Result<(), String> {
+    let mut fmt = shell::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    shell::run(fmt)?;
+
+    let cuda_root = cuda_for_tests();
+    let features: Vec<&str> = if cuda_root.is_some() { vec!["--features", CUDA_FEATURES] } else { vec![] };
+    let with_nvcc = |mut cmd: std::process::Command| {
+        if let Some(root) = &cuda_root {
+            cmd.env("NVCC", root.join("bin/nvcc"));
+        }
+        cmd
+    };
+
+    let mut clippy = with_nvcc(shell::cargo());
+    clippy.args(["clippy", "--workspace", "--all-targets"]).args(&features).args(["--", "-D", "warnings"]);
+    shell::run(clippy)?;
+
+    // Everything but the GPU test binary; test-suite's non-GPU tests live in its `integration` target.
+    let mut tests = with_nvcc(shell::cargo());
+    tests.args(["test", "--workspace", "--exclude", "test-suite"]).args(&features);
+    shell::run(tests)?;
+    let mut suite = with_nvcc(shell::cargo());
+    suite.args(["test", "-p", "test-suite", "--lib", "--test", "integration"]).args(&features);
+    shell::run(suite)?;
+
+    if cuda_root.is_none() {
+        shell::banner(&["GPU tests NOT BUILT and NOT RUN: no CUDA compiler (see above)"]);
+        return Ok(());
+    }
+    let gpu_tests = bundle::build_gpu_tests(false)?;
+    let mut list = std::process::Command::new(&gpu_tests);
+    list.args(["--list", "--format", "terse"]);
+    let listed = shell::output(list)?;
+    let count = listed.lines().filter(|l| l.ends_with(": test")).count();
+    if bundle::gpu_present() {
+        println!("a GPU is present: running the {count} GPU tests");
+        return bundle::gpu_test();
+    }
+    shell::banner(&[
+        &format!("GPU tests: {count} built (kernels compiled), NOT RUN: no GPU on this machine"),
+        "they are not counted as passed; run them with `cargo xtask gpu-test` on a GPU machine,",
+        "or `cargo xtask gpu-bundle` and gpu-bundle/run.sh on one without cargo",
+    ]);
+    Ok(())
+}
+
+/// The property tests with many more cases, in release.
+pub fn fuzz(cases: Option<&str>) -> Result<(), String> {
+    let cases = cases.unwrap_or("20000");
+    cases.parse::<u64>().map_err(|_| format!("CASES must be a number, got `{cases}`"))?;
+    let mut cmd = shell::cargo();
+    cmd.env("PROPTEST_CASES", cases).args(["test", "--release", "-p", "model-runner", "-p", "attention-backend"]);
+    shell::run(cmd)
+}
