@@ -8,10 +8,10 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 /// Every CUDA translation unit, compiled in this order.
-const CU_SOURCES: &[&str] = &["csrc/cache_write.cu"];
+const CU_SOURCES: &[&str] = &["csrc/cache_write.cu", "csrc/paged_decode.cu", "csrc/paged_prefill.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
-const CU_HEADERS: &[&str] = &["csrc/common/vec.cuh", "csrc/common/check.cuh"];
+const CU_HEADERS: &[&str] = &["csrc/common/vec.cuh", "csrc/common/check.cuh", "csrc/attention/common.cuh"];
 
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";

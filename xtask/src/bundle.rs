@@ -9,7 +9,6 @@ use std::process::Command;
 
 use crate::shell;
 
-
 /// Largest bundle we accept: the device transfer limit leaves room for the working tree.
 const MAX_BUNDLE_BYTES: u64 = 40 * 1024 * 1024;
 

@@ -39,7 +39,8 @@ pub fn run(mut cmd: Command) -> Result<(), String> {
 pub fn output(mut cmd: Command) -> Result<String, String> {
     let line = describe(&cmd);
     println!("\n$ {line}");
-    let out = cmd.stderr(std::process::Stdio::inherit()).output().map_err(|e| format!("could not start `{line}`: {e}"))?;
+    let out =
+        cmd.stderr(std::process::Stdio::inherit()).output().map_err(|e| format!("could not start `{line}`: {e}"))?;
     if !out.status.success() {
         return Err(format!("`{line}` failed ({})", out.status));
     }

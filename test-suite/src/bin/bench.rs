@@ -51,7 +51,9 @@ fn runner_like_slots(num_tokens: usize, layout: &CacheLayout) -> Vec<i64> {
     let mut rng = inputs::rng("bench slots");
     let mut blocks: Vec<usize> = (0..layout.num_blocks).collect();
     blocks.shuffle(&mut rng);
-    (0..num_tokens).map(|t| (blocks[t / layout.block_size] * layout.block_size + t % layout.block_size) as i64).collect()
+    (0..num_tokens)
+        .map(|t| (blocks[t / layout.block_size] * layout.block_size + t % layout.block_size) as i64)
+        .collect()
 }
 
 fn bench_kv_write<T: Element>(dev: &CudaDevice, name: &str, num_tokens: usize) -> Result<Row, String> {

@@ -67,7 +67,10 @@ fn check_grid_point<T: Element>(layout: CacheLayout, batches: &[usize], compare_
         }
         let (ck, cv) = cpu_cache.into_arrays();
         assert!(ck == Array4::from_shape_vec(layout.shape(), key_cache).unwrap(), "GPU key cache != CPU key cache");
-        assert!(cv == Array4::from_shape_vec(layout.shape(), value_cache).unwrap(), "GPU value cache != CPU value cache");
+        assert!(
+            cv == Array4::from_shape_vec(layout.shape(), value_cache).unwrap(),
+            "GPU value cache != CPU value cache"
+        );
     }
 }
 

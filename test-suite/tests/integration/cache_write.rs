@@ -135,7 +135,12 @@ fn error_dtype_mismatch_in_shared_validation() {
     .unwrap_err();
     assert_eq!(
         err,
-        AttentionError::DTypeMismatch { op: "kv_cache_update", tensor: "key", expected: DType::BF16, actual: DType::F16 }
+        AttentionError::DTypeMismatch {
+            op: "kv_cache_update",
+            tensor: "key",
+            expected: DType::BF16,
+            actual: DType::F16
+        }
     );
 }
 
