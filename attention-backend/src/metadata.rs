@@ -63,9 +63,10 @@ impl BlockTable {
         self.max_blocks_per_req
     }
 
-    /// Row `req`.
+    /// Row `req` (empty past the last row).
     pub fn row(&self, req: usize) -> &[i32] {
-        &self.data[req * self.max_blocks_per_req..(req + 1) * self.max_blocks_per_req]
+        let w = self.max_blocks_per_req;
+        self.data.get(req * w..(req + 1) * w).unwrap_or(&[])
     }
 
     /// The row-major data.
@@ -73,9 +74,11 @@ impl BlockTable {
         &self.data
     }
 
-    /// The table restricted to rows `start..end` (copies).
+    /// The table restricted to rows `start..end` (copies; clamped to the rows present).
     pub fn rows(&self, start: usize, end: usize) -> BlockTable {
         let w = self.max_blocks_per_req;
+        let end = end.min(self.num_reqs);
+        let start = start.min(end);
         BlockTable { data: self.data[start * w..end * w].to_vec(), num_reqs: end - start, max_blocks_per_req: w }
     }
 }
@@ -202,16 +205,32 @@ impl AttentionMetadata {
     }
 
     /// Query length of request `req`.
+    ///
+    /// 0 for a request index past the arrays.
     pub fn query_len(&self, req: usize) -> usize {
-        (self.query_start_loc[req + 1] - self.query_start_loc[req]) as usize
+        match (self.query_start_loc.get(req), self.query_start_loc.get(req + 1)) {
+            (Some(&a), Some(&b)) => (b - a).max(0) as usize,
+            _ => 0,
+        }
+    }
+
+    /// `(num_decodes, num_reqs)` clamped to what every array holds, so the views never index past
+    /// them even when the public fields were set inconsistently.
+    fn split(&self) -> (usize, usize) {
+        let reqs =
+            self.seq_lens.len().min(self.query_start_loc.len().saturating_sub(1)).min(self.block_table.num_reqs());
+        (self.num_decodes.min(reqs), reqs)
     }
 
     /// The decode part.
+    ///
+    /// Meaningful after [`AttentionMetadata::check`] passed; on inconsistent metadata the split is
+    /// clamped to the arrays rather than panicking.
     pub fn decode(&self) -> DecodeMeta<'_> {
-        let n = self.num_decodes;
+        let (n, _) = self.split();
         let w = self.block_table.max_blocks_per_req();
         DecodeMeta {
-            query_start_loc: &self.query_start_loc[..n + 1],
+            query_start_loc: self.query_start_loc.get(..n + 1).unwrap_or(&[]),
             seq_lens: &self.seq_lens[..n],
             block_table: &self.block_table.as_slice()[..n * w],
             max_blocks_per_req: w,
@@ -221,16 +240,18 @@ impl AttentionMetadata {
     }
 
     /// The prefill part.
+    ///
+    /// Meaningful after [`AttentionMetadata::check`] passed (clamped like [`AttentionMetadata::decode`]).
     pub fn prefill(&self) -> PrefillMeta<'_> {
-        let d = self.num_decodes;
+        let (d, reqs) = self.split();
         let w = self.block_table.max_blocks_per_req();
         PrefillMeta {
-            query_start_loc: &self.query_start_loc[d..],
-            seq_lens: &self.seq_lens[d..],
-            block_table: &self.block_table.as_slice()[d * w..],
+            query_start_loc: self.query_start_loc.get(d..reqs + 1).unwrap_or(&[]),
+            seq_lens: &self.seq_lens[d..reqs],
+            block_table: &self.block_table.as_slice()[d * w..reqs * w],
             max_blocks_per_req: w,
-            max_query_len: (d..self.num_reqs()).map(|r| self.query_len(r)).max().unwrap_or(0),
-            max_seq_len: self.seq_lens[d..].iter().copied().max().unwrap_or(0) as usize,
+            max_query_len: (d..reqs).map(|r| self.query_len(r)).max().unwrap_or(0),
+            max_seq_len: self.seq_lens[d..reqs].iter().copied().max().unwrap_or(0) as usize,
         }
     }
 
@@ -282,7 +303,8 @@ impl AttentionMetadata {
         if self.slot_mapping.len() < total {
             return Err(invalid(format!("slot_mapping has {} entries for {total} tokens", self.slot_mapping.len())));
         }
-        if self.num_decodes + self.num_prefills != num_reqs
+        if self.num_decodes > num_reqs
+            || self.num_decodes + self.num_prefills != num_reqs
             || self.num_decode_tokens + self.num_prefill_tokens != total
             || self.query_start_loc[self.num_decodes] as usize != self.num_decode_tokens
         {
