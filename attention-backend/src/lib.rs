@@ -25,6 +25,7 @@
 //! # Ok::<(), attention_backend::AttentionError>(())
 //! ```
 
+mod backend;
 mod cache;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -34,15 +35,18 @@ mod layout;
 mod metadata;
 mod params;
 mod slot_mapping;
+mod tensor;
 pub mod validate;
 
 pub use attention_kernels::{DType, Element};
+pub use backend::{Backend, DeviceRequest, SlotSource, StepMetadata, StepSlotMapping, DEVICE_ENV};
 pub use cache::CpuKvCache;
 pub use error::{AttentionError, Result};
 pub use layout::CacheLayout;
 pub use metadata::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMeta};
 pub use params::AttentionParams;
 pub use slot_mapping::SlotMapping;
+pub use tensor::{Device, KvCache, Tensor};
 
 /// `half`'s `f16` and `bf16`, re-exported so users need not name the crate.
 pub use half::{bf16, f16};

@@ -7,6 +7,8 @@ use attention_kernels::DType;
 
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
+use crate::metadata::AttentionMetadata;
+use crate::params::AttentionParams;
 use crate::slot_mapping::SlotMapping;
 
 /// Shape and element type of one tensor argument, as the checks see it.
@@ -60,4 +62,62 @@ pub fn kv_cache_update(
         expect_shape(op, t, &expected)?;
     }
     slot_mapping.check_within(op, layout.num_slots())
+}
+
+/// Checks one attention call before any work.
+///
+/// In order: the parameters on their own ([`AttentionParams::check`]); the parameters against the
+/// cache (`head_size` and `num_kv_heads` equal to the layout's); `query` and `out` of the cache's
+/// dtype and of shape `[num_tokens, num_heads, head_size]`, where `num_tokens` is the length of the
+/// slot mapping (padding rows included); `lse`, when given, of shape `[num_tokens, num_heads]`; the
+/// metadata against itself ([`AttentionMetadata::check`]) and against the cache
+/// ([`AttentionMetadata::check_against`]: every slot inside it, every block table row covering its
+/// sequence with block ids inside it).
+///
+/// Both backends call this with the shapes and dtypes of their own tensors, so a bad argument gets
+/// the same error on either device, and nothing has been read or written when it comes back.
+///
+/// # Errors
+/// [`AttentionError::InvalidArgument`], [`AttentionError::ShapeMismatch`],
+/// [`AttentionError::DTypeMismatch`], [`AttentionError::InvalidMetadata`] or
+/// [`AttentionError::SlotOutOfRange`], naming the first problem found.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    op: &'static str,
+    params: &AttentionParams,
+    layout: &CacheLayout,
+    cache_dtype: DType,
+    query: TensorSpec<'_>,
+    out: TensorSpec<'_>,
+    lse_shape: Option<&[usize]>,
+    meta: &AttentionMetadata,
+) -> Result<()> {
+    params.check(op)?;
+    layout.check()?;
+    if params.head_size != layout.head_size {
+        return Err(AttentionError::InvalidArgument {
+            op,
+            what: format!("params.head_size ({}) != the cache's head_size ({})", params.head_size, layout.head_size),
+        });
+    }
+    if params.num_kv_heads != layout.num_kv_heads {
+        return Err(AttentionError::InvalidArgument {
+            op,
+            what: format!(
+                "params.num_kv_heads ({}) != the cache's num_kv_heads ({})",
+                params.num_kv_heads, layout.num_kv_heads
+            ),
+        });
+    }
+    let num_tokens = meta.num_tokens();
+    let expected = [num_tokens, params.num_heads, params.head_size];
+    for t in [query, out] {
+        expect_dtype(op, t, cache_dtype)?;
+        expect_shape(op, t, &expected)?;
+    }
+    if let Some(shape) = lse_shape {
+        expect_shape(op, TensorSpec { name: "lse", shape, dtype: DType::F32 }, &[num_tokens, params.num_heads])?;
+    }
+    meta.check()?;
+    meta.check_against(op, layout)
 }

@@ -80,7 +80,14 @@ pub fn run() -> Result<(), String> {
 pub fn fuzz(cases: Option<&str>) -> Result<(), String> {
     let cases = cases.unwrap_or("20000");
     cases.parse::<u64>().map_err(|_| format!("CASES must be a number, got `{cases}`"))?;
-    let mut cmd = shell::cargo();
-    cmd.env("PROPTEST_CASES", cases).args(["test", "--release", "-p", "model-runner", "-p", "attention-backend"]);
-    shell::run(cmd)
+    let mut runner = shell::cargo();
+    runner.env("PROPTEST_CASES", cases);
+    runner.args(["test", "--release", "-p", "model-runner", "--test", "prepare_props", "--test", "block_pool_props"]);
+    shell::run(runner)?;
+    // Attention batches cost far more per case than schedules: a tenth of the cases.
+    let attention_cases = (cases.parse::<u64>().unwrap_or(0) / 10).max(1).to_string();
+    let mut attention = shell::cargo();
+    attention.env("PROPTEST_CASES", attention_cases);
+    attention.args(["test", "--release", "-p", "attention-backend", "--test", "attention_reference", "random_batches"]);
+    shell::run(attention)
 }

@@ -1,0 +1,345 @@
+//! Paged attention on the CPU: the numerical reference of the crate.
+//!
+//! The batch is cut into work items of (request, kv head, a run of query rows). For each item the
+//! keys and values the rows can see are gathered through the block table into contiguous `f32`
+//! matrices, the scores of all the rows and of every query head of the GQA group are one matrix
+//! product `S = Q K^T`, each row of `S` is masked and turned into probabilities in `f32` (scale,
+//! soft-cap, ALiBi, window, causal mask, sink), and the output is a second product `O = P V`. Items
+//! run on a small pool of scoped threads; each returns its rows, which the calling thread writes
+//! into `out`, so no two threads ever share a mutable buffer.
+//!
+//! The matrix products use ndarray's `f32` GEMM (the `matrixmultiply` crate ndarray already
+//! depends on), single-threaded inside each item.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use attention_kernels::Element;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis};
+
+use crate::cache::CpuKvCache;
+use crate::error::Result;
+use crate::metadata::AttentionMetadata;
+use crate::params::AttentionParams;
+use crate::validate::{self, TensorSpec};
+
+/// Environment variable capping the threads of the CPU backend (default: the machine's available
+/// parallelism).
+pub const THREADS_ENV: &str = "PAGED_ATTN_CPU_THREADS";
+
+/// Upper bound on the elements of one item's score matrix (rows x group x keys), 4 MiB of `f32`.
+const MAX_SCORES_PER_ITEM: usize = 1 << 20;
+/// Upper bound on the query rows of one item, so a long prefill spreads over the threads.
+const MAX_ROWS_PER_ITEM: usize = 64;
+
+/// Threads the CPU backend uses: `PAGED_ATTN_CPU_THREADS` when set to a positive integer, the
+/// machine's available parallelism otherwise.
+pub fn num_threads() -> usize {
+    std::env::var(THREADS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Attention over the paged cache for every real token of the batch (vLLM's
+/// `flash_attn_varlen_func` with a block table), with the semantics documented on
+/// [`AttentionParams`].
+///
+/// - `query`: `[num_tokens, num_heads, head_size]`, `num_tokens = meta.num_tokens()` (the slot
+///   mapping's length, padding included);
+/// - `cache`: already holds every key and value of every request (`seq_lens[r]` of them, found
+///   through `meta.block_table`);
+/// - `out`: `[num_tokens, num_heads, head_size]`; rows `>= meta.num_actual_tokens` (padding) are
+///   left untouched;
+/// - `lse`: optional `[num_tokens, num_heads]`, the natural log of the softmax denominator used
+///   (the sink included), `-inf` for a row that sees no key and no sink (its output row is 0).
+///   Padding rows are left untouched.
+///
+/// Scores and softmax are computed in `f32` whatever `T` is; the output is rounded to `T` once.
+///
+/// # Errors
+/// The errors of [`validate::paged_attention`], returned before anything is written.
+pub fn paged_attention<T: Element>(
+    query: ArrayView3<'_, T>,
+    cache: &CpuKvCache<T>,
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+    out: ArrayViewMut3<'_, T>,
+    lse: Option<ArrayViewMut2<'_, f32>>,
+) -> Result<()> {
+    const OP: &str = "paged_attention";
+    let layout = *cache.layout();
+    validate::paged_attention(
+        OP,
+        params,
+        &layout,
+        T::DTYPE,
+        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        lse.as_ref().map(|l| l.shape()),
+        meta,
+    )?;
+    let _span = tracing::debug_span!(
+        "paged_attention",
+        backend = "cpu",
+        reqs = meta.num_reqs(),
+        tokens = meta.num_actual_tokens,
+        decodes = meta.num_decodes,
+        prefills = meta.num_prefills
+    )
+    .entered();
+    run(query, cache, meta, params, out, lse);
+    Ok(())
+}
+
+/// One attention layer's step on the CPU (vLLM's `FlashAttentionImpl.forward`): writes the new
+/// tokens' `key` / `value` (`[num_tokens, num_kv_heads, head_size]`) into the cache at
+/// `meta.slot_mapping` (negative slots skipped), then runs [`paged_attention`] over the cache.
+///
+/// Everything is validated before the cache is touched: an error leaves `cache`, `out` and `lse`
+/// as they were.
+///
+/// # Errors
+/// The errors of [`validate::kv_cache_update`] and [`validate::paged_attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element>(
+    query: ArrayView3<'_, T>,
+    key: ArrayView3<'_, T>,
+    value: ArrayView3<'_, T>,
+    cache: &mut CpuKvCache<T>,
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+    out: ArrayViewMut3<'_, T>,
+    lse: Option<ArrayViewMut2<'_, f32>>,
+) -> Result<()> {
+    const OP: &str = "forward";
+    let layout = *cache.layout();
+    let _span = tracing::debug_span!("forward", backend = "cpu", tokens = meta.num_tokens()).entered();
+    validate::kv_cache_update(
+        OP,
+        &layout,
+        T::DTYPE,
+        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
+        &meta.slot_mapping,
+    )?;
+    validate::paged_attention(
+        OP,
+        params,
+        &layout,
+        T::DTYPE,
+        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        lse.as_ref().map(|l| l.shape()),
+        meta,
+    )?;
+    super::kv_cache_update(key, value, cache, &meta.slot_mapping)?;
+    paged_attention(query, cache, meta, params, out, lse)
+}
+
+/// A run of query rows of one request against one kv head (all query heads of its group).
+#[derive(Clone, Copy, Debug)]
+struct Item {
+    req: usize,
+    kv_head: usize,
+    /// Query rows `row_start..row_end` of the request (0-based within the request).
+    row_start: usize,
+    row_end: usize,
+}
+
+/// An item's result: `out` is `[rows * group, head_size]` (row-major, row `i * group + g`), `lse`
+/// `[rows * group]`.
+struct ItemOut {
+    item: Item,
+    out: Array2<f32>,
+    lse: Vec<f32>,
+}
+
+/// Keys visible to query row `pos` of a sequence of `seq_len` keys: `Some((lo, hi))` inclusive, or
+/// `None` when it sees none.
+fn visible_range(params: &AttentionParams, pos: usize, seq_len: usize) -> Option<(usize, usize)> {
+    let mut hi = seq_len - 1;
+    if params.causal {
+        hi = hi.min(pos);
+    }
+    if let Some(w) = params.window_right {
+        hi = hi.min(pos.saturating_add(w));
+    }
+    let lo = params.window_left.map_or(0, |w| pos.saturating_sub(w));
+    (lo <= hi).then_some((lo, hi))
+}
+
+fn plan(meta: &AttentionMetadata, params: &AttentionParams) -> Vec<Item> {
+    let group = params.group_size();
+    let mut items = Vec::new();
+    for req in 0..meta.num_reqs() {
+        let q_len = meta.query_len(req);
+        let seq_len = meta.seq_lens[req] as usize;
+        let rows = (MAX_SCORES_PER_ITEM / (group * seq_len).max(1)).clamp(1, MAX_ROWS_PER_ITEM);
+        for kv_head in 0..params.num_kv_heads {
+            let mut row_start = 0;
+            while row_start < q_len {
+                let row_end = (row_start + rows).min(q_len);
+                items.push(Item { req, kv_head, row_start, row_end });
+                row_start = row_end;
+            }
+        }
+    }
+    items
+}
+
+fn run<T: Element>(
+    query: ArrayView3<'_, T>,
+    cache: &CpuKvCache<T>,
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+    mut out: ArrayViewMut3<'_, T>,
+    mut lse: Option<ArrayViewMut2<'_, f32>>,
+) {
+    let items = plan(meta, params);
+    let threads = num_threads().min(items.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&item) = items.get(i) else { break };
+            done.push(compute_item(item, query, cache, meta, params));
+        }
+        done
+    };
+    let results: Vec<ItemOut> = if threads == 1 {
+        work()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
+            // A worker only panics on a bug (inputs were validated); re-raise it here.
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        })
+    };
+
+    let group = params.group_size();
+    for r in results {
+        let Item { req, kv_head, row_start, row_end } = r.item;
+        let token0 = meta.query_start_loc[req] as usize;
+        for i in row_start..row_end {
+            let token = token0 + i;
+            for g in 0..group {
+                let head = kv_head * group + g;
+                let k = (i - row_start) * group + g;
+                let src = r.out.row(k);
+                let mut dst = out.index_axis_mut(Axis(0), token).index_axis_move(Axis(0), head);
+                dst.zip_mut_with(&src, |d, &x| *d = T::from_f32(x));
+                if let Some(l) = lse.as_mut() {
+                    l[[token, head]] = r.lse[k];
+                }
+            }
+        }
+    }
+}
+
+fn compute_item<T: Element>(
+    item: Item,
+    query: ArrayView3<'_, T>,
+    cache: &CpuKvCache<T>,
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+) -> ItemOut {
+    let Item { req, kv_head, row_start, row_end } = item;
+    let group = params.group_size();
+    let hs = params.head_size;
+    let q_len = meta.query_len(req);
+    let seq_len = meta.seq_lens[req] as usize;
+    let context = seq_len - q_len;
+    let token0 = meta.query_start_loc[req] as usize;
+    let m = (row_end - row_start) * group;
+
+    // Per (row, head): the visible keys, and the union of them over the item.
+    let ranges: Vec<Option<(usize, usize)>> =
+        (row_start..row_end).map(|i| visible_range(params, context + i, seq_len)).collect();
+    let mut out = Array2::<f32>::zeros((m, hs));
+    let mut lse = vec![f32::NEG_INFINITY; m];
+    let klo = ranges.iter().flatten().map(|r| r.0).min();
+    let khi = ranges.iter().flatten().map(|r| r.1).max();
+
+    let sink = |g: usize| params.sinks.as_ref().map(|s| s[kv_head * group + g]);
+    let (Some(klo), Some(khi)) = (klo, khi) else {
+        // No row sees a key: the output is 0, the lse is the sink's logit (or -inf).
+        for (k, l) in lse.iter_mut().enumerate() {
+            *l = sink(k % group).unwrap_or(f32::NEG_INFINITY);
+        }
+        return ItemOut { item, out, lse };
+    };
+    let nk = khi - klo + 1;
+
+    // Gather this kv head's keys and values klo..=khi through the block table.
+    let bs = cache.layout().block_size;
+    let blocks = meta.block_table.row(req);
+    let (key_cache, value_cache) = (cache.key(), cache.value());
+    let mut keys = Array2::<f32>::zeros((nk, hs));
+    let mut values = Array2::<f32>::zeros((nk, hs));
+    for (n, j) in (klo..=khi).enumerate() {
+        let (block, offset) = (blocks[j / bs] as usize, j % bs);
+        let k_src =
+            key_cache.index_axis(Axis(0), block).index_axis_move(Axis(0), offset).index_axis_move(Axis(0), kv_head);
+        let v_src =
+            value_cache.index_axis(Axis(0), block).index_axis_move(Axis(0), offset).index_axis_move(Axis(0), kv_head);
+        keys.row_mut(n).zip_mut_with(&k_src, |d, s| *d = s.to_f32());
+        values.row_mut(n).zip_mut_with(&v_src, |d, s| *d = s.to_f32());
+    }
+
+    // The item's queries, row (i, g) -> i * group + g.
+    let mut q = Array2::<f32>::zeros((m, hs));
+    for i in row_start..row_end {
+        for g in 0..group {
+            let src = query.index_axis(Axis(0), token0 + i).index_axis_move(Axis(0), kv_head * group + g);
+            q.row_mut((i - row_start) * group + g).zip_mut_with(&src, |d, s| *d = s.to_f32());
+        }
+    }
+
+    // S = Q K^T, then each row becomes its normalised probabilities in place.
+    let mut scores = Array2::<f32>::zeros((m, nk));
+    general_mat_mul(1.0, &q, &keys.t(), 0.0, &mut scores);
+    for (k, mut row) in scores.axis_iter_mut(Axis(0)).enumerate() {
+        let (i, g) = (row_start + k / group, k % group);
+        let head = kv_head * group + g;
+        let pos = context + i;
+        let row = row.as_slice_mut().expect("fresh arrays are contiguous");
+        let Some((lo, hi)) = ranges[i - row_start] else {
+            row.fill(0.0);
+            lse[k] = sink(g).unwrap_or(f32::NEG_INFINITY);
+            continue;
+        };
+        let (lo, hi) = (lo - klo, hi - klo);
+        let slope = params.alibi_slopes.as_ref().map(|s| s[head]);
+        let mut max = sink(g).unwrap_or(f32::NEG_INFINITY);
+        for (n, s) in row.iter_mut().enumerate().take(hi + 1).skip(lo) {
+            let mut x = params.scale * *s;
+            if let Some(cap) = params.softcap {
+                x = cap * (x / cap).tanh();
+            }
+            if let Some(slope) = slope {
+                x -= slope * (pos as f32 - (klo + n) as f32).abs();
+            }
+            *s = x;
+            max = max.max(x);
+        }
+        let mut denom = sink(g).map_or(0.0, |s| (s - max).exp());
+        for s in &mut row[lo..=hi] {
+            *s = (*s - max).exp();
+            denom += *s;
+        }
+        row[..lo].fill(0.0);
+        row[hi + 1..].fill(0.0);
+        let inv = 1.0 / denom;
+        for s in &mut row[lo..=hi] {
+            *s *= inv;
+        }
+        lse[k] = max + denom.ln();
+    }
+
+    // O = P V.
+    general_mat_mul(1.0, &scores, &values, 0.0, &mut out);
+    ItemOut { item, out, lse }
+}
