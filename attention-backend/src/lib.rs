@@ -25,6 +25,8 @@
 //! # Ok::<(), attention_backend::AttentionError>(())
 //! ```
 
+#![deny(missing_docs)]
+
 mod backend;
 mod cache;
 pub mod cpu;

@@ -4,6 +4,7 @@
 
 mod bundle;
 mod cuda;
+mod package;
 mod shell;
 mod test;
 
@@ -17,6 +18,8 @@ Commands:
   test           fmt check, clippy -D warnings, every workspace test (kernels compiled when nvcc is
                  available or can be set up); GPU tests are built and, with no GPU here, reported as NOT RUN
   fuzz [CASES]   the property tests with many more cases (default 20000), release build
+  package        cargo package + publish --dry-run for the three library crates, the packaged kernels
+                 built with `cuda`, the outside consumer (examples/consumer) run on them, docs with -D warnings
   gpu-bundle     build the GPU test and bench binaries (release, stripped) into gpu-bundle/ with run.sh
   gpu-test       run the GPU test suite here (needs cargo, nvcc and a GPU; fails without a GPU)
   bench          build the bundle and print the command that runs the benchmark on a GPU machine
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup-cuda") => cuda::setup().map(|root| println!("CUDA root: {}", root.display())),
         Some("test") => test::run(),
+        Some("package") => package::run(package::nvcc()),
         Some("fuzz") => test::fuzz(args.get(1).map(String::as_str)),
         Some("gpu-bundle") => bundle::build().map(|_| ()),
         Some("gpu-test") => bundle::gpu_test(),

@@ -55,6 +55,8 @@ pub fn run() -> Result<(), String> {
     suite.args(["test", "-p", "test-suite", "--lib", "--test", "integration"]).args(&features);
     shell::run(suite)?;
 
+    crate::package::run(cuda_root.as_ref().map(|r| r.join("bin/nvcc")))?;
+
     if cuda_root.is_none() {
         shell::banner(&["GPU tests NOT BUILT and NOT RUN: no CUDA compiler (see above)"]);
         return Ok(());
