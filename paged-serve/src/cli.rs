@@ -1,0 +1,415 @@
+//! The command line: flags, the defaults that depend on the device, and the checks that turn a bad
+//! combination into a one-line error before anything is allocated.
+
+use std::path::PathBuf;
+
+use attention_backend::{DType, Device, DeviceRequest};
+use clap::Parser;
+
+use crate::model::ModelShape;
+use crate::scheduler::SchedulerConfig;
+use crate::verify::Sample;
+use crate::workload::{PrefixSharing, RequestSpec, WorkloadSpec};
+use crate::ServeError;
+
+/// Head sizes the CUDA kernels are compiled for.
+pub const CUDA_HEAD_SIZES: [usize; 7] = [64, 80, 96, 112, 128, 192, 256];
+
+/// Simulates an LLM serving run with a synthetic model; every step's KV-cache write and attention
+/// go through the real paged-attention path.
+///
+/// Requests arrive (Poisson, or from a trace), a vLLM-v1-style scheduler batches them under a token
+/// budget with chunked prefill, decodes first, blocks from the block pool, preemption by
+/// recomputation and prefix caching; the model runner builds each step's metadata and every layer
+/// runs the attention backend on its own paged KV cache. Time is counted in steps, so the same
+/// flags give the same run. Defaults marked "cpu / cuda" depend on the device.
+#[derive(Parser, Debug, Clone, PartialEq)]
+#[command(name = "paged-serve", version, about, after_help = AFTER_HELP, args_override_self = true)]
+pub struct Cli {
+    /// Device: auto (CUDA when built with --features cuda and a GPU is visible, else the CPU),
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "PAGED_ATTN_DEVICE", default_value = "auto", help_heading = "Device and model")]
+    pub device: String,
+    /// Storage type of Q/K/V and the KV cache: f32, f16 or bf16 [default: f32 on cpu, bf16 on cuda]
+    #[arg(long, value_parser = parse_dtype, help_heading = "Device and model")]
+    pub dtype: Option<DType>,
+    /// Attention layers, each with its own KV cache [default: 4 / 8]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub layers: Option<usize>,
+    /// Query heads [default: 8 / 32]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub heads: Option<usize>,
+    /// Key/value heads; must divide --heads (GQA) [default: 2 / 8]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub kv_heads: Option<usize>,
+    /// Elements per head (cuda: 64, 80, 96, 112, 128, 192 or 256) [default: 64 / 128]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub head_size: Option<usize>,
+    /// Tokens per KV-cache block (cuda: a multiple of 16)
+    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Device and model")]
+    pub block_size: usize,
+    /// KV-cache size in blocks (per layer) [default: 1024 / 32768]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub num_blocks: Option<usize>,
+
+    /// Requests in the workload [default: 200 / 1024]
+    #[arg(long, value_name = "N", help_heading = "Workload")]
+    pub requests: Option<usize>,
+    /// Mean arrivals per step (Poisson); `inf` puts every request at step 0 [default: 1 / 8]
+    #[arg(long, value_name = "R", allow_negative_numbers = true, help_heading = "Workload")]
+    pub arrival_rate: Option<f64>,
+    /// Mean prompt length; lengths are uniform in [len/2, 3*len/2] [default: 256 / 1024]
+    #[arg(long, value_name = "N", help_heading = "Workload")]
+    pub prompt_len: Option<usize>,
+    /// Mean output length, same spread [default: 96 / 256]
+    #[arg(long, value_name = "N", help_heading = "Workload")]
+    pub output_len: Option<usize>,
+    /// Read arrivals and lengths from a file instead: CSV lines `arrival,prompt_len,output_len`
+    /// or JSON lines {"arrival": 0, "prompt_len": 100, "output_len": 20}; arrival in steps
+    #[arg(long, value_name = "FILE", help_heading = "Workload")]
+    pub trace: Option<PathBuf>,
+    /// Fraction of prompts that start with one shared prefix (exercises the prefix cache)
+    #[arg(
+        long,
+        default_value_t = 0.25,
+        value_name = "FRACTION",
+        allow_negative_numbers = true,
+        help_heading = "Workload"
+    )]
+    pub shared_prefix: f64,
+    /// Tokens of the shared prefix [default: 64 / 512]
+    #[arg(long, value_name = "TOKENS", help_heading = "Workload")]
+    pub shared_prefix_len: Option<usize>,
+    /// Seed of arrivals, prompts and the synthetic model
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Workload")]
+    pub seed: u64,
+
+    /// Token budget per step (prompts longer than that are prefilled in chunks) [default: 512 / 8192]
+    #[arg(long, value_name = "N", help_heading = "Scheduler")]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Requests running at once [default: 64 / 256]
+    #[arg(long, value_name = "N", help_heading = "Scheduler")]
+    pub max_num_seqs: Option<usize>,
+    /// Do not reuse cached prefix blocks
+    #[arg(long, help_heading = "Scheduler")]
+    pub no_prefix_caching: bool,
+
+    /// Check steps against an independent f64 dense attention; exit non-zero on a mismatch
+    #[arg(long, help_heading = "Checking and output")]
+    pub verify: bool,
+    /// With --verify: check every K-th step
+    #[arg(long, default_value_t = 8, value_name = "K", help_heading = "Checking and output")]
+    pub verify_every: u64,
+    /// With --verify: layers checked per step, spread from the first to the last
+    #[arg(long, default_value_t = 2, value_name = "N", help_heading = "Checking and output")]
+    pub verify_layers: usize,
+    /// With --verify: requests checked per layer-step (spread over the batch; each checks at most
+    /// 64 of its query rows), so a big GPU batch is checked in seconds
+    #[arg(long, default_value_t = 16, value_name = "N", help_heading = "Checking and output")]
+    pub verify_requests: usize,
+    /// Print the summary as one JSON object on stdout
+    #[arg(long, help_heading = "Checking and output")]
+    pub json: bool,
+    /// No progress bar (it is also hidden when stderr is not a terminal)
+    #[arg(long, help_heading = "Checking and output")]
+    pub no_progress: bool,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  cargo run --release -p paged-serve                         # the default run on the CPU
+  cargo run --release -p paged-serve -- --verify --verify-every 1 --requests 16
+  cargo run --release -p paged-serve --features cuda -- --device cuda --verify
+  paged-serve --num-blocks 40 --max-num-batched-tokens 64     # tiny cache: preemptions, chunked prefill
+
+The summary reports tokens, steps, attention time per step (p50/p99), throughput, the K/V bytes
+attention read and their rate, peak cache use, preemptions and prefix-cache hits.";
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    s.parse::<DType>().map_err(|_| format!("unknown dtype `{s}` (expected f32, f16 or bf16)"))
+}
+
+/// Everything a run needs, with the device's defaults filled in and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunConfig {
+    /// The device asked for.
+    pub device: DeviceRequest,
+    /// Storage type.
+    pub dtype: DType,
+    /// Model sizes.
+    pub shape: ModelShape,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks per layer's cache.
+    pub num_blocks: usize,
+    /// Scheduler limits.
+    pub scheduler: SchedulerConfig,
+    /// Arrivals and lengths.
+    pub workload: WorkloadSpec,
+    /// Shared prompt prefixes.
+    pub sharing: PrefixSharing,
+    /// Seed.
+    pub seed: u64,
+    /// `Some((every, layers))` with `--verify`.
+    pub verify: Option<(u64, Vec<usize>)>,
+    /// How much of a checked layer-step is recomputed.
+    pub verify_sample: Sample,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Per-device defaults: the CPU's finish in well under a minute on two cores; the GPU's keep an
+/// H100 busy with long prompts and a big batch.
+struct Defaults {
+    dtype: DType,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_size: usize,
+    num_blocks: usize,
+    requests: usize,
+    arrival_rate: f64,
+    prompt_len: usize,
+    output_len: usize,
+    shared_prefix_len: usize,
+    max_num_batched_tokens: usize,
+    max_num_seqs: usize,
+}
+
+const CPU_DEFAULTS: Defaults = Defaults {
+    dtype: DType::F32,
+    layers: 4,
+    heads: 8,
+    kv_heads: 2,
+    head_size: 64,
+    num_blocks: 1024,
+    requests: 200,
+    arrival_rate: 1.0,
+    prompt_len: 256,
+    output_len: 96,
+    shared_prefix_len: 64,
+    max_num_batched_tokens: 512,
+    max_num_seqs: 64,
+};
+
+const CUDA_DEFAULTS: Defaults = Defaults {
+    dtype: DType::BF16,
+    layers: 8,
+    heads: 32,
+    kv_heads: 8,
+    head_size: 128,
+    num_blocks: 32768,
+    requests: 1024,
+    arrival_rate: 8.0,
+    prompt_len: 1024,
+    output_len: 256,
+    shared_prefix_len: 512,
+    max_num_batched_tokens: 8192,
+    max_num_seqs: 256,
+};
+
+fn usage(msg: impl Into<String>) -> ServeError {
+    ServeError::Usage(msg.into())
+}
+
+/// Parses `--device` (or `PAGED_ATTN_DEVICE`).
+///
+/// # Errors
+/// [`ServeError::Usage`] for anything but auto, cpu, cuda, cuda:N.
+pub fn device_request(cli: &Cli) -> Result<DeviceRequest, ServeError> {
+    cli.device
+        .parse::<DeviceRequest>()
+        .map_err(|_| usage(format!("--device `{}`: expected auto, cpu, cuda or cuda:N", cli.device)))
+}
+
+impl Cli {
+    /// Fills in the defaults of `device` (the device the backend actually selected) and checks
+    /// every flag that can be checked before the workload exists.
+    ///
+    /// # Errors
+    /// [`ServeError::Usage`] naming the first bad flag.
+    pub fn resolve(&self, request: DeviceRequest, device: Device) -> Result<RunConfig, ServeError> {
+        let d = if device == Device::Cpu { &CPU_DEFAULTS } else { &CUDA_DEFAULTS };
+        let dtype = self.dtype.unwrap_or(d.dtype);
+        let shape = ModelShape {
+            num_layers: self.layers.unwrap_or(d.layers),
+            num_heads: self.heads.unwrap_or(d.heads),
+            num_kv_heads: self.kv_heads.unwrap_or(d.kv_heads),
+            head_size: self.head_size.unwrap_or(d.head_size),
+        };
+        let num_blocks = self.num_blocks.unwrap_or(d.num_blocks);
+        let positive = [
+            ("--layers", shape.num_layers),
+            ("--heads", shape.num_heads),
+            ("--kv-heads", shape.num_kv_heads),
+            ("--head-size", shape.head_size),
+            ("--block-size", self.block_size),
+            ("--num-blocks", num_blocks),
+            ("--requests", self.requests.unwrap_or(d.requests)),
+            ("--prompt-len", self.prompt_len.unwrap_or(d.prompt_len)),
+            ("--output-len", self.output_len.unwrap_or(d.output_len)),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens)),
+            ("--max-num-seqs", self.max_num_seqs.unwrap_or(d.max_num_seqs)),
+            ("--verify-every", self.verify_every as usize),
+            ("--verify-layers", self.verify_layers),
+            ("--verify-requests", self.verify_requests),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(usage(format!("{flag} must be positive")));
+        }
+        if shape.num_heads % shape.num_kv_heads != 0 {
+            return Err(usage(format!(
+                "--heads {} is not a multiple of --kv-heads {} (each kv head serves a whole group of query heads)",
+                shape.num_heads, shape.num_kv_heads
+            )));
+        }
+        if device == Device::Cuda {
+            if dtype == DType::F32 {
+                return Err(usage("--dtype f32 runs only on the CPU; use --dtype bf16 or f16 on cuda"));
+            }
+            if !CUDA_HEAD_SIZES.contains(&shape.head_size) {
+                return Err(usage(format!(
+                    "--head-size {} is not supported by the cuda backend (supported: 64, 80, 96, 112, 128, 192, 256)",
+                    shape.head_size
+                )));
+            }
+            if self.block_size % 16 != 0 {
+                return Err(usage(format!(
+                    "--block-size {} is not supported by the cuda backend (use a multiple of 16)",
+                    self.block_size
+                )));
+            }
+        }
+        let rate = self.arrival_rate.unwrap_or(d.arrival_rate);
+        if rate.is_nan() || rate < 0.0 {
+            return Err(usage(format!("--arrival-rate {rate} must be a non-negative number of requests per step")));
+        }
+        if !(0.0..=1.0).contains(&self.shared_prefix) {
+            return Err(usage(format!("--shared-prefix {} must be a fraction in [0, 1]", self.shared_prefix)));
+        }
+        let workload = match &self.trace {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("--trace {}: cannot read it: {e}", path.display())))?;
+                let entries = crate::workload::parse_trace(&text)
+                    .map_err(|e| usage(format!("--trace {}: {e}", path.display())))?;
+                WorkloadSpec::Trace(entries)
+            }
+            None => WorkloadSpec::Poisson {
+                num_requests: self.requests.unwrap_or(d.requests),
+                rate,
+                prompt_len: self.prompt_len.unwrap_or(d.prompt_len),
+                output_len: self.output_len.unwrap_or(d.output_len),
+            },
+        };
+        let verify = self.verify.then(|| {
+            // `n` layers spread evenly from the first to the last.
+            let (l, n) = (shape.num_layers, self.verify_layers.min(shape.num_layers));
+            let mut layers: Vec<usize> = (0..n).map(|i| if n == 1 { 0 } else { i * (l - 1) / (n - 1) }).collect();
+            layers.dedup();
+            (self.verify_every, layers)
+        });
+        Ok(RunConfig {
+            device: request,
+            dtype,
+            shape,
+            block_size: self.block_size,
+            num_blocks,
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens),
+                max_num_seqs: self.max_num_seqs.unwrap_or(d.max_num_seqs),
+                enable_prefix_caching: !self.no_prefix_caching,
+            },
+            workload,
+            sharing: PrefixSharing {
+                fraction: self.shared_prefix,
+                len: self.shared_prefix_len.unwrap_or(d.shared_prefix_len),
+            },
+            seed: self.seed,
+            verify,
+            verify_sample: Sample { max_requests: self.verify_requests, ..Sample::default() },
+            progress: !self.no_progress,
+        })
+    }
+}
+
+/// Checks that the workload can run at all: the longest request must fit the cache alone
+/// (otherwise preemption could never make room for it).
+///
+/// # Errors
+/// [`ServeError::Usage`] naming the request and the cache size it needs.
+pub fn check_fits(cfg: &RunConfig, requests: &[RequestSpec]) -> Result<(), ServeError> {
+    let Some(big) = requests.iter().max_by_key(|r| r.max_len()) else {
+        return Err(usage("the workload has no request"));
+    };
+    let need = big.max_len().div_ceil(cfg.block_size);
+    if need > cfg.num_blocks {
+        return Err(usage(format!(
+            "--num-blocks {} is too small: request {} needs {} tokens (prompt {} + output {}) = {} blocks of {}; \
+             raise --num-blocks to at least {} or shorten the requests",
+            cfg.num_blocks,
+            big.id,
+            big.max_len(),
+            big.prompt.len(),
+            big.output_len,
+            need,
+            cfg.block_size,
+            need
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str], device: Device) -> Result<RunConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("paged-serve").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cli.resolve(DeviceRequest::Auto, device).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn device_dependent_defaults() {
+        let cpu = resolve(&[], Device::Cpu).unwrap();
+        assert_eq!((cpu.dtype, cpu.shape.num_layers, cpu.num_blocks), (DType::F32, 4, 1024));
+        let gpu = resolve(&[], Device::Cuda).unwrap();
+        assert_eq!((gpu.dtype, gpu.shape.head_size), (DType::BF16, 128));
+        let custom =
+            resolve(&["--dtype", "bf16", "--layers", "3", "--verify", "--verify-layers", "5"], Device::Cpu).unwrap();
+        assert_eq!((custom.dtype, custom.shape.num_layers), (DType::BF16, 3));
+        assert_eq!(custom.verify, Some((8, vec![0, 1, 2])));
+        let two = resolve(&["--layers", "6", "--verify"], Device::Cpu).unwrap();
+        assert_eq!(two.verify, Some((8, vec![0, 5])));
+    }
+
+    #[test]
+    fn bad_flags_get_one_line_errors() {
+        let cases: &[(&[&str], Device, &str)] = &[
+            (&["--heads", "6", "--kv-heads", "4"], Device::Cpu, "--heads 6 is not a multiple of --kv-heads 4"),
+            (&["--dtype", "fp8"], Device::Cpu, "unknown dtype `fp8`"),
+            (&["--head-size", "72"], Device::Cuda, "--head-size 72 is not supported by the cuda backend"),
+            (&["--dtype", "f32"], Device::Cuda, "f32 runs only on the CPU"),
+            (&["--block-size", "8"], Device::Cuda, "multiple of 16"),
+            (&["--layers", "0"], Device::Cpu, "--layers must be positive"),
+            (&["--shared-prefix", "1.5"], Device::Cpu, "fraction"),
+            (&["--arrival-rate", "-1"], Device::Cpu, "--arrival-rate"),
+            (&["--trace", "/nonexistent/trace.csv"], Device::Cpu, "cannot read it"),
+        ];
+        for (args, dev, want) in cases {
+            let err = resolve(args, *dev).unwrap_err();
+            assert!(err.contains(want), "{args:?}: `{err}` lacks `{want}`");
+        }
+        // The CPU runs head sizes and block sizes the CUDA kernels do not.
+        assert!(resolve(&["--head-size", "72", "--block-size", "8"], Device::Cpu).is_ok());
+    }
+
+    #[test]
+    fn a_cache_too_small_for_one_request() {
+        let cfg = resolve(&["--num-blocks", "4", "--block-size", "16"], Device::Cpu).unwrap();
+        let req = RequestSpec { id: 3, arrival_step: 0, prompt: vec![1; 60], output_len: 10 };
+        let err = check_fits(&cfg, &[req]).unwrap_err().to_string();
+        assert!(err.contains("--num-blocks 4 is too small") && err.contains("at least 5"), "{err}");
+    }
+}

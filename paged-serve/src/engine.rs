@@ -1,0 +1,319 @@
+//! The serving loop: scheduler -> model runner -> per layer Q/K/V, KV-cache write and attention
+//! through the backend -> next tokens -> scheduler.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use attention_backend::{AttentionParams, Backend, CacheLayout, Element, KvCache};
+use indicatif::{ProgressBar, ProgressStyle};
+use model_runner::{BlockPool, ModelRunner, RequestId, RunnerConfig, TokenId};
+use ndarray::{ArrayViewD, Ix3};
+
+use crate::cli::RunConfig;
+use crate::model::{Proj, SyntheticModel};
+use crate::scheduler::{Scheduler, StepPlan};
+use crate::summary::Summary;
+use crate::verify::{self, LayerCheck, Tolerance};
+use crate::workload::RequestSpec;
+use crate::ServeError;
+
+/// Consecutive steps that schedule nothing before the loop gives up (a scheduler bug; the
+/// scheduler reports a real stall itself).
+const MAX_EMPTY_STEPS: usize = 1000;
+
+/// Runs the whole workload on `backend` with storage type `T`.
+///
+/// # Errors
+/// Backend, runner or scheduler failures, and [`ServeError::Verify`] on a verification mismatch.
+pub(crate) fn serve<T: Element>(
+    cfg: &RunConfig,
+    backend: Backend,
+    requests: &[RequestSpec],
+) -> Result<Summary, ServeError> {
+    let mut engine = Engine::<T>::new(cfg, backend, requests)?;
+    engine.run()?;
+    Ok(engine.summary)
+}
+
+struct Engine<'a, T: Element> {
+    cfg: &'a RunConfig,
+    backend: Backend,
+    model: SyntheticModel,
+    params: AttentionParams,
+    caches: Vec<KvCache<T>>,
+    runner: ModelRunner,
+    sched: Scheduler,
+    summary: Summary,
+}
+
+impl<'a, T: Element> Engine<'a, T> {
+    /// Allocates one KV cache per layer, the runner and the scheduler.
+    fn new(cfg: &'a RunConfig, backend: Backend, requests: &[RequestSpec]) -> Result<Self, ServeError> {
+        let shape = cfg.shape;
+        let layout = CacheLayout::new(cfg.num_blocks, cfg.block_size, shape.num_kv_heads, shape.head_size)?;
+        let caches = (0..shape.num_layers).map(|_| backend.kv_cache::<T>(layout)).collect::<Result<Vec<_>, _>>()?;
+        let max_model_len = requests.iter().map(RequestSpec::max_len).max().unwrap_or(1);
+        let runner = ModelRunner::new(
+            RunnerConfig::for_layout(&layout)
+                .with_max_num_reqs(cfg.scheduler.max_num_seqs)
+                .with_max_num_batched_tokens(cfg.scheduler.max_num_batched_tokens)
+                .with_max_model_len(max_model_len),
+        )?;
+        let pool = BlockPool::new(cfg.num_blocks, cfg.block_size)?;
+        Ok(Engine {
+            cfg,
+            model: SyntheticModel::new(shape, cfg.seed),
+            params: AttentionParams::new(shape.num_heads, shape.num_kv_heads, shape.head_size),
+            backend,
+            caches,
+            runner,
+            sched: Scheduler::new(cfg.scheduler, pool, requests),
+            summary: Summary::default(),
+        })
+    }
+
+    fn run(&mut self) -> Result<(), ServeError> {
+        let bar = self.progress_bar();
+        let start = Instant::now();
+        let mut empty_steps = 0;
+        while !self.sched.is_done() {
+            if self.run_step()? {
+                empty_steps = 0;
+            } else {
+                empty_steps += 1;
+                if empty_steps > MAX_EMPTY_STEPS {
+                    return Err(ServeError::Internal(format!("no work scheduled for {MAX_EMPTY_STEPS} steps")));
+                }
+            }
+            self.update_bar(&bar, start);
+        }
+        bar.finish_and_clear();
+        self.finish_summary(start.elapsed());
+        Ok(())
+    }
+
+    /// Schedules and runs one step; false when nothing was scheduled.
+    fn run_step(&mut self) -> Result<bool, ServeError> {
+        let plan = self.sched.schedule()?;
+        self.apply_to_runner(&plan)?;
+        if plan.scheduled.is_empty() {
+            return Ok(false);
+        }
+        let sampled = self.step(&plan)?;
+        let finished = self.sched.update(&plan, |id| sampled.get(&id).copied().unwrap_or(0))?;
+        for id in finished {
+            self.runner.remove_request(id)?;
+        }
+        Ok(true)
+    }
+
+    /// Mirrors the scheduler's decisions in the persistent batch.
+    fn apply_to_runner(&mut self, plan: &StepPlan) -> Result<(), ServeError> {
+        for &id in &plan.removed {
+            self.runner.remove_request(id)?;
+        }
+        for (id, prompt_len, blocks) in &plan.added {
+            self.runner.add_request(*id, *prompt_len, blocks)?;
+        }
+        for (id, blocks) in &plan.appended {
+            self.runner.append_blocks(*id, blocks)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step through every layer; returns the next token of each request's last row.
+    fn step(&mut self, plan: &StepPlan) -> Result<HashMap<RequestId, TokenId>, ServeError> {
+        let inputs = self.runner.prepare_inputs(&plan.scheduled)?;
+        let req_ids = inputs.req_ids.clone();
+        let positions = inputs.positions.clone();
+        let step_meta = self.backend.prepare_step(inputs.metadata)?;
+        let meta = step_meta.host();
+        let num_tokens = meta.num_tokens();
+
+        // Token ids in the runner's row order (decodes first).
+        let mut tokens: Vec<TokenId> = Vec::with_capacity(num_tokens);
+        for (r, &id) in req_ids.iter().enumerate() {
+            let req = self.sched.request(id).ok_or_else(|| ServeError::Internal(format!("unknown request {id}")))?;
+            let (a, b) = (meta.query_start_loc[r] as usize, meta.query_start_loc[r + 1] as usize);
+            tokens.extend(positions[a..b].iter().map(|&p| req.tokens[p as usize]));
+        }
+
+        let shape = self.cfg.shape;
+        let step_no = self.summary.steps as u64 + 1;
+        let verify_layers: &[usize] = match &self.cfg.verify {
+            Some((every, layers)) if (step_no - 1) % every == 0 => layers,
+            _ => &[],
+        };
+        let mut out = self.backend.zeros::<T>(&[num_tokens, shape.num_heads, shape.head_size])?;
+        let mut attention = Duration::ZERO;
+        let mut sampled = HashMap::with_capacity(req_ids.len());
+        for layer in 0..shape.num_layers {
+            let q = self.model.project::<T>(Proj::Q, layer, &tokens, &positions);
+            let k = self.model.project::<T>(Proj::K, layer, &tokens, &positions);
+            let v = self.model.project::<T>(Proj::V, layer, &tokens, &positions);
+            let verified_q = verify_layers.contains(&layer).then(|| q.clone());
+            let (q, k, v) = (self.backend.tensor(q)?, self.backend.tensor(k)?, self.backend.tensor(v)?);
+            // Time the cache write and the attention only, not the uploads.
+            self.backend.synchronize()?;
+            let t0 = Instant::now();
+            self.backend.forward(&q, &k, &v, &mut self.caches[layer], &step_meta, &self.params, &mut out, None)?;
+            self.backend.synchronize()?;
+            attention += t0.elapsed();
+
+            if let Some(q) = verified_q {
+                let host = self.backend.to_host(&out)?;
+                let check = LayerCheck {
+                    step: step_no,
+                    layer,
+                    meta,
+                    req_ids: &req_ids,
+                    query: q.view(),
+                    out: as_3d(host.view())?,
+                };
+                let sched = &self.sched;
+                let err = verify::check_layer(
+                    &self.model,
+                    &self.params,
+                    Tolerance::for_dtype(T::DTYPE),
+                    self.cfg.verify_sample,
+                    &check,
+                    |id| sched.request(id).map_or(&[][..], |r| &r.tokens[..]),
+                )
+                .map_err(ServeError::Verify)?;
+                self.summary.verified_layer_steps += 1;
+                self.summary.verify_max_abs_err = self.summary.verify_max_abs_err.max(err);
+            }
+            if layer + 1 == shape.num_layers {
+                let host = self.backend.to_host(&out)?;
+                let out3 = as_3d(host.view())?;
+                for (r, &id) in req_ids.iter().enumerate() {
+                    let last = meta.query_start_loc[r + 1] as usize - 1;
+                    sampled.insert(id, self.model.next_token(out3.index_axis(ndarray::Axis(0), last)));
+                }
+            }
+        }
+
+        self.summary.steps += 1;
+        self.summary.step_attention.push(attention);
+        let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * T::DTYPE.size_in_bytes()) as u64;
+        let keys: u64 = meta.seq_lens.iter().map(|&s| s as u64).sum();
+        self.summary.kv_read_bytes += keys * kv_row_bytes * shape.num_layers as u64;
+        Ok(sampled)
+    }
+
+    fn progress_bar(&self) -> ProgressBar {
+        let n = self.sched.requests().len() as u64;
+        if !self.cfg.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(n);
+        let style = ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} requests | {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar
+    }
+
+    fn update_bar(&self, bar: &ProgressBar, start: Instant) {
+        if bar.is_hidden() {
+            return;
+        }
+        let st = self.sched.stats();
+        let tokens = st.prompt_tokens_computed + st.output_tokens_computed;
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        let pool = self.sched.pool();
+        bar.set_position(self.sched.num_finished() as u64);
+        bar.set_message(format!(
+            "{:.0} tok/s | cache {}/{} blocks ({:.0}%) | running {} waiting {} | step {}",
+            tokens as f64 / secs,
+            self.sched.blocks_used(),
+            pool.num_blocks(),
+            100.0 * self.sched.blocks_used() as f64 / pool.num_blocks() as f64,
+            self.sched.num_running(),
+            self.sched.num_waiting(),
+            self.summary.steps
+        ));
+    }
+
+    fn finish_summary(&mut self, wall: Duration) {
+        let cfg = self.cfg;
+        let st = *self.sched.stats();
+        let reqs = self.sched.requests();
+        let s = &mut self.summary;
+        s.device = self.backend.name();
+        s.dtype = cfg.dtype.to_string();
+        s.num_layers = cfg.shape.num_layers;
+        s.num_heads = cfg.shape.num_heads;
+        s.num_kv_heads = cfg.shape.num_kv_heads;
+        s.head_size = cfg.shape.head_size;
+        s.block_size = cfg.block_size;
+        s.num_blocks = cfg.num_blocks;
+        s.requests = reqs.len();
+        s.requests_finished = self.sched.num_finished();
+        s.prompt_tokens = reqs.iter().map(|r| r.prompt_len).sum();
+        s.generated_tokens = reqs.iter().map(|r| r.num_generated()).sum();
+        s.prompt_tokens_computed = st.prompt_tokens_computed;
+        s.output_tokens_computed = st.output_tokens_computed;
+        s.prefix_hit_requests = st.prefix_hit_requests;
+        s.prefix_hit_tokens = st.prefix_hit_tokens;
+        s.preemptions = st.preemptions;
+        s.peak_blocks_used = st.peak_blocks_used;
+        s.wall = wall;
+    }
+}
+
+fn as_3d<T>(a: ArrayViewD<'_, T>) -> Result<ndarray::ArrayView3<'_, T>, ServeError> {
+    a.into_dimensionality::<Ix3>().map_err(|_| ServeError::Internal("attention output is not 3-D".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use attention_backend::DeviceRequest;
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+    use crate::workload;
+
+    /// A corrupted cache block must fail verification loudly, naming step, layer and request:
+    /// the check really reads what the backend produced, not a copy of the reference.
+    #[test]
+    fn a_corrupted_cache_fails_verification() {
+        let args = [
+            "paged-serve",
+            "--layers",
+            "2",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--head-size",
+            "16",
+            "--requests",
+            "2",
+            "--prompt-len",
+            "20",
+            "--output-len",
+            "8",
+            "--arrival-rate",
+            "inf",
+            "--shared-prefix",
+            "0",
+            "--verify",
+            "--verify-every",
+            "1",
+        ];
+        let cfg =
+            Cli::try_parse_from(args).unwrap().resolve(DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
+        let requests = workload::build(&cfg.workload, cfg.sharing, cfg.seed);
+        let mut engine = Engine::<f32>::new(&cfg, Backend::cpu(), &requests).unwrap();
+        assert!(engine.run_step().unwrap(), "the first step prefills");
+        // Overwrite the values of layer 1's first used block (request 0's first tokens).
+        let block = engine.sched.request(RequestId(0)).unwrap().blocks[0] as usize;
+        let (_, mut value) = engine.caches[1].as_cpu_mut().unwrap().key_value_mut();
+        value.index_axis_mut(ndarray::Axis(0), block).fill(3.0);
+        let err = engine.run_step().unwrap_err().to_string();
+        assert!(err.starts_with("verification failed at step 2, layer 1, request #0"), "{err}");
+        assert!(err.contains("max abs error"), "{err}");
+    }
+}

@@ -1,0 +1,235 @@
+//! End to end on the CPU: small workloads through scheduler, runner, backend and the f64 verifier,
+//! with the summary's counts checked against the workload; and the binary's flags and errors.
+
+use std::process::Command;
+
+use clap::Parser;
+use paged_serve::{run, Cli, Summary};
+
+fn cli(args: &[&str]) -> Cli {
+    let base = ["paged-serve", "--device", "cpu", "--no-progress"];
+    Cli::try_parse_from(base.iter().chain(args)).unwrap()
+}
+
+/// The workload the flags describe (to compare the summary with).
+fn workload(c: &Cli) -> Vec<paged_serve::workload::RequestSpec> {
+    let cfg = c.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
+    paged_serve::workload::build(&cfg.workload, cfg.sharing, cfg.seed)
+}
+
+/// Counts every run must satisfy.
+fn check_counts(s: &Summary, c: &Cli) {
+    let reqs = workload(c);
+    let prompts: usize = reqs.iter().map(|r| r.prompt.len()).sum();
+    let outputs: usize = reqs.iter().map(|r| r.output_len).sum();
+    assert_eq!(s.requests, reqs.len());
+    assert_eq!(s.requests_finished, reqs.len(), "every request finished");
+    assert_eq!(s.prompt_tokens, prompts);
+    assert_eq!(s.generated_tokens, outputs, "generated tokens = sum of output lengths");
+    // Every prompt token was computed at least once or found in the prefix cache; preempted
+    // requests recompute theirs.
+    assert!(s.prompt_tokens_computed + s.prefix_hit_tokens >= prompts);
+    // Each request computes its generated tokens but the last (that one is never fed back).
+    assert!(s.output_tokens_computed + s.prefix_hit_tokens >= outputs - reqs.len());
+    assert!(s.peak_blocks_used <= s.num_blocks);
+    assert_eq!(s.step_attention.len(), s.steps);
+    assert!(s.kv_read_bytes > 0);
+}
+
+const SMALL: &[&str] = &[
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--head-size",
+    "32",
+    "--block-size",
+    "8",
+    "--requests",
+    "12",
+    "--prompt-len",
+    "40",
+    "--output-len",
+    "10",
+    "--arrival-rate",
+    "inf",
+    "--seed",
+    "3",
+];
+
+#[test]
+fn tiny_cache_preempts_chunks_and_verifies() {
+    // 16 blocks of 8 = 128 slots for 12 requests of up to 75 tokens: constant preemption. A budget
+    // of 24 tokens chunks every prompt.
+    let args: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain(["--num-blocks", "16", "--max-num-batched-tokens", "24", "--verify", "--verify-every", "1"])
+        .collect();
+    let c = cli(&args);
+    let s = run(&c).unwrap();
+    check_counts(&s, &c);
+    assert!(s.preemptions > 0, "a 16-block cache must preempt");
+    let prompts: usize = workload(&c).iter().map(|r| r.prompt.len()).sum();
+    assert!(s.prompt_tokens_computed + s.prefix_hit_tokens > prompts, "recomputation after preemption is counted");
+    assert_eq!(s.verified_layer_steps, 2 * s.steps, "both layers of every step checked");
+    assert!(s.verify_max_abs_err < 1e-4);
+    // 12 requests of ~40-token prompts cannot prefill in fewer steps than the budget allows.
+    assert!(s.steps >= (prompts / 24));
+}
+
+#[test]
+fn roomy_cache_counts_are_exact() {
+    let args: Vec<&str> =
+        SMALL.iter().copied().chain(["--num-blocks", "400", "--no-prefix-caching", "--shared-prefix", "0"]).collect();
+    let c = cli(&args);
+    let s = run(&c).unwrap();
+    check_counts(&s, &c);
+    assert_eq!(s.preemptions, 0);
+    assert_eq!(s.prefix_hit_tokens, 0);
+    assert_eq!(s.prompt_tokens_computed, s.prompt_tokens, "no preemption: each prompt token once");
+    assert_eq!(s.output_tokens_computed, s.generated_tokens - s.requests);
+}
+
+#[test]
+fn bf16_with_shared_prefixes_hits_the_prefix_cache() {
+    let args: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain([
+            "--dtype",
+            "bf16",
+            "--num-blocks",
+            "200",
+            "--arrival-rate",
+            "0.5",
+            "--shared-prefix",
+            "1",
+            "--shared-prefix-len",
+            "24",
+            "--verify",
+            "--verify-every",
+            "2",
+        ])
+        .collect();
+    let c = cli(&args);
+    let s = run(&c).unwrap();
+    check_counts(&s, &c);
+    assert!(s.prefix_hit_requests > 0 && s.prefix_hit_tokens >= 24, "{s:?}");
+    assert!(s.verified_layer_steps > 0);
+    assert_eq!(s.dtype, "bf16");
+}
+
+#[test]
+fn runs_are_reproducible() {
+    let args: Vec<&str> =
+        SMALL.iter().copied().chain(["--num-blocks", "20", "--max-num-batched-tokens", "32"]).collect();
+    let (a, b) = (run(&cli(&args)).unwrap(), run(&cli(&args)).unwrap());
+    assert_eq!(
+        (
+            a.steps,
+            a.preemptions,
+            a.prompt_tokens_computed,
+            a.output_tokens_computed,
+            a.prefix_hit_tokens,
+            a.kv_read_bytes
+        ),
+        (
+            b.steps,
+            b.preemptions,
+            b.prompt_tokens_computed,
+            b.output_tokens_computed,
+            b.prefix_hit_tokens,
+            b.kv_read_bytes
+        )
+    );
+}
+
+#[test]
+fn trace_file_workload() {
+    let dir = std::env::temp_dir().join(format!("paged-serve-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("trace.jsonl");
+    std::fs::write(&path, "{\"arrival\": 0, \"prompt_len\": 30, \"output_len\": 4}\n{\"arrival\": 2.5, \"prompt_len\": 9, \"output_len\": 7}\n")
+        .unwrap();
+    let args =
+        ["--layers", "1", "--head-size", "16", "--verify", "--verify-every", "1", "--trace", path.to_str().unwrap()];
+    let s = run(&cli(&args)).unwrap();
+    assert_eq!((s.requests_finished, s.prompt_tokens, s.generated_tokens), (2, 39, 11));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn bin(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_paged-serve"))
+        .args(args)
+        .env_remove("PAGED_ATTN_DEVICE")
+        .env("PAGED_ATTN_CPU_THREADS", "2")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--dtype", "fp8"], "unknown dtype `fp8`"),
+        (&["--heads", "10", "--kv-heads", "4"], "--heads 10 is not a multiple of --kv-heads 4"),
+        (&["--num-blocks", "2"], "--num-blocks 2 is too small"),
+        (&["--device", "tpu"], "--device `tpu`"),
+        (&["--requests", "abc"], "invalid value 'abc'"),
+        (&["--jsn"], "--json"),
+        (&["--device", "cpu", "--requests", "0"], "--requests must be positive"),
+    ];
+    for (args, want) in cases {
+        let (code, stdout, stderr) = bin(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
+        assert!(stderr.starts_with("paged-serve: error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clean_error() {
+    if cfg!(feature = "cuda") {
+        return; // with the feature this depends on the machine
+    }
+    let (code, _, stderr) = bin(&["--device", "cuda"]);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("built without CUDA") && stderr.contains("--features cuda"), "{stderr}");
+}
+
+#[test]
+fn help_json_and_summary() {
+    let (code, help, _) = bin(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--device",
+        "--dtype",
+        "--num-blocks",
+        "--max-num-batched-tokens",
+        "--trace",
+        "--verify",
+        "--json",
+        "Examples:",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let small = ["--layers", "1", "--head-size", "16", "--requests", "6", "--prompt-len", "20", "--output-len", "4"];
+    let (code, json, stderr) = bin(&[&small[..], &["--json", "--verify"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let json = json.trim();
+    assert!(json.starts_with('{') && json.ends_with('}') && json.lines().count() == 1, "{json}");
+    assert!(json.contains("\"requests_finished\": 6") && json.contains("\"kv_read_gb_per_s\""), "{json}");
+    let (code, text, _) = bin(&small);
+    assert_eq!(code, 0);
+    assert!(text.contains("requests     6 finished of 6") && text.contains("p99"), "{text}");
+}
