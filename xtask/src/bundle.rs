@@ -62,7 +62,8 @@ pub fn build_gpu_tests(release: bool) -> Result<PathBuf, String> {
 
 fn build_bins() -> Result<Vec<(String, PathBuf)>, String> {
     let mut cmd = shell::cargo();
-    cmd.args(["build", "--release", "-p", "test-suite", "--features", "cuda", "--bins"]);
+    cmd.args(["build", "--release", "-p", "test-suite", "-p", "paged-serve"]);
+    cmd.args(["--features", "test-suite/cuda,paged-serve/cuda", "--bins"]);
     cmd.args(["--message-format", "json-render-diagnostics"]);
     Ok(executables(&shell::output(cmd)?))
 }
@@ -148,9 +149,10 @@ pub fn bench() -> Result<(), String> {
 /// The script that runs on the GPU machine.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the GPU suite of paged-attention-rs from this folder, with no cargo needed.
-#   ./run.sh            tests, then compute-sanitizer (memcheck + racecheck) on the subset, then bench
+#   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, bench
 #   ./run.sh test       the GPU tests only
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
+#   ./run.sh serve      the main job on the GPU with --verify (attention checked against float64)
 #   ./run.sh bench      our benchmark binaries and the torch peers, one table
 # Every mode fails when no NVIDIA GPU is visible.
 set -uo pipefail
@@ -172,6 +174,7 @@ run_sanitize() {
     step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
     step compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
 }
+run_serve() { step ./paged-serve --device cuda --verify --no-progress; }
 run_bench() {
     local jsons=()
     for b in bench bench_*; do
@@ -188,11 +191,12 @@ run_bench() {
 }
 
 case "$mode" in
-    all) run_tests; run_sanitize; run_bench ;;
+    all) run_tests; run_sanitize; run_serve; run_bench ;;
     test) run_tests ;;
+    serve) run_serve ;;
     sanitize) run_sanitize ;;
     bench) run_bench ;;
-    *) echo "usage: $0 [all|test|sanitize|bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|test|sanitize|serve|bench]" >&2; exit 2 ;;
 esac
 echo
 if [ $status -eq 0 ]; then echo "run.sh: all steps passed"; else echo "run.sh: SOME STEPS FAILED"; fi
