@@ -556,12 +556,11 @@ impl Backend {
         self.expect_device(OP, "value", value.device())?;
         self.expect_device(OP, "cache", cache.device())?;
         self.expect_device(OP, "slot_mapping", slot_mapping.slots_device())?;
-        validate::kv_cache_update(
+        validate::kv_cache_update_typed::<T>(
             OP,
             cache.layout(),
-            T::DTYPE,
-            TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-            TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
+            key.shape(),
+            value.shape(),
             slot_mapping.host_slots(),
         )?;
         match (&self.inner, key, value, cache) {
@@ -639,14 +638,7 @@ impl Backend {
         const OP: &str = "forward";
         self.expect_device(OP, "key", key.device())?;
         self.expect_device(OP, "value", value.device())?;
-        validate::kv_cache_update(
-            OP,
-            cache.layout(),
-            T::DTYPE,
-            TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-            TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
-            &step.meta.slot_mapping,
-        )?;
+        validate::kv_cache_update_typed::<T>(OP, cache.layout(), key.shape(), value.shape(), &step.meta.slot_mapping)?;
         self.check_attention(OP, query, cache, step, params, out, lse.as_deref())?;
         match &self.inner {
             Inner::Cpu => {

@@ -3,7 +3,7 @@
 //! Both backends call the same functions with the shapes and dtypes of their tensors, so a bad
 //! argument gets the same error whichever device would have run it.
 
-use attention_kernels::DType;
+use attention_kernels::{DType, Element};
 
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -39,6 +39,28 @@ pub(crate) fn expect_shape(op: &'static str, t: TensorSpec<'_>, expected: &[usiz
         });
     }
     Ok(())
+}
+
+/// [`kv_cache_update`] for callers whose key, value and cache share the element type `T` by
+/// construction (the typed entry points of both backends): only shapes and slots can be wrong.
+///
+/// # Errors
+/// As [`kv_cache_update`].
+pub fn kv_cache_update_typed<T: Element>(
+    op: &'static str,
+    layout: &CacheLayout,
+    key_shape: &[usize],
+    value_shape: &[usize],
+    slot_mapping: &SlotMapping,
+) -> Result<()> {
+    kv_cache_update(
+        op,
+        layout,
+        T::DTYPE,
+        TensorSpec { name: "key", shape: key_shape, dtype: T::DTYPE },
+        TensorSpec { name: "value", shape: value_shape, dtype: T::DTYPE },
+        slot_mapping,
+    )
 }
 
 /// Checks one KV-cache write: `key` and `value` are `[num_tokens, num_kv_heads, head_size]` of the

@@ -116,14 +116,7 @@ pub fn forward<T: Element>(
     const OP: &str = "forward";
     let layout = *cache.layout();
     let _span = tracing::debug_span!("forward", backend = "cpu", tokens = meta.num_tokens()).entered();
-    validate::kv_cache_update(
-        OP,
-        &layout,
-        T::DTYPE,
-        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
-        &meta.slot_mapping,
-    )?;
+    validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), &meta.slot_mapping)?;
     validate::paged_attention(
         OP,
         params,

@@ -6,7 +6,7 @@ use ndarray::{ArrayView3, Axis};
 use crate::cache::CpuKvCache;
 use crate::error::Result;
 use crate::slot_mapping::SlotMapping;
-use crate::validate::{self, TensorSpec};
+use crate::validate;
 
 /// Writes `key[t]` and `value[t]` (`[num_tokens, num_kv_heads, head_size]`) into the cache row
 /// `slot_mapping[t]` for every token `t` whose slot is non-negative. Rows not named by a slot are
@@ -23,14 +23,7 @@ pub fn kv_cache_update<T: Element>(
     const OP: &str = "kv_cache_update";
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cpu", tokens = slot_mapping.len()).entered();
-    validate::kv_cache_update(
-        OP,
-        &layout,
-        T::DTYPE,
-        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
-        slot_mapping,
-    )?;
+    validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping)?;
     let (mut key_cache, mut value_cache) = cache.key_value_mut();
     for (t, &slot) in slot_mapping.as_slice().iter().enumerate() {
         if slot < 0 {

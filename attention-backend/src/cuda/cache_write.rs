@@ -5,7 +5,7 @@ use attention_kernels::Element;
 
 use super::{kernel_error, CudaDevice, CudaKvCache, DeviceSlotMapping, DeviceTensor};
 use crate::error::Result;
-use crate::validate::{self, TensorSpec};
+use crate::validate;
 
 /// Writes `key[t]` / `value[t]` (`[num_tokens, num_kv_heads, head_size]`) into the cache row
 /// `slot_mapping[t]`, skipping negative slots; enqueued on the device's stream, no sync.
@@ -23,14 +23,7 @@ pub fn kv_cache_update<T: Element>(
     const OP: &str = "kv_cache_update";
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cuda", tokens = slot_mapping.len()).entered();
-    validate::kv_cache_update(
-        OP,
-        &layout,
-        T::DTYPE,
-        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
-        slot_mapping.host(),
-    )?;
+    validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping.host())?;
     let row = layout.row_elems();
     let dims = KvWriteDims {
         num_tokens: slot_mapping.len(),
