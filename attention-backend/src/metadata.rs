@@ -343,14 +343,40 @@ impl AttentionMetadata {
                     ),
                 });
             }
-            if let Some((j, &b)) = self.block_table.row(r)[..needed]
-                .iter()
-                .enumerate()
-                .find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks)
-            {
+            let row = self.block_table.row(r).get(..needed).unwrap_or(&[]);
+            if let Some((j, &b)) = row.iter().enumerate().find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks) {
                 return Err(AttentionError::InvalidMetadata {
                     op,
                     what: format!("block_table[{r}][{j}] = {b} is outside the cache's {} blocks", layout.num_blocks),
+                });
+            }
+            self.check_slots_follow_block_table(op, r, row, layout.block_size)?;
+        }
+        Ok(())
+    }
+
+    /// Each new token's K/V must land where attention will read it back: token `i` of request `r`
+    /// sits at position `p = seq_len - q_len + i`, which the block table maps to slot
+    /// `row[p / block_size] * block_size + p % block_size`. A slot mapping that disagrees would let
+    /// attention read a stale row silently, so it is refused (padding slots, negative, are skipped).
+    fn check_slots_follow_block_table(&self, op: &'static str, r: usize, row: &[i32], block_size: usize) -> Result<()> {
+        let (Some(&start), Some(&seq_len)) = (self.query_start_loc.get(r), self.seq_lens.get(r)) else {
+            return Ok(());
+        };
+        let q_len = self.query_len(r);
+        let first_pos = (seq_len as usize).saturating_sub(q_len);
+        for i in 0..q_len {
+            let t = start as usize + i;
+            let Some(&slot) = self.slot_mapping.as_slice().get(t) else { break };
+            let pos = first_pos + i;
+            let Some(&block) = row.get(pos / block_size) else { break };
+            let expected = i64::from(block) * block_size as i64 + (pos % block_size) as i64;
+            if slot >= 0 && slot != expected {
+                return Err(AttentionError::InvalidMetadata {
+                    op,
+                    what: format!(
+                        "slot_mapping[{t}] = {slot}, but request {r}'s block table puts its position {pos} at slot {expected}"
+                    ),
                 });
             }
         }

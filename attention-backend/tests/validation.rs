@@ -268,3 +268,24 @@ fn paged_attention_alone_validates_too() {
     assert!(matches!(r, Err(AttentionError::InvalidArgument { .. })));
     assert!(s.out.iter().all(|x| x.is_nan()));
 }
+
+#[test]
+fn slot_that_disagrees_with_the_block_table() {
+    // Request 1's first new token (position 3) belongs at block 0 offset 3 = slot 3; writing it to
+    // slot 7 would leave attention reading a stale row.
+    let mut s = setup();
+    let m = meta();
+    s.meta = AttentionMetadata::new(
+        m.query_start_loc.clone(),
+        m.seq_lens.clone(),
+        m.block_table.clone(),
+        SlotMapping::new(vec![4, 7, 24, 25, -1]),
+        1,
+    )
+    .unwrap();
+    let err = forward(&mut s).unwrap_err();
+    assert!(
+        matches!(&err, AttentionError::InvalidMetadata { what, .. } if what.contains("slot_mapping[1] = 7")),
+        "{err:?}"
+    );
+}
