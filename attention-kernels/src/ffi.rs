@@ -32,6 +32,95 @@ extern "C" {
         stream: *mut c_void,
     ) -> CudaStatus;
 
+    /// Split-KV decode for requests `[req_begin, req_end)` of `args`, each with exactly one query
+    /// token (`csrc/paged_decode.cu`); with `num_splits > 1` it also runs the combine kernel and
+    /// needs `workspace` of `num_splits * n * num_heads * (head_size + 2)` floats.
+    ///
+    /// Every device-side metadata value is clamped before use (tokens to `num_tokens`, sequence
+    /// lengths to `max_blocks_per_req * block_size`, block ids to `num_blocks`), so the kernel
+    /// touches only the buffers' first elements as sized by `args`, whatever the device data holds.
+    pub fn pa_paged_decode(args: *const PaAttnArgs, stream: *mut c_void) -> CudaStatus;
+
+    /// Tensor-core varlen attention for requests `[req_begin, req_end)` of any query length
+    /// (`csrc/paged_prefill.cu`); `max_query_len` sizes the grid. Same clamping as the decode.
+    pub fn pa_paged_prefill(args: *const PaAttnArgs, stream: *mut c_void) -> CudaStatus;
+
+    /// Largest GQA group the decode kernel takes for a head size (0: head size unsupported).
+    pub fn pa_paged_decode_max_group(head_size: i32) -> i32;
+
+    /// Keys per tile of the decode kernel for a head size (0: unsupported).
+    pub fn pa_paged_decode_tile_keys(head_size: i32) -> i32;
+
     /// The runtime's message for a status; a static string.
     pub fn pa_error_string(status: CudaStatus) -> *const c_char;
+}
+
+/// The argument block of [`pa_paged_decode`] and [`pa_paged_prefill`]; mirrors `PaAttnArgs` in
+/// `csrc/attention/common.cuh` field for field.
+///
+/// `alibi_slopes` and `sinks` are **host** pointers (`[num_heads]` floats or null): the launcher
+/// copies them into the kernel parameters, so a captured CUDA graph holds their values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PaAttnArgs {
+    /// `[num_tokens, num_heads, head_size]`.
+    pub query: *const c_void,
+    /// `[num_blocks, block_size, num_kv_heads, head_size]`.
+    pub key_cache: *const c_void,
+    /// Same shape as `key_cache`.
+    pub value_cache: *const c_void,
+    /// `[num_tokens, num_heads, head_size]`.
+    pub out: *mut c_void,
+    /// `[num_tokens, num_heads]` or null.
+    pub lse: *mut f32,
+    /// `[num_reqs + 1]`.
+    pub query_start_loc: *const i32,
+    /// `[num_reqs]`.
+    pub seq_lens: *const i32,
+    /// `[num_reqs, max_blocks_per_req]`.
+    pub block_table: *const i32,
+    /// Host `[num_heads]` or null.
+    pub alibi_slopes: *const f32,
+    /// Host `[num_heads]` or null.
+    pub sinks: *const f32,
+    /// Split-KV partials or null.
+    pub workspace: *mut f32,
+    /// Elements of `workspace`.
+    pub workspace_len: i64,
+    /// Rows of query / out / lse.
+    pub num_tokens: i64,
+    /// Blocks of each cache.
+    pub num_blocks: i64,
+    /// Rows of seq_lens / block_table.
+    pub num_reqs: i32,
+    /// First request of this launch.
+    pub req_begin: i32,
+    /// One past the last request of this launch.
+    pub req_end: i32,
+    /// Query heads.
+    pub num_heads: i32,
+    /// Key/value heads.
+    pub num_kv_heads: i32,
+    /// Elements per head.
+    pub head_size: i32,
+    /// Tokens per cache block.
+    pub block_size: i32,
+    /// Columns of the block table.
+    pub max_blocks_per_req: i32,
+    /// Longest query of the launch's requests (prefill grid).
+    pub max_query_len: i32,
+    /// Split-KV partitions (decode).
+    pub num_splits: i32,
+    /// 1 = bottom-right causal.
+    pub causal: i32,
+    /// -1 = unlimited.
+    pub window_left: i32,
+    /// -1 = unlimited.
+    pub window_right: i32,
+    /// Softmax scale.
+    pub scale: f32,
+    /// 0 = off.
+    pub softcap: f32,
+    /// 0 = f16, 1 = bf16.
+    pub dtype: i32,
 }

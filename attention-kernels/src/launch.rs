@@ -29,14 +29,19 @@ pub struct KvWriteDims {
 
 const KV_WRITE: &str = "kv_cache_write";
 
-fn check_len(kernel: &'static str, buffer: &'static str, actual: usize, required: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    kernel: &'static str,
+    buffer: &'static str,
+    actual: usize,
+    required: usize,
+) -> Result<(), KernelError> {
     if actual < required {
         return Err(KernelError::BufferTooSmall { kernel, buffer, required, actual });
     }
     Ok(())
 }
 
-fn same_context(
+pub(crate) fn same_context(
     kernel: &'static str,
     buffer: &'static str,
     stream: &CudaStream,
@@ -51,7 +56,7 @@ fn same_context(
     Ok(())
 }
 
-fn status_to_result(kernel: &'static str, status: ffi::CudaStatus) -> Result<(), KernelError> {
+pub(crate) fn status_to_result(kernel: &'static str, status: ffi::CudaStatus) -> Result<(), KernelError> {
     if status == 0 {
         return Ok(());
     }
@@ -61,7 +66,7 @@ fn status_to_result(kernel: &'static str, status: ffi::CudaStatus) -> Result<(),
     Err(KernelError::Cuda { kernel, code: status, message })
 }
 
-fn to_i64(kernel: &'static str, name: &str, v: usize) -> Result<i64, KernelError> {
+pub(crate) fn to_i64(kernel: &'static str, name: &str, v: usize) -> Result<i64, KernelError> {
     i64::try_from(v).map_err(|_| KernelError::InvalidArgument { kernel, what: format!("{name} = {v} exceeds i64") })
 }
 

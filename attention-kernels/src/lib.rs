@@ -6,7 +6,7 @@
 //!
 //! # Features
 //! - `cuda` (off by default): compile the kernels with nvcc for sm_80 and sm_90a and expose
-//!   [`launch`]. Needs nvcc at build time (`cargo xtask setup-cuda` installs a pinned one) and a GPU
+//!   `launch`. Needs nvcc at build time (`cargo xtask setup-cuda` installs a pinned one) and a GPU
 //!   with its driver at run time. Without it the crate holds only the element types, so CPU users
 //!   and documentation builds need no CUDA toolkit.
 //!
@@ -17,12 +17,16 @@
 //! assert_eq!(DType::BF16.size_in_bytes(), 2);
 //! ```
 
+#![deny(missing_docs)]
+
 mod dtype;
 mod error;
 
 pub use dtype::{DType, DeviceElement, Element};
 pub use error::KernelError;
 
+#[cfg(feature = "cuda")]
+pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]

@@ -6,5 +6,6 @@
 //! compute-sanitizer (memcheck, racecheck): every kernel, dtype, head size, block size and feature
 //! at least once, plus the longest case.
 
+mod attention;
 mod cache_write;
 mod common;

@@ -1,0 +1,260 @@
+//! Paged attention on the GPU: the split-KV decode kernel for the batch's single-token decodes,
+//! the tensor-core varlen kernel for everything else, both enqueued on the device's stream.
+
+use attention_kernels::attention::{
+    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, MAX_FEATURE_HEADS,
+    SUPPORTED_HEAD_SIZES,
+};
+use attention_kernels::{DType, Element};
+use cudarc::driver::CudaSlice;
+
+use super::{driver_error, kernel_error, kv_cache_update, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
+use crate::error::{AttentionError, Result};
+use crate::params::AttentionParams;
+use crate::validate::{self, TensorSpec};
+
+const BACKEND: &str = "cuda";
+
+/// Scratch memory of the attention kernels (split-KV partial outputs), reused across calls and
+/// layers. It grows when a call needs more and never shrinks; a call that fits allocates nothing.
+#[derive(Debug, Default)]
+pub struct AttentionWorkspace {
+    partial: Option<CudaSlice<f32>>,
+}
+
+impl AttentionWorkspace {
+    /// An empty workspace; the first call that needs scratch memory allocates it.
+    pub fn new() -> Self {
+        AttentionWorkspace { partial: None }
+    }
+
+    /// A workspace with room for `floats` partial values already allocated (to keep allocation out
+    /// of the first step, or out of CUDA-graph capture).
+    ///
+    /// # Errors
+    /// [`AttentionError::Cuda`] when the allocation fails.
+    pub fn with_capacity(dev: &CudaDevice, floats: usize) -> Result<Self> {
+        let mut ws = AttentionWorkspace::new();
+        ws.reserve(dev, floats)?;
+        Ok(ws)
+    }
+
+    /// Floats currently allocated.
+    pub fn capacity(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// Makes room for at least `floats` values.
+    ///
+    /// # Errors
+    /// [`AttentionError::Cuda`] when the allocation fails.
+    pub fn reserve(&mut self, dev: &CudaDevice, floats: usize) -> Result<()> {
+        if floats == 0 || self.capacity() >= floats {
+            return Ok(());
+        }
+        // Grow geometrically so that a slowly growing batch reallocates rarely.
+        let n = floats.max(self.capacity().saturating_mul(3) / 2);
+        self.partial = None;
+        let buf = dev.stream().alloc_zeros::<f32>(n).map_err(|e| driver_error("AttentionWorkspace::reserve", e))?;
+        self.partial = Some(buf);
+        Ok(())
+    }
+}
+
+/// The checks shared by [`paged_attention`] and [`forward`], run before any work.
+fn check<T: Element>(
+    op: &'static str,
+    query: &DeviceTensor<T>,
+    cache: &CudaKvCache<T>,
+    meta: &DeviceMetadata,
+    params: &AttentionParams,
+    out: &DeviceTensor<T>,
+    lse: Option<&DeviceTensor<f32>>,
+) -> Result<()> {
+    validate::paged_attention(
+        op,
+        params,
+        cache.layout(),
+        T::DTYPE,
+        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        lse.map(|l| l.shape()),
+        &meta.host,
+    )?;
+    if T::DTYPE == DType::F32 {
+        return Err(AttentionError::Unsupported {
+            op,
+            backend: BACKEND,
+            what: "f32 storage (the CUDA kernels take f16 and bf16; f32 runs on the CPU backend)".into(),
+        });
+    }
+    if !SUPPORTED_HEAD_SIZES.contains(&params.head_size) {
+        return Err(AttentionError::UnsupportedHeadSize {
+            op,
+            backend: BACKEND,
+            head_size: params.head_size,
+            supported: "64, 80, 96, 112, 128, 192, 256",
+        });
+    }
+    if (params.alibi_slopes.is_some() || params.sinks.is_some()) && params.num_heads > MAX_FEATURE_HEADS {
+        return Err(AttentionError::Unsupported {
+            op,
+            backend: BACKEND,
+            what: format!("ALiBi slopes or sinks with more than {MAX_FEATURE_HEADS} query heads"),
+        });
+    }
+    Ok(())
+}
+
+/// Attention of the batch described by `meta` over the paged `cache`, written to `out`
+/// (`[num_tokens, num_heads, head_size]`, rows of padding tokens untouched) and, when given, the
+/// natural-log sum-exp of each row to `lse` (`[num_tokens, num_heads]`). Enqueued on the device's
+/// stream; no host synchronisation, no allocation unless `workspace` must grow.
+///
+/// Semantics: [`AttentionParams`]. Single-token decodes at the front of the batch run on the
+/// split-KV decode kernel, everything else on the tensor-core varlen kernel (see
+/// [`DeviceMetadata::split_plan`]).
+///
+/// # Errors
+/// The errors of [`validate::paged_attention`]; [`AttentionError::Unsupported`] for f32 storage or
+/// ALiBi/sinks with more than 256 heads; [`AttentionError::UnsupportedHeadSize`];
+/// [`AttentionError::Cuda`] when a launch fails. Nothing is launched when an error is returned
+/// before the first launch.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention<T: Element>(
+    dev: &CudaDevice,
+    query: &DeviceTensor<T>,
+    cache: &CudaKvCache<T>,
+    meta: &DeviceMetadata,
+    params: &AttentionParams,
+    out: &mut DeviceTensor<T>,
+    lse: Option<&mut DeviceTensor<f32>>,
+    workspace: &mut AttentionWorkspace,
+) -> Result<()> {
+    const OP: &str = "paged_attention";
+    let _span = tracing::debug_span!("paged_attention", backend = "cuda", reqs = meta.host.num_reqs()).entered();
+    check(OP, query, cache, meta, params, out, lse.as_deref())?;
+    launch(dev, query, cache, meta, params, out, lse, workspace)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch<T: Element>(
+    dev: &CudaDevice,
+    query: &DeviceTensor<T>,
+    cache: &CudaKvCache<T>,
+    meta: &DeviceMetadata,
+    params: &AttentionParams,
+    out: &mut DeviceTensor<T>,
+    mut lse: Option<&mut DeviceTensor<f32>>,
+    workspace: &mut AttentionWorkspace,
+) -> Result<()> {
+    const OP: &str = "paged_attention";
+    let layout = *cache.layout();
+    let host = &meta.host;
+    let num_reqs = host.num_reqs();
+    if num_reqs == 0 {
+        return Ok(());
+    }
+    let plan = meta.split_plan(params.num_heads, params.num_kv_heads, params.head_size);
+    workspace.reserve(dev, plan.workspace_len)?;
+    let features = AttentionFeatures {
+        scale: params.scale,
+        causal: params.causal,
+        window_left: params.window_left,
+        window_right: params.window_right,
+        softcap: params.softcap,
+        alibi_slopes: params.alibi_slopes.as_deref(),
+        sinks: params.sinks.as_deref(),
+    };
+    let dims = |req_begin: usize, req_end: usize| AttentionDims {
+        num_tokens: host.num_tokens(),
+        num_heads: params.num_heads,
+        num_kv_heads: params.num_kv_heads,
+        head_size: params.head_size,
+        num_blocks: layout.num_blocks,
+        block_size: layout.block_size,
+        num_reqs,
+        max_blocks_per_req: host.block_table.max_blocks_per_req(),
+        req_begin,
+        req_end,
+    };
+    if plan.decode_reqs > 0 {
+        let bufs = AttentionBuffers {
+            query: query.buffer(),
+            key_cache: cache.key_buffer(),
+            value_cache: cache.value_buffer(),
+            query_start_loc: meta.query_start_loc(),
+            seq_lens: meta.seq_lens(),
+            block_table: meta.block_table(),
+            out: out.buffer_mut(),
+            lse: lse.as_mut().map(|l| l.buffer_mut()),
+            workspace: workspace.partial.as_mut(),
+        };
+        kernels::paged_attention(
+            dev.stream(),
+            AttentionKernel::Decode { num_splits: plan.num_splits },
+            &dims(0, plan.decode_reqs),
+            &features,
+            bufs,
+        )
+        .map_err(|e| kernel_error(OP, e))?;
+    }
+    if plan.decode_reqs < num_reqs {
+        let bufs = AttentionBuffers {
+            query: query.buffer(),
+            key_cache: cache.key_buffer(),
+            value_cache: cache.value_buffer(),
+            query_start_loc: meta.query_start_loc(),
+            seq_lens: meta.seq_lens(),
+            block_table: meta.block_table(),
+            out: out.buffer_mut(),
+            lse: lse.as_mut().map(|l| l.buffer_mut()),
+            workspace: None,
+        };
+        kernels::paged_attention(
+            dev.stream(),
+            AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len },
+            &dims(plan.decode_reqs, num_reqs),
+            &features,
+            bufs,
+        )
+        .map_err(|e| kernel_error(OP, e))?;
+    }
+    Ok(())
+}
+
+/// One attention layer's work for a step: writes the step's `key` / `value`
+/// (`[num_tokens, num_kv_heads, head_size]`) into `cache` at `meta`'s slot mapping
+/// ([`kv_cache_update`]), then runs [`paged_attention`] over the updated cache. Everything is
+/// enqueued on the device's stream; nothing synchronises. All arguments are checked before the
+/// cache is written.
+///
+/// # Errors
+/// As [`paged_attention`] and [`kv_cache_update`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Element>(
+    dev: &CudaDevice,
+    query: &DeviceTensor<T>,
+    key: &DeviceTensor<T>,
+    value: &DeviceTensor<T>,
+    cache: &mut CudaKvCache<T>,
+    meta: &DeviceMetadata,
+    params: &AttentionParams,
+    out: &mut DeviceTensor<T>,
+    lse: Option<&mut DeviceTensor<f32>>,
+    workspace: &mut AttentionWorkspace,
+) -> Result<()> {
+    const OP: &str = "forward";
+    let _span = tracing::debug_span!("forward", backend = "cuda", reqs = meta.host.num_reqs()).entered();
+    check(OP, query, cache, meta, params, out, lse.as_deref())?;
+    validate::kv_cache_update(
+        OP,
+        cache.layout(),
+        T::DTYPE,
+        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
+        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
+        meta.slot_mapping().host(),
+    )?;
+    kv_cache_update(dev, key, value, cache, meta.slot_mapping())?;
+    launch(dev, query, cache, meta, params, out, lse, workspace)
+}

@@ -1,0 +1,145 @@
+//! One step's attention metadata on the device, uploaded once and shared by every layer.
+
+use attention_kernels::attention::{decode_max_group, decode_tile_keys, decode_workspace_len};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::CudaSlice;
+
+use super::{driver_error, CudaDevice, DeviceSlotMapping};
+use crate::error::Result;
+use crate::metadata::AttentionMetadata;
+
+/// How one attention call splits the batch between the two kernels, decided on the host from the
+/// batch shape alone (so a CUDA graph captured for a shape replays the same launches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Requests `0..decode_reqs` run on the split-KV decode kernel (single-token decodes).
+    pub decode_reqs: usize,
+    /// Partitions of each decode request's keys (1 = no combine step).
+    pub num_splits: usize,
+    /// Longest query among requests `decode_reqs..num_reqs` (they run on the prefill kernel).
+    pub prefill_max_query_len: usize,
+    /// Floats of workspace the decode partials need.
+    pub workspace_len: usize,
+}
+
+/// A step's [`AttentionMetadata`] in device memory: `query_start_loc`, `seq_lens`, the block table
+/// (all `i32`) and the slot mapping (`i64`, as a [`DeviceSlotMapping`]), plus the host copy and the
+/// host-side facts the split plan needs.
+///
+/// Upload it once per step with [`DeviceMetadata::upload`] and pass it to every layer's
+/// [`super::forward`] / [`super::paged_attention`]. The metadata is checked against itself at
+/// upload ([`AttentionMetadata::check`]); each call checks it against that layer's cache.
+#[derive(Debug)]
+pub struct DeviceMetadata {
+    pub(crate) host: AttentionMetadata,
+    query_start_loc: CudaSlice<i32>,
+    seq_lens: CudaSlice<i32>,
+    block_table: CudaSlice<i32>,
+    slot_mapping: DeviceSlotMapping,
+    num_sms: usize,
+    /// Leading requests with exactly one query token.
+    single_token_decodes: usize,
+    /// Longest sequence among those.
+    decode_max_seq_len: usize,
+    /// Longest query after them.
+    rest_max_query_len: usize,
+}
+
+fn upload_i32(dev: &CudaDevice, data: &[i32]) -> Result<CudaSlice<i32>> {
+    let r = if data.is_empty() { dev.stream().alloc_zeros::<i32>(1) } else { dev.stream().clone_htod(data) };
+    r.map_err(|e| driver_error("DeviceMetadata::upload", e))
+}
+
+impl DeviceMetadata {
+    /// Checks `meta` against itself and copies its arrays to the device (asynchronously, on the
+    /// device's stream).
+    ///
+    /// # Errors
+    /// [`crate::AttentionError::InvalidMetadata`] from [`AttentionMetadata::check`];
+    /// [`crate::AttentionError::Cuda`] on a driver failure.
+    pub fn upload(dev: &CudaDevice, meta: &AttentionMetadata) -> Result<Self> {
+        meta.check()?;
+        let num_sms = dev
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_error("DeviceMetadata::upload", e))?
+            .max(1) as usize;
+        let single_token_decodes = (0..meta.num_decodes).take_while(|&r| meta.query_len(r) == 1).count();
+        let decode_max_seq_len =
+            meta.seq_lens[..single_token_decodes].iter().copied().max().unwrap_or(0).max(0) as usize;
+        let rest_max_query_len = (single_token_decodes..meta.num_reqs()).map(|r| meta.query_len(r)).max().unwrap_or(0);
+        Ok(DeviceMetadata {
+            query_start_loc: upload_i32(dev, &meta.query_start_loc)?,
+            seq_lens: upload_i32(dev, &meta.seq_lens)?,
+            block_table: upload_i32(dev, meta.block_table.as_slice())?,
+            slot_mapping: DeviceSlotMapping::upload(dev, &meta.slot_mapping)?,
+            host: meta.clone(),
+            num_sms,
+            single_token_decodes,
+            decode_max_seq_len,
+            rest_max_query_len,
+        })
+    }
+
+    /// The host copy.
+    pub fn host(&self) -> &AttentionMetadata {
+        &self.host
+    }
+
+    /// The slot mapping on the device (for [`super::kv_cache_update`]).
+    pub fn slot_mapping(&self) -> &DeviceSlotMapping {
+        &self.slot_mapping
+    }
+
+    /// `[num_reqs + 1]` on the device (at least one element).
+    pub fn query_start_loc(&self) -> &CudaSlice<i32> {
+        &self.query_start_loc
+    }
+
+    /// `[num_reqs]` on the device (at least one element).
+    pub fn seq_lens(&self) -> &CudaSlice<i32> {
+        &self.seq_lens
+    }
+
+    /// `[num_reqs, max_blocks_per_req]` on the device (at least one element).
+    pub fn block_table(&self) -> &CudaSlice<i32> {
+        &self.block_table
+    }
+
+    /// Streaming multiprocessors of the device it was uploaded to.
+    pub fn num_sms(&self) -> usize {
+        self.num_sms
+    }
+
+    /// The launch plan for a layer with these heads.
+    ///
+    /// Single-token decodes at the front of the batch go to the split-KV kernel when it supports
+    /// the head size and GQA group; the split count is the smallest that gives about eight blocks
+    /// per SM (`num_decodes * num_kv_heads * splits`), with at least four key tiles per split and
+    /// at most 64 splits. Everything else goes to the prefill kernel.
+    pub fn split_plan(&self, num_heads: usize, num_kv_heads: usize, head_size: usize) -> SplitPlan {
+        let group = num_heads / num_kv_heads.max(1);
+        let decode_ok = group >= 1 && group <= decode_max_group(head_size);
+        let num_reqs = self.host.num_reqs();
+        if !decode_ok || self.single_token_decodes == 0 {
+            return SplitPlan {
+                decode_reqs: 0,
+                num_splits: 1,
+                prefill_max_query_len: self.host.max_query_len,
+                workspace_len: 0,
+            };
+        }
+        let n = self.single_token_decodes;
+        let blocks = n * num_kv_heads.max(1);
+        let wanted = (self.num_sms * 8).div_ceil(blocks);
+        let tile = decode_tile_keys(head_size).max(1);
+        let useful = self.decode_max_seq_len.div_ceil(tile * 4).max(1);
+        let num_splits = wanted.clamp(1, useful.min(64));
+        SplitPlan {
+            decode_reqs: n,
+            num_splits,
+            prefill_max_query_len: if n < num_reqs { self.rest_max_query_len } else { 0 },
+            workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+// Shared pieces of the paged attention kernels: the argument block, element conversions,
+// cp.async / ldmatrix / mma.sync wrappers, the score transform and the final normalisation.
+//
+// Semantics (attention-backend's params.rs): for request r with q_len new tokens and seq_len keys,
+// query row i sits at position p = seq_len - q_len + i; key j gets
+//   s = scale * <q, k_j>;  s = cap * tanh(s / cap) (soft-cap);  s -= slope * |p - j| (ALiBi)
+// and is visible iff j < seq_len, j <= p (causal), j <= p + window_right, j >= p - window_left.
+// The softmax denominator also holds exp(sink) when sinks are on. A row that sees nothing is 0
+// with lse = -inf (or lse = sink with sinks).
+//
+// All softmax state is kept in the log2 domain (scores multiplied by log2(e)) so exp2f serves.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/check.cuh"
+
+namespace pa {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Per-head feature vectors (ALiBi slopes, sinks) travel by value in the kernel parameters.
+constexpr int kMaxFeatureHeads = 256;
+
+}  // namespace pa
+
+// The argument block of both launchers; mirrored by `PaAttnArgs` in src/ffi.rs (repr(C)).
+// Pointers first, then 64-bit, then 32-bit fields, so the C and Rust layouts agree trivially.
+struct PaAttnArgs {
+  const void* query;               // [num_tokens, num_heads, head_size]
+  const void* key_cache;           // [num_blocks, block_size, num_kv_heads, head_size]
+  const void* value_cache;         // same
+  void* out;                       // [num_tokens, num_heads, head_size]
+  float* lse;                      // [num_tokens, num_heads] or null
+  const int32_t* query_start_loc;  // [num_reqs + 1]
+  const int32_t* seq_lens;         // [num_reqs]
+  const int32_t* block_table;      // [num_reqs, max_blocks_per_req]
+  const float* alibi_slopes;       // HOST pointer, [num_heads], or null
+  const float* sinks;              // HOST pointer, [num_heads], or null
+  float* workspace;                // split-KV partials (decode), or null
+  int64_t workspace_len;           // elements of `workspace`
+  int64_t num_tokens;              // rows of query / out / lse
+  int64_t num_blocks;              // blocks of each cache
+  int32_t num_reqs;                // rows of seq_lens / block_table
+  int32_t req_begin;               // first request of this launch
+  int32_t req_end;                 // one past the last
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t head_size;
+  int32_t block_size;
+  int32_t max_blocks_per_req;
+  int32_t max_query_len;  // longest query of [req_begin, req_end) (prefill grid)
+  int32_t num_splits;     // split-KV partitions (decode)
+  int32_t causal;
+  int32_t window_left;   // -1 = unlimited
+  int32_t window_right;  // -1 = unlimited
+  float scale;
+  float softcap;  // 0 = off
+  int32_t dtype;  // 0 = f16, 1 = bf16
+};
+
+namespace pa {
+
+// What the kernels read: the argument block with device pointers and the per-head vectors inlined.
+struct KernelParams {
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  void* out;
+  float* lse;
+  const int32_t* qsl;
+  const int32_t* seq_lens;
+  const int32_t* block_table;
+  float* workspace;
+  int64_t num_tokens;
+  int64_t num_blocks;
+  int32_t req_begin;
+  int32_t num_launch_reqs;
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t block_size;
+  int32_t max_blocks_per_req;
+  int32_t num_splits;
+  int32_t causal;
+  int32_t window_left;
+  int32_t window_right;
+  int32_t has_alibi;
+  int32_t has_sinks;
+  float scale;
+  float softcap;
+  float alibi[kMaxFeatureHeads];
+  float sinks[kMaxFeatureHeads];  // already multiplied by log2(e)
+};
+
+// Host side: builds KernelParams; false when the arguments cannot be honoured.
+inline bool make_kernel_params(const PaAttnArgs& a, KernelParams& k) {
+  if ((a.alibi_slopes || a.sinks) && a.num_heads > kMaxFeatureHeads) return false;
+  k.query = a.query;
+  k.key_cache = a.key_cache;
+  k.value_cache = a.value_cache;
+  k.out = a.out;
+  k.lse = a.lse;
+  k.qsl = a.query_start_loc;
+  k.seq_lens = a.seq_lens;
+  k.block_table = a.block_table;
+  k.workspace = a.workspace;
+  k.num_tokens = a.num_tokens;
+  k.num_blocks = a.num_blocks;
+  k.req_begin = a.req_begin;
+  k.num_launch_reqs = a.req_end - a.req_begin;
+  k.num_heads = a.num_heads;
+  k.num_kv_heads = a.num_kv_heads;
+  k.block_size = a.block_size;
+  k.max_blocks_per_req = a.max_blocks_per_req;
+  k.num_splits = a.num_splits;
+  k.causal = a.causal;
+  k.window_left = a.window_left;
+  k.window_right = a.window_right;
+  k.has_alibi = a.alibi_slopes != nullptr;
+  k.has_sinks = a.sinks != nullptr;
+  k.scale = a.scale;
+  k.softcap = a.softcap;
+  for (int h = 0; h < kMaxFeatureHeads; ++h) {
+    const bool in = h < a.num_heads;
+    k.alibi[h] = (a.alibi_slopes && in) ? a.alibi_slopes[h] : 0.f;
+    k.sinks[h] = (a.sinks && in) ? a.sinks[h] * kLog2e : -INFINITY;
+  }
+  return true;
+}
+
+// ---- element conversions -------------------------------------------------------------------
+
+template <typename T> struct Elem;
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t u) {
+    __half2 h = *reinterpret_cast<__half2*>(&u);
+    return __half22float2(h);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t u) {
+    // bf16 -> f32 is a shift: exact and cheaper than the conversion instruction.
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
+  float2 a = Elem<T>::to_float2(v.x), b = Elem<T>::to_float2(v.y);
+  float2 c = Elem<T>::to_float2(v.z), d = Elem<T>::to_float2(v.w);
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+  f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+// ---- async copies, ldmatrix, mma -----------------------------------------------------------
+
+// 16-byte global -> shared copy; when !pred the destination is zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---- scores, masks, normalisation ------------------------------------------------------------
+
+// Scaled (soft-capped, ALiBi-biased) score of a raw dot product, in the log2 domain.
+__device__ __forceinline__ float score_log2(float dot, const KernelParams& p, float slope, int pos,
+                                            int key) {
+  float s = dot * p.scale;
+  if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+  if (p.has_alibi) s -= slope * fabsf(static_cast<float>(pos - key));
+  return s * kLog2e;
+}
+
+__device__ __forceinline__ bool key_visible(int pos, int key, int seq_len, const KernelParams& p) {
+  if (key < 0 || key >= seq_len) return false;
+  if (p.causal && key > pos) return false;
+  if (p.window_right >= 0 && key > pos + p.window_right) return false;
+  if (p.window_left >= 0 && key < pos - p.window_left) return false;
+  return true;
+}
+
+// Keys [lo, hi] that some row with position in [p_first, p_last] may see (hi < lo: none).
+__device__ __forceinline__ void key_range(int p_first, int p_last, int seq_len, const KernelParams& p,
+                                          int& lo, int& hi) {
+  lo = 0;
+  hi = seq_len - 1;
+  if (p.causal) hi = min(hi, p_last);
+  if (p.window_right >= 0) hi = min(hi, p_last + p.window_right);
+  if (p.window_left >= 0) lo = max(lo, p_first - p.window_left);
+}
+
+struct Finalised {
+  float out_scale;  // multiply the unnormalised accumulator by this
+  float lse;        // natural log of the softmax denominator
+};
+
+// m2: running max (log2 domain), l: sum of exp2(s - m2), sink2: sink * log2(e) or -inf.
+__device__ __forceinline__ Finalised finalise(float m2, float l, float sink2) {
+  const float M = fmaxf(m2, sink2);
+  if (M == -INFINITY) return {0.f, -INFINITY};
+  const float sc = exp2f(m2 - M);  // 0 when m2 = -inf
+  const float denom = l * sc + exp2f(sink2 - M);
+  return {sc / denom, (M + log2f(denom)) * kLn2};
+}
+
+// Reads a device-side metadata value with clamping, so that inconsistent device data can never
+// make a kernel touch memory outside the buffers the launcher checked.
+__device__ __forceinline__ int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+__device__ __forceinline__ int64_t page_of(const KernelParams& p, int req, int key) {
+  const int idx = key / p.block_size;
+  int b = (idx < p.max_blocks_per_req) ? p.block_table[static_cast<int64_t>(req) * p.max_blocks_per_req + idx] : 0;
+  if (b < 0 || b >= p.num_blocks) b = 0;
+  return b;
+}
+
+// Row offset (in elements) of (key, kv head) in the NHD cache, given its page.
+__device__ __forceinline__ int64_t cache_row(const KernelParams& p, int64_t page, int key, int kvh,
+                                             int head_size) {
+  return ((page * p.block_size + key % p.block_size) * p.num_kv_heads + kvh) * static_cast<int64_t>(head_size);
+}
+
+// 2^x on the special-function unit (relative error ~2^-22; 2^-inf = 0, flushes denormals).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Dispatch over the supported head sizes; F is called with an integral_constant-like tag.
+template <int D> struct HeadDim { static constexpr int value = D; };
+
+template <typename F> inline cudaError_t dispatch_head_size(int head_size, F&& f) {
+  switch (head_size) {
+    case 64: return f(HeadDim<64>{});
+    case 80: return f(HeadDim<80>{});
+    case 96: return f(HeadDim<96>{});
+    case 112: return f(HeadDim<112>{});
+    case 128: return f(HeadDim<128>{});
+    case 192: return f(HeadDim<192>{});
+    case 256: return f(HeadDim<256>{});
+    default: return cudaErrorNotSupported;
+  }
+}
+
+inline bool head_size_supported(int head_size) {
+  return head_size == 64 || head_size == 80 || head_size == 96 || head_size == 112 || head_size == 128 ||
+         head_size == 192 || head_size == 256;
+}
+
+// Common host-side checks of an argument block.
+inline cudaError_t check_args(const PaAttnArgs& a) {
+  if (!head_size_supported(a.head_size)) return cudaErrorNotSupported;
+  if (a.dtype != 0 && a.dtype != 1) return cudaErrorNotSupported;
+  if (a.num_heads <= 0 || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0) return cudaErrorInvalidValue;
+  if (a.block_size <= 0 || a.max_blocks_per_req < 0 || a.num_blocks <= 0) return cudaErrorInvalidValue;
+  if (a.req_begin < 0 || a.req_end < a.req_begin || a.req_end > a.num_reqs) return cudaErrorInvalidValue;
+  if (a.num_heads > 65535) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+}  // namespace pa

@@ -1,0 +1,346 @@
+//! Safe launchers of the paged attention kernels (split-KV decode, tensor-core prefill).
+//!
+//! Like [`crate::launch`], each launcher checks what memory safety depends on (every buffer long
+//! enough for the dimensions, every buffer on the stream's context, the element type one the
+//! kernels are compiled for) and then makes its one `unsafe` call. The kernels clamp every value
+//! they read from the device-side metadata (query offsets, sequence lengths, block ids), so
+//! inconsistent metadata can give a wrong answer but never an access outside these buffers; the
+//! semantic checks that rule out wrong answers live in `attention-backend` and run first.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::ffi;
+use crate::launch::{check_len, same_context, status_to_result, to_i64};
+use crate::{DType, Element, KernelError};
+
+/// Head sizes both attention kernels are compiled for.
+pub const SUPPORTED_HEAD_SIZES: [usize; 7] = [64, 80, 96, 112, 128, 192, 256];
+
+/// Most query heads for which ALiBi slopes or sinks can be passed (they travel by value in the
+/// kernel parameters).
+pub const MAX_FEATURE_HEADS: usize = 256;
+
+/// Which kernel to launch over a range of requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Split-KV decode: every request of the range has exactly one query token. With
+    /// `num_splits > 1` a combine kernel follows and the workspace must hold
+    /// [`decode_workspace_len`] floats.
+    Decode {
+        /// Partitions of each request's keys.
+        num_splits: usize,
+    },
+    /// Tensor-core varlen attention for requests of any query length.
+    Prefill {
+        /// At least the longest query of the range (it sizes the grid).
+        max_query_len: usize,
+    },
+}
+
+/// The dimensions of one attention launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Rows of query / out / lse (padding included).
+    pub num_tokens: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (divides `num_heads`).
+    pub num_kv_heads: usize,
+    /// Elements per head (one of [`SUPPORTED_HEAD_SIZES`]).
+    pub head_size: usize,
+    /// Blocks of each cache.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Requests of the batch (rows of `seq_lens` and of the block table).
+    pub num_reqs: usize,
+    /// Columns of the block table.
+    pub max_blocks_per_req: usize,
+    /// First request this launch computes.
+    pub req_begin: usize,
+    /// One past the last request this launch computes.
+    pub req_end: usize,
+}
+
+/// The attention variant, with host-side per-head vectors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionFeatures<'a> {
+    /// Softmax scale.
+    pub scale: f32,
+    /// Bottom-right causal mask.
+    pub causal: bool,
+    /// Keys visible left of the query position (`None` = unlimited).
+    pub window_left: Option<usize>,
+    /// Keys visible right of the query position (`None` = unlimited).
+    pub window_right: Option<usize>,
+    /// Logit soft-cap (`None` = off).
+    pub softcap: Option<f32>,
+    /// ALiBi slope per query head.
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// Sink logit per query head.
+    pub sinks: Option<&'a [f32]>,
+}
+
+/// The device buffers of one attention launch.
+#[derive(Debug)]
+pub struct AttentionBuffers<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]`.
+    pub query: &'a CudaSlice<T>,
+    /// `[num_blocks, block_size, num_kv_heads, head_size]`.
+    pub key_cache: &'a CudaSlice<T>,
+    /// Same shape as `key_cache`.
+    pub value_cache: &'a CudaSlice<T>,
+    /// `[num_reqs + 1]` cumulative query lengths.
+    pub query_start_loc: &'a CudaSlice<i32>,
+    /// `[num_reqs]`.
+    pub seq_lens: &'a CudaSlice<i32>,
+    /// `[num_reqs, max_blocks_per_req]`.
+    pub block_table: &'a CudaSlice<i32>,
+    /// `[num_tokens, num_heads, head_size]`; only rows of the launch's requests are written.
+    pub out: &'a mut CudaSlice<T>,
+    /// `[num_tokens, num_heads]` natural-log sum-exp, or `None`.
+    pub lse: Option<&'a mut CudaSlice<f32>>,
+    /// Split-KV partials (decode with more than one split).
+    pub workspace: Option<&'a mut CudaSlice<f32>>,
+}
+
+const DECODE: &str = "paged_decode";
+const PREFILL: &str = "paged_prefill";
+
+/// Floats of workspace the decode kernel needs for `num_reqs` requests split `num_splits` ways.
+pub fn decode_workspace_len(num_splits: usize, num_reqs: usize, num_heads: usize, head_size: usize) -> usize {
+    if num_splits <= 1 {
+        return 0;
+    }
+    num_splits.saturating_mul(num_reqs).saturating_mul(num_heads).saturating_mul(head_size + 2)
+}
+
+/// Largest GQA group (`num_heads / num_kv_heads`) the decode kernel takes for `head_size`
+/// (0 when the head size is not supported).
+pub fn decode_max_group(head_size: usize) -> usize {
+    let Ok(h) = i32::try_from(head_size) else { return 0 };
+    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
+    let g = unsafe { ffi::pa_paged_decode_max_group(h) };
+    g.max(0) as usize
+}
+
+/// Keys per tile of the decode kernel (the granularity of its splits); 0 when unsupported.
+pub fn decode_tile_keys(head_size: usize) -> usize {
+    let Ok(h) = i32::try_from(head_size) else { return 0 };
+    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
+    let k = unsafe { ffi::pa_paged_decode_tile_keys(h) };
+    k.max(0) as usize
+}
+
+fn invalid(kernel: &'static str, what: String) -> KernelError {
+    KernelError::InvalidArgument { kernel, what }
+}
+
+fn to_i32(kernel: &'static str, name: &str, v: usize) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| invalid(kernel, format!("{name} = {v} exceeds i32")))
+}
+
+fn window(kernel: &'static str, name: &str, w: Option<usize>) -> Result<i32, KernelError> {
+    match w {
+        None => Ok(-1),
+        // Any window of 2^30 or more covers every sequence the kernels index with i32.
+        Some(w) => to_i32(kernel, name, w.min(1 << 30)),
+    }
+}
+
+/// Launches one paged attention kernel over requests `dims.req_begin..dims.req_end` on `stream`,
+/// without synchronising.
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] for an element type other than f16/bf16, an unsupported head
+/// size, inconsistent dimensions, per-head vectors of the wrong length, or a buffer on another
+/// context; [`KernelError::BufferTooSmall`] when a buffer is shorter than `dims` require;
+/// [`KernelError::Cuda`] when the runtime rejects the launch.
+pub fn paged_attention<T: Element>(
+    stream: &CudaStream,
+    kernel: AttentionKernel,
+    dims: &AttentionDims,
+    features: &AttentionFeatures<'_>,
+    bufs: AttentionBuffers<'_, T>,
+) -> Result<(), KernelError> {
+    let name = match kernel {
+        AttentionKernel::Decode { .. } => DECODE,
+        AttentionKernel::Prefill { .. } => PREFILL,
+    };
+    let dtype = match T::DTYPE {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        other => return Err(invalid(name, format!("element type {other} is not supported on the GPU"))),
+    };
+    let d = *dims;
+    if !SUPPORTED_HEAD_SIZES.contains(&d.head_size) {
+        return Err(invalid(name, format!("head size {} is not supported", d.head_size)));
+    }
+    if d.num_heads == 0 || d.num_kv_heads == 0 || d.num_heads % d.num_kv_heads != 0 {
+        return Err(invalid(
+            name,
+            format!("num_heads {} must be a positive multiple of num_kv_heads {}", d.num_heads, d.num_kv_heads),
+        ));
+    }
+    if d.block_size == 0 || d.num_blocks == 0 {
+        return Err(invalid(name, "block_size and num_blocks must be positive".into()));
+    }
+    if d.req_begin > d.req_end || d.req_end > d.num_reqs {
+        return Err(invalid(name, format!("request range {}..{} outside 0..{}", d.req_begin, d.req_end, d.num_reqs)));
+    }
+    let overflow = || invalid(name, "dimensions overflow".into());
+    let span = d.max_blocks_per_req.checked_mul(d.block_size).ok_or_else(overflow)?;
+    to_i32(name, "max_blocks_per_req * block_size", span)?;
+    to_i32(name, "num_tokens", d.num_tokens)?;
+    let rows = d.num_tokens.checked_mul(d.num_heads).ok_or_else(overflow)?;
+    let q_elems = rows.checked_mul(d.head_size).ok_or_else(overflow)?;
+    let cache_elems = d
+        .num_blocks
+        .checked_mul(d.block_size)
+        .and_then(|x| x.checked_mul(d.num_kv_heads))
+        .and_then(|x| x.checked_mul(d.head_size))
+        .ok_or_else(overflow)?;
+    check_len(name, "query", bufs.query.len(), q_elems)?;
+    check_len(name, "out", bufs.out.len(), q_elems)?;
+    check_len(name, "key_cache", bufs.key_cache.len(), cache_elems)?;
+    check_len(name, "value_cache", bufs.value_cache.len(), cache_elems)?;
+    check_len(name, "query_start_loc", bufs.query_start_loc.len(), d.num_reqs + 1)?;
+    check_len(name, "seq_lens", bufs.seq_lens.len(), d.num_reqs)?;
+    let table = d.num_reqs.checked_mul(d.max_blocks_per_req).ok_or_else(overflow)?;
+    check_len(name, "block_table", bufs.block_table.len(), table)?;
+    if let Some(lse) = &bufs.lse {
+        check_len(name, "lse", lse.len(), rows)?;
+    }
+    for (vec_name, v) in [("alibi_slopes", features.alibi_slopes), ("sinks", features.sinks)] {
+        if let Some(v) = v {
+            if v.len() != d.num_heads {
+                return Err(invalid(name, format!("{vec_name} has {} entries for {} heads", v.len(), d.num_heads)));
+            }
+            if d.num_heads > MAX_FEATURE_HEADS {
+                return Err(invalid(name, format!("{vec_name} with more than {MAX_FEATURE_HEADS} heads")));
+            }
+        }
+    }
+    let n = d.req_end - d.req_begin;
+    let (num_splits, max_query_len) = match kernel {
+        AttentionKernel::Decode { num_splits } => {
+            if num_splits == 0 || num_splits > 65535 {
+                return Err(invalid(name, format!("num_splits {num_splits} outside 1..=65535")));
+            }
+            let group = d.num_heads / d.num_kv_heads;
+            if group > decode_max_group(d.head_size) {
+                return Err(invalid(name, format!("GQA group {group} too large for head size {}", d.head_size)));
+            }
+            let need = decode_workspace_len(num_splits, n, d.num_heads, d.head_size);
+            if need > 0 {
+                let have = bufs.workspace.as_ref().map_or(0, |w| w.len());
+                check_len(name, "workspace", have, need)?;
+            }
+            (num_splits, 0)
+        }
+        AttentionKernel::Prefill { max_query_len } => (1, max_query_len),
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    for (buf_name, s) in [
+        ("query", bufs.query.stream()),
+        ("key_cache", bufs.key_cache.stream()),
+        ("value_cache", bufs.value_cache.stream()),
+        ("query_start_loc", bufs.query_start_loc.stream()),
+        ("seq_lens", bufs.seq_lens.stream()),
+        ("block_table", bufs.block_table.stream()),
+        ("out", bufs.out.stream()),
+    ] {
+        same_context(name, buf_name, stream, s)?;
+    }
+    if let Some(lse) = &bufs.lse {
+        same_context(name, "lse", stream, lse.stream())?;
+    }
+    if let Some(w) = &bufs.workspace {
+        same_context(name, "workspace", stream, w.stream())?;
+    }
+    stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
+        kernel: name,
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    })?;
+
+    let AttentionBuffers { query, key_cache, value_cache, query_start_loc, seq_lens, block_table, out, lse, workspace } =
+        bufs;
+    let (q, _q_guard) = query.device_ptr(stream);
+    let (kc, _kc_guard) = key_cache.device_ptr(stream);
+    let (vc, _vc_guard) = value_cache.device_ptr(stream);
+    let (qsl, _qsl_guard) = query_start_loc.device_ptr(stream);
+    let (sl, _sl_guard) = seq_lens.device_ptr(stream);
+    let (bt, _bt_guard) = block_table.device_ptr(stream);
+    let (o, _o_guard) = out.device_ptr_mut(stream);
+    let (lse_ptr, _lse_guard) = match lse {
+        Some(l) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            (p as *mut f32, Some(g))
+        }
+        None => (ptr::null_mut(), None),
+    };
+    let (ws_ptr, ws_len, _ws_guard) = match workspace {
+        Some(w) => {
+            let len = w.len();
+            let (p, g) = w.device_ptr_mut(stream);
+            (p as *mut f32, len, Some(g))
+        }
+        None => (ptr::null_mut(), 0, None),
+    };
+    let args = ffi::PaAttnArgs {
+        query: q as *const c_void,
+        key_cache: kc as *const c_void,
+        value_cache: vc as *const c_void,
+        out: o as *mut c_void,
+        lse: lse_ptr,
+        query_start_loc: qsl as *const i32,
+        seq_lens: sl as *const i32,
+        block_table: bt as *const i32,
+        alibi_slopes: features.alibi_slopes.map_or(ptr::null(), |v| v.as_ptr()),
+        sinks: features.sinks.map_or(ptr::null(), |v| v.as_ptr()),
+        workspace: ws_ptr,
+        workspace_len: to_i64(name, "workspace_len", ws_len)?,
+        num_tokens: to_i64(name, "num_tokens", d.num_tokens)?,
+        num_blocks: to_i64(name, "num_blocks", d.num_blocks)?,
+        num_reqs: to_i32(name, "num_reqs", d.num_reqs)?,
+        req_begin: to_i32(name, "req_begin", d.req_begin)?,
+        req_end: to_i32(name, "req_end", d.req_end)?,
+        num_heads: to_i32(name, "num_heads", d.num_heads)?,
+        num_kv_heads: to_i32(name, "num_kv_heads", d.num_kv_heads)?,
+        head_size: to_i32(name, "head_size", d.head_size)?,
+        block_size: to_i32(name, "block_size", d.block_size)?,
+        max_blocks_per_req: to_i32(name, "max_blocks_per_req", d.max_blocks_per_req)?,
+        max_query_len: to_i32(name, "max_query_len", max_query_len)?,
+        num_splits: to_i32(name, "num_splits", num_splits)?,
+        causal: i32::from(features.causal),
+        window_left: window(name, "window_left", features.window_left)?,
+        window_right: window(name, "window_right", features.window_right)?,
+        scale: features.scale,
+        softcap: features.softcap.unwrap_or(0.0),
+        dtype,
+    };
+    let cu_stream = stream.cu_stream() as *mut c_void;
+    // SAFETY: every device pointer comes from a live cudarc allocation on `stream`'s context
+    // (checked above), borrowed for the duration of this call; the guards keep cudarc's event
+    // tracking ordered around the launch. The lengths checked above cover everything the kernels
+    // can address: query/out rows `< num_tokens` (device offsets are clamped to it), cache rows of
+    // block ids clamped to `num_blocks`, block-table entries of rows `< num_reqs` and columns
+    // `< max_blocks_per_req` (sequence lengths are clamped to `max_blocks_per_req * block_size`),
+    // lse rows `< num_tokens`, and workspace elements below the size checked for the decode split
+    // count (the C launcher re-checks `workspace_len`). The host vectors `alibi_slopes` / `sinks`
+    // hold `num_heads <= MAX_FEATURE_HEADS` floats and are only read during this call. `T` is
+    // f16 or bf16, matching `dtype`. The launcher does not synchronise and keeps no pointer.
+    let status = unsafe {
+        match kernel {
+            AttentionKernel::Decode { .. } => ffi::pa_paged_decode(&args, cu_stream),
+            AttentionKernel::Prefill { .. } => ffi::pa_paged_prefill(&args, cu_stream),
+        }
+    };
+    status_to_result(name, status)
+}
