@@ -4,8 +4,13 @@ use std::path::PathBuf;
 
 use crate::{bundle, cuda, shell};
 
-/// Features that turn on the CUDA code paths in every crate that has them.
-pub const CUDA_FEATURES: &str = "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,test-suite/cuda";
+/// Features that turn on the CUDA code paths in every crate but test-suite (whose GPU test target is
+/// built and run separately).
+const CUDA_FEATURES: &str = "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,paged-serve/cuda";
+
+/// [`CUDA_FEATURES`] and test-suite's, for whole-workspace commands.
+const CUDA_FEATURES_ALL: &str =
+    "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,paged-serve/cuda,test-suite/cuda";
 
 /// The CUDA root to compile the kernels with: an existing nvcc, or the pinned one installed now.
 /// `None` (after a loud banner) when neither works; the CPU-only tests still run then.
@@ -35,7 +40,11 @@ pub fn run() -> Result<(), String> {
     shell::run(fmt)?;
 
     let cuda_root = cuda_for_tests();
-    let features: Vec<&str> = if cuda_root.is_some() { vec!["--features", CUDA_FEATURES] } else { vec![] };
+    let (features, features_all, suite_features): (Vec<&str>, Vec<&str>, Vec<&str>) = if cuda_root.is_some() {
+        (vec!["--features", CUDA_FEATURES], vec!["--features", CUDA_FEATURES_ALL], vec!["--features", "cuda"])
+    } else {
+        (vec![], vec![], vec![])
+    };
     let with_nvcc = |mut cmd: std::process::Command| {
         if let Some(root) = &cuda_root {
             cmd.env("NVCC", root.join("bin/nvcc"));
@@ -44,7 +53,7 @@ pub fn run() -> Result<(), String> {
     };
 
     let mut clippy = with_nvcc(shell::cargo());
-    clippy.args(["clippy", "--workspace", "--all-targets"]).args(&features).args(["--", "-D", "warnings"]);
+    clippy.args(["clippy", "--workspace", "--all-targets"]).args(&features_all).args(["--", "-D", "warnings"]);
     shell::run(clippy)?;
 
     // Everything but the GPU test binary; test-suite's non-GPU tests live in its `integration` target.
@@ -52,7 +61,7 @@ pub fn run() -> Result<(), String> {
     tests.args(["test", "--workspace", "--exclude", "test-suite"]).args(&features);
     shell::run(tests)?;
     let mut suite = with_nvcc(shell::cargo());
-    suite.args(["test", "-p", "test-suite", "--lib", "--test", "integration"]).args(&features);
+    suite.args(["test", "-p", "test-suite", "--lib", "--test", "integration"]).args(&suite_features);
     shell::run(suite)?;
 
     crate::package::run(cuda_root.as_ref().map(|r| r.join("bin/nvcc")))?;
