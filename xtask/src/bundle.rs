@@ -179,7 +179,7 @@ run_bench() {
     local jsons=()
     for b in bench bench_*; do
         [ -x "$b" ] || continue
-        step "./$b" --json "$out/ours-$b.json"
+        step "./$b" --json "$out/ours-$b.json" --check-dir "$PWD/checks"
         jsons+=("$out/ours-$b.json")
     done
     if [ -f peers.py ]; then
