@@ -174,7 +174,10 @@ run_sanitize() {
     step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
     step compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
 }
-run_serve() { step ./paged-serve --device cuda --verify --no-progress; }
+# A workload sized to finish in a few minutes: the synthetic model's Q/K/V are made on the host.
+run_serve() {
+    step timeout 420 ./paged-serve --device cuda --verify --no-progress --requests 256 --prompt-len 768 --output-len 128
+}
 run_bench() {
     local jsons=()
     for b in bench bench_*; do
