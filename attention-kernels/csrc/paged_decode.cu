@@ -1,42 +1,48 @@
 // Split-KV paged decode ("flash decoding") for single-token queries, plus the combine step.
 //
-// One block (256 threads) = one (decode request, kv head, split). The block's query heads (the
-// whole GQA group) share every K/V tile it loads: tiles of TK keys are gathered through the block
-// table into shared memory with 16-byte cp.async copies, PA_DECODE_STAGES deep, the cache row
-// offsets of upcoming tiles computed from block-table entries read a tile ahead. Per tile:
-//   1. QK: thread (key, head subset) dot products from shared memory (q kept in f32, pre-scaled);
-//      each warp also reduces the max of its 32 keys per head;
-//   2. PV with the online softmax folded in: every PV thread (16-byte slice of the head dim, key
-//      subset, up to 4 heads) derives the new running max from the warp maxima, rescales its
-//      accumulators and partial row sums, and exponentiates its scores on the fly; each V element
-//      is converted once for all its heads. Two barriers per tile.
-// Each split writes an unnormalised partial (acc, max, sum) to the workspace; the combine kernel
-// merges them by log-sum-exp, adds the sink, normalises and writes out / lse. With one split the
-// decode kernel finalises directly and no combine runs.
+// One block (4 warps) = one (decode request, kv head, row chunk of up to 16 query heads of its GQA
+// group, split); the blocks of one request are adjacent in the grid. The chunk's query heads are
+// the 16 rows of the A operand of mma.sync m16n8k16 (f16/bf16 in, f32 accumulate; rows past the
+// chunk are zero), so QK and PV run on tensor cores: a group of 4 uses 4 of 16 rows, which costs
+// nothing since the kernel is bound by K/V bytes, and groups above 16 take several row chunks
+// (adjacent blocks), their K/V re-reads served by L2.
+// Tiles of 64 keys are gathered through the block table into padded shared rows with 16-byte
+// cp.async copies, PA_DECODE_STAGES deep, the cache row offsets of upcoming tiles computed from
+// block-table entries read a tile ahead. Each warp owns 16 keys of every tile and keeps its own
+// online softmax (rows = heads, in the log2 domain) and output accumulator in registers: S = Q K^T
+// (ldmatrix K), P packed to 16-bit straight from the accumulator fragments, O += P V (ldmatrix.trans
+// V). No shared-memory traffic between warps during the loop, one barrier per tile. At the end
+// the four warps' (m, l, O) are merged through shared memory; each split writes an unnormalised
+// partial (acc, max, sum) to the workspace and the combine kernel merges them by log-sum-exp, adds
+// the sink, normalises and writes out / lse. With one split the decode kernel finalises directly.
 //
-// The split count is chosen on the host (attention-backend), so the launch shape depends only on
-// the batch shape: CUDA-graph friendly.
+// The split count is chosen on the host (attention-backend's split_plan, from the batch shape
+// only: CUDA-graph friendly) with a wave-quantisation cost model.
 //
 // Measured on an H100 (batch 64 x 4096 context, 32/8 heads, head 128, bf16, block 16; ratio =
 // K/V bytes read per second over a device-to-device copy's read+write rate in the same run):
+//   CUDA-core QK/PV:
 //   128 threads, 4 barriers/tile, 3 blocks/SM ............................ 0.39
 //   256 threads, row offsets precomputed, 2 blocks/SM ..................... 0.55
 //   same, 3 stages / 2 blocks/SM 0.56; 4 stages of 32 keys / 3 blocks/SM .. 0.48
 //   same, 2 stages of 64 keys, 3 blocks/SM (4 barriers, softmax phase) .... 0.69
-//   this version (softmax folded into PV, 2 barriers), 3 blocks/SM ........ 0.65 (0.60 at 2/SM)
-// It is latency-bound (few eligible warps; barrier stalls dominated before the fold); the next
-// step is tensor-core QK/PV with the GQA group packed into the rows of an m16 tile.
+//   softmax folded into PV, 2 barriers, 3 blocks/SM ....................... 0.65 (0.60 at 2/SM)
+//   (latency/issue-bound: the FMAs and conversions of CUDA-core QK/PV per byte of K/V)
+//   Tensor cores (this version): 4 warps x 16 keys of 64-key tiles, 3 stages, 2 blocks/SM,
+//   1 barrier/tile, grid ordered request-major, split count from the wave model (1 here);
+//   predicted >= 0.85 (bandwidth-bound) ....... 0.92 bf16, 0.92 f16 (old kernel in the same run:
+//   0.65 / 0.66; 0.386 ms vs 0.552 ms; two runs agree to 0.01).
+//   Same run, other shapes (bf16, new vs old): b16 x 16384 0.90 vs 0.66 (2 vs 9 splits),
+//   b256 x 1024 0.92 vs 0.63, MHA b32 x 4096 0.94 vs 0.77, b1 x 32768 0.64 vs 0.36, mixed
+//   64 decodes + 2 x 1024 prefills 0.377 ms vs 0.471 ms. b1 x 32768 (8 blocks before splitting)
+//   stayed at 0.63-0.65 with 25 or 32 splits: 72 us against 46 us of bytes, so fixed costs
+//   (pipeline fill, the combine launch) rather than wave quantisation; next: fold the combine
+//   into the last split to finish (a counter per row) and a deeper first fill.
 
 #include "attention/common.cuh"
 
 #ifndef PA_DECODE_STAGES
-#define PA_DECODE_STAGES 2
-#endif
-#ifndef PA_DECODE_TILE
-#define PA_DECODE_TILE 64
-#endif
-#ifndef PA_DECODE_MIN_BLOCKS
-#define PA_DECODE_MIN_BLOCKS 3
+#define PA_DECODE_STAGES 3
 #endif
 
 namespace {
@@ -44,52 +50,59 @@ namespace {
 using pa::KernelParams;
 
 template <int D> struct DecodeCfg {
-  static constexpr int kThreads = 256;
-  static constexpr int kChunks = D / 8;            // 16-byte chunks per row
-  static constexpr int kStages = PA_DECODE_STAGES;            // K/V tiles in the pipeline
-  static constexpr int kTK = D <= 128 ? PA_DECODE_TILE : 32;  // keys per tile
-  static constexpr int kRS = D + 8;                // shared row stride (elements): 16-byte pad
-  static constexpr int kR = kThreads / kChunks;    // PV thread rows
-  static constexpr int kMaxHpt = 4;                // PV heads per thread
-  static constexpr int kQkGroups = kThreads / kTK; // QK head groups
-  static constexpr int kMaxGroup = kR * kMaxHpt;   // largest GQA group this kernel takes
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kKW = 16;                          // keys per warp per tile
+  static constexpr int kTK = kKW * kWarps;                // keys per tile
+  static constexpr int kStages = D <= 128 ? PA_DECODE_STAGES : 2;
+  static constexpr int kRS = D + 8;                       // padded row (elements): 16-byte skew
+  static constexpr int kChunks = D / 8;                   // 16-byte chunks per row
+  static constexpr int kRows = 16;                        // query heads per block (one m16 tile)
+  static constexpr bool kQInRegs = D <= 128;              // Q fragments in registers, else ldmatrix
   static constexpr size_t kKvBytes = size_t(2) * kStages * kTK * kRS * 2;
   static constexpr size_t kRowOffBytes = size_t(kStages) * kTK * 8;
-  // The key-group reduction reuses the K/V tiles: [KG][G][D + 1] floats, KG * G <= kR * kMaxHpt.
-  static_assert(kKvBytes >= size_t(kR) * kMaxHpt * (D + 1) * 4, "reduction buffer does not fit");
-  static_assert(kStages >= 2 && kTK % 32 == 0, "pipeline shape");
-  static size_t smem_bytes(int G) {
-    return kKvBytes + kRowOffBytes + size_t(G) * D * 4 + size_t(G) * kTK * 4 + size_t(4) * G * 4;
-  }
+  static constexpr size_t kQBytes = size_t(kRows) * kRS * 2;
+  static constexpr size_t kSmemBytes = kKvBytes + kRowOffBytes + kQBytes;
+  // The warps' merge reuses the K/V tiles: [W][16][D] accumulators, [W][16] maxima and sums.
+  static_assert(size_t(kWarps) * kRows * (D + 2) * 4 <= kKvBytes, "merge buffer does not fit");
+  static_assert(kStages >= 2 && kTK <= kThreads && D % 16 == 0, "pipeline shape");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel(const KernelParams p) {
-  using Cfg = DecodeCfg<D>;
-  constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, R = Cfg::kR, NQG = Cfg::kQkGroups;
-  constexpr int S = Cfg::kStages;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int G = p.num_heads / p.num_kv_heads;
-  T* kv_s = reinterpret_cast<T*>(smem);
-  // Cache row offset (elements) of each key of the next two tiles, -1 past the split's end.
-  int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kKvBytes);  // [S][TK]
-  float* q_s = reinterpret_cast<float*>(smem + Cfg::kKvBytes + Cfg::kRowOffBytes);  // [G][D]
-  float* s_s = q_s + G * D;                                                         // [G][TK]
-  float* m_s = s_s + G * TK;                                                        // [G] final max
-  float* tmax_s = m_s + G;  // [G][TK / 32]: each QK warp's max over its 32 keys of the tile
+// Largest GQA group the decode launcher takes (any group works: row chunks of 16 heads).
+constexpr int kDecodeMaxGroup = 65535;
 
-  const int tid = threadIdx.x;
-  const int local = blockIdx.x;
-  const int req = p.req_begin + local;
-  const int kvh = blockIdx.y;
-  const int split = blockIdx.z;
+template <typename T, int D>
+__global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p) {
+  using Cfg = DecodeCfg<D>;
+  constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, S = Cfg::kStages, W = Cfg::kWarps;
+  constexpr int KW = Cfg::kKW, KT = D / 16, DT = D / 8, NR = Cfg::kRows;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* kv_s = reinterpret_cast<T*>(smem);                                   // [S][K|V][TK][RS]
+  int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kKvBytes);      // [S][TK]
+  T* q_s = reinterpret_cast<T*>(smem + Cfg::kKvBytes + Cfg::kRowOffBytes);  // [16][RS]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t4 = lane & 3;
   const int H = p.num_heads;
+  const int G = H / p.num_kv_heads;
+  const int RC = (G + NR - 1) / NR;
+  // blockIdx.x = request * (kv heads * row chunks) + kv head * row chunks + chunk: the blocks of
+  // one request run side by side, so they read each cache page (all kv heads) at about one time.
+  const int gy = p.num_kv_heads * RC;
+  const int local = blockIdx.x / gy;
+  const int req = p.req_begin + local;
+  const int kvh = (blockIdx.x % gy) / RC;
+  const int hb = (blockIdx.x % gy % RC) * NR;
+  const int gc = min(NR, G - hb);   // query heads of this block
+  const int head0 = kvh * G + hb;   // first of them
+  const int split = blockIdx.z;
 
   // Device metadata is clamped so that bad values cannot move any access out of its buffer.
   const int token = p.qsl[req];
   if (token < 0 || token >= p.num_tokens) return;
   const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
   const int pos = seq_len - 1;
+  // For a single query row the visible keys are exactly [lo, hi].
   int lo, hi;
   pa::key_range(pos, pos, seq_len, p, lo, hi);
   const int len = hi - lo + 1;
@@ -106,17 +119,13 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
   const T* q = static_cast<const T*>(p.query);
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
-  const int head0 = kvh * G;
 
-  // Query of the whole group, f32, pre-scaled.
-  for (int idx = tid; idx < G * C; idx += Cfg::kThreads) {
-    const int hl = idx / C, c = idx % C;
-    const uint4 v = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(token) * H + head0 + hl) * D + c * 8);
-    float f[8];
-    pa::unpack8<T>(v, f);
-    float4* dst = reinterpret_cast<float4*>(q_s + hl * D + c * 8);
-    dst[0] = make_float4(f[0] * p.scale, f[1] * p.scale, f[2] * p.scale, f[3] * p.scale);
-    dst[1] = make_float4(f[4] * p.scale, f[5] * p.scale, f[6] * p.scale, f[7] * p.scale);
+  // Query rows of the chunk (rows past it zero).
+  for (int idx = tid; idx < NR * C; idx += Cfg::kThreads) {
+    const int r = idx / C, c = idx % C;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < gc) v = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(token) * H + head0 + r) * D + c * 8);
+    *reinterpret_cast<uint4*>(q_s + r * RS + c * 8) = v;
   }
   // Row offsets of the first S tiles.
   if (tid < TK) {
@@ -143,38 +152,35 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
     }
   };
 
-  // PV thread layout.
-  const int HGn = (G + Cfg::kMaxHpt - 1) / Cfg::kMaxHpt;
-  const int KG = R / HGn;  // >= 1: the launcher only takes G <= kMaxGroup
-  const int pv_c = tid % C;
-  const int pv_rest = tid / C;
-  const int pv_hg = pv_rest % HGn;
-  const int pv_kg = pv_rest / HGn;
-  const bool pv_active = tid < C * R && pv_kg < KG;
-  // Every PV thread keeps the running max of its heads itself (all see the same tile maxima, so
-  // all agree) and a partial row sum over its keys; no separate softmax phase, no extra barrier.
-  float acc[Cfg::kMaxHpt][8], m_run[Cfg::kMaxHpt], l_run[Cfg::kMaxHpt];
-#pragma unroll
-  for (int i = 0; i < Cfg::kMaxHpt; ++i) {
-    m_run[i] = -INFINITY;
-    l_run[i] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
-  }
-
-  // QK thread layout.
-  const int qk_k = tid % TK;
-  const int qk_hq = tid / TK;
-  const int lane = tid % 32;
-
-  // Pipeline: tiles 0..S-2 in flight before the loop; iteration n waits for tile n, then issues
-  // tile n+S-1, reads the block-table entries of tile n+S and computes tile n. Two barriers per
-  // tile: the one after the wait also orders the previous iteration's reads before any overwrite.
 #pragma unroll
   for (int t = 0; t < S - 1; ++t) {
     if (t < n_tiles) issue_tile(t);
     pa::cp_async_commit();
   }
+
+  uint32_t qf[Cfg::kQInRegs ? KT : 1][4];
+  if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) pa::ldsm_x4(qf[kk], q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+  }
+
+  float o[DT][4];
+#pragma unroll
+  for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m2[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float scale2 = p.scale * pa::kLog2e;
+  const bool elementwise = p.softcap > 0.f || p.has_alibi;
+  float slope[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = g + rr * 8;
+    slope[rr] = (p.has_alibi && r < gc) ? p.alibi[head0 + r] : 0.f;
+  }
+  const int kw0 = warp * KW;  // this warp's keys within each tile
+
+  // Pipeline: tiles 0..S-2 in flight before the loop; iteration n waits for tile n, then issues
+  // tile n+S-1 (into the stage computed in iteration n-1: the barrier orders those reads first),
+  // reads the block-table entries of tile n+S and computes tile n.
   for (int n = 0; n < n_tiles; ++n) {
     pa::cp_async_wait<S - 2>();
     __syncthreads();
@@ -191,90 +197,76 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
     const int tile_start = k_begin + n * TK;
     const int nk = min(TK, k_end - tile_start);
 
-    // 1. scores
-    for (int h0 = qk_hq; h0 < G; h0 += 4 * NQG) {
-      // Two independent accumulation chains per head (even / odd elements) for ILP.
-      float dot[4][2] = {{0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}};
-      const T* krow = ks + qk_k * RS;
+    if (kw0 < nk) {  // warp-uniform: the warp holds at least one visible key
+      // S = Q K^T: 16 rows (heads) x 16 keys
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const uint4 kv = *reinterpret_cast<const uint4*>(krow + c * 8);
-        float kf[8];
-        pa::unpack8<T>(kv, kf);
+      for (int kk = 0; kk < KT; ++kk) {
+        uint32_t a[4];
+        if constexpr (Cfg::kQInRegs) {
+          a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+        } else {
+          pa::ldsm_x4(a, q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+        }
+        uint32_t b[4];
+        pa::ldsm_x4(b, ks + (kw0 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
+        pa::Mma<T>::run(s[0], a, b[0], b[1]);
+        pa::Mma<T>::run(s[1], a, b[2], b[3]);
+      }
+      // Scores in the log2 domain; keys past the split's end are masked.
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int h = h0 + j * NQG;
-          if (h < G) {
-            const float4* qp = reinterpret_cast<const float4*>(q_s + h * D + c * 8);
-            const float4 qa = qp[0], qb = qp[1];
-            dot[j][0] = fmaf(qa.x, kf[0], dot[j][0]);
-            dot[j][1] = fmaf(qa.y, kf[1], dot[j][1]);
-            dot[j][0] = fmaf(qa.z, kf[2], dot[j][0]);
-            dot[j][1] = fmaf(qa.w, kf[3], dot[j][1]);
-            dot[j][0] = fmaf(qb.x, kf[4], dot[j][0]);
-            dot[j][1] = fmaf(qb.y, kf[5], dot[j][1]);
-            dot[j][0] = fmaf(qb.z, kf[6], dot[j][0]);
-            dot[j][1] = fmaf(qb.w, kf[7], dot[j][1]);
-          }
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int kl = kw0 + j * 8 + 2 * t4 + (e & 1);
+          float x = s[j][e];
+          if (kl >= nk) x = -INFINITY;
+          else if (elementwise) x = pa::score_log2(x, p, slope[e >> 1], pos, tile_start + kl);
+          else x *= scale2;
+          s[j][e] = x;
+        }
+      // Online softmax for rows g and g + 8.
+      float alpha[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m2[rr], mx);
+        const float mu = m_new == -INFINITY ? 0.f : m_new;
+        alpha[rr] = pa::fast_exp2(m2[rr] - mu);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[j][2 * rr] = pa::fast_exp2(s[j][2 * rr] - mu);
+          s[j][2 * rr + 1] = pa::fast_exp2(s[j][2 * rr + 1] - mu);
+          sum += s[j][2 * rr] + s[j][2 * rr + 1];
+        }
+        l[rr] = l[rr] * alpha[rr] + sum;
+        m2[rr] = m_new;
+      }
+      // Once the maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          o[j][0] *= alpha[0];
+          o[j][1] *= alpha[0];
+          o[j][2] *= alpha[1];
+          o[j][3] *= alpha[1];
         }
       }
+      // O += P V: P's accumulator fragments are the A fragment of a 16-key step.
+      uint32_t a[4];
+      a[0] = pa::Elem<T>::pack(s[0][0], s[0][1]);
+      a[1] = pa::Elem<T>::pack(s[0][2], s[0][3]);
+      a[2] = pa::Elem<T>::pack(s[1][0], s[1][1]);
+      a[3] = pa::Elem<T>::pack(s[1][2], s[1][3]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int h = h0 + j * NQG;
-        if (h < G) {
-          const int key = tile_start + qk_k;
-          float s = -INFINITY;
-          if (qk_k < nk) {
-            // q is pre-scaled: undo nothing, the transform applies scale once more only via p.scale,
-            // so pass the scaled dot with a unit scale.
-            float x = dot[j][0] + dot[j][1];
-            if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-            if (p.has_alibi) x -= p.alibi[head0 + h] * fabsf(static_cast<float>(pos - key));
-            s = x * pa::kLog2e;
-          }
-          s_s[h * TK + qk_k] = s;
-          // The warp's 32 lanes hold 32 consecutive keys of head h (h is uniform in the warp).
-          const float wmax = pa::warp_max(s);
-          if (lane == 0) tmax_s[h * (TK / 32) + qk_k / 32] = wmax;
-        }
-      }
-    }
-    __syncthreads();
-
-    // 2. online softmax folded into PV: new max from the tile maxima, rescale, exp2 on the fly.
-    if (pv_active) {
-#pragma unroll
-      for (int i = 0; i < Cfg::kMaxHpt; ++i) {
-        const int h = pv_hg * Cfg::kMaxHpt + i;
-        if (h < G) {
-          float tm = tmax_s[h * (TK / 32)];
-#pragma unroll
-          for (int q = 1; q < TK / 32; ++q) tm = fmaxf(tm, tmax_s[h * (TK / 32) + q]);
-          const float m_new = fmaxf(m_run[i], tm);
-          const float mu = m_new == -INFINITY ? 0.f : m_new;
-          const float a = pa::fast_exp2(m_run[i] - mu);  // 0 when m_run = -inf
-          m_run[i] = m_new;
-          l_run[i] *= a;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[i][e] *= a;
-        }
-      }
-#pragma unroll 2
-      for (int k = pv_kg; k < nk; k += KG) {
-        const uint4 vv = *reinterpret_cast<const uint4*>(vs + k * RS + pv_c * 8);
-        float vf[8];
-        pa::unpack8<T>(vv, vf);
-#pragma unroll
-        for (int i = 0; i < Cfg::kMaxHpt; ++i) {
-          const int h = pv_hg * Cfg::kMaxHpt + i;
-          if (h < G) {
-            // m_run is finite here: the tile holds at least one key.
-            const float pk = pa::fast_exp2(s_s[h * TK + k] - m_run[i]);
-            l_run[i] += pk;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(pk, vf[e], acc[i][e]);
-          }
-        }
+      for (int dn = 0; dn < KT; ++dn) {
+        uint32_t b[4];
+        pa::ldsm_x4_trans(b, vs + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+        pa::Mma<T>::run(o[2 * dn], a, b[0], b[1]);
+        pa::Mma<T>::run(o[2 * dn + 1], a, b[2], b[3]);
       }
     }
     if (prefetch) ro_s[(n % S) * TK + tid] = next_key < k_end ? pa::cache_row(p, next_pg, next_key, kvh, D) : -1;
@@ -282,20 +274,23 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
   pa::cp_async_wait<0>();
   __syncthreads();
 
-  // Reduce the key groups' partial accumulators and row sums through shared memory (the K/V
-  // tiles are free); all of them are relative to the same final max.
-  float* red = reinterpret_cast<float*>(smem);  // [KG][G][D]
-  float* red_l = red + KG * G * D;              // [KG][G]
-  if (pv_active) {
+  // Merge the warps' partial states through shared memory (the K/V tiles are free now).
+  float* red_o = reinterpret_cast<float*>(smem);  // [W][16][D]
+  float* red_m = red_o + W * NR * D;              // [W][16]
+  float* red_l = red_m + W * NR;                  // [W][16]
 #pragma unroll
-    for (int i = 0; i < Cfg::kMaxHpt; ++i) {
-      const int h = pv_hg * Cfg::kMaxHpt + i;
-      if (h < G) {
-        float4* dst = reinterpret_cast<float4*>(red + (pv_kg * G + h) * D + pv_c * 8);
-        dst[0] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-        dst[1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
-        if (pv_c == 0) red_l[pv_kg * G + h] = l_run[i];
-        if (pv_c == 0 && pv_kg == 0) m_s[h] = m_run[i];
+  for (int rr = 0; rr < 2; ++rr) {
+    float lr = l[rr];
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    const int r = g + rr * 8;
+    if (r < gc) {
+      float* dst = red_o + (warp * NR + r) * D + 2 * t4;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
+      if (t4 == 0) {
+        red_m[warp * NR + r] = m2[rr];
+        red_l[warp * NR + r] = lr;
       }
     }
   }
@@ -303,16 +298,22 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
 
   const int num_splits = p.num_splits;
   const int n_local = p.num_launch_reqs;
-  for (int idx = tid; idx < G * D; idx += Cfg::kThreads) {
+  for (int idx = tid; idx < gc * D; idx += Cfg::kThreads) {
     const int h = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; ++w) M = fmaxf(M, red_m[w * NR + h]);
+    const float mu = M == -INFINITY ? 0.f : M;
     float sum = 0.f, l_sum = 0.f;
-    for (int kg = 0; kg < KG; ++kg) {
-      sum += red[(kg * G + h) * D + d];
-      l_sum += red_l[kg * G + h];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const float wt = pa::fast_exp2(red_m[w * NR + h] - mu);  // 0 for a warp that saw nothing
+      sum += wt * red_o[(w * NR + h) * D + d];
+      l_sum += wt * red_l[w * NR + h];
     }
     const int qh = head0 + h;
     if (num_splits == 1) {
-      const pa::Finalised f = pa::finalise(m_s[h], l_sum, p.has_sinks ? p.sinks[qh] : -INFINITY);
+      const pa::Finalised f = pa::finalise(M, l_sum, p.has_sinks ? p.sinks[qh] : -INFINITY);
       T* out = static_cast<T*>(p.out);
       out[(static_cast<int64_t>(token) * H + qh) * D + d] = static_cast<T>(sum * f.out_scale);
       if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
@@ -321,7 +322,7 @@ __global__ void __launch_bounds__(256, PA_DECODE_MIN_BLOCKS) decode_split_kernel
       p.workspace[row * D + d] = sum;
       if (d == 0) {
         float* ml = p.workspace + static_cast<int64_t>(num_splits) * n_local * H * D;
-        ml[row * 2 + 0] = m_s[h];
+        ml[row * 2 + 0] = M;
         ml[row * 2 + 1] = l_sum;
       }
     }
@@ -364,7 +365,7 @@ template <typename T, int D>
 cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
   using Cfg = DecodeCfg<D>;
   const int G = a.num_heads / a.num_kv_heads;
-  if (G > Cfg::kMaxGroup) return cudaErrorNotSupported;
+  if (G > kDecodeMaxGroup) return cudaErrorNotSupported;
   const int n = a.req_end - a.req_begin;
   if (n == 0) return cudaSuccess;
   const int S = a.num_splits;
@@ -373,12 +374,13 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
     const int64_t need = static_cast<int64_t>(S) * n * a.num_heads * (D + 2);
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
-  const size_t smem = Cfg::smem_bytes(G);
-  if (smem > 227 * 1024) return cudaErrorNotSupported;
+  const int64_t gx = static_cast<int64_t>(n) * a.num_kv_heads * ((G + Cfg::kRows - 1) / Cfg::kRows);
+  if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = Cfg::kSmemBytes;
   auto kernel = decode_split_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(n, a.num_kv_heads, S);
+  const dim3 grid(static_cast<unsigned>(gx), 1, S);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
   err = pa_last_launch_status();
   if (err != cudaSuccess || S == 1) return err;
@@ -391,25 +393,16 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
 
 }  // namespace
 
-// The largest GQA group (num_heads / num_kv_heads) the decode kernel takes for a head size;
-// 0 when the head size is not supported.
+// The largest GQA group (num_heads / num_kv_heads) the decode kernel takes for a head size (groups
+// above 16 run as several row chunks); 0 when the head size is not supported.
 PA_EXPORT int32_t pa_paged_decode_max_group(int32_t head_size) {
-  switch (head_size) {
-    case 64: return DecodeCfg<64>::kMaxGroup;
-    case 80: return DecodeCfg<80>::kMaxGroup;
-    case 96: return DecodeCfg<96>::kMaxGroup;
-    case 112: return DecodeCfg<112>::kMaxGroup;
-    case 128: return DecodeCfg<128>::kMaxGroup;
-    case 192: return DecodeCfg<192>::kMaxGroup;
-    case 256: return DecodeCfg<256>::kMaxGroup;
-    default: return 0;
-  }
+  return pa::head_size_supported(head_size) ? kDecodeMaxGroup : 0;
 }
 
 // Keys per tile of the decode kernel for a head size (the split granularity); 0 if unsupported.
 PA_EXPORT int32_t pa_paged_decode_tile_keys(int32_t head_size) {
   if (!pa::head_size_supported(head_size)) return 0;
-  return head_size <= 128 ? 64 : 32;
+  return DecodeCfg<64>::kTK;  // the same for every head size
 }
 
 // Decode attention for requests [req_begin, req_end), each with exactly one query token.

@@ -114,9 +114,10 @@ impl DeviceMetadata {
     /// The launch plan for a layer with these heads.
     ///
     /// Single-token decodes at the front of the batch go to the split-KV kernel when it supports
-    /// the head size and GQA group; the split count is the smallest that gives about eight blocks
-    /// per SM (`num_decodes * num_kv_heads * splits`), with at least four key tiles per split and
-    /// at most 64 splits. Everything else goes to the prefill kernel.
+    /// the head size and GQA group. The decode kernel runs one block per (request, kv head, chunk
+    /// of up to 16 query heads, split); the split count (at most 64, at least four key tiles per
+    /// split) minimises a wave-quantisation cost model of that grid, see [`decode_split_count`].
+    /// Everything else goes to the prefill kernel.
     pub fn split_plan(&self, num_heads: usize, num_kv_heads: usize, head_size: usize) -> SplitPlan {
         let group = num_heads / num_kv_heads.max(1);
         let decode_ok = group >= 1 && group <= decode_max_group(head_size);
@@ -130,16 +131,72 @@ impl DeviceMetadata {
             };
         }
         let n = self.single_token_decodes;
-        let blocks = n * num_kv_heads.max(1);
-        let wanted = (self.num_sms * 8).div_ceil(blocks);
+        let blocks = n * num_kv_heads.max(1) * group.div_ceil(DECODE_ROWS_PER_BLOCK);
         let tile = decode_tile_keys(head_size).max(1);
-        let useful = self.decode_max_seq_len.div_ceil(tile * 4).max(1);
-        let num_splits = wanted.clamp(1, useful.min(64));
+        let per_sm = decode_blocks_per_sm(head_size);
+        let num_splits = decode_split_count(blocks, self.num_sms, per_sm, self.decode_max_seq_len, tile);
         SplitPlan {
             decode_reqs: n,
             num_splits,
             prefill_max_query_len: if n < num_reqs { self.rest_max_query_len } else { 0 },
             workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
         }
+    }
+}
+
+/// Query heads one decode block handles (the rows of its m16 tensor-core tile).
+const DECODE_ROWS_PER_BLOCK: usize = 16;
+
+/// Decode blocks resident on one SM (shared memory bound: 3 stages of 64-key K/V tiles up to head
+/// size 128, 2 stages above).
+fn decode_blocks_per_sm(head_size: usize) -> usize {
+    match head_size {
+        0..=80 => 3,
+        81..=192 => 2,
+        _ => 1,
+    }
+}
+
+/// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each hold
+/// `per_sm` blocks at once, the longest context `max_len` and `tile` keys per tile.
+///
+/// The blocks spread evenly, so the busiest SM runs `L = ceil(blocks * s / num_sms)` of them in
+/// `L / per_sm` waves; cost of `s` splits = waves x (keys per block + one tile of start-up), where
+/// a partial last wave costs at least three quarters of a full one (the kernel is bandwidth-bound:
+/// an SM mostly full still moves bytes at nearly its full rate, a sparse one does not). A split
+/// must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best wins
+/// (fewer splits: less combine work).
+fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
+    let blocks = blocks.max(1);
+    let num_sms = num_sms.max(1);
+    let per_sm = per_sm.max(1);
+    let max_splits = max_len.div_ceil(tile * 4).clamp(1, 64);
+    let cost = |s: usize| -> f64 {
+        let load = (blocks * s).div_ceil(num_sms);
+        let full = (load / per_sm) as f64;
+        let rem = (load % per_sm) as f64 / per_sm as f64;
+        let waves = full + if rem > 0.0 { rem.max(0.75) } else { 0.0 };
+        let keys = max_len.div_ceil(s).div_ceil(tile) * tile + tile;
+        waves * keys as f64
+    };
+    let best = (1..=max_splits).map(cost).fold(f64::INFINITY, f64::min);
+    (1..=max_splits).find(|&s| cost(s) <= best * 1.02).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_split_count;
+
+    #[test]
+    fn split_count_fills_the_device() {
+        // 64 decodes x 8 kv heads on 132 SMs x 2: two near-full waves without splitting.
+        assert_eq!(decode_split_count(512, 132, 2, 4096, 64), 1);
+        // 16 x 8 blocks: two splits give every SM two blocks.
+        assert_eq!(decode_split_count(128, 132, 2, 16384, 64), 2);
+        // One request: split until every SM holds two blocks.
+        assert_eq!(decode_split_count(8, 132, 2, 32768, 64), 32);
+        // Short contexts are not split below four tiles.
+        assert_eq!(decode_split_count(8, 132, 2, 200, 64), 1);
+        assert!(decode_split_count(1, 132, 2, 1 << 20, 64) <= 64);
     }
 }
