@@ -1,17 +1,20 @@
 // Paged prefill / varlen attention on tensor cores (FlashAttention-2 style).
 //
-// One block = BM query rows of one request and one query head: 4 warps, each with 32 rows (two
-// m16 tiles sharing every K/V fragment) up to head size 128, 16 rows above. K/V tiles of BN keys
-// are gathered through the block table into shared memory with 16-byte cp.async copies (double
-// buffered; the cache row offsets of the tile after next are computed from block-table entries
-// read while the current tile is computed). S = Q K^T and O += P V run on mma.sync m16n8k16
-// (f16/bf16 in, f32 accumulate) with ldmatrix operand loads from padded (bank-conflict-free)
-// shared rows. The softmax is online, in the log2 domain, with the scale folded into the exponent
-// and the rescale of O skipped once a warp's row maxima stop moving. The key range of the block is
-// cut to what its rows can see (bottom-right causal, sliding window), so fully masked tiles are
-// never loaded; a warp skips the tiles none of its rows can see, and the element-wise mask runs
-// only on tiles that straddle one of its rows' bounds (or when soft-cap / ALiBi need the
-// element-wise pass anyway).
+// One block = BM query rows of one request and one query head: 4 warps, each with 32 rows (two m16
+// tiles sharing every K/V fragment) up to head size 128, 16 rows above. K/V tiles of BN keys (64 up
+// to head size 128, 32 above) are gathered through the block table into shared memory with 16-byte
+// cp.async copies (double buffered; the cache row offsets of the tile after next are computed from
+// block-table entries read while the current tile is computed). S = Q K^T and O += P V run on
+// mma.sync m16n8k16 (f16/bf16 in, f32 accumulate) with ldmatrix operand loads from padded
+// (bank-conflict-free) shared rows. The softmax is online, in the log2 domain, with the scale
+// folded into the exponent and the rescale of O skipped once a warp's row maxima stop moving. The
+// key range of the block is cut to what its rows can see (bottom-right causal, sliding window), so
+// fully masked tiles are never loaded; a warp skips the tiles none of its rows can see, and the
+// element-wise mask runs only on tiles that straddle one of its rows' bounds (or when soft-cap /
+// ALiBi need the element-wise pass anyway).
+//
+// Blocks are launched on a flat grid in longest-first order: every request's and head's last row
+// block (the one that sees the most keys under a causal mask) before any second-to-last one, etc.
 //
 // Handles any query length (chunked prefills, prefix-cached prompts, multi-token decodes) through
 // query_start_loc and seq_lens.
@@ -21,9 +24,19 @@
 //   64 rows x 64 keys, 4 warps x 16 rows, Q in registers ........ 148
 //   128 rows, 8 warps x 16 rows, row offsets precomputed ........ 159
 //   128 rows, 4 warps x 32 rows, 32-key tiles ................... 165
-//   + warp-level tile skip / mask, fused scale, lazy rescale .... 181 (this version)
-// Beside it in the same run: torch SDPA flash 307, cuDNN 485 (dense K/V). The next steps are
-// wgmma (sm_90a) and a deeper K/V pipeline.
+//   + warp-level tile skip / mask, fused scale, lazy rescale .... 181
+//   + flat longest-first grid, P packed to 16 bits at the exp ... 195 (predicted +3..5% from
+//     the causal tail; got +8%; head 64 alone, already on 64-key tiles: 144 -> 154)
+//   + 64-key tiles up to head 128 ............................... 205-208 (this version;
+//     predicted +8..10% from half the barriers and softmax bookkeeping per key, got +5%: head
+//     128 sits at 255 registers with ~100 bytes of spills, mostly loop-invariant addresses
+//     outside the mma body, so the gain is partly eaten). 2 x 8192: 225 -> 270.
+// Tried and dropped: one barrier per tile (issue tile n + 1 after the top barrier, wait_group 0)
+// predicted +1..3%, measured 193-195, i.e. -6% against two barriers with tile n + 1 in flight
+// before the wait on tile n. Three stages do not fit 2 blocks/SM in shared memory at head 128
+// (Q 34 KB + 6 x 17 KB). Bench lines are medians of 100 runs, two runs per binary, same H100.
+// Beside the 181 version in an earlier run: torch SDPA flash 307, cuDNN 485 (dense K/V). The
+// next step is wgmma (sm_90a): the mma.sync path is register-bound at 4 warps x 32 rows.
 
 #include <climits>
 
@@ -33,6 +46,10 @@ namespace {
 
 using pa::KernelParams;
 
+#ifndef PA_PREFILL_BN
+#define PA_PREFILL_BN(D) ((D) <= 128 ? 64 : 32)
+#endif
+
 template <int D> struct PrefillCfg {
   // 4 warps; each takes kMT m16 tiles (32 rows up to head 128, so every K/V fragment loaded from
   // shared memory feeds twice the tensor-core work), 16 rows above.
@@ -40,7 +57,7 @@ template <int D> struct PrefillCfg {
   static constexpr int kMT = D <= 128 ? 2 : 1;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;
-  static constexpr int kBN = D <= 64 ? 64 : 32;  // keys per tile (registers: S is kMT x kBN)
+  static constexpr int kBN = PA_PREFILL_BN(D);  // keys per tile (registers: S is kMT x kBN)
   static constexpr int kRS = D + 8;  // padded row (elements): rows start 16 bytes apart mod 128
   static constexpr int kChunks = D / 8;
   static constexpr bool kQInRegs = D <= 64;
@@ -63,15 +80,21 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int req = p.req_begin + blockIdx.z;
-  const int h = blockIdx.y;
+  // Flat grid, heaviest row blocks first across all requests and heads (longest-processing-time
+  // order: causal row blocks near the end of a query see the most keys, and starting them first
+  // keeps a long block from landing in the last wave): blockIdx.x = (mb * reqs + r) * H + h with
+  // mb counted from the last row block.
   const int H = p.num_heads;
+  const int hr = p.num_launch_reqs * H;
+  const int mb_rev = blockIdx.x / hr;
+  const int req = p.req_begin + (blockIdx.x % hr) / H;
+  const int h = blockIdx.x % H;
   const int kvh = h / (H / p.num_kv_heads);
 
   const int q_start = pa::clamp_int(p.qsl[req], 0, static_cast<int>(p.num_tokens));
   const int q_end = pa::clamp_int(p.qsl[req + 1], q_start, static_cast<int>(p.num_tokens));
   const int q_len = q_end - q_start;
-  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest (last) row blocks first
+  const int m0 = (gridDim.x / hr - 1 - mb_rev) * BM;
   if (m0 >= q_len) return;
   const int rows = min(BM, q_len - m0);
   const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
@@ -230,9 +253,12 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
     }
     const float sc = exact ? 1.f : scale2;
 
-    // Online softmax for the thread's rows (g and g + 8 of each m-tile).
+    // Online softmax for the thread's rows (g and g + 8 of each m-tile). P is packed to 16-bit
+    // pairs as soon as it is exponentiated, so the f32 scores die before O += P V.
+    uint32_t pk[MT][NT][2];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt) {
+      float mu[2], al[2];
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         float mx = -INFINITY;
@@ -241,26 +267,35 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m2[mt][rr], mx * sc);  // sc > 0; mx = -inf only when exact
-        const float mu = m_new == -INFINITY ? 0.f : m_new;
-        const float a = pa::fast_exp2(m2[mt][rr] - mu);
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          s[mt][j][2 * rr] = pa::fast_exp2(fmaf(s[mt][j][2 * rr], sc, -mu));
-          s[mt][j][2 * rr + 1] = pa::fast_exp2(fmaf(s[mt][j][2 * rr + 1], sc, -mu));
-          sum += s[mt][j][2 * rr] + s[mt][j][2 * rr + 1];
-        }
-        l[mt][rr] = l[mt][rr] * a + sum;
+        mu[rr] = m_new == -INFINITY ? 0.f : m_new;
+        al[rr] = pa::fast_exp2(m2[mt][rr] - mu[rr]);
         m2[mt][rr] = m_new;
-        // Once the row maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
-        if (__any_sync(0xffffffffu, a != 1.f)) {
+      }
+      float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-          for (int j = 0; j < DT; ++j) {
-            o[mt][j][2 * rr] *= a;
-            o[mt][j][2 * rr + 1] *= a;
-          }
+      for (int j = 0; j < NT; ++j) {
+        const float e0 = pa::fast_exp2(fmaf(s[mt][j][0], sc, -mu[0]));
+        const float e1 = pa::fast_exp2(fmaf(s[mt][j][1], sc, -mu[0]));
+        const float e2 = pa::fast_exp2(fmaf(s[mt][j][2], sc, -mu[1]));
+        const float e3 = pa::fast_exp2(fmaf(s[mt][j][3], sc, -mu[1]));
+        sum0 += e0 + e1;
+        sum1 += e2 + e3;
+        pk[mt][j][0] = pa::Elem<T>::pack(e0, e1);
+        pk[mt][j][1] = pa::Elem<T>::pack(e2, e3);
+      }
+      l[mt][0] = l[mt][0] * al[0] + sum0;
+      l[mt][1] = l[mt][1] * al[1] + sum1;
+      // Once the row maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
+      if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          o[mt][j][0] *= al[0];
+          o[mt][j][1] *= al[0];
+          o[mt][j][2] *= al[1];
+          o[mt][j][3] *= al[1];
         }
       }
+    }
 
     // O += P V
 #pragma unroll
@@ -268,10 +303,10 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = pa::Elem<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = pa::Elem<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = pa::Elem<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = pa::Elem<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        a[mt][0] = pk[mt][2 * kk][0];
+        a[mt][1] = pk[mt][2 * kk][1];
+        a[mt][2] = pk[mt][2 * kk + 1][0];
+        a[mt][3] = pk[mt][2 * kk + 1][1];
       }
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
@@ -319,13 +354,14 @@ cudaError_t launch_prefill(const PaAttnArgs& a, const KernelParams& kp, cudaStre
   using Cfg = PrefillCfg<D>;
   const int n = a.req_end - a.req_begin;
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
-  if (n > 65535) return cudaErrorInvalidValue;
-  const int m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t n_blocks = m_blocks * a.num_heads * n;
+  if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   auto kernel = prefill_kernel<T, D>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  const dim3 grid(m_blocks, a.num_heads, n);
+  const dim3 grid(static_cast<unsigned>(n_blocks));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
   return pa_last_launch_status();
 }
