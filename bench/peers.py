@@ -5,7 +5,10 @@ Reads the JSON rows our bench binaries wrote (each names its kernel and shape) a
   kv_write       torch device-to-device copy of the same K/V bytes (the bandwidth ceiling) and
                  torch's own scatter into the paged cache (index assignment through the slots)
   decode/prefill torch SDPA with the flash backend and with the cuDNN backend on the dense
-                 (un-paged) equivalent, bottom-right causal, GQA through enable_gqa
+                 (un-paged) equivalent, bottom-right causal, GQA through enable_gqa; and torch
+                 FlexAttention's paged attention (flex_paged: PagedAttention page table over a
+                 paged K/V cache with page_size = our block_size and shuffled pages, compiled
+                 flex_attention with a bottom-right causal block mask converted to physical pages)
 Every attention peer is first run on the inputs of our request 0 (written by our bench with
 --check-dir) and must match our output rows within the acceptance tolerance before it is timed: a
 fast answer that differs is reported as a mismatch, not as a time.
@@ -14,7 +17,9 @@ Usage: peers.py --json OUT ours1.json [ours2.json ...]
 """
 import argparse
 import json
+import random
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +126,116 @@ def matches(got, want):
     return bool(ok), (got - want).abs().max().item()
 
 
+FLEX_ROW_BUDGET_S = 90.0  # a row whose flex peer (compiles included) takes longer stops the rest
+_flex = {"fn": None, "skip": None}
+
+
+def _flex_compiled():
+    if _flex["fn"] is None:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # every shape (and every mask closure) is its own compile: never fall back to eager
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _flex["fn"]
+
+
+def flex_paged_group(row, q_len, kv_len, batch, check):
+    """One uniform group of requests through FlexAttention's PagedAttention. Returns (call, out_fn)
+    where call() runs the attention and out_fn() is the last output."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dt = DTYPES[row["dtype"]]
+    hq, hk, d, ps = row["num_heads"], row["num_kv_heads"], row["head_size"], row["block_size"]
+    causal = row.get("causal", True)
+    pages_per_seq = (kv_len + ps - 1) // ps
+    n_pages = batch * pages_per_seq
+    pa = PagedAttention(n_pages, ps, batch, device="cuda")
+    order = list(range(n_pages))
+    random.Random(1234 + batch + kv_len).shuffle(order)  # shuffled physical pages, like ours
+    pa.empty_pages = order
+    for b in range(batch):
+        pa.reserve(torch.tensor(b, device="cuda"), torch.tensor(kv_len, device="cuda"))
+
+    q, k, v = dense_inputs(row, q_len, kv_len, batch)
+    if check is not None:  # request 0 is batch element 0 of its group: our check inputs
+        cq, ck, cv, _ = check
+        rows = cq.shape[2]
+        q[0:1, :, q_len - rows:, :] = cq
+        k[0:1] = ck
+        v[0:1] = cv
+    kc = torch.zeros(1, hk, n_pages * ps, d, device="cuda", dtype=dt)
+    vc = torch.zeros_like(kc)
+    batch_idx = torch.arange(batch, device="cuda")
+    pos = torch.arange(kv_len, device="cuda").unsqueeze(0).expand(batch, kv_len)
+    pa.assign(batch_idx, pos, k, v, kc, vc)
+    del k, v
+
+    off = kv_len - q_len  # bottom-right causal: query i sees key j iff j <= off + i
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + off
+
+    def all_mod(b, h, q_idx, kv_idx):
+        return kv_idx < kv_len
+
+    logical = create_block_mask(causal_mod if causal else all_mod, batch, None, q_len,
+                                pages_per_seq * ps, device="cuda", BLOCK_SIZE=(128, ps))
+    physical = pa.convert_logical_block_mask(logical, batch_idx)
+    fn = _flex_compiled()
+    opts = {"BLOCK_N": ps} if ps < 64 else None  # the kernel's KV tile must divide the page
+    box = {}
+
+    def call():
+        box["out"] = fn(q, kc, vc, block_mask=physical, enable_gqa=True, kernel_options=opts)
+        return box["out"]
+
+    return call
+
+
+def flex_paged_peer(row, check, groups):
+    """FlexAttention paged attention. Request 0's group runs first with our check inputs as its
+    batch element 0 (same compiled kernel and shape that is then timed), must match our rows."""
+    if _flex["skip"]:
+        return None, _flex["skip"]
+    t0 = time.time()
+    total, status = 0.0, "ok"
+    first = tuple(row["seqs"][0])
+    ordered = sorted(groups.items(), key=lambda g: g[0] != first)
+    try:
+        for (q_len, kv_len), batch in ordered:
+            chk = check if (q_len, kv_len) == first else None
+            call = flex_paged_group(row, q_len, kv_len, batch, chk)
+            out = call()
+            if chk is not None:
+                rows = chk[0].shape[2]
+                ok, err = matches(out[0:1, :, q_len - rows:, :], chk[3])
+                if not ok:
+                    status = f"does not match ours (max abs diff {err:.3g})"
+                    break
+            total += median_ms(call)
+            del call, out
+            torch.cuda.empty_cache()
+            if time.time() - t0 > FLEX_ROW_BUDGET_S:
+                raise TimeoutError(f"flex peer over {FLEX_ROW_BUDGET_S:.0f} s on this row")
+    except Exception as e:  # unsupported shape, compile failure, OOM, budget
+        msg = str(e).strip().splitlines()
+        status = f"unsupported: {type(e).__name__}: {(msg[-1] if msg else '')[:160]}"
+    spent = time.time() - t0
+    if spent > FLEX_ROW_BUDGET_S:
+        _flex["skip"] = (f"skipped: flex peer took {spent:.0f} s on '{row['name']}' {row['dtype']}"
+                         f" (budget {FLEX_ROW_BUDGET_S:.0f} s a row)")
+    torch.cuda.empty_cache()
+    return (total if status == "ok" else None), status
+
+
 def attention_peers(row):
     """Each peer is first run on request 0's inputs and must match our output rows; then it is
     timed on the dense equivalent of the whole batch (uniform groups of requests become one dense
@@ -149,6 +264,9 @@ def attention_peers(row):
         result[name + "_ms"] = total if status == "ok" else None
         result[name + "_status"] = status
         torch.cuda.empty_cache()
+    t0 = time.time()
+    result["flex_paged_ms"], result["flex_paged_status"] = flex_paged_peer(row, check, groups)
+    print(f"    flex_paged: {result['flex_paged_status']} in {time.time() - t0:.1f} s", flush=True)
     if check is None:
         result["check"] = "no check file: peers were not compared with our output"
     return result
@@ -178,8 +296,9 @@ def main():
             continue
         out.append({"name": row["name"], "dtype": row["dtype"], "kernel": kind, **peers})
         print(f"  {row['name']:<36} {row['dtype']:<5} " + " ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in peers.items()))
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in peers.items()), flush=True)
         torch.cuda.empty_cache()
+        json.dump(out, open(args.json, "w"), indent=1)  # after every row: a killed run keeps its rows
     json.dump(out, open(args.json, "w"), indent=1)
     print(f"wrote {args.json}")
 

@@ -13,7 +13,7 @@ use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
 use crate::slot_mapping::SlotMapping;
 use crate::tensor::{wrong_device, Device, KvCache, Tensor};
-use crate::validate::{self, TensorSpec};
+use crate::validate;
 
 /// The environment variable that forces a device: `cpu`, `cuda`, `cuda:N` or `auto` (the default).
 pub const DEVICE_ENV: &str = "PAGED_ATTN_DEVICE";
@@ -693,13 +693,12 @@ impl Backend {
         if let Some(l) = lse {
             self.expect_device(op, "lse", l.device())?;
         }
-        validate::paged_attention(
+        validate::paged_attention_typed::<T>(
             op,
             params,
             cache.layout(),
-            T::DTYPE,
-            TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
-            TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+            query.shape(),
+            out.shape(),
             lse.map(|l| l.shape()),
             &step.meta,
         )

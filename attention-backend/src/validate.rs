@@ -41,6 +41,33 @@ pub(crate) fn expect_shape(op: &'static str, t: TensorSpec<'_>, expected: &[usiz
     Ok(())
 }
 
+/// [`paged_attention`] for callers whose query, output and cache share the element type `T` by
+/// construction (the typed entry points of both backends): only shapes, parameters and metadata can
+/// be wrong.
+///
+/// # Errors
+/// As [`paged_attention`].
+pub fn paged_attention_typed<T: Element>(
+    op: &'static str,
+    params: &AttentionParams,
+    layout: &CacheLayout,
+    query_shape: &[usize],
+    out_shape: &[usize],
+    lse_shape: Option<&[usize]>,
+    meta: &AttentionMetadata,
+) -> Result<()> {
+    paged_attention(
+        op,
+        params,
+        layout,
+        T::DTYPE,
+        TensorSpec { name: "query", shape: query_shape, dtype: T::DTYPE },
+        TensorSpec { name: "out", shape: out_shape, dtype: T::DTYPE },
+        lse_shape,
+        meta,
+    )
+}
+
 /// [`kv_cache_update`] for callers whose key, value and cache share the element type `T` by
 /// construction (the typed entry points of both backends): only shapes and slots can be wrong.
 ///

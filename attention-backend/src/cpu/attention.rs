@@ -21,7 +21,7 @@ use crate::cache::CpuKvCache;
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::validate::{self, TensorSpec};
+use crate::validate;
 
 /// Environment variable capping the threads of the CPU backend (default: the machine's available
 /// parallelism).
@@ -70,13 +70,12 @@ pub fn paged_attention<T: Element>(
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let layout = *cache.layout();
-    validate::paged_attention(
+    validate::paged_attention_typed::<T>(
         OP,
         params,
         &layout,
-        T::DTYPE,
-        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        query.shape(),
+        out.shape(),
         lse.as_ref().map(|l| l.shape()),
         meta,
     )?;
@@ -117,13 +116,12 @@ pub fn forward<T: Element>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("forward", backend = "cpu", tokens = meta.num_tokens()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), &meta.slot_mapping)?;
-    validate::paged_attention(
+    validate::paged_attention_typed::<T>(
         OP,
         params,
         &layout,
-        T::DTYPE,
-        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        query.shape(),
+        out.shape(),
         lse.as_ref().map(|l| l.shape()),
         meta,
     )?;

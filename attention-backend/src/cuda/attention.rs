@@ -11,7 +11,7 @@ use cudarc::driver::CudaSlice;
 use super::{driver_error, kernel_error, kv_cache_update, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use crate::error::{AttentionError, Result};
 use crate::params::AttentionParams;
-use crate::validate::{self, TensorSpec};
+use crate::validate;
 
 const BACKEND: &str = "cuda";
 
@@ -71,13 +71,12 @@ fn check<T: Element>(
     out: &DeviceTensor<T>,
     lse: Option<&DeviceTensor<f32>>,
 ) -> Result<()> {
-    validate::paged_attention(
+    validate::paged_attention_typed::<T>(
         op,
         params,
         cache.layout(),
-        T::DTYPE,
-        TensorSpec { name: "query", shape: query.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "out", shape: out.shape(), dtype: T::DTYPE },
+        query.shape(),
+        out.shape(),
         lse.map(|l| l.shape()),
         &meta.host,
     )?;
@@ -247,14 +246,7 @@ pub fn forward<T: Element>(
     const OP: &str = "forward";
     let _span = tracing::debug_span!("forward", backend = "cuda", reqs = meta.host.num_reqs()).entered();
     check(OP, query, cache, meta, params, out, lse.as_deref())?;
-    validate::kv_cache_update(
-        OP,
-        cache.layout(),
-        T::DTYPE,
-        TensorSpec { name: "key", shape: key.shape(), dtype: T::DTYPE },
-        TensorSpec { name: "value", shape: value.shape(), dtype: T::DTYPE },
-        meta.slot_mapping().host(),
-    )?;
+    validate::kv_cache_update_typed::<T>(OP, cache.layout(), key.shape(), value.shape(), meta.slot_mapping().host())?;
     kv_cache_update(dev, key, value, cache, meta.slot_mapping())?;
     launch(dev, query, cache, meta, params, out, lse, workspace)
 }
