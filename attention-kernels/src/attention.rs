@@ -179,7 +179,7 @@ pub fn paged_attention<T: Element>(
     if !SUPPORTED_HEAD_SIZES.contains(&d.head_size) {
         return Err(invalid(name, format!("head size {} is not supported", d.head_size)));
     }
-    if d.num_heads == 0 || d.num_kv_heads == 0 || d.num_heads % d.num_kv_heads != 0 {
+    if d.num_heads == 0 || d.num_kv_heads == 0 || !d.num_heads.is_multiple_of(d.num_kv_heads) {
         return Err(invalid(
             name,
             format!("num_heads {} must be a positive multiple of num_kv_heads {}", d.num_heads, d.num_kv_heads),

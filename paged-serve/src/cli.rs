@@ -257,7 +257,7 @@ impl Cli {
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(usage(format!("{flag} must be positive")));
         }
-        if shape.num_heads % shape.num_kv_heads != 0 {
+        if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(usage(format!(
                 "--heads {} is not a multiple of --kv-heads {} (each kv head serves a whole group of query heads)",
                 shape.num_heads, shape.num_kv_heads
@@ -273,7 +273,7 @@ impl Cli {
                     shape.head_size
                 )));
             }
-            if self.block_size % 16 != 0 {
+            if !self.block_size.is_multiple_of(16) {
                 return Err(usage(format!(
                     "--block-size {} is not supported by the cuda backend (use a multiple of 16)",
                     self.block_size

@@ -141,7 +141,7 @@ impl<'a, T: Element> Engine<'a, T> {
         let shape = self.cfg.shape;
         let step_no = self.summary.steps as u64 + 1;
         let verify_layers: &[usize] = match &self.cfg.verify {
-            Some((every, layers)) if (step_no - 1) % every == 0 => layers,
+            Some((every, layers)) if (step_no - 1).is_multiple_of(*every) => layers,
             _ => &[],
         };
         let mut out = self.backend.zeros::<T>(&[num_tokens, shape.num_heads, shape.head_size])?;
