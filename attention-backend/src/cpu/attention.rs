@@ -125,8 +125,10 @@ pub fn forward<T: Element>(
         lse.as_ref().map(|l| l.shape()),
         meta,
     )?;
-    super::kv_cache_update(key, value, cache, &meta.slot_mapping)?;
-    paged_attention(query, cache, meta, params, out, lse)
+    // Both checks passed on exactly these arguments: write and attend without re-validating.
+    super::cache_write::write_rows(key, value, cache, &meta.slot_mapping);
+    run(query, cache, meta, params, out, lse);
+    Ok(())
 }
 
 /// A run of query rows of one request against one kv head (all query heads of its group).

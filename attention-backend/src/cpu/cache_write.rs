@@ -24,6 +24,19 @@ pub fn kv_cache_update<T: Element>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cpu", tokens = slot_mapping.len()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping)?;
+    write_rows(key, value, cache, slot_mapping);
+    Ok(())
+}
+
+/// The write itself, for callers that have already run [`validate::kv_cache_update`] on exactly
+/// these arguments (so shapes match and every slot is inside the cache).
+pub(super) fn write_rows<T: Element>(
+    key: ArrayView3<'_, T>,
+    value: ArrayView3<'_, T>,
+    cache: &mut CpuKvCache<T>,
+    slot_mapping: &SlotMapping,
+) {
+    let layout = *cache.layout();
     let (mut key_cache, mut value_cache) = cache.key_value_mut();
     for (t, &slot) in slot_mapping.as_slice().iter().enumerate() {
         if slot < 0 {
@@ -36,5 +49,4 @@ pub fn kv_cache_update<T: Element>(
             .index_axis_mut(Axis(0), offset)
             .assign(&value.index_axis(Axis(0), t));
     }
-    Ok(())
 }
