@@ -9,6 +9,9 @@ Reads the JSON rows our bench binaries wrote (each names its kernel and shape) a
                  FlexAttention's paged attention (flex_paged: PagedAttention page table over a
                  paged K/V cache with page_size = our block_size and shuffled pages, compiled
                  flex_attention with a bottom-right causal block mask converted to physical pages)
+                 and FlashInfer's paged kernels on the same page size and shuffled page tables
+                 (flashinfer_peer.py: tensor-core and CUDA-core decode, FA3 and FA2 prefill,
+                 BatchPOD for mixed batches; optional, a row says so when FlashInfer is absent)
 Every attention peer is first run on the inputs of our request 0 (written by our bench with
 --check-dir) and must match our output rows within the acceptance tolerance before it is timed: a
 fast answer that differs is reported as a mismatch, not as a time.
@@ -25,16 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import flashinfer_peer
+
 WARMUP, ITERS = 10, 100
+# About a millisecond of GPU spin before each timed call when asked: the device is still busy when
+# the host enqueues the start event and the call, so a peer's Python launch cost (FlashInfer's
+# run() is Python) is not timed as device time, as it is not for our Rust launches.
+QUEUE_AHEAD_CYCLES = 2_000_000
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
-def median_ms(fn, warmup=WARMUP, iters=ITERS):
+def median_ms(fn, warmup=WARMUP, iters=ITERS, queue_ahead=False):
     for _ in range(warmup):
         fn()
+    sleep = getattr(torch.cuda, "_sleep", None) if queue_ahead else None
     times = []
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep is not None:
+            sleep(QUEUE_AHEAD_CYCLES)
         s.record()
         fn()
         e.record()
@@ -267,6 +279,10 @@ def attention_peers(row):
     t0 = time.time()
     result["flex_paged_ms"], result["flex_paged_status"] = flex_paged_peer(row, check, groups)
     print(f"    flex_paged: {result['flex_paged_status']} in {time.time() - t0:.1f} s", flush=True)
+    t0 = time.time()
+    result.update(flashinfer_peer.flashinfer_peer(
+        row, check, lambda fn: median_ms(fn, queue_ahead=True), matches))
+    print(f"    flashinfer: {result['flashinfer_status']} in {time.time() - t0:.1f} s", flush=True)
     if check is None:
         result["check"] = "no check file: peers were not compared with our output"
     return result
@@ -279,6 +295,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"peers on {torch.cuda.get_device_name()} with torch {torch.__version__}")
+    print(f"FlashInfer: {flashinfer_peer.load()[1]}", flush=True)
     rows = []
     for path in args.ours:
         try:
@@ -296,7 +313,8 @@ def main():
             continue
         out.append({"name": row["name"], "dtype": row["dtype"], "kernel": kind, **peers})
         print(f"  {row['name']:<36} {row['dtype']:<5} " + " ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in peers.items()), flush=True)
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in peers.items()
+            if not isinstance(v, dict)), flush=True)
         torch.cuda.empty_cache()
         json.dump(out, open(args.json, "w"), indent=1)  # after every row: a killed run keeps its rows
     json.dump(out, open(args.json, "w"), indent=1)
