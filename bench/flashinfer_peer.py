@@ -158,18 +158,10 @@ class NotPrebuilt(RuntimeError):
 _state = {"fi": None, "status": None, "workspace": None}
 
 
-def _install_jit_guard(fi):
-    """Makes every FlashInfer JIT build raise NotPrebuilt unless its module is already built in
-    FlashInfer's JIT cache (then the build is ninja's no-op). Returns a line for the log."""
-    try:
-        from flashinfer.jit import core
-    except Exception:
-        core = None
-    base = getattr(core, "JitSpec", None) if core is not None else None
-    if base is None:
-        # No JitSpec to guard: ask FlashInfer itself (versions that know this variable refuse).
-        os.environ.setdefault("FLASHINFER_DISABLE_JIT", "1")
-        return "JIT refused through FLASHINFER_DISABLE_JIT"
+def _guard_builds(base):
+    """Replaces the concrete build() of `base` and of every subclass defined so far with one that
+    raises NotPrebuilt unless the module's library is already in FlashInfer's JIT cache (then the
+    build is ninja's no-op). Idempotent; returns how many methods it replaced this time."""
     classes, todo = [], [base]
     while todo:
         cls = todo.pop()
@@ -191,6 +183,32 @@ def _install_jit_guard(fi):
         build._no_jit = True
         setattr(cls, "build", build)
         guarded += 1
+    return guarded
+
+
+def _install_jit_guard(fi):
+    """Keeps FlashInfer from compiling: every JitSpec build raises NotPrebuilt unless the module is
+    prebuilt (loaded without building) or already in its JIT cache. Kinds of JitSpec defined later
+    (FlashInfer imports some lazily) are guarded when a module is first loaded through them.
+    Returns a line for the log."""
+    try:
+        from flashinfer.jit import core
+    except Exception:
+        core = None
+    base = getattr(core, "JitSpec", None) if core is not None else None
+    if base is None:
+        # No JitSpec to guard: ask FlashInfer itself (versions that know this variable refuse).
+        os.environ.setdefault("FLASHINFER_DISABLE_JIT", "1")
+        return "JIT refused through FLASHINFER_DISABLE_JIT"
+    guarded = _guard_builds(base)
+    load_fn = base.__dict__.get("build_and_load")
+    if load_fn is not None and not getattr(load_fn, "_no_jit", False):
+        def build_and_load(self, *args, _orig=load_fn, **kwargs):
+            _guard_builds(base)
+            return _orig(self, *args, **kwargs)
+
+        build_and_load._no_jit = True
+        base.build_and_load = build_and_load
     return f"JIT refused ({guarded} build methods guarded); {JIT_ENV}=1 allows it"
 
 

@@ -163,6 +163,9 @@ class Jit(unittest.TestCase):
             def build(self):
                 return "built"
 
+            def build_and_load(self):
+                return self.build()
+
         import types
         core = types.ModuleType("flashinfer.jit.core")
         core.JitSpec = Spec
@@ -179,6 +182,13 @@ class Jit(unittest.TestCase):
                 s = Spec()
                 s.jit_library_path = so.name
                 self.assertEqual(s.build(), "built")
+
+            class Later(Spec):  # a kind of spec FlashInfer defines after the guard went in
+                def build(self):
+                    return "built later"
+
+            with self.assertRaises(fp.NotPrebuilt):
+                Later().build_and_load()
         finally:
             for k, v in saved.items():
                 if v is None:

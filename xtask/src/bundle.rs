@@ -1,16 +1,33 @@
 //! `cargo xtask gpu-bundle`, `gpu-test` and `bench`: GPU binaries for a machine without cargo.
 //!
 //! The bundle is one ignored folder, `gpu-bundle/`, holding the GPU test binary, the benchmark
-//! binaries (release, stripped), the peers script and `run.sh`, which runs them all and fails when
-//! no GPU is visible.
+//! binaries (release, stripped), the peers scripts and `run.sh`, which runs them all and fails when
+//! no GPU is visible. When a prebuilt FlashInfer is at hand (see [`flashinfer_dir`]) its two files
+//! go into `gpu-bundle/flashinfer/` and `run.sh bench` unpacks them into a temporary folder so the
+//! peers script can time FlashInfer on a machine that cannot install it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::shell;
 
-/// Largest bundle we accept: the device transfer limit leaves room for the working tree.
+/// Largest bundle of our own files (binaries, scripts) we accept.
 const MAX_BUNDLE_BYTES: u64 = 40 * 1024 * 1024;
+
+/// Largest bundle with the FlashInfer files: a GPU machine call carries at most 64 MiB, the working
+/// tree included, so the bundle stays well under it. FlashInfer is left out (with a note) rather
+/// than pushing the bundle past this.
+const MAX_TOTAL_BYTES: u64 = 55 * 1024 * 1024;
+
+// Checked when compiling: our part fits in the total, and the total leaves the working tree room
+// under the 64 MiB a device call carries.
+const _: () = assert!(MAX_BUNDLE_BYTES < MAX_TOTAL_BYTES && MAX_TOTAL_BYTES + 4 * 1024 * 1024 < 64 * 1024 * 1024);
+
+/// Names a folder holding the prebuilt FlashInfer files, overriding the default.
+const FLASHINFER_DIR_ENV: &str = "PAGED_ATTN_FLASHINFER_DIR";
+
+/// The scripts `run.sh bench` runs, copied from `bench/`.
+const SCRIPTS: [&str; 3] = ["bench/peers.py", "bench/flashinfer_peer.py", "bench/report.py"];
 
 /// The folder the bundle is written to.
 pub fn bundle_dir() -> PathBuf {
@@ -88,7 +105,7 @@ pub fn build() -> Result<PathBuf, String> {
         copy_stripped(&exe, &dir.join(&name))?;
     }
     let root = shell::workspace_root();
-    for script in ["bench/peers.py", "bench/report.py"] {
+    for script in SCRIPTS {
         let src = root.join(script);
         if src.exists() {
             let name = src.file_name().map(PathBuf::from).unwrap_or_default();
@@ -99,20 +116,106 @@ pub fn build() -> Result<PathBuf, String> {
     std::fs::write(&run_sh, RUN_SH).map_err(|e| format!("write run.sh: {e}"))?;
     set_executable(&run_sh)?;
 
-    let mut total = 0;
+    let own = dir_size(&dir)?;
+    if own > MAX_BUNDLE_BYTES {
+        list(&dir)?;
+        return Err(format!("the bundle is {own} bytes, over the {MAX_BUNDLE_BYTES}-byte limit"));
+    }
+    add_flashinfer(&dir, own, &flashinfer_dir())?;
+    list(&dir)?;
+    Ok(dir)
+}
+
+/// Prints every file of the bundle with its size, and the total.
+fn list(dir: &Path) -> Result<(), String> {
     println!("\ngpu-bundle/:");
-    let mut entries: Vec<_> = std::fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    files.sort();
+    let mut total = 0;
+    for (path, len) in files {
         total += len;
-        println!("  {:>10}  {}", len, e.file_name().to_string_lossy());
+        let name = path.strip_prefix(dir).unwrap_or(&path);
+        println!("  {:>10}  {}", len, name.display());
     }
     println!("  {total:>10}  total");
-    if total > MAX_BUNDLE_BYTES {
-        return Err(format!("the bundle is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte limit"));
+    Ok(())
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), String> {
+    for e in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?.flatten() {
+        let meta = e.metadata().map_err(|err| format!("stat {}: {err}", e.path().display()))?;
+        if meta.is_dir() {
+            walk(&e.path(), out)?;
+        } else {
+            out.push((e.path(), meta.len()));
+        }
     }
-    Ok(dir)
+    Ok(())
+}
+
+/// Bytes of every file under `dir`.
+fn dir_size(dir: &Path) -> Result<u64, String> {
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    Ok(files.iter().map(|(_, len)| len).sum())
+}
+
+/// Where the prebuilt FlashInfer files are looked for: `$PAGED_ATTN_FLASHINFER_DIR` when set,
+/// else `../shared/peers/flashinfer` beside the workspace root (where a prebuilt copy is shared
+/// between checkouts of one machine).
+pub fn flashinfer_dir() -> PathBuf {
+    match std::env::var_os(FLASHINFER_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => shell::workspace_root().join("../shared/peers/flashinfer"),
+    }
+}
+
+/// The FlashInfer package (`flashinfer-*.tar.xz`, the prebuilt flashinfer-python tree) and its
+/// one missing import-time dependency (`apache_tvm_ffi-*.whl`) in `dir`, or why they cannot be
+/// used. Several candidates: the last by name (the newest version when only the version differs).
+pub fn flashinfer_files(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("no folder {} ({e})", dir.display()))?;
+    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let pick = |prefix: &str, suffix: &str| {
+        names.iter().rev().find(|n| n.starts_with(prefix) && n.ends_with(suffix)).map(|n| dir.join(n))
+    };
+    let tarball =
+        pick("flashinfer-", ".tar.xz").ok_or_else(|| format!("no flashinfer-*.tar.xz in {}", dir.display()))?;
+    let wheel =
+        pick("apache_tvm_ffi-", ".whl").ok_or_else(|| format!("no apache_tvm_ffi-*.whl in {}", dir.display()))?;
+    Ok((tarball, wheel))
+}
+
+/// Copies the prebuilt FlashInfer into `bundle/flashinfer/` when it is at hand and fits beside our
+/// `own_bytes`; otherwise says why it is left out (the bench then runs without that peer, or with
+/// a FlashInfer installed on the GPU machine).
+fn add_flashinfer(bundle: &Path, own_bytes: u64, from: &Path) -> Result<(), String> {
+    let (tarball, wheel) = match flashinfer_files(from) {
+        Ok(files) => files,
+        Err(why) => {
+            println!("\nnote: FlashInfer not bundled: {why}.");
+            println!("      Set {FLASHINFER_DIR_ENV} to a folder with flashinfer-*.tar.xz and apache_tvm_ffi-*.whl to add it.");
+            return Ok(());
+        }
+    };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| format!("stat {}: {e}", p.display()));
+    let extra = size(&tarball)? + size(&wheel)?;
+    if own_bytes + extra > MAX_TOTAL_BYTES {
+        println!(
+            "\nnote: FlashInfer NOT bundled: {own_bytes} + {extra} bytes would pass the {MAX_TOTAL_BYTES}-byte limit."
+        );
+        return Ok(());
+    }
+    let to = bundle.join("flashinfer");
+    std::fs::create_dir_all(&to).map_err(|e| format!("create {}: {e}", to.display()))?;
+    for file in [&tarball, &wheel] {
+        let name = file.file_name().map(PathBuf::from).unwrap_or_default();
+        std::fs::copy(file, to.join(name)).map_err(|e| format!("copy {}: {e}", file.display()))?;
+    }
+    println!("\nFlashInfer bundled from {}", from.display());
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -142,6 +245,13 @@ pub fn bench() -> Result<(), String> {
     println!("On a machine with an NVIDIA GPU (python3 with torch for the peers), run:\n");
     println!("    gpu-bundle/run.sh bench\n");
     println!("It prints one table (ours, the peers, ratios) and writes bench-results.json and bench-ratios.png");
+    if dir.join("flashinfer").is_dir() {
+        println!("FlashInfer is in the bundle: run.sh unpacks it into a temporary folder (no network needed).");
+    } else {
+        println!(
+            "FlashInfer is not in the bundle: its column shows a FlashInfer installed there, or says it is missing."
+        );
+    }
     println!("into $OUT if set, else the bundle folder.");
     Ok(())
 }
@@ -153,7 +263,8 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   ./run.sh test       the GPU tests only
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
 #   ./run.sh serve      the main job on the GPU with --verify (attention checked against float64)
-#   ./run.sh bench      our benchmark binaries and the torch peers, one table
+#   ./run.sh bench      our benchmark binaries and the peers (torch; FlashInfer when bundled or
+#                       installed), one table
 # Every mode fails when no NVIDIA GPU is visible.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -178,6 +289,30 @@ run_sanitize() {
 run_serve() {
     step timeout 420 ./paged-serve --device cuda --verify --no-progress --requests 256 --prompt-len 768 --output-len 128
 }
+# The bundled FlashInfer (flashinfer/ here, present when the bundle was built beside a prebuilt
+# copy) goes into a temporary folder put on PYTHONPATH, installed offline; without it peers.py uses
+# a FlashInfer installed the usual way, or reports it missing. Never fails the bench.
+fi_tmp=""
+cleanup_flashinfer() { if [ -n "$fi_tmp" ]; then rm -rf "$fi_tmp"; fi; }
+trap cleanup_flashinfer EXIT
+setup_flashinfer() {
+    local wheel tarball
+    wheel=$(ls flashinfer/apache_tvm_ffi-*.whl 2>/dev/null | tail -n 1)
+    tarball=$(ls flashinfer/flashinfer-*.tar.xz 2>/dev/null | tail -n 1)
+    if [ -z "$wheel" ] || [ -z "$tarball" ]; then
+        echo "FlashInfer: not in the bundle (peers.py uses an installed one if any)"
+        return 0
+    fi
+    fi_tmp=$(mktemp -d "${TMPDIR:-/tmp}/paged-attn-flashinfer.XXXXXX") || return 0
+    echo "FlashInfer: unpacking $tarball and $wheel into $fi_tmp"
+    if PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$fi_tmp/site" "$wheel" &&
+        python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" "$tarball" "$fi_tmp/site"; then
+        export PYTHONPATH="$fi_tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        export FLASHINFER_WORKSPACE_BASE="$fi_tmp/ws"
+    else
+        echo "FlashInfer: could not unpack the bundled copy; peers.py runs without it unless one is installed"
+    fi
+}
 run_bench() {
     local jsons=()
     for b in bench bench_*; do
@@ -186,6 +321,7 @@ run_bench() {
         jsons+=("$out/ours-$b.json")
     done
     if [ -f peers.py ]; then
+        setup_flashinfer
         step python3 peers.py --json "$out/peers.json" "${jsons[@]}"
     fi
     if [ -f report.py ]; then
@@ -205,3 +341,85 @@ echo
 if [ $status -eq 0 ]; then echo "run.sh: all steps passed"; else echo "run.sh: SOME STEPS FAILED"; fi
 exit $status
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh folder under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("xtask-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn flashinfer_files_finds_the_pair_and_says_what_is_missing() {
+        let tmp = TempDir::new("fi-files");
+        let dir = &tmp.0;
+        assert!(flashinfer_files(&dir.join("absent")).unwrap_err().contains("no folder"));
+        std::fs::write(dir.join("README.md"), "x").unwrap();
+        std::fs::write(dir.join("flashinfer-0.7.2.post1-sm90a-bf16.tar.xz"), "x").unwrap();
+        assert!(flashinfer_files(dir).unwrap_err().contains("apache_tvm_ffi"));
+        std::fs::write(dir.join("apache_tvm_ffi-0.1.15-cp312-cp312-manylinux.whl"), "x").unwrap();
+        std::fs::write(dir.join("flashinfer-0.7.3-sm90a-bf16.tar.xz"), "x").unwrap();
+        let (tarball, wheel) = flashinfer_files(dir).unwrap();
+        assert_eq!(tarball, dir.join("flashinfer-0.7.3-sm90a-bf16.tar.xz"));
+        assert_eq!(wheel, dir.join("apache_tvm_ffi-0.1.15-cp312-cp312-manylinux.whl"));
+    }
+
+    #[test]
+    fn add_flashinfer_copies_the_pair_when_it_fits() {
+        let tmp = TempDir::new("add-fi");
+        let (from, bundle) = (tmp.0.join("peers"), tmp.0.join("bundle"));
+        std::fs::create_dir_all(&from).unwrap();
+        std::fs::create_dir_all(&bundle).unwrap();
+        // absent files: a note, no folder, no error
+        add_flashinfer(&bundle, 0, &from).unwrap();
+        assert!(!bundle.join("flashinfer").exists());
+        std::fs::write(from.join("flashinfer-0.7.2-sm90a.tar.xz"), [1u8; 100]).unwrap();
+        std::fs::write(from.join("apache_tvm_ffi-0.1.15.whl"), [2u8; 50]).unwrap();
+        // over the total with our own bytes: left out
+        add_flashinfer(&bundle, MAX_TOTAL_BYTES - 149, &from).unwrap();
+        assert!(!bundle.join("flashinfer").exists());
+        add_flashinfer(&bundle, MAX_TOTAL_BYTES - 150, &from).unwrap();
+        assert_eq!(std::fs::read(bundle.join("flashinfer/flashinfer-0.7.2-sm90a.tar.xz")).unwrap(), [1u8; 100]);
+        assert_eq!(std::fs::read(bundle.join("flashinfer/apache_tvm_ffi-0.1.15.whl")).unwrap(), [2u8; 50]);
+        assert_eq!(dir_size(&bundle).unwrap(), 150);
+    }
+
+    #[test]
+    fn dir_size_counts_nested_files() {
+        let tmp = TempDir::new("dir-size");
+        std::fs::write(tmp.0.join("a"), [0u8; 10]).unwrap();
+        std::fs::create_dir_all(tmp.0.join("flashinfer")).unwrap();
+        std::fs::write(tmp.0.join("flashinfer/b"), [0u8; 32]).unwrap();
+        assert_eq!(dir_size(&tmp.0).unwrap(), 42);
+    }
+
+    #[test]
+    fn run_sh_installs_the_bundled_flashinfer_offline_and_parses() {
+        for needle in ["--no-index --no-deps", "--target", "filter='tar'", "PYTHONPATH=", "FLASHINFER_WORKSPACE_BASE="]
+        {
+            assert!(RUN_SH.contains(needle), "run.sh lacks {needle}");
+        }
+        let tmp = TempDir::new("run-sh");
+        let path = tmp.0.join("run.sh");
+        std::fs::write(&path, RUN_SH).unwrap();
+        // bash -n: syntax only, nothing runs (skipped where no bash is installed)
+        if let Ok(out) = Command::new("bash").arg("-n").arg(&path).output() {
+            assert!(out.status.success(), "run.sh: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}

@@ -38,6 +38,7 @@ pub fn run() -> Result<(), String> {
     let mut fmt = shell::cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     shell::run(fmt)?;
+    bench_scripts()?;
 
     let cuda_root = cuda_for_tests();
     let (features, features_all, suite_features): (Vec<&str>, Vec<&str>, Vec<&str>) = if cuda_root.is_some() {
@@ -85,6 +86,20 @@ pub fn run() -> Result<(), String> {
         "or `cargo xtask gpu-bundle` and gpu-bundle/run.sh on one without cargo",
     ]);
     Ok(())
+}
+
+/// The bench scripts' own tests (plain python3, no torch or GPU needed): the FlashInfer page-table
+/// conversion and the report. Without a python3 they are reported NOT RUN, not passed.
+fn bench_scripts() -> Result<(), String> {
+    let script = shell::workspace_root().join("bench/test_peers.py");
+    let has_python = std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !has_python {
+        shell::banner(&["bench/test_peers.py NOT RUN: no python3 on this machine"]);
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script);
+    shell::run(cmd)
 }
 
 /// The property tests with many more cases, in release.
