@@ -102,7 +102,10 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
   if (token < 0 || token >= p.num_tokens) return;
   const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
   const int pos = seq_len - 1;
-  // For a single query row the visible keys are exactly [lo, hi].
+  // For a single query row the visible keys are exactly [lo, hi], and only keys of [k_begin, k_end)
+  // within it are ever loaded (later keys of a tile are zero-filled), so no cache row this row
+  // cannot see (window, block tail, other requests' blocks) reaches shared memory: NaN or Inf there
+  // cannot leak into the product, and no sanitising is needed here.
   int lo, hi;
   pa::key_range(pos, pos, seq_len, p, lo, hi);
   const int len = hi - lo + 1;
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
   for (int idx = tid; idx < NR * C; idx += Cfg::kThreads) {
     const int r = idx / C, c = idx % C;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (r < gc) v = *reinterpret_cast<const uint4*>(q + (static_cast<int64_t>(token) * H + head0 + r) * D + c * 8);
+    if (r < gc) v = *reinterpret_cast<const uint4*>(q + pa::q_row(p, token, head0 + r) + c * 8);
     *reinterpret_cast<uint4*>(q_s + r * RS + c * 8) = v;
   }
   // Row offsets of the first S tiles.
@@ -315,7 +318,7 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
     if (num_splits == 1) {
       const pa::Finalised f = pa::finalise(M, l_sum, p.has_sinks ? p.sinks[qh] : -INFINITY);
       T* out = static_cast<T*>(p.out);
-      out[(static_cast<int64_t>(token) * H + qh) * D + d] = static_cast<T>(sum * f.out_scale);
+      out[pa::o_row(p, token, qh) + d] = static_cast<T>(sum * f.out_scale);
       if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
     } else {
       const int64_t row = (static_cast<int64_t>(split) * n_local + local) * H + qh;
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams 
       const float w = exp2f(ml[(s * stride + row) * 2] - mu);
       o += w * p.workspace[(s * stride + row) * D + d];
     }
-    out[(static_cast<int64_t>(token) * H + qh) * D + d] = static_cast<T>(o * f.out_scale);
+    out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f.out_scale);
   }
   if (lane == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
 }
@@ -403,6 +406,34 @@ PA_EXPORT int32_t pa_paged_decode_max_group(int32_t head_size) {
 PA_EXPORT int32_t pa_paged_decode_tile_keys(int32_t head_size) {
   if (!pa::head_size_supported(head_size)) return 0;
   return DecodeCfg<64>::kTK;  // the same for every head size
+}
+
+// Query heads of one GQA group one decode block computes (larger groups take several blocks); 0 if
+// the head size is unsupported.
+PA_EXPORT int32_t pa_paged_decode_heads_per_block(int32_t head_size) {
+  if (!pa::head_size_supported(head_size)) return 0;
+  return DecodeCfg<64>::kRows;  // the same for every head size
+}
+
+// Resident blocks per SM of the decode kernel for (head size, dtype) on the current device, as the
+// runtime's occupancy calculator reports it for the instantiation and dynamic shared memory that
+// pa_paged_decode launches. Needs a current CUDA context; writes *blocks only on success.
+PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
+  if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
+    constexpr int D = decltype(tag)::value;
+    using Cfg = DecodeCfg<D>;
+    auto occupancy = [&](auto kernel) -> cudaError_t {
+      const int smem = static_cast<int>(Cfg::kSmemBytes);
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+      int n = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
+      if (err == cudaSuccess) *blocks = n;
+      return err;
+    };
+    return dtype == 0 ? occupancy(decode_split_kernel<__half, D>) : occupancy(decode_split_kernel<__nv_bfloat16, D>);
+  });
 }
 
 // Decode attention for requests [req_begin, req_end), each with exactly one query token.

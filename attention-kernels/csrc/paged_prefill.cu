@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
   for (int idx = tid; idx < BM * C; idx += Cfg::kThreads) {
     const int r = idx / C, c = idx % C;
     const bool valid = r < rows;
-    const int64_t off = valid ? (static_cast<int64_t>(q_start + m0 + r) * H + h) * D + c * 8 : 0;
+    const int64_t off = valid ? pa::q_row(p, q_start + m0 + r, h) + c * 8 : 0;
     pa::cp_async16(q_s + r * RS + c * 8, q + off, valid);
   }
 
@@ -123,6 +123,11 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
   float m2[MT][2], l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) m2[mt][0] = m2[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+  // Rows that can see a key whose V row held a NaN / Inf zeroed by the sanitising below (this
+  // thread's keys only; OR-ed across the quad in the epilogue).
+  bool v_bad[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) v_bad[mt][0] = v_bad[mt][1] = false;
   const float slope = p.has_alibi ? p.alibi[h] : 0.f;
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
   const float scale2 = p.scale * pa::kLog2e;
@@ -297,9 +302,16 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
       }
     }
 
-    // O += P V
+    // O += P V. On a tile that straddles a bound of the warp's rows, a V row a row cannot see is
+    // multiplied by that row's zero probability, and 0 x NaN = NaN: every 16-key step holding a
+    // hidden key has its non-finite V elements zeroed in the B fragments, and `vbad` notes which of
+    // the thread's keys had one (bit kk * 4 + i for keys kk * 16 + {2 t4, 2 t4 + 1, 2 t4 + 8,
+    // 2 t4 + 9}, the keys of this thread's P fragment). Full tiles keep the plain product.
+    uint32_t vbad = 0;
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
+      const int k0 = n0 + kk * 16;
+      const bool sanitize = need_mask && (k0 + 15 > mask_above || k0 < mask_below);  // warp-uniform
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -312,11 +324,39 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t b[4];
         pa::ldsm_x4_trans(b, vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+        if (sanitize) {
+          // b[0], b[2]: keys 2 t4, 2 t4 + 1 (columns g, g + 8); b[1], b[3]: the same keys + 8.
+          const uint32_t lo = pa::sanitize_pair<T>(b[0]) | pa::sanitize_pair<T>(b[2]);
+          const uint32_t hi = pa::sanitize_pair<T>(b[1]) | pa::sanitize_pair<T>(b[3]);
+          vbad |= (lo | (hi << 2)) << (kk * 4);
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           pa::Mma<T>::run(o[mt][2 * dn], a[mt], b[0], b[1]);
           pa::Mma<T>::run(o[mt][2 * dn + 1], a[mt], b[2], b[3]);
         }
+      }
+    }
+    if (need_mask) {
+      // A key is poisoned when any of its columns was: OR over the 8 lanes of each t4.
+      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 4);
+      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 8);
+      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 16);
+      if (vbad != 0) {  // rare: only when a straddling tile holds a non-finite V element
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (!((vbad >> (kk * 4 + i)) & 1u)) continue;
+            const int key = n0 + kk * 16 + 2 * t4 + (i & 1) + (i >> 1) * 8;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int rr = 0; rr < 2; ++rr) {
+                const int pos = ctx + m0 + (warp * MT + mt) * 16 + g + rr * 8;
+                if (pa::key_visible(pos, key, seq_len, p)) v_bad[mt][rr] = true;
+              }
+          }
       }
     }
     }  // warp_work
@@ -336,14 +376,20 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
       float lr = l[mt][rr];
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      int bad = v_bad[mt][rr];
+      bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+      bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
       const int r = (warp * MT + mt) * 16 + g + rr * 8;
       if (r < rows) {
         const int64_t token = q_start + m0 + r;
         const pa::Finalised f = pa::finalise(m2[mt][rr], lr, sink2);
-        uint32_t* orow = reinterpret_cast<uint32_t*>(out + (token * H + h) * D);
+        // A row that saw a non-finite V element the sanitising zeroed gets NaN, as the plain
+        // product would have given it.
+        const float os = bad ? __int_as_float(0x7fffffff) : f.out_scale;
+        uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll
         for (int j = 0; j < DT; ++j)
-          orow[j * 4 + t4] = pa::Elem<T>::pack(o[mt][j][2 * rr] * f.out_scale, o[mt][j][2 * rr + 1] * f.out_scale);
+          orow[j * 4 + t4] = pa::Elem<T>::pack(o[mt][j][2 * rr] * os, o[mt][j][2 * rr + 1] * os);
         if (t4 == 0 && p.lse) p.lse[token * H + h] = f.lse;
       }
     }
@@ -367,6 +413,38 @@ cudaError_t launch_prefill(const PaAttnArgs& a, const KernelParams& kp, cudaStre
 }
 
 }  // namespace
+
+// Query rows one prefill block computes for a head size (the grid has ceil(max_query_len / rows)
+// row blocks per request and head); 0 if the head size is unsupported.
+PA_EXPORT int32_t pa_paged_prefill_rows_per_block(int32_t head_size) {
+  int32_t rows = 0;
+  pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
+    rows = PrefillCfg<decltype(tag)::value>::kBM;
+    return cudaSuccess;
+  });
+  return rows;
+}
+
+// Resident blocks per SM of the prefill kernel for (head size, dtype) on the current device, as the
+// runtime's occupancy calculator reports it for the instantiation and dynamic shared memory that
+// pa_paged_prefill launches. Needs a current CUDA context; writes *blocks only on success.
+PA_EXPORT cudaError_t pa_paged_prefill_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
+  if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
+    constexpr int D = decltype(tag)::value;
+    using Cfg = PrefillCfg<D>;
+    auto occupancy = [&](auto kernel) -> cudaError_t {
+      const int smem = static_cast<int>(Cfg::kSmemBytes);
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+      int n = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
+      if (err == cudaSuccess) *blocks = n;
+      return err;
+    };
+    return dtype == 0 ? occupancy(prefill_kernel<__half, D>) : occupancy(prefill_kernel<__nv_bfloat16, D>);
+  });
+}
 
 // Varlen attention for requests [req_begin, req_end) of any query length; max_query_len must be at
 // least the longest query of that range (it sizes the grid).

@@ -1,8 +1,11 @@
 //! Safe launchers of the paged attention kernels (split-KV decode, tensor-core prefill).
 //!
 //! Like [`crate::launch`], each launcher checks what memory safety depends on (every buffer long
-//! enough for the dimensions, every buffer on the stream's context, the element type one the
-//! kernels are compiled for) and then makes its one `unsafe` call. The kernels clamp every value
+//! enough for the dimensions and strides, every buffer on the stream's context, the element type
+//! one the kernels are compiled for, base pointers and strides aligned for 16-byte vectors) and
+//! then makes its one `unsafe` call. The buffers are borrowed cudarc views, so an engine's own
+//! tensors (a strided slice of a fused QKV projection, an interleaved K/V cache) are read and
+//! written in place. The kernels clamp every value
 //! they read from the device-side metadata (query offsets, sequence lengths, block ids), so
 //! inconsistent metadata can give a wrong answer but never an access outside these buffers; the
 //! semantic checks that rule out wrong answers live in `attention-backend` and run first.
@@ -10,7 +13,7 @@
 use std::ffi::c_void;
 use std::ptr;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
 use crate::launch::{check_len, same_context, status_to_result, to_i64};
@@ -84,27 +87,69 @@ pub struct AttentionFeatures<'a> {
     pub sinks: Option<&'a [f32]>,
 }
 
-/// The device buffers of one attention launch.
+/// Strides, in elements, of the strided buffers of one launch. The last dimension (the elements of
+/// one head) is always contiguous.
+///
+/// Every stride must be a multiple of 16 bytes (8 f16/bf16 elements) and every base pointer
+/// 16-byte aligned: the kernels move 16-byte vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionStrides {
+    /// Between consecutive tokens of `query` (`num_heads * head_size` when packed; larger for a
+    /// slice of a fused QKV buffer).
+    pub query_token: usize,
+    /// Between consecutive heads of `query`.
+    pub query_head: usize,
+    /// Between consecutive tokens of `out`.
+    pub out_token: usize,
+    /// Between consecutive heads of `out`.
+    pub out_head: usize,
+    /// Between consecutive blocks of each cache (`block_size * num_kv_heads * head_size` when
+    /// packed; twice that for an interleaved `[num_blocks, 2, block_size, num_kv_heads,
+    /// head_size]` cache read through a key view and a value view offset by one block).
+    pub cache_block: usize,
+}
+
+impl AttentionStrides {
+    /// The strides of packed `[num_tokens, num_heads, head_size]` query / out and packed
+    /// `[num_blocks, block_size, num_kv_heads, head_size]` caches. A product that overflows
+    /// saturates, and the launcher then refuses the launch.
+    pub fn contiguous(dims: &AttentionDims) -> Self {
+        let row = dims.num_heads.saturating_mul(dims.head_size);
+        AttentionStrides {
+            query_token: row,
+            query_head: dims.head_size,
+            out_token: row,
+            out_head: dims.head_size,
+            cache_block: dims.block_size.saturating_mul(dims.num_kv_heads).saturating_mul(dims.head_size),
+        }
+    }
+}
+
+/// The device buffers of one attention launch, borrowed (`CudaSlice::as_view` /
+/// `as_view_mut`, or sub-ranges through `slice` / `slice_mut`).
 #[derive(Debug)]
 pub struct AttentionBuffers<'a, T: Element> {
-    /// `[num_tokens, num_heads, head_size]`.
-    pub query: &'a CudaSlice<T>,
-    /// `[num_blocks, block_size, num_kv_heads, head_size]`.
-    pub key_cache: &'a CudaSlice<T>,
-    /// Same shape as `key_cache`.
-    pub value_cache: &'a CudaSlice<T>,
+    /// `[num_tokens, num_heads, head_size]` with strides `strides.query_*`.
+    pub query: CudaView<'a, T>,
+    /// `[num_blocks, block_size, num_kv_heads, head_size]`, blocks `strides.cache_block` apart.
+    pub key_cache: CudaView<'a, T>,
+    /// Same shape and block stride as `key_cache` (may be a view of the same buffer).
+    pub value_cache: CudaView<'a, T>,
     /// `[num_reqs + 1]` cumulative query lengths.
-    pub query_start_loc: &'a CudaSlice<i32>,
+    pub query_start_loc: CudaView<'a, i32>,
     /// `[num_reqs]`.
-    pub seq_lens: &'a CudaSlice<i32>,
+    pub seq_lens: CudaView<'a, i32>,
     /// `[num_reqs, max_blocks_per_req]`.
-    pub block_table: &'a CudaSlice<i32>,
-    /// `[num_tokens, num_heads, head_size]`; only rows of the launch's requests are written.
-    pub out: &'a mut CudaSlice<T>,
-    /// `[num_tokens, num_heads]` natural-log sum-exp, or `None`.
-    pub lse: Option<&'a mut CudaSlice<f32>>,
+    pub block_table: CudaView<'a, i32>,
+    /// `[num_tokens, num_heads, head_size]` with strides `strides.out_*`; only rows of the launch's
+    /// requests are written.
+    pub out: CudaViewMut<'a, T>,
+    /// `[num_tokens, num_heads]` natural-log sum-exp (packed), or `None`.
+    pub lse: Option<CudaViewMut<'a, f32>>,
     /// Split-KV partials (decode with more than one split).
-    pub workspace: Option<&'a mut CudaSlice<f32>>,
+    pub workspace: Option<CudaViewMut<'a, f32>>,
+    /// Element strides of `query`, `out` and the caches.
+    pub strides: AttentionStrides,
 }
 
 const DECODE: &str = "paged_decode";
@@ -135,6 +180,64 @@ pub fn decode_tile_keys(head_size: usize) -> usize {
     k.max(0) as usize
 }
 
+/// Query heads one decode block computes (GQA groups larger than this run as several blocks);
+/// 0 when the head size is not supported.
+pub fn decode_heads_per_block(head_size: usize) -> usize {
+    let Ok(h) = i32::try_from(head_size) else { return 0 };
+    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
+    let n = unsafe { ffi::pa_paged_decode_heads_per_block(h) };
+    n.max(0) as usize
+}
+
+/// Query rows one prefill block computes (a launch has `ceil(max_query_len / rows)` row blocks per
+/// request and head); 0 when the head size is not supported.
+pub fn prefill_rows_per_block(head_size: usize) -> usize {
+    let Ok(h) = i32::try_from(head_size) else { return 0 };
+    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
+    let n = unsafe { ffi::pa_paged_prefill_rows_per_block(h) };
+    n.max(0) as usize
+}
+
+/// Resident blocks per SM of `kernel`'s instantiation for `head_size` and `dtype` on `ctx`'s
+/// device, as the CUDA runtime's occupancy calculator reports it with the kernel's dynamic shared
+/// memory: the number a wave model should use (a table written for one GPU would be wrong on the
+/// next). Only the variant of `kernel` matters, not its fields.
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] for an unsupported head size or element type;
+/// [`KernelError::Cuda`] when the context cannot be bound or the runtime fails (no kernel image
+/// for this GPU, for instance).
+pub fn blocks_per_sm(
+    ctx: &CudaContext,
+    kernel: AttentionKernel,
+    head_size: usize,
+    dtype: DType,
+) -> Result<usize, KernelError> {
+    const OCC: &str = "blocks_per_sm";
+    let d = match dtype {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        other => return Err(invalid(OCC, format!("element type {other} is not supported on the GPU"))),
+    };
+    if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
+        return Err(invalid(OCC, format!("head size {head_size} is not supported")));
+    }
+    let h = to_i32(OCC, "head_size", head_size)?;
+    ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel: OCC, code: e.0 as i32, message: format!("{e:?}") })?;
+    let mut blocks: i32 = 0;
+    // SAFETY: `blocks` is a live local the function writes one i32 to; the context is bound to this
+    // thread (above), which is all the runtime's occupancy query and function-attribute call need.
+    // No memory of the caller is otherwise touched.
+    let status = unsafe {
+        match kernel {
+            AttentionKernel::Decode { .. } => ffi::pa_paged_decode_blocks_per_sm(h, d, &mut blocks),
+            AttentionKernel::Prefill { .. } => ffi::pa_paged_prefill_blocks_per_sm(h, d, &mut blocks),
+        }
+    };
+    status_to_result(OCC, status)?;
+    Ok(blocks.max(0) as usize)
+}
+
 fn invalid(kernel: &'static str, what: String) -> KernelError {
     KernelError::InvalidArgument { kernel, what }
 }
@@ -151,14 +254,51 @@ fn window(kernel: &'static str, name: &str, w: Option<usize>) -> Result<i32, Ker
     }
 }
 
+/// Elements a strided `[num_tokens, num_heads, head_size]` view must hold: one past the last
+/// element of the last (token, head) row; 0 without tokens.
+fn strided_rows_len(
+    tokens: usize,
+    heads: usize,
+    head_size: usize,
+    token_stride: usize,
+    head_stride: usize,
+) -> Option<usize> {
+    if tokens == 0 || heads == 0 {
+        return Some(0);
+    }
+    (tokens - 1).checked_mul(token_stride)?.checked_add((heads - 1).checked_mul(head_stride)?)?.checked_add(head_size)
+}
+
+/// True when the rows of a strided `[tokens, heads, head_size]` view never share an element: the
+/// inner of the two strides clears a head, the outer clears all rows of the inner dimension. (A
+/// sufficient test; the layouts engines use all pass it.)
+fn rows_disjoint(tokens: usize, heads: usize, head_size: usize, token_stride: usize, head_stride: usize) -> bool {
+    let mut dims = [(token_stride, tokens), (head_stride, heads)];
+    dims.sort_unstable();
+    let mut extent = head_size; // elements one step of the next dimension must clear
+    for (stride, count) in dims {
+        if count <= 1 {
+            continue;
+        }
+        if stride < extent {
+            return false;
+        }
+        let Some(e) = stride.checked_mul(count - 1).and_then(|x| x.checked_add(extent)) else { return false };
+        extent = e;
+    }
+    true
+}
+
 /// Launches one paged attention kernel over requests `dims.req_begin..dims.req_end` on `stream`,
 /// without synchronising.
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] for an element type other than f16/bf16, an unsupported head
-/// size, inconsistent dimensions, per-head vectors of the wrong length, or a buffer on another
-/// context; [`KernelError::BufferTooSmall`] when a buffer is shorter than `dims` require;
-/// [`KernelError::Cuda`] when the runtime rejects the launch.
+/// size, inconsistent dimensions, per-head vectors of the wrong length, a buffer on another
+/// context, a stride or base pointer not a multiple of 16 bytes, a cache block stride shorter than
+/// a block, or `out` rows that overlap; [`KernelError::BufferTooSmall`] when a buffer is shorter
+/// than `dims` and `bufs.strides` require; [`KernelError::Cuda`] when the runtime rejects the
+/// launch.
 pub fn paged_attention<T: Element>(
     stream: &CudaStream,
     kernel: AttentionKernel,
@@ -176,6 +316,7 @@ pub fn paged_attention<T: Element>(
         other => return Err(invalid(name, format!("element type {other} is not supported on the GPU"))),
     };
     let d = *dims;
+    let st = bufs.strides;
     if !SUPPORTED_HEAD_SIZES.contains(&d.head_size) {
         return Err(invalid(name, format!("head size {} is not supported", d.head_size)));
     }
@@ -195,16 +336,42 @@ pub fn paged_attention<T: Element>(
     let span = d.max_blocks_per_req.checked_mul(d.block_size).ok_or_else(overflow)?;
     to_i32(name, "max_blocks_per_req * block_size", span)?;
     to_i32(name, "num_tokens", d.num_tokens)?;
+    // 16-byte vectors: every stride a whole number of them (T is 2 bytes here).
+    let vec_elems = 16 / std::mem::size_of::<T>();
+    for (s_name, s) in [
+        ("query token stride", st.query_token),
+        ("query head stride", st.query_head),
+        ("out token stride", st.out_token),
+        ("out head stride", st.out_head),
+        ("cache block stride", st.cache_block),
+    ] {
+        if !s.is_multiple_of(vec_elems) {
+            return Err(invalid(name, format!("{s_name} {s} is not a multiple of {vec_elems} elements (16 bytes)")));
+        }
+    }
+    let block_elems =
+        d.block_size.checked_mul(d.num_kv_heads).and_then(|x| x.checked_mul(d.head_size)).ok_or_else(overflow)?;
+    if st.cache_block < block_elems {
+        return Err(invalid(
+            name,
+            format!("cache block stride {} is shorter than a block ({block_elems})", st.cache_block),
+        ));
+    }
+    if !rows_disjoint(d.num_tokens, d.num_heads, d.head_size, st.out_token, st.out_head) {
+        return Err(invalid(
+            name,
+            format!("out rows overlap (token stride {}, head stride {})", st.out_token, st.out_head),
+        ));
+    }
     let rows = d.num_tokens.checked_mul(d.num_heads).ok_or_else(overflow)?;
-    let q_elems = rows.checked_mul(d.head_size).ok_or_else(overflow)?;
-    let cache_elems = d
-        .num_blocks
-        .checked_mul(d.block_size)
-        .and_then(|x| x.checked_mul(d.num_kv_heads))
-        .and_then(|x| x.checked_mul(d.head_size))
-        .ok_or_else(overflow)?;
+    let q_elems =
+        strided_rows_len(d.num_tokens, d.num_heads, d.head_size, st.query_token, st.query_head).ok_or_else(overflow)?;
+    let o_elems =
+        strided_rows_len(d.num_tokens, d.num_heads, d.head_size, st.out_token, st.out_head).ok_or_else(overflow)?;
+    let cache_elems =
+        (d.num_blocks - 1).checked_mul(st.cache_block).and_then(|x| x.checked_add(block_elems)).ok_or_else(overflow)?;
     check_len(name, "query", bufs.query.len(), q_elems)?;
-    check_len(name, "out", bufs.out.len(), q_elems)?;
+    check_len(name, "out", bufs.out.len(), o_elems)?;
     check_len(name, "key_cache", bufs.key_cache.len(), cache_elems)?;
     check_len(name, "value_cache", bufs.value_cache.len(), cache_elems)?;
     check_len(name, "query_start_loc", bufs.query_start_loc.len(), d.num_reqs + 1)?;
@@ -269,8 +436,18 @@ pub fn paged_attention<T: Element>(
         message: format!("{e:?}"),
     })?;
 
-    let AttentionBuffers { query, key_cache, value_cache, query_start_loc, seq_lens, block_table, out, lse, workspace } =
-        bufs;
+    let AttentionBuffers {
+        query,
+        key_cache,
+        value_cache,
+        query_start_loc,
+        seq_lens,
+        block_table,
+        mut out,
+        lse,
+        workspace,
+        strides: _,
+    } = bufs;
     let (q, _q_guard) = query.device_ptr(stream);
     let (kc, _kc_guard) = key_cache.device_ptr(stream);
     let (vc, _vc_guard) = value_cache.device_ptr(stream);
@@ -278,14 +455,21 @@ pub fn paged_attention<T: Element>(
     let (sl, _sl_guard) = seq_lens.device_ptr(stream);
     let (bt, _bt_guard) = block_table.device_ptr(stream);
     let (o, _o_guard) = out.device_ptr_mut(stream);
-    let (lse_ptr, _lse_guard) = match lse {
+    for (ptr_name, p) in [("query", q), ("key_cache", kc), ("value_cache", vc), ("out", o)] {
+        if !p.is_multiple_of(16) {
+            return Err(invalid(name, format!("{ptr_name} base address {p:#x} is not 16-byte aligned")));
+        }
+    }
+    let mut lse = lse;
+    let (lse_ptr, _lse_guard) = match lse.as_mut() {
         Some(l) => {
             let (p, g) = l.device_ptr_mut(stream);
             (p as *mut f32, Some(g))
         }
         None => (ptr::null_mut(), None),
     };
-    let (ws_ptr, ws_len, _ws_guard) = match workspace {
+    let mut workspace = workspace;
+    let (ws_ptr, ws_len, _ws_guard) = match workspace.as_mut() {
         Some(w) => {
             let len = w.len();
             let (p, g) = w.device_ptr_mut(stream);
@@ -308,6 +492,11 @@ pub fn paged_attention<T: Element>(
         workspace_len: to_i64(name, "workspace_len", ws_len)?,
         num_tokens: to_i64(name, "num_tokens", d.num_tokens)?,
         num_blocks: to_i64(name, "num_blocks", d.num_blocks)?,
+        q_token_stride: to_i64(name, "query token stride", st.query_token)?,
+        q_head_stride: to_i64(name, "query head stride", st.query_head)?,
+        o_token_stride: to_i64(name, "out token stride", st.out_token)?,
+        o_head_stride: to_i64(name, "out head stride", st.out_head)?,
+        kv_block_stride: to_i64(name, "cache block stride", st.cache_block)?,
         num_reqs: to_i32(name, "num_reqs", d.num_reqs)?,
         req_begin: to_i32(name, "req_begin", d.req_begin)?,
         req_end: to_i32(name, "req_end", d.req_end)?,
@@ -326,16 +515,19 @@ pub fn paged_attention<T: Element>(
         dtype,
     };
     let cu_stream = stream.cu_stream() as *mut c_void;
-    // SAFETY: every device pointer comes from a live cudarc allocation on `stream`'s context
-    // (checked above), borrowed for the duration of this call; the guards keep cudarc's event
-    // tracking ordered around the launch. The lengths checked above cover everything the kernels
-    // can address: query/out rows `< num_tokens` (device offsets are clamped to it), cache rows of
-    // block ids clamped to `num_blocks`, block-table entries of rows `< num_reqs` and columns
+    // SAFETY: every device pointer comes from a live cudarc view on `stream`'s context (checked
+    // above), borrowed for the duration of this call; the guards keep cudarc's event tracking
+    // ordered around the launch. The lengths checked above cover everything the kernels can
+    // address through the strides: query/out rows of tokens `< num_tokens` (device offsets are
+    // clamped to it) and heads `< num_heads`, cache blocks of ids clamped to `num_blocks` at
+    // `cache_block` apart, block-table entries of rows `< num_reqs` and columns
     // `< max_blocks_per_req` (sequence lengths are clamped to `max_blocks_per_req * block_size`),
     // lse rows `< num_tokens`, and workspace elements below the size checked for the decode split
-    // count (the C launcher re-checks `workspace_len`). The host vectors `alibi_slopes` / `sinks`
-    // hold `num_heads <= MAX_FEATURE_HEADS` floats and are only read during this call. `T` is
-    // f16 or bf16, matching `dtype`. The launcher does not synchronise and keeps no pointer.
+    // count (the C launcher re-checks `workspace_len`). Base pointers and strides are 16-byte
+    // multiples (checked above) as the kernels' vector accesses need, and `out` rows are disjoint,
+    // so no two threads write one element. The host vectors `alibi_slopes` / `sinks` hold
+    // `num_heads <= MAX_FEATURE_HEADS` floats and are only read during this call. `T` is f16 or
+    // bf16, matching `dtype`. The launcher does not synchronise and keeps no pointer.
     let status = unsafe {
         match kernel {
             AttentionKernel::Decode { .. } => ffi::pa_paged_decode(&args, cu_stream),

@@ -13,9 +13,10 @@ extern "C" {
     ///
     /// - `key`, `value`: `[num_tokens, row_elems]` with token rows `key_stride` / `value_stride`
     ///   elements apart (`row_elems = num_kv_heads * head_size`).
-    /// - `key_cache`, `value_cache`: `[num_slots, row_elems]`, contiguous (`num_slots = num_blocks *
-    ///   block_size`; the NHD layout's rows).
-    /// - `slot_mapping`: `[num_tokens]` i64; negative entries and entries `>= num_slots` are skipped.
+    /// - `key_cache`, `value_cache`: `[num_blocks, block_size, row_elems]` with blocks
+    ///   `cache_block_stride` elements apart (`>= block_size * row_elems`; the NHD layout).
+    /// - `slot_mapping`: `[num_tokens]` i64; negative entries and entries `>= num_blocks *
+    ///   block_size` are skipped.
     /// - `elem_bytes`: 2 or 4.
     pub fn pa_kv_cache_write(
         key: *const c_void,
@@ -27,7 +28,9 @@ extern "C" {
         row_elems: i64,
         key_stride: i64,
         value_stride: i64,
-        num_slots: i64,
+        num_blocks: i64,
+        block_size: i64,
+        cache_block_stride: i64,
         elem_bytes: i32,
         stream: *mut c_void,
     ) -> CudaStatus;
@@ -51,6 +54,19 @@ extern "C" {
     /// Keys per tile of the decode kernel for a head size (0: unsupported).
     pub fn pa_paged_decode_tile_keys(head_size: i32) -> i32;
 
+    /// Query heads one decode block computes (0: head size unsupported).
+    pub fn pa_paged_decode_heads_per_block(head_size: i32) -> i32;
+
+    /// Query rows one prefill block computes (0: head size unsupported).
+    pub fn pa_paged_prefill_rows_per_block(head_size: i32) -> i32;
+
+    /// Resident blocks per SM of the decode kernel for `head_size` and `dtype` (0 = f16, 1 = bf16)
+    /// on the current context's device, written to `*blocks` on success.
+    pub fn pa_paged_decode_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
+
+    /// Same for the prefill kernel.
+    pub fn pa_paged_prefill_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
+
     /// The runtime's message for a status; a static string.
     pub fn pa_error_string(status: CudaStatus) -> *const c_char;
 }
@@ -58,18 +74,23 @@ extern "C" {
 /// The argument block of [`pa_paged_decode`] and [`pa_paged_prefill`]; mirrors `PaAttnArgs` in
 /// `csrc/attention/common.cuh` field for field.
 ///
+/// Query and out are strided `[num_tokens, num_heads, head_size]` views (token and head strides
+/// in elements, the last dimension contiguous); each cache is `[num_blocks, block_size,
+/// num_kv_heads, head_size]` with blocks `kv_block_stride` elements apart. Base pointers and strides
+/// are multiples of 16 bytes.
+///
 /// `alibi_slopes` and `sinks` are **host** pointers (`[num_heads]` floats or null): the launcher
 /// copies them into the kernel parameters, so a captured CUDA graph holds their values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PaAttnArgs {
-    /// `[num_tokens, num_heads, head_size]`.
+    /// `[num_tokens, num_heads, head_size]`, strided.
     pub query: *const c_void,
-    /// `[num_blocks, block_size, num_kv_heads, head_size]`.
+    /// `[num_blocks, block_size, num_kv_heads, head_size]`, strided blocks.
     pub key_cache: *const c_void,
-    /// Same shape as `key_cache`.
+    /// Same shape and block stride as `key_cache`.
     pub value_cache: *const c_void,
-    /// `[num_tokens, num_heads, head_size]`.
+    /// `[num_tokens, num_heads, head_size]`, strided.
     pub out: *mut c_void,
     /// `[num_tokens, num_heads]` or null.
     pub lse: *mut f32,
@@ -91,6 +112,16 @@ pub struct PaAttnArgs {
     pub num_tokens: i64,
     /// Blocks of each cache.
     pub num_blocks: i64,
+    /// Elements between consecutive tokens of `query`.
+    pub q_token_stride: i64,
+    /// Elements between consecutive heads of `query`.
+    pub q_head_stride: i64,
+    /// Elements between consecutive tokens of `out`.
+    pub o_token_stride: i64,
+    /// Elements between consecutive heads of `out`.
+    pub o_head_stride: i64,
+    /// Elements between consecutive blocks of each cache.
+    pub kv_block_stride: i64,
     /// Rows of seq_lens / block_table.
     pub num_reqs: i32,
     /// First request of this launch.
@@ -124,3 +155,7 @@ pub struct PaAttnArgs {
     /// 0 = f16, 1 = bf16.
     pub dtype: i32,
 }
+
+// The C side asserts the same size (`static_assert` in csrc/attention/common.cuh): a field added on
+// one side only breaks both builds instead of shifting every later field at run time.
+const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 216);

@@ -1,30 +1,75 @@
-//! Safe launchers over cudarc buffers.
+//! Safe launchers over borrowed cudarc views.
 //!
 //! Each launcher checks what the kernel's memory safety depends on (every buffer large enough for
-//! the dimensions, every buffer on the stream's context) and then makes the single `unsafe` call.
+//! the dimensions and strides, every buffer on the stream's context) and then makes the single
+//! `unsafe` call.
 //! Checks on the *meaning* of the arguments (head counts, slot ranges, dtypes against a cache) are
 //! `attention-backend`'s job and come first there, with richer errors.
 
 use std::ffi::CStr;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
 use crate::{Element, KernelError};
 
-/// Dimensions of one KV-cache write, in elements.
+/// Dimensions and strides of one KV-cache write, in elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvWriteDims {
     /// Tokens to write (rows of `key` / `value` and entries of `slot_mapping`).
     pub num_tokens: usize,
     /// Elements of one token row: `num_kv_heads * head_size`.
     pub row_elems: usize,
-    /// Distance between consecutive token rows of `key` (`>= row_elems`; equal when contiguous).
+    /// Distance between consecutive token rows of `key` (`>= row_elems`; equal when packed, larger
+    /// for a slice of a fused QKV buffer).
     pub key_stride: usize,
     /// Distance between consecutive token rows of `value`.
     pub value_stride: usize,
-    /// Rows of each cache: `num_blocks * block_size`.
-    pub num_slots: usize,
+    /// Blocks of each cache.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Distance between consecutive blocks of each cache (`>= block_size * row_elems`; twice that
+    /// for an interleaved `[num_blocks, 2, block_size, row]` cache).
+    pub cache_block_stride: usize,
+}
+
+impl KvWriteDims {
+    /// Packed `key` / `value` rows and packed caches. A product that overflows saturates, and
+    /// the launcher then refuses the write.
+    pub fn contiguous(num_tokens: usize, row_elems: usize, num_blocks: usize, block_size: usize) -> Self {
+        KvWriteDims {
+            num_tokens,
+            row_elems,
+            key_stride: row_elems,
+            value_stride: row_elems,
+            num_blocks,
+            block_size,
+            cache_block_stride: block_size.saturating_mul(row_elems),
+        }
+    }
+}
+
+/// The caches a KV write fills, borrowed.
+#[derive(Debug)]
+pub enum KvCacheMut<'a, T> {
+    /// One buffer per cache, each `[num_blocks, block_size, row]` with blocks
+    /// `cache_block_stride` apart.
+    Separate {
+        /// The key cache.
+        key: CudaViewMut<'a, T>,
+        /// The value cache.
+        value: CudaViewMut<'a, T>,
+    },
+    /// One buffer holding both: block `b`'s keys at `b * cache_block_stride`, its values
+    /// `value_offset` elements later (for `[num_blocks, 2, block_size, row]`, `value_offset` is
+    /// one block and the block stride two). The K and V regions of all blocks must be disjoint.
+    Interleaved {
+        /// The whole cache.
+        cache: CudaViewMut<'a, T>,
+        /// Elements from a block's keys to its values.
+        value_offset: usize,
+    },
 }
 
 const KV_WRITE: &str = "kv_cache_write";
@@ -70,62 +115,101 @@ pub(crate) fn to_i64(kernel: &'static str, name: &str, v: usize) -> Result<i64, 
     i64::try_from(v).map_err(|_| KernelError::InvalidArgument { kernel, what: format!("{name} = {v} exceeds i64") })
 }
 
-/// Writes `dims.num_tokens` rows of `key` and `value` into `key_cache` / `value_cache` at the rows
-/// named by `slot_mapping` (negative = padding, skipped), on `stream`, without synchronising.
+/// Writes `dims.num_tokens` rows of `key` and `value` into the caches at the rows named by
+/// `slot_mapping` (slot `s` is row `s % block_size` of block `s / block_size`; negative = padding,
+/// skipped), on `stream`, without synchronising.
 ///
 /// # Errors
 /// [`KernelError::BufferTooSmall`] when a buffer is shorter than `dims` require,
-/// [`KernelError::InvalidArgument`] for a stride shorter than a row or a buffer on another context,
+/// [`KernelError::InvalidArgument`] for a token stride shorter than a row, a block stride shorter
+/// than a block, interleaved K and V regions that overlap, or a buffer on another context,
 /// [`KernelError::Cuda`] when the runtime rejects the launch.
 ///
-/// Slots `>= dims.num_slots` are skipped by the kernel, never written; callers that must report them
-/// check the slot mapping on the host first (as `attention-backend` does).
+/// Slots `>= num_blocks * block_size` are skipped by the kernel, never written; callers that must
+/// report them check the slot mapping on the host first (as `attention-backend` does).
 pub fn kv_cache_write<T: Element>(
     stream: &CudaStream,
-    key: &impl DevicePtr<T>,
-    value: &impl DevicePtr<T>,
-    key_cache: &mut impl DevicePtrMut<T>,
-    value_cache: &mut impl DevicePtrMut<T>,
-    slot_mapping: &impl DevicePtr<i64>,
+    key: CudaView<'_, T>,
+    value: CudaView<'_, T>,
+    cache: KvCacheMut<'_, T>,
+    slot_mapping: CudaView<'_, i64>,
     dims: KvWriteDims,
 ) -> Result<(), KernelError> {
-    let KvWriteDims { num_tokens, row_elems, key_stride, value_stride, num_slots } = dims;
-    if row_elems == 0 {
-        return Err(KernelError::InvalidArgument { kernel: KV_WRITE, what: "row_elems must be positive".into() });
+    let KvWriteDims { num_tokens, row_elems, key_stride, value_stride, num_blocks, block_size, cache_block_stride } =
+        dims;
+    let invalid = |what: String| KernelError::InvalidArgument { kernel: KV_WRITE, what };
+    if row_elems == 0 || block_size == 0 {
+        return Err(invalid("row_elems and block_size must be positive".into()));
     }
     if key_stride < row_elems || value_stride < row_elems {
-        return Err(KernelError::InvalidArgument {
-            kernel: KV_WRITE,
-            what: format!("token strides ({key_stride}, {value_stride}) must be at least one row ({row_elems})"),
-        });
+        return Err(invalid(format!(
+            "token strides ({key_stride}, {value_stride}) must be at least one row ({row_elems})"
+        )));
     }
+    let overflow = || invalid("dimensions overflow usize".into());
+    let block_elems = block_size.checked_mul(row_elems).ok_or_else(overflow)?;
+    if cache_block_stride < block_elems {
+        return Err(invalid(format!(
+            "cache block stride {cache_block_stride} is shorter than a block ({block_elems})"
+        )));
+    }
+    // Elements one cache must hold from its base: one past the last block's last row.
+    let cache_span = match num_blocks {
+        0 => 0,
+        n => (n - 1).checked_mul(cache_block_stride).and_then(|x| x.checked_add(block_elems)).ok_or_else(overflow)?,
+    };
+    let num_slots = num_blocks.checked_mul(block_size).ok_or_else(overflow)?;
+    let (value_offset, cache_len) = match &cache {
+        KvCacheMut::Separate { key: kc, value: vc } => {
+            check_len(KV_WRITE, "value_cache", vc.len(), cache_span)?;
+            (None, kc.len())
+        }
+        KvCacheMut::Interleaved { cache: c, value_offset } => {
+            // K of block b: [b * stride, b * stride + block); V: the same + value_offset. Disjoint
+            // for every pair of blocks exactly when V starts after K ends and ends before the next
+            // block's K starts.
+            let end = value_offset.checked_add(block_elems).ok_or_else(overflow)?;
+            if *value_offset < block_elems || end > cache_block_stride {
+                return Err(invalid(format!(
+                    "interleaved cache: value offset {value_offset} must leave the keys ({block_elems} \
+                     elements) and the values inside a block stride of {cache_block_stride}"
+                )));
+            }
+            (Some(*value_offset), c.len())
+        }
+    };
+    let need_cache = match value_offset {
+        Some(off) if num_blocks > 0 => cache_span.checked_add(off).ok_or_else(overflow)?,
+        _ => cache_span,
+    };
+    check_len(KV_WRITE, "key_cache", cache_len, need_cache)?;
     if num_tokens == 0 {
         return Ok(());
     }
     let span = |stride: usize| (num_tokens - 1).checked_mul(stride).and_then(|x| x.checked_add(row_elems));
-    let overflow = || KernelError::InvalidArgument { kernel: KV_WRITE, what: "dimensions overflow usize".into() };
     check_len(KV_WRITE, "key", key.len(), span(key_stride).ok_or_else(overflow)?)?;
     check_len(KV_WRITE, "value", value.len(), span(value_stride).ok_or_else(overflow)?)?;
-    let cache_elems = num_slots.checked_mul(row_elems).ok_or_else(overflow)?;
-    check_len(KV_WRITE, "key_cache", key_cache.len(), cache_elems)?;
-    check_len(KV_WRITE, "value_cache", value_cache.len(), cache_elems)?;
     check_len(KV_WRITE, "slot_mapping", slot_mapping.len(), num_tokens)?;
-    for (name, s) in [
-        ("key", key.stream()),
-        ("value", value.stream()),
-        ("key_cache", key_cache.stream()),
-        ("value_cache", value_cache.stream()),
-        ("slot_mapping", slot_mapping.stream()),
-    ] {
+    for (name, s) in [("key", key.stream()), ("value", value.stream()), ("slot_mapping", slot_mapping.stream())] {
         same_context(KV_WRITE, name, stream, s)?;
+    }
+    match &cache {
+        KvCacheMut::Separate { key: kc, value: vc } => {
+            same_context(KV_WRITE, "key_cache", stream, kc.stream())?;
+            same_context(KV_WRITE, "value_cache", stream, vc.stream())?;
+        }
+        KvCacheMut::Interleaved { cache: c, .. } => same_context(KV_WRITE, "cache", stream, c.stream())?,
     }
     let args = (
         to_i64(KV_WRITE, "num_tokens", num_tokens)?,
         to_i64(KV_WRITE, "row_elems", row_elems)?,
         to_i64(KV_WRITE, "key_stride", key_stride)?,
         to_i64(KV_WRITE, "value_stride", value_stride)?,
-        to_i64(KV_WRITE, "num_slots", num_slots)?,
+        to_i64(KV_WRITE, "num_blocks", num_blocks)?,
+        to_i64(KV_WRITE, "block_size", block_size)?,
+        to_i64(KV_WRITE, "cache_block_stride", cache_block_stride)?,
     );
+    to_i64(KV_WRITE, "num_slots", num_slots)?;
     stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
         kernel: KV_WRITE,
         code: e.0 as i32,
@@ -134,15 +218,29 @@ pub fn kv_cache_write<T: Element>(
 
     let (k, _k_guard) = key.device_ptr(stream);
     let (v, _v_guard) = value.device_ptr(stream);
-    let (kc, _kc_guard) = key_cache.device_ptr_mut(stream);
-    let (vc, _vc_guard) = value_cache.device_ptr_mut(stream);
     let (slots, _s_guard) = slot_mapping.device_ptr(stream);
-    // SAFETY: every pointer comes from a live cudarc allocation on `stream`'s context (checked
-    // above), borrowed for the duration of this call, and the guards keep cudarc's event tracking
-    // ordered around the launch. The kernel reads at most `span(stride)` elements of key/value and
-    // `num_tokens` slots, and writes only rows `0..num_slots` of the caches (it skips any slot
-    // outside that range), all within the lengths checked above. `T` is one of the three sealed
-    // element types, so `size_of::<T>()` is 2 or 4 as the kernel requires.
+    let (mut kc_view, mut vc_view, value_offset) = match cache {
+        KvCacheMut::Separate { key, value } => (key, Some(value), 0),
+        KvCacheMut::Interleaved { cache, value_offset } => (cache, None, value_offset),
+    };
+    let (kc, _kc_guard) = kc_view.device_ptr_mut(stream);
+    let (vc, _vc_guard) = match vc_view.as_mut() {
+        Some(vc) => {
+            let (p, g) = vc.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        // In bytes: value_offset elements, inside the view (its length was checked above).
+        None => (kc + (value_offset * std::mem::size_of::<T>()) as u64, None),
+    };
+    // SAFETY: every pointer comes from a live cudarc view on `stream`'s context (checked above),
+    // borrowed for the duration of this call, and the guards keep cudarc's event tracking ordered
+    // around the launch. The kernel reads at most `span(stride)` elements of key/value and
+    // `num_tokens` slots, and writes only rows of blocks `0..num_blocks` (it skips any slot
+    // outside `0..num_slots`), i.e. below `cache_span` elements from each cache pointer (plus
+    // `value_offset` for the interleaved values), all within the lengths checked above; the
+    // interleaved K and V regions are disjoint (checked above), as are two separate mutable views.
+    // `T` is one of the three sealed element types, so `size_of::<T>()` is 2 or 4 as the kernel
+    // requires.
     let status = unsafe {
         ffi::pa_kv_cache_write(
             k as *const _,
@@ -155,6 +253,8 @@ pub fn kv_cache_write<T: Element>(
             args.2,
             args.3,
             args.4,
+            args.5,
+            args.6,
             std::mem::size_of::<T>() as i32,
             stream.cu_stream() as *mut _,
         )

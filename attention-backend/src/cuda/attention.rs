@@ -2,8 +2,8 @@
 //! the tensor-core varlen kernel for everything else, both enqueued on the device's stream.
 
 use attention_kernels::attention::{
-    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, MAX_FEATURE_HEADS,
-    SUPPORTED_HEAD_SIZES,
+    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides,
+    MAX_FEATURE_HEADS, SUPPORTED_HEAD_SIZES,
 };
 use attention_kernels::{DType, Element};
 use cudarc::driver::CudaSlice;
@@ -178,42 +178,46 @@ fn launch<T: Element>(
         req_end,
     };
     if plan.decode_reqs > 0 {
+        let d = dims(0, plan.decode_reqs);
         let bufs = AttentionBuffers {
-            query: query.buffer(),
-            key_cache: cache.key_buffer(),
-            value_cache: cache.value_buffer(),
-            query_start_loc: meta.query_start_loc(),
-            seq_lens: meta.seq_lens(),
-            block_table: meta.block_table(),
-            out: out.buffer_mut(),
-            lse: lse.as_mut().map(|l| l.buffer_mut()),
-            workspace: workspace.partial.as_mut(),
+            query: query.buffer().as_view(),
+            key_cache: cache.key_buffer().as_view(),
+            value_cache: cache.value_buffer().as_view(),
+            query_start_loc: meta.query_start_loc().as_view(),
+            seq_lens: meta.seq_lens().as_view(),
+            block_table: meta.block_table().as_view(),
+            out: out.buffer_mut().as_view_mut(),
+            lse: lse.as_mut().map(|l| l.buffer_mut().as_view_mut()),
+            workspace: workspace.partial.as_mut().map(|w| w.as_view_mut()),
+            strides: AttentionStrides::contiguous(&d),
         };
         kernels::paged_attention(
             dev.stream(),
             AttentionKernel::Decode { num_splits: plan.num_splits },
-            &dims(0, plan.decode_reqs),
+            &d,
             &features,
             bufs,
         )
         .map_err(|e| kernel_error(OP, e))?;
     }
     if plan.decode_reqs < num_reqs {
+        let d = dims(plan.decode_reqs, num_reqs);
         let bufs = AttentionBuffers {
-            query: query.buffer(),
-            key_cache: cache.key_buffer(),
-            value_cache: cache.value_buffer(),
-            query_start_loc: meta.query_start_loc(),
-            seq_lens: meta.seq_lens(),
-            block_table: meta.block_table(),
-            out: out.buffer_mut(),
-            lse: lse.as_mut().map(|l| l.buffer_mut()),
+            query: query.buffer().as_view(),
+            key_cache: cache.key_buffer().as_view(),
+            value_cache: cache.value_buffer().as_view(),
+            query_start_loc: meta.query_start_loc().as_view(),
+            seq_lens: meta.seq_lens().as_view(),
+            block_table: meta.block_table().as_view(),
+            out: out.buffer_mut().as_view_mut(),
+            lse: lse.as_mut().map(|l| l.buffer_mut().as_view_mut()),
             workspace: None,
+            strides: AttentionStrides::contiguous(&d),
         };
         kernels::paged_attention(
             dev.stream(),
             AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len },
-            &dims(plan.decode_reqs, num_reqs),
+            &d,
             &features,
             bufs,
         )

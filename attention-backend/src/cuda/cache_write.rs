@@ -1,6 +1,6 @@
 //! KV-cache write on the GPU.
 
-use attention_kernels::launch::{self, KvWriteDims};
+use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
 use attention_kernels::Element;
 
 use super::{kernel_error, CudaDevice, CudaKvCache, DeviceSlotMapping, DeviceTensor};
@@ -24,21 +24,13 @@ pub fn kv_cache_update<T: Element>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cuda", tokens = slot_mapping.len()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping.host())?;
-    let row = layout.row_elems();
-    let dims = KvWriteDims {
-        num_tokens: slot_mapping.len(),
-        row_elems: row,
-        key_stride: row,
-        value_stride: row,
-        num_slots: layout.num_slots(),
-    };
+    let dims = KvWriteDims::contiguous(slot_mapping.len(), layout.row_elems(), layout.num_blocks, layout.block_size);
     launch::kv_cache_write(
         dev.stream(),
-        key.buffer(),
-        value.buffer(),
-        &mut cache.key,
-        &mut cache.value,
-        slot_mapping.buffer(),
+        key.buffer().as_view(),
+        value.buffer().as_view(),
+        KvCacheMut::Separate { key: cache.key.as_view_mut(), value: cache.value.as_view_mut() },
+        slot_mapping.buffer().as_view(),
         dims,
     )
     .map_err(|e| kernel_error(OP, e))

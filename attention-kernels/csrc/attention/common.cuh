@@ -29,11 +29,18 @@ constexpr int kMaxFeatureHeads = 256;
 
 // The argument block of both launchers; mirrored by `PaAttnArgs` in src/ffi.rs (repr(C)).
 // Pointers first, then 64-bit, then 32-bit fields, so the C and Rust layouts agree trivially.
+//
+// Query and out are [num_tokens, num_heads, head_size] views with a token stride and a head stride
+// (elements; the last dimension is contiguous), so rows of a fused QKV buffer are read in place.
+// Each cache is [num_blocks, block_size, num_kv_heads, head_size] with consecutive blocks
+// `kv_block_stride` elements apart (>= one block), so separate caches and one interleaved
+// [num_blocks, 2, block_size, num_kv_heads, head_size] buffer (two base pointers) both work. Every
+// base pointer and stride is a multiple of 16 bytes: the kernels move 16-byte vectors.
 struct PaAttnArgs {
-  const void* query;               // [num_tokens, num_heads, head_size]
-  const void* key_cache;           // [num_blocks, block_size, num_kv_heads, head_size]
+  const void* query;               // [num_tokens, num_heads, head_size], strided
+  const void* key_cache;           // [num_blocks, block_size, num_kv_heads, head_size], strided
   const void* value_cache;         // same
-  void* out;                       // [num_tokens, num_heads, head_size]
+  void* out;                       // [num_tokens, num_heads, head_size], strided
   float* lse;                      // [num_tokens, num_heads] or null
   const int32_t* query_start_loc;  // [num_reqs + 1]
   const int32_t* seq_lens;         // [num_reqs]
@@ -44,6 +51,11 @@ struct PaAttnArgs {
   int64_t workspace_len;           // elements of `workspace`
   int64_t num_tokens;              // rows of query / out / lse
   int64_t num_blocks;              // blocks of each cache
+  int64_t q_token_stride;          // elements between consecutive tokens of query
+  int64_t q_head_stride;           // elements between consecutive heads of query
+  int64_t o_token_stride;          // same for out
+  int64_t o_head_stride;
+  int64_t kv_block_stride;         // elements between consecutive blocks of each cache
   int32_t num_reqs;                // rows of seq_lens / block_table
   int32_t req_begin;               // first request of this launch
   int32_t req_end;                 // one past the last
@@ -61,6 +73,8 @@ struct PaAttnArgs {
   float softcap;  // 0 = off
   int32_t dtype;  // 0 = f16, 1 = bf16
 };
+// The Rust mirror asserts the same size; a field added on one side only fails both builds.
+static_assert(sizeof(PaAttnArgs) == 216, "PaAttnArgs layout changed: update src/ffi.rs too");
 
 namespace pa {
 
@@ -77,6 +91,8 @@ struct KernelParams {
   float* workspace;
   int64_t num_tokens;
   int64_t num_blocks;
+  int64_t q_ts, q_hs, o_ts, o_hs;  // query / out token and head strides (elements)
+  int64_t kv_bs;                   // cache block stride (elements)
   int32_t req_begin;
   int32_t num_launch_reqs;
   int32_t num_heads;
@@ -109,6 +125,11 @@ inline bool make_kernel_params(const PaAttnArgs& a, KernelParams& k) {
   k.workspace = a.workspace;
   k.num_tokens = a.num_tokens;
   k.num_blocks = a.num_blocks;
+  k.q_ts = a.q_token_stride;
+  k.q_hs = a.q_head_stride;
+  k.o_ts = a.o_token_stride;
+  k.o_hs = a.o_head_stride;
+  k.kv_bs = a.kv_block_stride;
   k.req_begin = a.req_begin;
   k.num_launch_reqs = a.req_end - a.req_begin;
   k.num_heads = a.num_heads;
@@ -266,7 +287,39 @@ __device__ __forceinline__ int64_t page_of(const KernelParams& p, int req, int k
 // Row offset (in elements) of (key, kv head) in the NHD cache, given its page.
 __device__ __forceinline__ int64_t cache_row(const KernelParams& p, int64_t page, int key, int kvh,
                                              int head_size) {
-  return ((page * p.block_size + key % p.block_size) * p.num_kv_heads + kvh) * static_cast<int64_t>(head_size);
+  return page * p.kv_bs +
+         (static_cast<int64_t>(key % p.block_size) * p.num_kv_heads + kvh) * static_cast<int64_t>(head_size);
+}
+
+// Element offsets of (token, head) rows of query and out.
+__device__ __forceinline__ int64_t q_row(const KernelParams& p, int64_t token, int head) {
+  return token * p.q_ts + head * p.q_hs;
+}
+__device__ __forceinline__ int64_t o_row(const KernelParams& p, int64_t token, int head) {
+  return token * p.o_ts + head * p.o_hs;
+}
+
+// ---- non-finite values in V --------------------------------------------------------------------
+//
+// A probability that the mask set to 0 still multiplies V inside the tensor-core product, and
+// 0 x NaN = NaN (0 x Inf too), so a NaN or Inf in a V row that some query row cannot see would
+// reach that row. On tiles that straddle a mask bound the kernels therefore zero every non-finite
+// V element in the B fragments before the product and note which keys had one; a row that can see
+// such a key gets a NaN output, so a visible NaN still propagates while an unseen one cannot leak.
+
+// Exponent bits of one 16-bit element, in both halves of a packed pair.
+template <typename T> struct NonFinite;
+template <> struct NonFinite<__half> { static constexpr uint32_t kExp = 0x7c00u; };
+template <> struct NonFinite<__nv_bfloat16> { static constexpr uint32_t kExp = 0x7f80u; };
+
+// Zeroes the non-finite halves of a packed pair; bit 0 / bit 1 of the result say whether the low
+// / high half was non-finite.
+template <typename T> __device__ __forceinline__ uint32_t sanitize_pair(uint32_t& u) {
+  constexpr uint32_t E = NonFinite<T>::kExp;
+  const bool lo = (u & E) == E;
+  const bool hi = (u & (E << 16)) == (E << 16);
+  u &= (lo ? 0xffff0000u : 0xffffffffu) & (hi ? 0x0000ffffu : 0xffffffffu);
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 1);
 }
 
 // 2^x on the special-function unit (relative error ~2^-22; 2^-inf = 0, flushes denormals).
@@ -316,6 +369,17 @@ inline cudaError_t check_args(const PaAttnArgs& a) {
   if (a.block_size <= 0 || a.max_blocks_per_req < 0 || a.num_blocks <= 0) return cudaErrorInvalidValue;
   if (a.req_begin < 0 || a.req_end < a.req_begin || a.req_end > a.num_reqs) return cudaErrorInvalidValue;
   if (a.num_heads > 65535) return cudaErrorInvalidValue;
+  // 16-byte vectors: every base pointer and stride a multiple of 16 bytes (8 elements).
+  const uint64_t ptrs = reinterpret_cast<uintptr_t>(a.query) | reinterpret_cast<uintptr_t>(a.out) |
+                        reinterpret_cast<uintptr_t>(a.key_cache) | reinterpret_cast<uintptr_t>(a.value_cache);
+  const uint64_t strides = static_cast<uint64_t>(a.q_token_stride | a.q_head_stride | a.o_token_stride |
+                                                 a.o_head_stride | a.kv_block_stride);
+  if (ptrs % 16 != 0 || strides % 8 != 0) return cudaErrorMisalignedAddress;
+  if (a.q_token_stride < 0 || a.q_head_stride < 0 || a.o_token_stride < 0 || a.o_head_stride < 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t block_elems = static_cast<int64_t>(a.block_size) * a.num_kv_heads * a.head_size;
+  if (a.kv_block_stride < block_elems) return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
