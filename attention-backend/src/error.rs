@@ -96,14 +96,58 @@ pub enum AttentionError {
         /// What was found missing.
         reason: String,
     },
-    /// The CUDA driver or a kernel launch failed.
-    #[error("CUDA failure in {op}: {message}")]
+    /// The CUDA driver or a kernel launch failed. `code` keeps the status the driver (`CUresult`)
+    /// or the runtime (`cudaError_t`) returned, so an engine can tell running out of memory (and
+    /// preempt) from a broken launch; see [`AttentionError::is_out_of_memory`].
+    #[error("CUDA failure in {op}: {message} ({api} status {code})")]
     Cuda {
         /// Operation.
         op: &'static str,
+        /// Which CUDA API returned `code`.
+        api: CudaApi,
+        /// The status value (`CUresult` for the driver, `cudaError_t` for the runtime).
+        code: i32,
         /// Driver or runtime message.
         message: String,
     },
+}
+
+/// The CUDA API a status code of [`AttentionError::Cuda`] comes from (their numbering differs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CudaApi {
+    /// The driver API (`CUresult`): allocations, copies, contexts, graphs.
+    Driver,
+    /// The runtime API (`cudaError_t`): kernel launches of the attention kernels.
+    Runtime,
+}
+
+impl std::fmt::Display for CudaApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CudaApi::Driver => "driver",
+            CudaApi::Runtime => "runtime",
+        })
+    }
+}
+
+/// `CUDA_ERROR_OUT_OF_MEMORY` (driver) and `cudaErrorMemoryAllocation` (runtime) share the value 2.
+const CUDA_OUT_OF_MEMORY: i32 = 2;
+
+impl AttentionError {
+    /// Whether this is the device running out of memory: the one CUDA failure an engine recovers
+    /// from (free cache blocks, preempt requests, retry) rather than aborting.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, AttentionError::Cuda { code: CUDA_OUT_OF_MEMORY, .. })
+    }
+
+    /// The CUDA status code and its API, for a CUDA failure.
+    pub fn cuda_status(&self) -> Option<(CudaApi, i32)> {
+        match self {
+            AttentionError::Cuda { api, code, .. } => Some((*api, *code)),
+            _ => None,
+        }
+    }
 }
 
 /// Result alias of the attention API.

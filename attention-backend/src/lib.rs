@@ -26,11 +26,13 @@
 //! ```
 
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod cache;
 pub mod cpu;
 #[cfg(feature = "cuda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
 pub mod cuda;
 mod error;
 mod layout;
@@ -43,7 +45,7 @@ pub mod validate;
 pub use attention_kernels::{DType, Element};
 pub use backend::{Backend, DeviceRequest, SlotSource, StepMetadata, StepSlotMapping, DEVICE_ENV};
 pub use cache::CpuKvCache;
-pub use error::{AttentionError, Result};
+pub use error::{AttentionError, CudaApi, Result};
 pub use layout::CacheLayout;
 pub use metadata::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMeta};
 pub use params::AttentionParams;

@@ -100,6 +100,9 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
   // Device metadata is clamped so that bad values cannot move any access out of its buffer.
   const int token = p.qsl[req];
   if (token < 0 || token >= p.num_tokens) return;
+  // A request without a query token is CUDA-graph padding (vLLM's rule: query_start_loc repeats
+  // its last value, seq_len 0): nothing to compute and no row of its own to write.
+  if (p.qsl[req + 1] - token != 1) return;
   const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
   const int pos = seq_len - 1;
   // For a single query row the visible keys are exactly [lo, hi], and only keys of [k_begin, k_end)
@@ -343,6 +346,7 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams 
   const int local = static_cast<int>(row / H), qh = static_cast<int>(row % H);
   const int token = p.qsl[p.req_begin + local];
   if (token < 0 || token >= p.num_tokens) return;
+  if (p.qsl[p.req_begin + local + 1] - token != 1) return;  // graph padding, as above
   const int S = p.num_splits;
   const float* ml = p.workspace + static_cast<int64_t>(S) * n_local * H * D;
   const int64_t stride = static_cast<int64_t>(n_local) * H;  // rows per split

@@ -36,7 +36,8 @@ extern "C" {
     ) -> CudaStatus;
 
     /// Split-KV decode for requests `[req_begin, req_end)` of `args`, each with exactly one query
-    /// token (`csrc/paged_decode.cu`); with `num_splits > 1` it also runs the combine kernel and
+    /// token or none (CUDA-graph padding, skipped: nothing is read or written for it)
+    /// (`csrc/paged_decode.cu`); with `num_splits > 1` it also runs the combine kernel and
     /// needs `workspace` of `num_splits * n * num_heads * (head_size + 2)` floats.
     ///
     /// Every device-side metadata value is clamped before use (tokens to `num_tokens`, sequence

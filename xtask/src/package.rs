@@ -54,7 +54,9 @@ pub fn run(nvcc: Option<PathBuf>) -> Result<(), String> {
             let mut build = shell::cargo();
             build
                 .env("NVCC", nvcc)
-                .args(["build", "--features", "cuda", "--manifest-path"])
+                // Built alone, as a user's binary would build it: the binary names cudarc's CUDA
+                // version (the library leaves it open).
+                .args(["build", "--features", "cuda,cudarc/cuda-13000", "--manifest-path"])
                 .arg(kernels.join("Cargo.toml"))
                 .arg("--target-dir")
                 .arg(package_dir.join("cuda-check"));
@@ -81,7 +83,19 @@ pub fn run(nvcc: Option<PathBuf>) -> Result<(), String> {
     let mut doc = shell::cargo();
     doc.env("RUSTDOCFLAGS", "-D warnings").args(["doc", "--no-deps"]).args(&selected);
     doc.env_remove("NVCC");
-    shell::run(doc)
+    shell::run(doc)?;
+
+    // As docs.rs builds it: the CUDA API documented, no toolkit (build.rs skips nvcc under DOCS_RS).
+    let mut docs_rs = shell::cargo();
+    docs_rs
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .env("DOCS_RS", "1")
+        .args(["doc", "--no-deps", "-p", "attention-kernels", "-p", "attention-backend"])
+        .args(["--features", "attention-kernels/cuda,attention-backend/cuda,cudarc/cuda-13000"])
+        .arg("--target-dir")
+        .arg(package_dir.join("docs-rs"));
+    docs_rs.env_remove("NVCC");
+    shell::run(docs_rs)
 }
 
 /// The CUDA compiler xtask would use, without installing one.

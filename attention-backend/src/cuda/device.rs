@@ -39,6 +39,20 @@ impl CudaDevice {
         CudaDevice { ctx: stream.context().clone(), stream }
     }
 
+    /// A handle on a new stream of the same device that CUDA graphs can capture: capture needs a
+    /// stream other than the legacy default one, and cudarc's cross-stream event tracking is
+    /// switched off for the context (inside a capture its waits would fail), so the caller orders
+    /// its own streams, as engines that capture graphs do. See
+    /// `attention_kernels::graph::capture_stream`.
+    ///
+    /// # Errors
+    /// [`crate::AttentionError::Cuda`] when the stream cannot be created.
+    pub fn capture_stream(&self) -> Result<Self> {
+        let stream =
+            attention_kernels::graph::capture_stream(&self.ctx).map_err(|e| kernel_error("capture_stream", e))?;
+        Ok(CudaDevice::from_stream(stream))
+    }
+
     /// Visible CUDA devices (0 without a driver).
     pub fn count() -> usize {
         device::device_count()

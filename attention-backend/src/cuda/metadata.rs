@@ -145,11 +145,11 @@ impl DeviceMetadata {
 }
 
 /// Query heads one decode block handles (the rows of its m16 tensor-core tile).
-const DECODE_ROWS_PER_BLOCK: usize = 16;
+pub(crate) const DECODE_ROWS_PER_BLOCK: usize = 16;
 
 /// Decode blocks resident on one SM (shared memory bound: 3 stages of 64-key K/V tiles up to head
 /// size 128, 2 stages above).
-fn decode_blocks_per_sm(head_size: usize) -> usize {
+pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
     match head_size {
         0..=80 => 3,
         81..=192 => 2,
@@ -166,7 +166,7 @@ fn decode_blocks_per_sm(head_size: usize) -> usize {
 /// an SM mostly full still moves bytes at nearly its full rate, a sparse one does not). A split
 /// must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best wins
 /// (fewer splits: less combine work).
-fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
+pub(crate) fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
     let blocks = blocks.max(1);
     let num_sms = num_sms.max(1);
     let per_sm = per_sm.max(1);

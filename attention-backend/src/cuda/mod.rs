@@ -5,25 +5,37 @@ mod attention;
 mod cache_write;
 mod device;
 mod metadata;
+mod plan;
 mod tensor;
 
 pub use attention::{forward, paged_attention, AttentionWorkspace};
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
 pub use metadata::{DeviceMetadata, SplitPlan};
+pub use plan::{LaunchPlan, LayerBuffers, LayerStrides, PlannerConfig, StepPlan, StepPlanner};
 pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 
 pub use attention_kernels::cudarc;
+/// The layer caches [`LayerBuffers`] takes: two buffers, or one interleaving K and V per block.
+pub use attention_kernels::launch::KvCacheMut;
 
-use crate::error::AttentionError;
+use crate::error::{AttentionError, CudaApi};
 
 pub(crate) fn driver_error(op: &'static str, e: cudarc::driver::DriverError) -> AttentionError {
-    AttentionError::Cuda { op, message: format!("{e:?}") }
+    let message = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{e:?}"));
+    AttentionError::Cuda { op, api: CudaApi::Driver, code: e.0 as i32, message }
 }
 
+/// A launcher's error in the backend's terms: size and argument refusals stay what they are
+/// (`InvalidArgument`, since the backend's own checks should have caught them first), CUDA statuses
+/// keep their code.
 pub(crate) fn kernel_error(op: &'static str, e: attention_kernels::KernelError) -> AttentionError {
+    use attention_kernels::KernelError;
     match e {
-        attention_kernels::KernelError::NoDevice { reason } => AttentionError::NoCudaDevice { reason },
-        other => AttentionError::Cuda { op, message: other.to_string() },
+        KernelError::NoDevice { reason } => AttentionError::NoCudaDevice { reason },
+        KernelError::Cuda { code, ref message, .. } => {
+            AttentionError::Cuda { op, api: CudaApi::Runtime, code, message: message.clone() }
+        }
+        other => AttentionError::InvalidArgument { op, what: other.to_string() },
     }
 }

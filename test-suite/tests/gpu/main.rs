@@ -9,3 +9,4 @@
 mod attention;
 mod cache_write;
 mod common;
+mod plan;

@@ -1,0 +1,636 @@
+//! Plan once per step, run once per layer: the CUDA side of the engine-facing API.
+//!
+//! An engine runs one step's batch through 30-80 layers, and often replays a decode step from a
+//! captured CUDA graph. Everything that depends only on the step (checking the metadata against the
+//! step contract, uploading it, choosing the split-KV plan) therefore happens once, in
+//! [`StepPlanner::plan`]; each layer's [`StepPlan::run`] does O(1) checks on the layer's own buffers
+//! and enqueues kernels, without allocating or synchronising.
+//!
+//! The planner owns the step's device metadata at fixed addresses (sized once for the largest
+//! step it will see) and a pinned staging area the uploads go through, so a graph captured over
+//! `run` reads each new step's metadata after the next `plan` without being captured again. In
+//! graph mode ([`StepPlanner::plan_graph`]) the launch plan depends only on the padded batch size,
+//! as vLLM's full decode graphs require.
+
+use attention_kernels::attention::{
+    self as kernels, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims,
+    AttentionFeatures, AttentionKernel, AttentionStrides, MAX_FEATURE_HEADS,
+};
+use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
+use attention_kernels::staging::pinned_zeros;
+use attention_kernels::{DType, Element};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, PinnedHostSlice};
+
+use super::metadata::{decode_blocks_per_sm, decode_split_count, DECODE_ROWS_PER_BLOCK};
+use super::{driver_error, kernel_error, CudaDevice};
+use crate::error::{AttentionError, Result};
+use crate::layout::CacheLayout;
+use crate::metadata::AttentionMetadata;
+use crate::params::AttentionParams;
+
+const OP: &str = "plan";
+
+/// What a [`StepPlanner`] is built for: the attention shape every layer shares, the cache layout,
+/// and the largest step it must hold. The capacities size the persistent device buffers; a step
+/// over any of them is refused with [`AttentionError::InvalidArgument`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannerConfig {
+    /// Query heads of every layer.
+    pub num_heads: usize,
+    /// Key/value heads of every layer (divides `num_heads`).
+    pub num_kv_heads: usize,
+    /// Elements per head.
+    pub head_size: usize,
+    /// The layout of every layer's cache (all layers share one shape).
+    pub layout: CacheLayout,
+    /// Most requests in one step (graph capture sizes included).
+    pub max_num_reqs: usize,
+    /// Most tokens (rows of query and output, padding included) in one step.
+    pub max_num_tokens: usize,
+    /// Columns of the block table: blocks of the longest sequence the engine admits.
+    pub max_blocks_per_req: usize,
+}
+
+impl PlannerConfig {
+    /// The longest sequence the planner's block table can describe.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_blocks_per_req.saturating_mul(self.layout.block_size)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.layout.check()?;
+        let bad = |what: String| Err(AttentionError::InvalidArgument { op: "StepPlanner::new", what });
+        if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "num_heads ({}) must be a positive multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.num_kv_heads != self.layout.num_kv_heads || self.head_size != self.layout.head_size {
+            return bad(format!(
+                "the attention shape ({} kv heads, head size {}) differs from the cache's ({}, {})",
+                self.num_kv_heads, self.head_size, self.layout.num_kv_heads, self.layout.head_size
+            ));
+        }
+        if self.max_num_reqs == 0 || self.max_num_tokens == 0 || self.max_blocks_per_req == 0 {
+            return bad("max_num_reqs, max_num_tokens and max_blocks_per_req must be positive".into());
+        }
+        // The kernels index tokens, requests and key positions with i32.
+        let limit = i32::MAX as usize;
+        if self.max_num_tokens > limit || self.max_num_reqs >= limit || self.max_seq_len() > limit {
+            return bad("capacities must stay below 2^31 (tokens, requests, max_blocks_per_req * block_size)".into());
+        }
+        Ok(())
+    }
+}
+
+/// How one planned step is launched, per layer. In graph mode two plans of the same padded batch
+/// size are equal, which is what lets one captured graph serve both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// Requests launched over (the padded count in graph mode).
+    pub num_reqs: usize,
+    /// Rows of query / output / lse the layers pass (padding included).
+    pub num_tokens: usize,
+    /// Requests `0..decode_reqs` run on the split-KV decode kernel.
+    pub decode_reqs: usize,
+    /// Partitions of each decode request's keys (1 = no combine).
+    pub num_splits: usize,
+    /// Longest query among requests `decode_reqs..num_reqs` (0 when there are none).
+    pub prefill_max_query_len: usize,
+    /// Floats of split-KV workspace the decode partials use.
+    pub workspace_len: usize,
+    /// Planned by [`StepPlanner::plan_graph`].
+    pub graph: bool,
+}
+
+/// One device's per-step planner: persistent device metadata, the pinned staging it is uploaded
+/// through, the split-KV workspace, and the launch plan of the current step. Create one per
+/// engine (per device and attention shape) and call [`StepPlanner::plan`] once per step.
+#[derive(Debug)]
+pub struct StepPlanner {
+    dev: CudaDevice,
+    config: PlannerConfig,
+    num_sms: usize,
+    query_start_loc: CudaSlice<i32>,
+    seq_lens: CudaSlice<i32>,
+    block_table: CudaSlice<i32>,
+    slot_mapping: CudaSlice<i64>,
+    workspace: CudaSlice<f32>,
+    /// `query_start_loc`, `seq_lens` and the block table, back to back, staged for one upload each.
+    staging_i32: PinnedHostSlice<i32>,
+    staging_i64: PinnedHostSlice<i64>,
+    /// Recorded after each step's uploads; waited on before the staging area is written again, so
+    /// a step never overwrites bytes the previous step's copies still read.
+    uploaded: CudaEvent,
+    launch: Option<LaunchPlan>,
+}
+
+fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    dev.stream().alloc_zeros::<T>(len.max(1)).map_err(|e| driver_error("StepPlanner::new", e))
+}
+
+impl StepPlanner {
+    /// Allocates the planner's device buffers, staging area and workspace, once.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidArgument`] for an inconsistent config,
+    /// [`AttentionError::UnsupportedHeadSize`] for a head size no kernel is compiled for,
+    /// [`AttentionError::Cuda`] when an allocation fails (see [`AttentionError::is_out_of_memory`]).
+    pub fn new(dev: &CudaDevice, config: PlannerConfig) -> Result<Self> {
+        config.check()?;
+        if decode_tile_keys(config.head_size) == 0 {
+            return Err(AttentionError::UnsupportedHeadSize {
+                op: "StepPlanner::new",
+                backend: "cuda",
+                head_size: config.head_size,
+                supported: "64, 80, 96, 112, 128, 192, 256",
+            });
+        }
+        let num_sms = dev
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_error("StepPlanner::new", e))?
+            .max(1) as usize;
+        let overflow = || AttentionError::InvalidArgument {
+            op: "StepPlanner::new",
+            what: "max_num_reqs * max_blocks_per_req overflows".into(),
+        };
+        let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
+        let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
+        let mut planner = StepPlanner {
+            dev: dev.clone(),
+            config,
+            num_sms,
+            query_start_loc: alloc(dev, config.max_num_reqs + 1)?,
+            seq_lens: alloc(dev, config.max_num_reqs)?,
+            block_table: alloc(dev, table)?,
+            slot_mapping: alloc(dev, config.max_num_tokens)?,
+            workspace: alloc(dev, 1)?,
+            staging_i32: pinned_zeros(dev.context(), staged).map_err(|e| kernel_error("StepPlanner::new", e))?,
+            staging_i64: pinned_zeros(dev.context(), config.max_num_tokens)
+                .map_err(|e| kernel_error("StepPlanner::new", e))?,
+            uploaded: dev.context().new_event(None).map_err(|e| driver_error("StepPlanner::new", e))?,
+            launch: None,
+        };
+        let ws = planner.workspace_capacity();
+        if ws > 1 {
+            planner.workspace = alloc(dev, ws)?;
+        }
+        Ok(planner)
+    }
+
+    /// The configuration it was built for.
+    pub fn config(&self) -> &PlannerConfig {
+        &self.config
+    }
+
+    /// The device it plans for.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// The current step's launch plan (`None` before the first [`StepPlanner::plan`]).
+    pub fn launch_plan(&self) -> Option<LaunchPlan> {
+        self.launch
+    }
+
+    /// Floats of split-KV workspace the planner keeps: enough for the split count the cost model
+    /// picks for any batch up to `max_num_reqs` at the longest context (graph plans use exactly
+    /// that); eager plans are capped to it.
+    fn workspace_capacity(&self) -> usize {
+        let c = &self.config;
+        if decode_max_group(c.head_size) < c.num_heads / c.num_kv_heads {
+            return 0;
+        }
+        (1..=c.max_num_reqs)
+            .map(|n| decode_workspace_len(self.split_count(n, c.max_seq_len()), n, c.num_heads, c.head_size))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Split-KV partitions for `n` single-token decodes whose longest context is `max_len`.
+    fn split_count(&self, n: usize, max_len: usize) -> usize {
+        let c = &self.config;
+        let group = c.num_heads / c.num_kv_heads;
+        let blocks = n * c.num_kv_heads * group.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let tile = decode_tile_keys(c.head_size).max(1);
+        decode_split_count(blocks, self.num_sms, decode_blocks_per_sm(c.head_size), max_len, tile)
+    }
+
+    /// Checks the step against the step contract and the planner's capacities, uploads its
+    /// metadata into the persistent buffers, and plans its launches for speed (split counts from the
+    /// step's actual lengths). Call once per step, before the layers' [`StepPlan::run`].
+    ///
+    /// Host cost: the contract check (linear in tokens and used blocks), one copy into pinned
+    /// memory, two asynchronous uploads. It waits only for the previous step's uploads to have left
+    /// the staging area, never for kernels.
+    ///
+    /// # Errors
+    /// The metadata's own errors ([`AttentionMetadata::check`], [`AttentionMetadata::check_against`]),
+    /// [`AttentionError::InvalidArgument`] when the step exceeds a capacity of the
+    /// [`PlannerConfig`], [`AttentionError::Cuda`] when an upload fails. On error the previous
+    /// plan is forgotten: [`StepPlanner::launch_plan`] is `None` until a plan succeeds.
+    pub fn plan(&mut self, meta: &AttentionMetadata) -> Result<StepPlan<'_>> {
+        let _span = tracing::debug_span!("plan", reqs = meta.num_reqs(), tokens = meta.num_tokens()).entered();
+        self.launch = None;
+        self.check_step(meta)?;
+        let num_reqs = meta.num_reqs();
+        let c = self.config;
+        let decode_ok = decode_max_group(c.head_size) >= c.num_heads / c.num_kv_heads;
+        let single = if decode_ok { (0..meta.num_decodes).take_while(|&r| meta.query_len(r) == 1).count() } else { 0 };
+        let mut launch = LaunchPlan {
+            num_reqs,
+            num_tokens: meta.num_tokens(),
+            decode_reqs: single,
+            num_splits: 1,
+            prefill_max_query_len: (single..num_reqs).map(|r| meta.query_len(r)).max().unwrap_or(0),
+            workspace_len: 0,
+            graph: false,
+        };
+        if single > 0 {
+            let max_len = meta.seq_lens[..single].iter().copied().max().unwrap_or(0).max(0) as usize;
+            let mut s = self.split_count(single, max_len);
+            while s > 1 && decode_workspace_len(s, single, c.num_heads, c.head_size) > self.workspace.len() {
+                s -= 1;
+            }
+            launch.num_splits = s;
+            launch.workspace_len = decode_workspace_len(s, single, c.num_heads, c.head_size);
+        }
+        self.upload(meta, num_reqs, launch.num_tokens)?;
+        self.launch = Some(launch);
+        Ok(StepPlan { planner: self, launch })
+    }
+
+    /// [`StepPlanner::plan`] for a decode-only step replayed from a CUDA graph captured for
+    /// `padded_reqs` requests: every request must decode exactly one token; the metadata is padded
+    /// to `padded_reqs` requests and tokens the way vLLM pads graph batches (`query_start_loc`
+    /// repeating its last value, `seq_lens` 0, slots -1; padded requests compute nothing and write
+    /// nothing), and the launch plan depends on `padded_reqs` alone (split count chosen for the
+    /// longest context the planner admits), so every step of that size launches identically.
+    ///
+    /// # Errors
+    /// As [`StepPlanner::plan`]; [`AttentionError::InvalidArgument`] when a request is not a
+    /// single-token decode, when the step has more requests or tokens than `padded_reqs`, or when
+    /// `padded_reqs` exceeds the planner's capacities; [`AttentionError::Unsupported`] when the
+    /// decode kernel cannot take this attention shape.
+    pub fn plan_graph(&mut self, meta: &AttentionMetadata, padded_reqs: usize) -> Result<StepPlan<'_>> {
+        let _span = tracing::debug_span!("plan_graph", reqs = meta.num_reqs(), padded = padded_reqs).entered();
+        self.launch = None;
+        self.check_step(meta)?;
+        let c = self.config;
+        let bad = |what: String| Err(AttentionError::InvalidArgument { op: "plan_graph", what });
+        if let Some(r) = (0..meta.num_reqs()).find(|&r| meta.query_len(r) != 1) {
+            return bad(format!(
+                "request {r} schedules {} tokens; graph mode serves single-token decodes",
+                meta.query_len(r)
+            ));
+        }
+        if padded_reqs < meta.num_reqs() || padded_reqs < meta.num_tokens() {
+            return bad(format!(
+                "padded size {padded_reqs} is smaller than the step ({} requests, {} tokens)",
+                meta.num_reqs(),
+                meta.num_tokens()
+            ));
+        }
+        if padded_reqs > c.max_num_reqs || padded_reqs > c.max_num_tokens {
+            return bad(format!(
+                "padded size {padded_reqs} exceeds the planner's capacity ({} requests, {} tokens)",
+                c.max_num_reqs, c.max_num_tokens
+            ));
+        }
+        if decode_max_group(c.head_size) < c.num_heads / c.num_kv_heads {
+            return Err(AttentionError::Unsupported {
+                op: "plan_graph",
+                backend: "cuda",
+                what: format!(
+                    "graph mode for GQA group {} at head size {} (the decode kernel takes at most {})",
+                    c.num_heads / c.num_kv_heads,
+                    c.head_size,
+                    decode_max_group(c.head_size)
+                ),
+            });
+        }
+        let num_splits = self.split_count(padded_reqs, c.max_seq_len());
+        let launch = LaunchPlan {
+            num_reqs: padded_reqs,
+            num_tokens: padded_reqs,
+            decode_reqs: padded_reqs,
+            num_splits,
+            prefill_max_query_len: 0,
+            workspace_len: decode_workspace_len(num_splits, padded_reqs, c.num_heads, c.head_size),
+            graph: true,
+        };
+        self.upload(meta, padded_reqs, padded_reqs)?;
+        self.launch = Some(launch);
+        Ok(StepPlan { planner: self, launch })
+    }
+
+    /// The contract and capacity checks shared by both plan modes.
+    fn check_step(&self, meta: &AttentionMetadata) -> Result<()> {
+        meta.check()?;
+        meta.check_against(OP, &self.config.layout)?;
+        let c = &self.config;
+        let over = |what: &str, n: usize, cap: usize| {
+            Err(AttentionError::InvalidArgument {
+                op: OP,
+                what: format!("the step has {n} {what}, the planner holds at most {cap}"),
+            })
+        };
+        if meta.num_reqs() > c.max_num_reqs {
+            return over("requests", meta.num_reqs(), c.max_num_reqs);
+        }
+        if meta.num_tokens() > c.max_num_tokens {
+            return over("tokens", meta.num_tokens(), c.max_num_tokens);
+        }
+        // Rows only need the blocks their sequences use; a wider table is fine if its extra
+        // columns are unused, but they must fit the planner's fixed row stride.
+        let needed =
+            meta.seq_lens.iter().map(|&s| (s.max(0) as usize).div_ceil(c.layout.block_size)).max().unwrap_or(0);
+        if needed > c.max_blocks_per_req {
+            return over("blocks in its longest sequence", needed, c.max_blocks_per_req);
+        }
+        Ok(())
+    }
+
+    /// Stages the step's arrays (padded to `reqs` requests and `tokens` tokens) and uploads them
+    /// into the persistent buffers at fixed addresses.
+    fn upload(&mut self, meta: &AttentionMetadata, reqs: usize, tokens: usize) -> Result<()> {
+        const UP: &str = "plan (upload)";
+        let c = self.config;
+        let width = c.max_blocks_per_req;
+        let n = meta.num_reqs();
+        // The previous step's copies read the staging area asynchronously: wait for them (they
+        // are long done unless the host runs ahead of the device by a whole step).
+        self.uploaded.synchronize().map_err(|e| driver_error(UP, e))?;
+        let staged = self.staging_i32.as_mut_slice().map_err(|e| driver_error(UP, e))?;
+        let (qsl, rest) = staged.split_at_mut(c.max_num_reqs + 1);
+        let (lens, table) = rest.split_at_mut(c.max_num_reqs);
+        qsl[..=n].copy_from_slice(&meta.query_start_loc);
+        let last = meta.query_start_loc[n];
+        qsl[n + 1..=reqs].fill(last);
+        lens[..n].copy_from_slice(&meta.seq_lens);
+        lens[n..reqs].fill(0);
+        let src_w = meta.block_table.max_blocks_per_req();
+        let copy_w = src_w.min(width);
+        for r in 0..n {
+            let row = &meta.block_table.row(r)[..copy_w];
+            table[r * width..r * width + copy_w].copy_from_slice(row);
+        }
+        let slots = self.staging_i64.as_mut_slice().map_err(|e| driver_error(UP, e))?;
+        let given = meta.slot_mapping.as_slice();
+        slots[..given.len()].copy_from_slice(given);
+        slots[given.len()..tokens].fill(-1);
+
+        let stream = self.dev.stream().clone();
+        let staged = self.staging_i32.as_slice().map_err(|e| driver_error(UP, e))?;
+        let table_at = 2 * c.max_num_reqs + 1;
+        let copies = [
+            (&staged[..=reqs], &mut self.query_start_loc),
+            (&staged[c.max_num_reqs + 1..c.max_num_reqs + 1 + reqs.max(1)], &mut self.seq_lens),
+            (&staged[table_at..table_at + (reqs * width).max(1)], &mut self.block_table),
+        ];
+        for (src, dst) in copies {
+            let mut dst = dst.slice_mut(..src.len());
+            stream.memcpy_htod(src, &mut dst).map_err(|e| driver_error(UP, e))?;
+        }
+        let slots = self.staging_i64.as_slice().map_err(|e| driver_error(UP, e))?;
+        let mut dst = self.slot_mapping.slice_mut(..tokens.max(1));
+        stream.memcpy_htod(&slots[..tokens.max(1)], &mut dst).map_err(|e| driver_error(UP, e))?;
+        self.uploaded.record(&stream).map_err(|e| driver_error(UP, e))?;
+        Ok(())
+    }
+}
+
+/// A planned step, borrowed from its [`StepPlanner`]: the next `plan` needs the planner back, so
+/// a stale plan cannot be run.
+#[derive(Debug)]
+pub struct StepPlan<'p> {
+    planner: &'p mut StepPlanner,
+    launch: LaunchPlan,
+}
+
+impl StepPlan<'_> {
+    /// How each layer of this step launches.
+    pub fn launch(&self) -> LaunchPlan {
+        self.launch
+    }
+
+    /// The planner it came from.
+    pub fn planner(&self) -> &StepPlanner {
+        self.planner
+    }
+}
+
+/// Element strides of one layer's borrowed buffers. Inside a head the elements are contiguous;
+/// everything else may have gaps, so slices of a fused QKV projection and caches interleaved per
+/// block are read and written in place. Every stride must be a multiple of 16 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerStrides {
+    /// Between consecutive tokens of `query`.
+    pub query_token: usize,
+    /// Between consecutive heads of `query`.
+    pub query_head: usize,
+    /// Between consecutive tokens of the new `key` (heads packed inside a token).
+    pub key_token: usize,
+    /// Between consecutive tokens of the new `value` (heads packed inside a token).
+    pub value_token: usize,
+    /// Between consecutive tokens of `out`.
+    pub out_token: usize,
+    /// Between consecutive heads of `out`.
+    pub out_head: usize,
+    /// Between consecutive blocks of each cache (`block_size * num_kv_heads * head_size` packed).
+    pub cache_block: usize,
+}
+
+impl LayerStrides {
+    /// Packed buffers: query / out `[num_tokens, num_heads, head_size]`, key / value
+    /// `[num_tokens, num_kv_heads, head_size]`, caches `[num_blocks, block_size, num_kv_heads,
+    /// head_size]`.
+    pub fn contiguous(config: &PlannerConfig) -> Self {
+        let q_row = config.num_heads.saturating_mul(config.head_size);
+        let kv_row = config.layout.row_elems();
+        LayerStrides {
+            query_token: q_row,
+            query_head: config.head_size,
+            key_token: kv_row,
+            value_token: kv_row,
+            out_token: q_row,
+            out_head: config.head_size,
+            cache_block: config.layout.block_size.saturating_mul(kv_row),
+        }
+    }
+
+    /// A fused QKV projection `[num_tokens, (num_heads + 2 * num_kv_heads) * head_size]` read in
+    /// place (query heads first, then keys, then values, as vLLM's `QKVParallelLinear` lays them
+    /// out), packed output and caches. Slice the buffer at 0, `num_heads * head_size` and
+    /// `(num_heads + num_kv_heads) * head_size` for the three views.
+    pub fn fused_qkv(config: &PlannerConfig) -> Self {
+        let fused = (config.num_heads + 2 * config.num_kv_heads).saturating_mul(config.head_size);
+        LayerStrides { query_token: fused, key_token: fused, value_token: fused, ..LayerStrides::contiguous(config) }
+    }
+}
+
+/// One layer's buffers for [`StepPlan::run`], all borrowed from the engine (cudarc views: a
+/// `CudaSlice` lends one with `as_view` / `as_view_mut`, a sub-range with `slice` / `slice_mut`).
+/// Rows are `LaunchPlan::num_tokens` long, padding included; padding rows of `out` and `lse` are
+/// left untouched.
+#[derive(Debug)]
+pub struct LayerBuffers<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]` with `strides.query_*`.
+    pub query: CudaView<'a, T>,
+    /// The step's new keys and values `[num_tokens, num_kv_heads, head_size]`, written into the
+    /// caches at the step's slot mapping before attention; `None` when the caches already hold
+    /// them (the engine wrote them itself).
+    pub new_kv: Option<(CudaView<'a, T>, CudaView<'a, T>)>,
+    /// The layer's caches, `[num_blocks, block_size, num_kv_heads, head_size]` each with blocks
+    /// `strides.cache_block` apart: two buffers, or one interleaving K and V per block.
+    pub cache: KvCacheMut<'a, T>,
+    /// `[num_tokens, num_heads, head_size]` with `strides.out_*`.
+    pub out: CudaViewMut<'a, T>,
+    /// `[num_tokens, num_heads]` natural-log sum-exp per row, packed, or `None`.
+    pub lse: Option<CudaViewMut<'a, f32>>,
+    /// Element strides of the buffers above.
+    pub strides: LayerStrides,
+}
+
+impl StepPlan<'_> {
+    /// One layer of the planned step: the KV-cache write of `layer.new_kv` (when given), then
+    /// attention of every real token, enqueued on the planner's stream. O(1) host work (the
+    /// parameters' own check is linear in the number of heads): no allocation, no host
+    /// synchronisation, no metadata traffic, so it can be captured into a CUDA graph and replayed
+    /// after later `plan` calls of the same launch plan.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidArgument`] for parameters that disagree with the planner's shape or
+    /// buffers that are too small, misaligned or overlapping (the launchers' checks);
+    /// [`AttentionError::Unsupported`] for f32 storage or ALiBi/sinks with too many heads;
+    /// [`AttentionError::Cuda`] when a launch fails. Nothing is launched when a check fails.
+    pub fn run<T: Element>(&mut self, params: &AttentionParams, layer: LayerBuffers<'_, T>) -> Result<()> {
+        const RUN: &str = "run";
+        let _span = tracing::trace_span!("run", tokens = self.launch.num_tokens).entered();
+        let p = &mut *self.planner;
+        let c = p.config;
+        params.check(RUN)?;
+        if (params.num_heads, params.num_kv_heads, params.head_size) != (c.num_heads, c.num_kv_heads, c.head_size) {
+            return Err(AttentionError::InvalidArgument {
+                op: RUN,
+                what: format!(
+                    "params are for {} heads / {} kv heads / head size {}, the plan for {} / {} / {}",
+                    params.num_heads, params.num_kv_heads, params.head_size, c.num_heads, c.num_kv_heads, c.head_size
+                ),
+            });
+        }
+        if T::DTYPE == DType::F32 {
+            return Err(AttentionError::Unsupported {
+                op: RUN,
+                backend: "cuda",
+                what: "f32 storage (the CUDA kernels take f16 and bf16)".into(),
+            });
+        }
+        if (params.alibi_slopes.is_some() || params.sinks.is_some()) && params.num_heads > MAX_FEATURE_HEADS {
+            return Err(AttentionError::Unsupported {
+                op: RUN,
+                backend: "cuda",
+                what: format!("ALiBi slopes or sinks with more than {MAX_FEATURE_HEADS} query heads"),
+            });
+        }
+        let l = self.launch;
+        let LayerBuffers { query, new_kv, mut cache, mut out, mut lse, strides } = layer;
+        let stream = p.dev.stream().clone();
+        if let Some((key, value)) = new_kv {
+            let dims = KvWriteDims {
+                num_tokens: l.num_tokens,
+                row_elems: c.layout.row_elems(),
+                key_stride: strides.key_token,
+                value_stride: strides.value_token,
+                num_blocks: c.layout.num_blocks,
+                block_size: c.layout.block_size,
+                cache_block_stride: strides.cache_block,
+            };
+            let target = match &mut cache {
+                KvCacheMut::Separate { key, value } => {
+                    KvCacheMut::Separate { key: key.slice_mut(..), value: value.slice_mut(..) }
+                }
+                KvCacheMut::Interleaved { cache, value_offset } => {
+                    KvCacheMut::Interleaved { cache: cache.slice_mut(..), value_offset: *value_offset }
+                }
+            };
+            launch::kv_cache_write(&stream, key, value, target, p.slot_mapping.slice(..l.num_tokens.max(1)), dims)
+                .map_err(|e| kernel_error(RUN, e))?;
+        }
+        if l.num_reqs == 0 {
+            return Ok(());
+        }
+        let features = AttentionFeatures {
+            scale: params.scale,
+            causal: params.causal,
+            window_left: params.window_left,
+            window_right: params.window_right,
+            softcap: params.softcap,
+            alibi_slopes: params.alibi_slopes.as_deref(),
+            sinks: params.sinks.as_deref(),
+        };
+        let dims = |req_begin: usize, req_end: usize| AttentionDims {
+            num_tokens: l.num_tokens,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_size: c.head_size,
+            num_blocks: c.layout.num_blocks,
+            block_size: c.layout.block_size,
+            num_reqs: l.num_reqs,
+            max_blocks_per_req: c.max_blocks_per_req,
+            req_begin,
+            req_end,
+        };
+        let kernel_strides = AttentionStrides {
+            query_token: strides.query_token,
+            query_head: strides.query_head,
+            out_token: strides.out_token,
+            out_head: strides.out_head,
+            cache_block: strides.cache_block,
+        };
+        let (key_cache, value_cache) = match &cache {
+            KvCacheMut::Separate { key, value } => (key.as_view(), value.as_view()),
+            KvCacheMut::Interleaved { cache, value_offset } => (
+                cache.as_view(),
+                cache.try_slice(*value_offset..).ok_or_else(|| AttentionError::InvalidArgument {
+                    op: RUN,
+                    what: format!("the interleaved cache's value offset {value_offset} is past its end"),
+                })?,
+            ),
+        };
+        let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, ws: bool| {
+            let bufs = AttentionBuffers {
+                query: query.slice(..),
+                key_cache: key_cache.slice(..),
+                value_cache: value_cache.slice(..),
+                query_start_loc: p.query_start_loc.slice(..l.num_reqs + 1),
+                seq_lens: p.seq_lens.slice(..l.num_reqs),
+                block_table: p.block_table.slice(..l.num_reqs * c.max_blocks_per_req),
+                out: out.slice_mut(..),
+                lse: lse.as_mut().map(|v| v.slice_mut(..)),
+                workspace: if ws { Some(p.workspace.slice_mut(..)) } else { None },
+                strides: kernel_strides,
+            };
+            kernels::paged_attention(&stream, kernel, &dims(begin, end), &features, bufs)
+                .map_err(|e| kernel_error(RUN, e))
+        };
+        if l.decode_reqs > 0 {
+            launch_range(AttentionKernel::Decode { num_splits: l.num_splits }, 0, l.decode_reqs, l.num_splits > 1)?;
+        }
+        if l.decode_reqs < l.num_reqs {
+            launch_range(
+                AttentionKernel::Prefill { max_query_len: l.prefill_max_query_len },
+                l.decode_reqs,
+                l.num_reqs,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! Page-locked (pinned) host buffers, the staging area of per-step metadata uploads.
+//!
+//! A copy from pageable memory makes the driver stage it through a bounce buffer and return only
+//! when the source may be reused, which costs host time every step; a copy from pinned memory is a
+//! plain asynchronous DMA. cudarc's allocator for it is `unsafe` because the memory starts
+//! uninitialised, so this crate, the workspace's FFI boundary, hands it out zero-filled.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+
+use crate::KernelError;
+
+/// A zero-filled pinned host buffer of `len` elements (at least one, so its pointer is never
+/// dangling), allocated on `ctx`.
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] when `len` elements of `T` overflow `isize`;
+/// [`KernelError::Cuda`] (with the driver's status) when the driver cannot pin that much memory.
+pub fn pinned_zeros<T: DeviceRepr + ValidAsZeroBits>(
+    ctx: &Arc<CudaContext>,
+    len: usize,
+) -> Result<PinnedHostSlice<T>, KernelError> {
+    let len = len.max(1);
+    let bytes = len.checked_mul(std::mem::size_of::<T>()).filter(|&b| b <= isize::MAX as usize);
+    if bytes.is_none() {
+        return Err(KernelError::InvalidArgument {
+            kernel: "pinned_zeros",
+            what: format!("{len} elements of {} bytes overflow the address space", std::mem::size_of::<T>()),
+        });
+    }
+    let driver = |e: cudarc::driver::DriverError| KernelError::Cuda {
+        kernel: "pinned_zeros",
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    };
+    // SAFETY: `alloc_pinned` returns `len` elements of uninitialised page-locked memory; the size was
+    // checked above, so its internal size assertion cannot fire. Nothing reads the memory before
+    // the `write_bytes` below initialises all of it.
+    let mut buf = unsafe { ctx.alloc_pinned::<T>(len) }.map_err(driver)?;
+    let ptr = buf.as_mut_ptr().map_err(driver)?;
+    // SAFETY: `ptr` points to the `len` elements just allocated and owned by `buf`; all-zero bytes
+    // are a valid `T` (`ValidAsZeroBits`).
+    unsafe { std::ptr::write_bytes(ptr, 0, len) };
+    Ok(buf)
+}

@@ -1,0 +1,310 @@
+//! Plan once per step, run once per layer: the engine-facing API on borrowed, strided buffers,
+//! eager and replayed from CUDA graphs, against the CPU backend.
+
+use std::sync::Arc;
+
+use attention_backend::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use attention_backend::cuda::cudarc::driver::{CudaSlice, CudaStream};
+use attention_backend::cuda::{CudaDevice, KvCacheMut, LayerBuffers, LayerStrides, PlannerConfig, StepPlanner};
+use attention_backend::ndarray::{Array2, Array3, ArrayView3, Axis};
+use attention_backend::{cpu, AttentionMetadata, AttentionParams, BlockTable, CacheLayout, CpuKvCache, SlotMapping};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::common;
+
+const H: usize = 8;
+const KVH: usize = 2;
+const D: usize = 128;
+const BS: usize = 16;
+const LAYERS: usize = 3;
+const NUM_BLOCKS: usize = 8192;
+const MAX_BLOCKS: usize = 32;
+
+/// A request of the simulated engine: its physical blocks and how many tokens it has.
+#[derive(Clone, Debug)]
+struct Req {
+    blocks: Vec<i32>,
+    len: usize,
+}
+
+struct Pool(Vec<i32>);
+
+impl Pool {
+    fn new(rng: &mut StdRng) -> Self {
+        let mut ids: Vec<i32> = (0..NUM_BLOCKS as i32).collect();
+        ids.shuffle(rng);
+        Pool(ids)
+    }
+    fn grow(&mut self, req: &mut Req, new_len: usize) {
+        while req.blocks.len() * BS < new_len {
+            req.blocks.push(self.0.pop().expect("block pool exhausted"));
+        }
+        req.len = new_len;
+    }
+    fn free(&mut self, req: Req) {
+        self.0.extend(req.blocks);
+    }
+}
+
+/// The metadata of one step where request `r` schedules `q_lens[r]` new tokens (already counted in
+/// its `len`), decodes first.
+fn step_meta(reqs: &[Req], q_lens: &[usize]) -> AttentionMetadata {
+    let mut qsl = vec![0i32];
+    let mut slots = Vec::new();
+    for (r, &q) in reqs.iter().zip(q_lens) {
+        for pos in r.len - q..r.len {
+            slots.push(i64::from(r.blocks[pos / BS]) * BS as i64 + (pos % BS) as i64);
+        }
+        qsl.push(slots.len() as i32);
+    }
+    let rows: Vec<Vec<i32>> = reqs.iter().map(|r| r.blocks.clone()).collect();
+    let seq_lens = reqs.iter().map(|r| r.len as i32).collect();
+    AttentionMetadata::new(qsl, seq_lens, BlockTable::from_rows(&rows), SlotMapping::new(slots), 1).unwrap()
+}
+
+/// One layer's device state and its CPU mirror.
+struct Layer {
+    fused: CudaSlice<bf16>,
+    key_cache: CudaSlice<bf16>,
+    value_cache: CudaSlice<bf16>,
+    out: CudaSlice<bf16>,
+    cpu_cache: CpuKvCache<bf16>,
+}
+
+fn config(max_tokens: usize, max_reqs: usize) -> PlannerConfig {
+    PlannerConfig {
+        num_heads: H,
+        num_kv_heads: KVH,
+        head_size: D,
+        layout: CacheLayout::new(NUM_BLOCKS, BS, KVH, D).unwrap(),
+        max_num_reqs: max_reqs,
+        max_num_tokens: max_tokens,
+        max_blocks_per_req: MAX_BLOCKS,
+    }
+}
+
+const FUSED: usize = (H + 2 * KVH) * D;
+
+/// Fills every layer's fused QKV buffer with fresh values for `rows` rows and returns the host copy.
+fn fill_qkv(stream: &Arc<CudaStream>, layers: &mut [Layer], rows: usize, rng: &mut StdRng) -> Vec<Vec<bf16>> {
+    layers
+        .iter_mut()
+        .map(|l| {
+            let host: Vec<bf16> = (0..rows * FUSED).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0))).collect();
+            stream.memcpy_htod(&host, &mut l.fused.slice_mut(..host.len())).unwrap();
+            host
+        })
+        .collect()
+}
+
+/// The CPU backend's output for one layer (and its cache updated), from the fused host rows.
+fn cpu_layer(layer: &mut Layer, fused: &[bf16], meta: &AttentionMetadata, params: &AttentionParams) -> Array3<bf16> {
+    let n = meta.num_tokens();
+    let all = ArrayView3::from_shape((n, H + 2 * KVH, D), &fused[..n * FUSED]).unwrap();
+    let (q, kv) = all.split_at(Axis(1), H);
+    let (k, v) = kv.split_at(Axis(1), KVH);
+    let mut out = Array3::from_elem((n, H, D), bf16::from_f32(7.0));
+    let mut lse = Array2::<f32>::zeros((n, H));
+    cpu::forward(q, k, v, &mut layer.cpu_cache, meta, params, out.view_mut(), Some(lse.view_mut())).unwrap();
+    out
+}
+
+/// Compares real rows within the acceptance tolerance and checks padding rows kept their poison.
+fn compare(label: &str, gpu: &[bf16], cpu: &Array3<bf16>, meta: &AttentionMetadata, rows: usize) {
+    let real = meta.num_actual_tokens;
+    let mut worst = 0f32;
+    for t in 0..rows {
+        for i in 0..H * D {
+            let g = gpu[t * H * D + i].to_f32();
+            if t >= real {
+                assert_eq!(g.to_bits(), f32::NAN.to_bits(), "{label}: padding row {t} was written");
+                continue;
+            }
+            let c = cpu[[t, i / D, i % D]].to_f32();
+            assert!(g.is_finite(), "{label}: row {t} element {i} is {g}");
+            let err = (g - c).abs();
+            worst = worst.max(err);
+            assert!(err <= 2e-2 + 1e-2 * c.abs(), "{label}: row {t} element {i}: gpu {g} cpu {c}");
+        }
+    }
+    println!("{label}: {real} rows, max abs error vs CPU {worst:.2e}");
+}
+
+fn poison(stream: &Arc<CudaStream>, layers: &mut [Layer], rows: usize) {
+    let nan = vec![bf16::from_f32(f32::NAN); rows * H * D];
+    for l in layers.iter_mut() {
+        stream.memcpy_htod(&nan, &mut l.out.slice_mut(..nan.len())).unwrap();
+    }
+}
+
+fn layer_buffers<'a>(l: &'a mut Layer, strides: LayerStrides, rows: usize) -> LayerBuffers<'a, bf16> {
+    let fused = l.fused.slice(..rows.max(1) * FUSED);
+    LayerBuffers {
+        query: fused.slice(..),
+        new_kv: Some((fused.slice(H * D..), fused.slice((H + KVH) * D..))),
+        cache: KvCacheMut::Separate { key: l.key_cache.as_view_mut(), value: l.value_cache.as_view_mut() },
+        out: l.out.slice_mut(..rows.max(1) * H * D),
+        lse: None,
+        strides,
+    }
+}
+
+/// Prefills `reqs` eagerly through plan/run (a mixed step: one decode-sized request first) on
+/// every layer, checking each layer against the CPU backend.
+fn prefill(
+    dev: &CudaDevice,
+    planner: &mut StepPlanner,
+    layers: &mut [Layer],
+    reqs: &[Req],
+    params: &AttentionParams,
+    rng: &mut StdRng,
+) {
+    let q_lens: Vec<usize> = reqs.iter().map(|r| r.len).collect();
+    let meta = step_meta(reqs, &q_lens);
+    let rows = meta.num_tokens();
+    let strides = LayerStrides::fused_qkv(planner.config());
+    let host = fill_qkv(dev.stream(), layers, rows, rng);
+    poison(dev.stream(), layers, rows);
+    let mut plan = planner.plan(&meta).unwrap();
+    for l in layers.iter_mut() {
+        plan.run(params, layer_buffers(l, strides, rows)).unwrap();
+    }
+    for (i, l) in layers.iter_mut().enumerate() {
+        let gpu = dev.stream().clone_dtoh(&l.out.slice(..rows * H * D)).unwrap();
+        let cpu = cpu_layer(l, &host[i], &meta, params);
+        compare(&format!("prefill layer {i}"), &gpu, &cpu, &meta, rows);
+    }
+}
+
+/// Captures a whole `LAYERS`-layer decode step for `padded` requests as one CUDA graph, then
+/// replays it over steps whose metadata changed (longer sequences, new blocks, finished requests
+/// replaced by new ones), each replay checked against the CPU backend.
+fn graph_replay(padded: usize, seed: u64) {
+    let dev = common::device().capture_stream().unwrap();
+    let stream = dev.stream().clone();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let max_tokens = padded * MAX_BLOCKS * BS / 2;
+    let cfg = config(max_tokens, padded);
+    let mut planner = StepPlanner::new(&dev, cfg).unwrap();
+    let mut layers: Vec<Layer> = (0..LAYERS)
+        .map(|_| Layer {
+            fused: stream.alloc_zeros(max_tokens * FUSED).unwrap(),
+            key_cache: stream.alloc_zeros(cfg.layout.num_elements().unwrap()).unwrap(),
+            value_cache: stream.alloc_zeros(cfg.layout.num_elements().unwrap()).unwrap(),
+            out: stream.alloc_zeros(max_tokens * H * D).unwrap(),
+            cpu_cache: CpuKvCache::zeros(cfg.layout).unwrap(),
+        })
+        .collect();
+    let params = AttentionParams::new(H, KVH, D);
+    let mut pool = Pool::new(&mut rng);
+    // Fewer real requests than the padded size, so padding requests are exercised.
+    let real = padded - padded / 8;
+    let mut reqs: Vec<Req> = Vec::new();
+    for _ in 0..real {
+        let mut r = Req { blocks: Vec::new(), len: 0 };
+        pool.grow(&mut r, rng.random_range(1..MAX_BLOCKS * BS / 2));
+        reqs.push(r);
+    }
+    prefill(&dev, &mut planner, &mut layers, &reqs, &params, &mut rng);
+
+    let strides = LayerStrides::fused_qkv(planner.config());
+    let mut graph = None;
+    let mut captured_plan = None;
+    for step in 0..4 {
+        // Every request decodes one more token; from the second step on, a few finish and new
+        // ones (prefilled eagerly first) take their place.
+        if step >= 2 {
+            for _ in 0..real.div_ceil(4) {
+                let i = rng.random_range(0..reqs.len());
+                let old = reqs.swap_remove(i);
+                pool.free(old);
+            }
+            let mut fresh = Vec::new();
+            while reqs.len() + fresh.len() < real {
+                let mut r = Req { blocks: Vec::new(), len: 0 };
+                pool.grow(&mut r, rng.random_range(1..MAX_BLOCKS * BS / 2));
+                fresh.push(r);
+            }
+            prefill(&dev, &mut planner, &mut layers, &fresh, &params, &mut rng);
+            reqs.extend(fresh);
+        }
+        for r in reqs.iter_mut() {
+            let next = r.len + 1;
+            pool.grow(r, next);
+        }
+        let meta = step_meta(&reqs, &vec![1; reqs.len()]);
+        let host = fill_qkv(&stream, &mut layers, padded, &mut rng);
+        poison(&stream, &mut layers, padded);
+        let mut plan = planner.plan_graph(&meta, padded).unwrap();
+        let launch = plan.launch();
+        match &graph {
+            None => {
+                stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+                for l in layers.iter_mut() {
+                    plan.run(&params, layer_buffers(l, strides, padded)).unwrap();
+                }
+                let g = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().expect("an empty capture");
+                captured_plan = Some(launch);
+                graph = Some(g);
+            }
+            Some(_) => assert_eq!(Some(launch), captured_plan, "graph plans of one padded size must be equal"),
+        }
+        graph.as_ref().unwrap().launch().unwrap();
+        for (i, l) in layers.iter_mut().enumerate() {
+            let gpu = stream.clone_dtoh(&l.out.slice(..padded * H * D)).unwrap();
+            let cpu = cpu_layer(l, &host[i], &meta, &params);
+            compare(&format!("padded {padded} step {step} layer {i} (graph replay)"), &gpu, &cpu, &meta, padded);
+        }
+    }
+}
+
+#[test]
+fn graph_replay_padded_1() {
+    graph_replay(1, 11);
+}
+
+#[test]
+fn graph_replay_padded_8() {
+    graph_replay(8, 12);
+}
+
+#[test]
+fn graph_replay_padded_64() {
+    graph_replay(64, 13);
+}
+
+#[test]
+fn graph_replay_padded_256() {
+    graph_replay(256, 14);
+}
+
+#[test]
+fn plan_refuses_steps_over_capacity_and_mixed_graph_steps() {
+    let dev = common::device();
+    let mut planner = StepPlanner::new(dev, config(64, 4)).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut pool = Pool::new(&mut rng);
+    let mut reqs = Vec::new();
+    for len in [3, 40] {
+        let mut r = Req { blocks: Vec::new(), len: 0 };
+        pool.grow(&mut r, len);
+        reqs.push(r);
+    }
+    // A prefill in graph mode is refused, and so is a padded size below the batch.
+    let meta = step_meta(&reqs, &[1, 20]);
+    assert!(planner.plan_graph(&meta, 4).is_err());
+    assert!(planner.launch_plan().is_none());
+    let decode = step_meta(&reqs, &[1, 1]);
+    assert!(planner.plan_graph(&decode, 1).is_err());
+    assert!(planner.plan_graph(&decode, 5).is_err(), "over max_num_reqs");
+    assert!(planner.plan_graph(&decode, 2).is_ok());
+    // More tokens than the planner holds.
+    let mut big = Req { blocks: Vec::new(), len: 0 };
+    pool.grow(&mut big, 100);
+    let meta = step_meta(std::slice::from_ref(&big), &[100]);
+    assert!(planner.plan(&meta).is_err());
+    assert!(planner.launch_plan().is_none(), "a refused plan forgets the previous one");
+}
