@@ -9,3 +9,6 @@
 mod attention;
 mod cache_write;
 mod common;
+mod raw;
+mod strides;
+mod unseen;
