@@ -10,3 +10,6 @@ mod attention;
 mod cache_write;
 mod common;
 mod plan;
+mod raw;
+mod strides;
+mod unseen;
