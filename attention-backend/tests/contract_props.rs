@@ -233,9 +233,12 @@ const VIOLATIONS: [Violation; 6] = [
     Violation::TableTooShort,
 ];
 
+/// Whether an error is the one an injected violation must cause.
+type Expected = Box<dyn Fn(&AttentionError) -> bool>;
+
 /// Injects `v` into `step` (choices from `sel`) and says whether `err` is the error it must cause.
 /// `None` when `v` cannot be injected into this step (e.g. a one-slot cache has no wrong slot).
-fn inject(step: &mut Step, v: Violation, sel: u64) -> Option<Box<dyn Fn(&AttentionError) -> bool>> {
+fn inject(step: &mut Step, v: Violation, sel: u64) -> Option<Expected> {
     let mut g = Gen(sel);
     let num_actual = step.num_actual();
     let num_slots = step.num_blocks * step.block_size;
