@@ -1,8 +1,8 @@
 //! CPU forward for one 1k-token prefill: `cargo run --release -p attention-backend --example cpu_prefill_bench`.
 //!
 //! Arguments (all optional): `tokens` (default 1024), `reps` (default 3). `PAGED_ATTN_CPU_THREADS`
-//! caps the threads. Prints, per (heads, kv heads, dtype), the best wall time of `cpu::forward`
-//! (cache write + causal attention) over `reps` runs.
+//! (or `RAYON_NUM_THREADS`) sizes the pool. Prints, per (heads, kv heads, dtype), the best wall
+//! time of `cpu::forward` (cache write + causal attention) over `reps` runs.
 
 use std::time::Instant;
 

@@ -392,10 +392,19 @@ impl Backend {
     /// A zero-filled tensor on this backend's device.
     ///
     /// # Errors
-    /// [`AttentionError::Cuda`] when the allocation fails.
+    /// [`AttentionError::InvalidArgument`] for a shape whose element count overflows `usize`;
+    /// [`AttentionError::AllocationFailed`] when host memory cannot be had; [`AttentionError::Cuda`]
+    /// when the device allocation fails.
     pub fn zeros<T: Element>(&self, shape: &[usize]) -> Result<Tensor<T>> {
         match &self.inner {
-            Inner::Cpu => Ok(Tensor::Cpu(ArrayD::default(shape))),
+            Inner::Cpu => {
+                const OP: &str = "zeros";
+                let overflow =
+                    || AttentionError::InvalidArgument { op: OP, what: format!("shape {shape:?} overflows usize") };
+                let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(overflow)?;
+                let data = crate::cache::zeroed_vec::<T>(OP, "tensor", n)?;
+                Ok(Tensor::Cpu(ArrayD::from_shape_vec(shape, data).map_err(|_| overflow())?))
+            }
             #[cfg(feature = "cuda")]
             Inner::Cuda { dev, .. } => Ok(Tensor::Cuda(crate::cuda::DeviceTensor::zeros(dev, shape)?)),
         }
@@ -427,8 +436,9 @@ impl Backend {
     /// A zero-filled KV cache on this backend's device.
     ///
     /// # Errors
-    /// [`AttentionError::InvalidArgument`] for a bad layout, [`AttentionError::Cuda`] when the
-    /// allocation fails.
+    /// [`AttentionError::InvalidArgument`] for a bad layout, [`AttentionError::AllocationFailed`]
+    /// when host memory cannot be had (see [`CpuKvCache::zeros`]), [`AttentionError::Cuda`] when
+    /// the device allocation fails.
     pub fn kv_cache<T: Element>(&self, layout: CacheLayout) -> Result<KvCache<T>> {
         match &self.inner {
             Inner::Cpu => Ok(KvCache::Cpu(CpuKvCache::zeros(layout)?)),

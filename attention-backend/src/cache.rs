@@ -18,11 +18,23 @@ pub struct CpuKvCache<T: Element> {
 impl<T: Element> CpuKvCache<T> {
     /// A zero-filled cache.
     ///
+    /// A layout can be valid (its element count fits `i64`) and still far larger than the host's
+    /// memory; the two arrays are allocated fallibly, so that is an error, not a process abort.
+    ///
     /// # Errors
-    /// [`AttentionError::InvalidArgument`] for an invalid layout.
+    /// [`AttentionError::InvalidArgument`] for an invalid layout; [`AttentionError::AllocationFailed`]
+    /// (with the bytes of one array) when the memory cannot be had.
     pub fn zeros(layout: CacheLayout) -> Result<Self> {
+        const OP: &str = "CpuKvCache::zeros";
         layout.check()?;
-        Ok(CpuKvCache { layout, key: Array4::default(layout.shape()), value: Array4::default(layout.shape()) })
+        let n = layout.num_elements().unwrap_or(usize::MAX);
+        let key = Array4::from_shape_vec(layout.shape(), zeroed_vec::<T>(OP, "key_cache", n)?);
+        let value = Array4::from_shape_vec(layout.shape(), zeroed_vec::<T>(OP, "value_cache", n)?);
+        match (key, value) {
+            (Ok(key), Ok(value)) => Ok(CpuKvCache { layout, key, value }),
+            // Unreachable: the vectors have exactly the shape's element count.
+            _ => Err(AttentionError::InvalidArgument { op: OP, what: format!("{layout:?} is not an array shape") }),
+        }
     }
 
     /// A cache around existing arrays (their shape gives the layout).
@@ -69,4 +81,22 @@ impl<T: Element> CpuKvCache<T> {
     pub fn into_arrays(self) -> (Array4<T>, Array4<T>) {
         (self.key, self.value)
     }
+}
+
+/// `len` default (zero) elements, allocated fallibly: sizes come from users, and an allocation
+/// failure must come back as [`AttentionError::AllocationFailed`] rather than abort the process.
+/// Also refuses more than `isize::MAX` bytes (what a `Vec` or an ndarray can hold) up front.
+///
+/// # Errors
+/// [`AttentionError::AllocationFailed`] naming `tensor` and the bytes asked for.
+pub(crate) fn zeroed_vec<T: Element>(op: &'static str, tensor: &'static str, len: usize) -> Result<Vec<T>> {
+    let bytes = len as u128 * std::mem::size_of::<T>() as u128;
+    let failed = || AttentionError::AllocationFailed { op, tensor, bytes };
+    if bytes > isize::MAX as u128 {
+        return Err(failed());
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| failed())?;
+    v.resize(len, T::default());
+    Ok(v)
 }

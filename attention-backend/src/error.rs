@@ -47,6 +47,113 @@ pub enum AttentionError {
         /// Slots in the cache.
         num_slots: usize,
     },
+    /// A real token (inside some request's query range) with a negative slot: its K/V would never
+    /// be written and attention would read whatever the cache row held before. Negative slots mark
+    /// padding rows only (the step contract, ARCHITECTURE.md).
+    #[error("{op}: slot_mapping[{index}] = {slot} is negative, but token {index} is request {req}'s position {pos} (negative slots are for padding rows only)")]
+    MissingSlot {
+        /// Operation.
+        op: &'static str,
+        /// Token (row of the slot mapping).
+        index: usize,
+        /// Request the token belongs to.
+        req: usize,
+        /// The token's absolute position in its request.
+        pos: usize,
+        /// The offending slot.
+        slot: i64,
+    },
+    /// A real token's slot differs from where its request's block table puts its position, so
+    /// attention would read a stale row back.
+    #[error("{op}: slot_mapping[{index}] = {slot}, but request {req}'s block table puts its position {pos} at slot {expected}")]
+    SlotMismatch {
+        /// Operation.
+        op: &'static str,
+        /// Token (row of the slot mapping).
+        index: usize,
+        /// Request the token belongs to.
+        req: usize,
+        /// The token's absolute position in its request.
+        pos: usize,
+        /// The offending slot.
+        slot: i64,
+        /// `block_table[req][pos / block_size] * block_size + pos % block_size`.
+        expected: i64,
+    },
+    /// A padding row (at or past `query_start_loc[num_reqs]`) with a non-negative slot: it would
+    /// overwrite a cache row that some request owns.
+    #[error("{op}: slot_mapping[{index}] = {slot} is a padding row (the step has {num_actual_tokens} real tokens) and must be negative")]
+    PaddingSlot {
+        /// Operation.
+        op: &'static str,
+        /// Row of the slot mapping.
+        index: usize,
+        /// The offending slot.
+        slot: i64,
+        /// Real tokens of the step (`query_start_loc[num_reqs]`).
+        num_actual_tokens: usize,
+    },
+    /// A block that the step writes into is also used by another (request, block index) pair of
+    /// the step: the two would write the same slots, or one would read rows the other overwrites.
+    /// Blocks shared between requests (prefix caching) must be read-only in the steps that share
+    /// them.
+    #[error("{op}: block {block} is written by request {req} (block_table[{req}][{index}]) and also used by request {other_req} (block_table[{other_req}][{other_index}]); a block written in a step must belong to one request at one index")]
+    BlockWriteConflict {
+        /// Operation.
+        op: &'static str,
+        /// The physical block.
+        block: i32,
+        /// The request found second.
+        req: usize,
+        /// Its block-table column.
+        index: usize,
+        /// The request that used the block first.
+        other_req: usize,
+        /// Its block-table column.
+        other_index: usize,
+    },
+    /// A block-table entry that a request uses (one of the first `ceil(seq_len / block_size)`) is
+    /// not a block of the cache.
+    #[error("{op}: block_table[{req}][{index}] = {block} is outside the cache's {num_blocks} blocks")]
+    BlockOutOfRange {
+        /// Operation.
+        op: &'static str,
+        /// Request (block-table row).
+        req: usize,
+        /// Block-table column.
+        index: usize,
+        /// The offending block id.
+        block: i32,
+        /// Blocks in the cache.
+        num_blocks: usize,
+    },
+    /// A request's block-table row has fewer columns than its sequence needs blocks.
+    #[error("{op}: request {req} has {seq_len} tokens = {needed} blocks of {block_size}, but the block table has {columns} columns")]
+    BlockTableTooShort {
+        /// Operation.
+        op: &'static str,
+        /// Request.
+        req: usize,
+        /// Its `seq_lens` entry.
+        seq_len: usize,
+        /// Tokens per block of the cache.
+        block_size: usize,
+        /// `ceil(seq_len / block_size)`.
+        needed: usize,
+        /// Columns of the block table.
+        columns: usize,
+    },
+    /// A host allocation failed (or could not be expressed: more than `isize::MAX` bytes). Nothing
+    /// was allocated.
+    #[error("{op}: could not allocate {bytes} bytes for `{tensor}`")]
+    AllocationFailed {
+        /// Operation.
+        op: &'static str,
+        /// What was being allocated.
+        tensor: &'static str,
+        /// Bytes asked for (exact, even past `usize`).
+        bytes: u128,
+    },
     /// The head size is not one the backend supports.
     #[error("{op}: head size {head_size} is not supported by the {backend} backend (supported: {supported})")]
     UnsupportedHeadSize {

@@ -47,7 +47,7 @@ pub use backend::{Backend, DeviceRequest, SlotSource, StepMetadata, StepSlotMapp
 pub use cache::CpuKvCache;
 pub use error::{AttentionError, CudaApi, Result};
 pub use layout::CacheLayout;
-pub use metadata::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMeta};
+pub use metadata::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMeta, StepCheckScratch};
 pub use params::AttentionParams;
 pub use slot_mapping::SlotMapping;
 pub use tensor::{Device, KvCache, Tensor};

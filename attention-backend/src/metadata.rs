@@ -11,6 +11,13 @@
 //! | `seq_lens` | i32 | `[num_reqs]`, computed + new tokens per request (`seqused_k`) |
 //! | `block_table` | i32 | `[num_reqs, max_blocks_per_req]` physical block ids |
 //! | `slot_mapping` | **i64** | `[num_tokens]`, padding = -1 |
+//!
+//! What a step must satisfy on top of these shapes (every real token's slot follows its block
+//! table, padding slots are negative, a block written in the step belongs to one request at one
+//! index, every used block is inside the cache) is the *step contract*, written out once in
+//! ARCHITECTURE.md ("Invariants") and enforced by [`AttentionMetadata::check_against`].
+
+use std::cell::RefCell;
 
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -173,10 +180,12 @@ impl AttentionMetadata {
         if query_start_loc.is_empty() {
             return Err(invalid("query_start_loc is empty (it has num_reqs + 1 entries)".into()));
         }
-        let q_lens: Vec<usize> = query_start_loc.windows(2).map(|w| (w[1] - w[0]).max(0) as usize).collect();
+        // Differences in i64: `[0, -1, i32::MAX]` must reach `check` and its typed error, not
+        // overflow here. Negative differences count as 0; `check` refuses them.
+        let q_lens: Vec<usize> = query_start_loc.windows(2).map(|w| span(w[0], w[1])).collect();
         let num_decodes = q_lens.iter().take_while(|&&q| q <= decode_threshold).count();
-        let num_decode_tokens: usize = q_lens[..num_decodes].iter().sum();
-        let num_actual_tokens = (*query_start_loc.last().unwrap_or(&0)).max(0) as usize;
+        let num_decode_tokens = q_lens[..num_decodes].iter().fold(0usize, |a, &q| a.saturating_add(q));
+        let num_actual_tokens = usize::try_from(*query_start_loc.last().unwrap_or(&0)).unwrap_or(0);
         let meta = AttentionMetadata {
             num_actual_tokens,
             max_query_len: q_lens.iter().copied().max().unwrap_or(0),
@@ -209,7 +218,7 @@ impl AttentionMetadata {
     /// 0 for a request index past the arrays.
     pub fn query_len(&self, req: usize) -> usize {
         match (self.query_start_loc.get(req), self.query_start_loc.get(req + 1)) {
-            (Some(&a), Some(&b)) => (b - a).max(0) as usize,
+            (Some(&a), Some(&b)) => span(a, b),
             _ => 0,
         }
     }
@@ -256,9 +265,9 @@ impl AttentionMetadata {
     }
 
     /// Checks the metadata against itself: array lengths, `query_start_loc` starting at 0 and
-    /// non-decreasing, `0 < q_len <= seq_len` for every request, the decode/prefill counts adding
-    /// up, the block table wide enough for the longest sequence of any block size it is later
-    /// checked against (see [`AttentionMetadata::check_against`]).
+    /// non-decreasing, `0 < q_len <= seq_len` for every request, the slot mapping covering the real
+    /// tokens, the decode/prefill counts and the maxima agreeing with the arrays. The cache-dependent
+    /// half of the step contract is [`AttentionMetadata::check_against`], which runs this first.
     ///
     /// # Errors
     /// [`AttentionError::InvalidMetadata`] naming the first inconsistency.
@@ -285,7 +294,9 @@ impl AttentionMetadata {
             if b < a {
                 return Err(invalid(format!("query_start_loc decreases at request {r} ({a} -> {b})")));
             }
-            let (q, s) = (b - a, self.seq_lens[r]);
+            // a >= query_start_loc[0] = 0 and b >= a: the difference cannot overflow, but i64 makes
+            // that local.
+            let (q, s) = (i64::from(b) - i64::from(a), i64::from(self.seq_lens[r]));
             if q == 0 {
                 return Err(invalid(format!("request {r} schedules no token")));
             }
@@ -293,7 +304,8 @@ impl AttentionMetadata {
                 return Err(invalid(format!("request {r}: seq_len {s} is shorter than its query length {q}")));
             }
         }
-        let total = *self.query_start_loc.last().unwrap_or(&0) as usize;
+        // Non-negative: query_start_loc starts at 0 and never decreases (checked above).
+        let total = usize::try_from(*self.query_start_loc.last().unwrap_or(&0)).unwrap_or(0);
         if total != self.num_actual_tokens {
             return Err(invalid(format!(
                 "num_actual_tokens {} != query_start_loc[-1] = {total}",
@@ -303,10 +315,11 @@ impl AttentionMetadata {
         if self.slot_mapping.len() < total {
             return Err(invalid(format!("slot_mapping has {} entries for {total} tokens", self.slot_mapping.len())));
         }
+        // The public count fields may hold anything: compare with checked sums, never `+`.
         if self.num_decodes > num_reqs
-            || self.num_decodes + self.num_prefills != num_reqs
-            || self.num_decode_tokens + self.num_prefill_tokens != total
-            || self.query_start_loc[self.num_decodes] as usize != self.num_decode_tokens
+            || self.num_decodes.checked_add(self.num_prefills) != Some(num_reqs)
+            || self.num_decode_tokens.checked_add(self.num_prefill_tokens) != Some(total)
+            || usize::try_from(self.query_start_loc[self.num_decodes]).ok() != Some(self.num_decode_tokens)
         {
             return Err(invalid(format!(
                 "decode/prefill split ({} decodes / {} tokens, {} prefills / {} tokens) does not add up to {num_reqs} requests / {total} tokens",
@@ -324,62 +337,175 @@ impl AttentionMetadata {
         Ok(())
     }
 
-    /// Checks the metadata against a cache: every slot inside it, every request's block table row
-    /// covering its sequence with block ids inside the cache.
+    /// The once-per-step check: the metadata against itself ([`AttentionMetadata::check`]) and
+    /// against a cache, enforcing the *step contract* (ARCHITECTURE.md, "Invariants"):
+    ///
+    /// - every request's block-table row has a column for each of its `ceil(seq_len / block_size)`
+    ///   blocks, and each of those block ids is a block of the cache;
+    /// - every real token (row `< query_start_loc[num_reqs]`) has a slot `>= 0`, equal to
+    ///   `block_table[req][pos / block_size] * block_size + pos % block_size` for its position `pos`;
+    /// - every padding row has a negative slot;
+    /// - a block that the step writes into is used by no other (request, block index) pair of the
+    ///   step. Given the rule above, two tokens can only write the same slot through two pairs
+    ///   naming one block, so this is what rules out a slot written twice; it also refuses a block
+    ///   that one request writes while another (or the same one, at another index) reads it, which
+    ///   a per-slot check would let through.
+    ///
+    /// One pass over the tokens and the used block-table entries, O(num_tokens + sum of blocks per
+    /// request), with a per-thread scratch of one entry per cache block that is stamped, never
+    /// cleared (see [`AttentionMetadata::check_against_with`] to own the scratch instead).
     ///
     /// # Errors
-    /// [`AttentionError::SlotOutOfRange`] or [`AttentionError::InvalidMetadata`].
+    /// The errors of [`AttentionMetadata::check`]; [`AttentionError::SlotOutOfRange`],
+    /// [`AttentionError::BlockTableTooShort`], [`AttentionError::BlockOutOfRange`],
+    /// [`AttentionError::BlockWriteConflict`], [`AttentionError::MissingSlot`],
+    /// [`AttentionError::SlotMismatch`], [`AttentionError::PaddingSlot`]; and
+    /// [`AttentionError::AllocationFailed`] if the scratch cannot grow.
     pub fn check_against(&self, op: &'static str, layout: &CacheLayout) -> Result<()> {
+        thread_local! {
+            static SCRATCH: RefCell<StepCheckScratch> = RefCell::new(StepCheckScratch::default());
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => self.check_against_with(op, layout, &mut scratch),
+            // Unreachable (the check does not re-enter itself); a fresh scratch keeps it correct.
+            Err(_) => self.check_against_with(op, layout, &mut StepCheckScratch::default()),
+        })
+    }
+
+    /// [`AttentionMetadata::check_against`] with a caller-owned scratch (an engine that checks
+    /// every step from one place can keep it next to its other per-step buffers).
+    ///
+    /// # Errors
+    /// As [`AttentionMetadata::check_against`].
+    pub fn check_against_with(
+        &self,
+        op: &'static str,
+        layout: &CacheLayout,
+        scratch: &mut StepCheckScratch,
+    ) -> Result<()> {
+        self.check()?;
         self.slot_mapping.check_within(op, layout.num_slots())?;
+        let bs = layout.block_size;
         let w = self.block_table.max_blocks_per_req();
-        for (r, &s) in self.seq_lens.iter().enumerate() {
-            let needed = (s as usize).div_ceil(layout.block_size);
+        let slots = self.slot_mapping.as_slice();
+        let (gen, uses) = scratch.begin(op, layout.num_blocks)?;
+        for (r, &seq_len) in self.seq_lens.iter().enumerate() {
+            // `check` passed: 0 < q_len <= seq_len, and query_start_loc is non-negative.
+            let seq_len = usize::try_from(seq_len).unwrap_or(0);
+            let q_len = self.query_len(r);
+            let start = usize::try_from(self.query_start_loc[r]).unwrap_or(0);
+            let needed = seq_len.div_ceil(bs);
             if needed > w {
-                return Err(AttentionError::InvalidMetadata {
+                return Err(AttentionError::BlockTableTooShort {
                     op,
-                    what: format!(
-                        "request {r} has {s} tokens = {needed} blocks of {} but the block table has {w} columns",
-                        layout.block_size
-                    ),
+                    req: r,
+                    seq_len,
+                    block_size: bs,
+                    needed,
+                    columns: w,
                 });
             }
-            let row = self.block_table.row(r).get(..needed).unwrap_or(&[]);
-            if let Some((j, &b)) = row.iter().enumerate().find(|(_, &b)| b < 0 || b as usize >= layout.num_blocks) {
-                return Err(AttentionError::InvalidMetadata {
-                    op,
-                    what: format!("block_table[{r}][{j}] = {b} is outside the cache's {} blocks", layout.num_blocks),
-                });
+            let row = &self.block_table.row(r)[..needed];
+            let context = seq_len - q_len;
+            let first_written = context / bs;
+            for (j, &block) in row.iter().enumerate() {
+                let Some(b) = usize::try_from(block).ok().filter(|&b| b < layout.num_blocks) else {
+                    return Err(AttentionError::BlockOutOfRange {
+                        op,
+                        req: r,
+                        index: j,
+                        block,
+                        num_blocks: layout.num_blocks,
+                    });
+                };
+                let written = j >= first_written;
+                let u = &mut uses[b];
+                if u.generation != gen {
+                    *u = BlockUse { generation: gen, req: to_u32(r), index: to_u32(j), written };
+                } else if written || u.written {
+                    return Err(AttentionError::BlockWriteConflict {
+                        op,
+                        block,
+                        req: r,
+                        index: j,
+                        other_req: u.req as usize,
+                        other_index: u.index as usize,
+                    });
+                }
             }
-            self.check_slots_follow_block_table(op, r, row, layout.block_size)?;
+            for i in 0..q_len {
+                let t = start + i;
+                let slot = slots[t];
+                let pos = context + i;
+                if slot < 0 {
+                    return Err(AttentionError::MissingSlot { op, index: t, req: r, pos, slot });
+                }
+                let expected = i64::from(row[pos / bs]) * bs as i64 + (pos % bs) as i64;
+                if slot != expected {
+                    return Err(AttentionError::SlotMismatch { op, index: t, req: r, pos, slot, expected });
+                }
+            }
+        }
+        let num_actual_tokens = self.num_actual_tokens;
+        if let Some((k, &slot)) = slots[num_actual_tokens..].iter().enumerate().find(|(_, &s)| s >= 0) {
+            return Err(AttentionError::PaddingSlot { op, index: num_actual_tokens + k, slot, num_actual_tokens });
         }
         Ok(())
     }
+}
 
-    /// Each new token's K/V must land where attention will read it back: token `i` of request `r`
-    /// sits at position `p = seq_len - q_len + i`, which the block table maps to slot
-    /// `row[p / block_size] * block_size + p % block_size`. A slot mapping that disagrees would let
-    /// attention read a stale row silently, so it is refused (padding slots, negative, are skipped).
-    fn check_slots_follow_block_table(&self, op: &'static str, r: usize, row: &[i32], block_size: usize) -> Result<()> {
-        let (Some(&start), Some(&seq_len)) = (self.query_start_loc.get(r), self.seq_lens.get(r)) else {
-            return Ok(());
-        };
-        let q_len = self.query_len(r);
-        let first_pos = (seq_len as usize).saturating_sub(q_len);
-        for i in 0..q_len {
-            let t = start as usize + i;
-            let Some(&slot) = self.slot_mapping.as_slice().get(t) else { break };
-            let pos = first_pos + i;
-            let Some(&block) = row.get(pos / block_size) else { break };
-            let expected = i64::from(block) * block_size as i64 + (pos % block_size) as i64;
-            if slot >= 0 && slot != expected {
-                return Err(AttentionError::InvalidMetadata {
-                    op,
-                    what: format!(
-                        "slot_mapping[{t}] = {slot}, but request {r}'s block table puts its position {pos} at slot {expected}"
-                    ),
-                });
-            }
+/// `b - a` of two `query_start_loc` entries in i64, 0 when negative.
+fn span(a: i32, b: i32) -> usize {
+    usize::try_from(i64::from(b) - i64::from(a)).unwrap_or(0)
+}
+
+/// Requests and block-table columns fit in `u32` once `check` passed (each request has at least
+/// one of at most `i32::MAX` tokens, each column covers at least one of at most `i32::MAX`
+/// positions); saturate rather than wrap if that ever changed.
+fn to_u32(x: usize) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
+
+/// Who used a cache block in the check of generation `generation`.
+#[derive(Clone, Copy, Debug, Default)]
+struct BlockUse {
+    generation: u32,
+    req: u32,
+    index: u32,
+    written: bool,
+}
+
+/// Reusable scratch of [`AttentionMetadata::check_against_with`]: one entry per cache block,
+/// stamped with a generation that each check increments, so no check clears it (it is cleared
+/// once every 2^32 checks, when the generation wraps).
+#[derive(Debug, Default)]
+pub struct StepCheckScratch {
+    generation: u32,
+    uses: Vec<BlockUse>,
+}
+
+impl StepCheckScratch {
+    /// An empty scratch; it grows to the largest cache it is used with.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a new check over `num_blocks` blocks: its generation and the entries.
+    fn begin(&mut self, op: &'static str, num_blocks: usize) -> Result<(u32, &mut [BlockUse])> {
+        if self.uses.len() < num_blocks {
+            let extra = num_blocks - self.uses.len();
+            self.uses.try_reserve_exact(extra).map_err(|_| AttentionError::AllocationFailed {
+                op,
+                tensor: "step check scratch",
+                bytes: num_blocks as u128 * std::mem::size_of::<BlockUse>() as u128,
+            })?;
+            self.uses.resize(num_blocks, BlockUse::default());
         }
-        Ok(())
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            self.uses.fill(BlockUse::default());
+            self.generation = 1;
+        }
+        Ok((self.generation, &mut self.uses[..num_blocks]))
     }
 }

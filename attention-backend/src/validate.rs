@@ -120,16 +120,17 @@ pub fn kv_cache_update(
 /// dtype and of shape `[num_tokens, num_heads, head_size]`, where `num_tokens` is the length of the
 /// slot mapping (padding rows included); `lse`, when given, of shape `[num_tokens, num_heads]`; the
 /// metadata against itself ([`AttentionMetadata::check`]) and against the cache
-/// ([`AttentionMetadata::check_against`]: every slot inside it, every block table row covering its
-/// sequence with block ids inside it).
+/// ([`AttentionMetadata::check_against`]: the step contract of ARCHITECTURE.md, slots following
+/// the block table, padding slots negative, no block written by two users, every used block inside
+/// the cache).
 ///
 /// Both backends call this with the shapes and dtypes of their own tensors, so a bad argument gets
 /// the same error on either device, and nothing has been read or written when it comes back.
 ///
 /// # Errors
 /// [`AttentionError::InvalidArgument`], [`AttentionError::ShapeMismatch`],
-/// [`AttentionError::DTypeMismatch`], [`AttentionError::InvalidMetadata`] or
-/// [`AttentionError::SlotOutOfRange`], naming the first problem found.
+/// [`AttentionError::DTypeMismatch`], [`AttentionError::InvalidMetadata`], or one of the step
+/// contract's errors listed on [`AttentionMetadata::check_against`], naming the first problem found.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     op: &'static str,
@@ -167,6 +168,6 @@ pub fn paged_attention(
     if let Some(shape) = lse_shape {
         expect_shape(op, TensorSpec { name: "lse", shape, dtype: DType::F32 }, &[num_tokens, params.num_heads])?;
     }
-    meta.check()?;
+    // `check_against` runs `AttentionMetadata::check` first: the whole step contract, one call.
     meta.check_against(op, layout)
 }

@@ -192,14 +192,17 @@ fn block_table_not_covering_a_sequence() {
     let mut s = setup();
     // request 1 has 6 tokens = 2 blocks of 4, the table only 1 column
     s.meta.block_table = BlockTable::from_rows(&[vec![3], vec![0]]);
-    assert!(matches!(forward(&mut s), Err(AttentionError::InvalidMetadata { .. })));
+    let e = forward(&mut s).unwrap_err();
+    assert!(matches!(e, AttentionError::BlockTableTooShort { req: 0, seq_len: 5, needed: 2, columns: 1, .. }), "{e:?}");
     // a block id outside the cache
     let mut s = setup();
     s.meta.block_table = BlockTable::from_rows(&[vec![3, 1], vec![0, NUM_BLOCKS as i32]]);
-    assert!(matches!(forward(&mut s), Err(AttentionError::InvalidMetadata { .. })));
+    let e = forward(&mut s).unwrap_err();
+    assert!(matches!(e, AttentionError::BlockOutOfRange { req: 1, index: 1, block: 8, num_blocks: 8, .. }), "{e:?}");
     let mut s = setup();
     s.meta.block_table = BlockTable::from_rows(&[vec![3, -1], vec![0, 6]]);
-    assert!(matches!(forward(&mut s), Err(AttentionError::InvalidMetadata { .. })));
+    let e = forward(&mut s).unwrap_err();
+    assert!(matches!(e, AttentionError::BlockOutOfRange { req: 0, index: 1, block: -1, .. }), "{e:?}");
     // fewer rows than requests
     let mut s = setup();
     s.meta.block_table = BlockTable::from_rows(&[vec![3, 1]]);
@@ -285,7 +288,7 @@ fn slot_that_disagrees_with_the_block_table() {
     .unwrap();
     let err = forward(&mut s).unwrap_err();
     assert!(
-        matches!(&err, AttentionError::InvalidMetadata { what, .. } if what.contains("slot_mapping[1] = 7")),
+        matches!(err, AttentionError::SlotMismatch { index: 1, req: 1, pos: 3, slot: 7, expected: 3, .. }),
         "{err:?}"
     );
 }

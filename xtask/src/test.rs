@@ -110,6 +110,12 @@ pub fn fuzz(cases: Option<&str>) -> Result<(), String> {
     runner.env("PROPTEST_CASES", cases);
     runner.args(["test", "--release", "-p", "model-runner", "--test", "prepare_props", "--test", "block_pool_props"]);
     shell::run(runner)?;
+    // The step contract: random valid steps accepted, every injected violation refused with its
+    // error (a step check costs about what a schedule does: the full count).
+    let mut contract = shell::cargo();
+    contract.env("PROPTEST_CASES", cases);
+    contract.args(["test", "--release", "-p", "attention-backend", "--test", "contract_props"]);
+    shell::run(contract)?;
     // Attention batches cost far more per case than schedules: a tenth of the cases.
     let attention_cases = (cases.parse::<u64>().unwrap_or(0) / 10).max(1).to_string();
     let mut attention = shell::cargo();

@@ -4,18 +4,24 @@
 //! keys and values the rows can see are gathered through the block table into contiguous `f32`
 //! matrices, the scores of all the rows and of every query head of the GQA group are one matrix
 //! product `S = Q K^T`, each row of `S` is masked and turned into probabilities in `f32` (scale,
-//! soft-cap, ALiBi, window, causal mask, sink), and the output is a second product `O = P V`. Items
-//! run on a small pool of scoped threads; each returns its rows, which the calling thread writes
+//! soft-cap, ALiBi, window, causal mask, sink), and the output is `O = P V`, where only keys a row
+//! sees are ever multiplied (see [`compute_item`]). Items run on the current rayon pool (no thread
+//! is spawned per call); each returns its rows, in item order, which the calling thread writes
 //! into `out`, so no two threads ever share a mutable buffer.
+//!
+//! Each item is computed by one thread with a fixed order of operations that depends only on its
+//! request's shape (query length, sequence length) and the parameters, never on the rest of the
+//! batch or on which thread took it: results are bit-identical run to run and batch-invariant.
 //!
 //! The matrix products use ndarray's `f32` GEMM (the `matrixmultiply` crate ndarray already
 //! depends on), single-threaded inside each item.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
 
 use attention_kernels::Element;
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis};
+use ndarray::{Array2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Slice};
+use rayon::prelude::*;
 
 use crate::cache::CpuKvCache;
 use crate::error::Result;
@@ -23,8 +29,9 @@ use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
 use crate::validate;
 
-/// Environment variable capping the threads of the CPU backend (default: the machine's available
-/// parallelism).
+/// Environment variable sizing rayon's global pool when this crate is the first to use it (default:
+/// rayon's own choice, `RAYON_NUM_THREADS` or the machine's available parallelism). An engine that
+/// runs the CPU backend inside its own pool (`ThreadPool::install`) gets that pool instead.
 pub const THREADS_ENV: &str = "PAGED_ATTN_CPU_THREADS";
 
 /// Upper bound on the elements of one item's score matrix (rows x group x keys), 4 MiB of `f32`.
@@ -32,14 +39,26 @@ const MAX_SCORES_PER_ITEM: usize = 1 << 20;
 /// Upper bound on the query rows of one item, so a long prefill spreads over the threads.
 const MAX_ROWS_PER_ITEM: usize = 64;
 
-/// Threads the CPU backend uses: `PAGED_ATTN_CPU_THREADS` when set to a positive integer, the
-/// machine's available parallelism otherwise.
+/// Threads the CPU backend runs on: the size of the rayon pool its calls run in from here (the
+/// pool of the enclosing `ThreadPool::install`, or rayon's global pool).
 pub fn num_threads() -> usize {
-    std::env::var(THREADS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    init_global_pool();
+    rayon::current_num_threads()
+}
+
+/// Honours [`THREADS_ENV`] once per process: builds rayon's global pool with that many threads
+/// unless something (the engine, another crate) built it first, in which case that pool is kept.
+fn init_global_pool() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let Some(n) = std::env::var(THREADS_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0)
+        else {
+            return;
+        };
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            tracing::debug!(error = %e, "{THREADS_ENV} ignored: rayon's global pool already exists");
+        }
+    });
 }
 
 /// Attention over the paged cache for every real token of the batch (vLLM's
@@ -191,26 +210,10 @@ fn run<T: Element>(
     mut lse: Option<ArrayViewMut2<'_, f32>>,
 ) {
     let items = plan(meta, params);
-    let threads = num_threads().min(items.len()).max(1);
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&item) = items.get(i) else { break };
-            done.push(compute_item(item, query, cache, meta, params));
-        }
-        done
-    };
-    let results: Vec<ItemOut> = if threads == 1 {
-        work()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-            // A worker only panics on a bug (inputs were validated); re-raise it here.
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-        })
-    };
+    init_global_pool();
+    // Indexed parallel collect keeps item order; a panic in an item (a bug: inputs were validated)
+    // is re-raised here by rayon.
+    let results: Vec<ItemOut> = items.par_iter().map(|&item| compute_item(item, query, cache, meta, params)).collect();
 
     let group = params.group_size();
     for r in results {
@@ -332,7 +335,28 @@ fn compute_item<T: Element>(
         lse[k] = max + denom.ln();
     }
 
-    // O = P V.
-    general_mat_mul(1.0, &scores, &values, 0.0, &mut out);
+    // O = P V without ever multiplying a masked probability by its value: a key a row cannot see
+    // (the causal future of the step's own tokens, outside the window) may hold NaN or Inf (stale
+    // or uninitialised cache rows), and 0 * NaN is NaN. The keys that *every* row of the item sees
+    // (the intersection of the rows' ranges) go through one GEMM; each row then adds its other
+    // visible keys one by one, so a row's output depends on its visible keys only, and bit for bit
+    // the same way whatever the invisible ones hold.
+    let common = ranges.iter().try_fold((0, usize::MAX), |(lo, hi), r| r.map(|(a, b)| (lo.max(a), hi.min(b))));
+    let (clo, chi) = match common {
+        Some((a, b)) if a <= b => (a - klo, b - klo + 1),
+        _ => (0, 0),
+    };
+    if clo < chi {
+        let (p, v) =
+            (scores.slice_axis(Axis(1), Slice::from(clo..chi)), values.slice_axis(Axis(0), Slice::from(clo..chi)));
+        general_mat_mul(1.0, &p, &v, 0.0, &mut out);
+    }
+    for (k, mut o) in out.axis_iter_mut(Axis(0)).enumerate() {
+        let Some((lo, hi)) = ranges[k / group] else { continue };
+        let p = scores.row(k);
+        for n in (lo - klo..hi - klo + 1).filter(|n| !(clo..chi).contains(n)) {
+            o.scaled_add(p[n], &values.row(n));
+        }
+    }
     ItemOut { item, out, lse }
 }

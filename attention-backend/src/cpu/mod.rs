@@ -6,7 +6,8 @@
 //! - [`forward`]: the two in sequence, one attention layer's step (vLLM's
 //!   `FlashAttentionImpl.forward`).
 //!
-//! Attention runs on up to [`num_threads`] scoped threads (`PAGED_ATTN_CPU_THREADS` caps them).
+//! Attention runs on the current rayon pool ([`num_threads`] threads; `PAGED_ATTN_CPU_THREADS` sizes
+//! the global pool when nothing built it first).
 
 mod attention;
 mod cache_write;
