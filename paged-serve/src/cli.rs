@@ -128,9 +128,20 @@ Examples:
   cargo run --release -p paged-serve -- --verify --verify-every 1 --requests 16
   cargo run --release -p paged-serve --features cuda -- --device cuda --verify
   paged-serve --num-blocks 40 --max-num-batched-tokens 64     # tiny cache: preemptions, chunked prefill
+  paged-serve --num-blocks 12 --requests 800 --prompt-len 40 --output-len 40 --layers 2 --verify \\
+    --verify-every 1                                         # a soak: constant preemption, all verified
 
 The summary reports tokens, steps, attention time per step (p50/p99), throughput, the K/V bytes
-attention read and their rate, peak cache use, preemptions and prefix-cache hits.";
+attention read and their rate, peak cache use, preemptions and prefix-cache hits, and ends with the
+checks: steps, preemptions, verified layer-steps, mismatches and the blocks returned to the pool.
+
+Sizes are checked before anything is allocated: a sequence (3/2 of --prompt-len plus 3/2 of
+--output-len) and --max-num-batched-tokens must fit i32, and the memory the run needs (KV caches on
+the CPU, workload, step buffers, the --verify reference) must fit this machine's memory.
+
+Exit status: 0 on success (also when the reader of stdout closes the pipe early, as with
+`| head`); 1 when the run fails (backend error, verification mismatch, a block not returned to the
+pool, stdout cannot be written); 2 for a usage error (bad, conflicting or impossible flags).";
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
     s.parse::<DType>().map_err(|_| format!("unknown dtype `{s}` (expected f32, f16 or bf16)"))
