@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use crate::block_table::PersistentBlockTable;
-use crate::error::{Result, RunnerError};
+use crate::error::{try_reserve, Result, RunnerError};
 use crate::{BlockId, RequestId};
 
 /// Requests in the batch and their block table rows, kept in sync.
@@ -34,20 +34,27 @@ impl PersistentBatch {
     /// An empty batch of at most `max_num_reqs` requests, each holding at most
     /// `max_blocks_per_req` blocks of `block_size` tokens out of a cache of `num_cache_blocks`.
     /// The runner checks these sizes (see `RunnerConfig`) before building one.
+    ///
+    /// # Errors
+    /// [`RunnerError::AllocationFailed`] when the arrays cannot be allocated. The block table, the
+    /// largest, is allocated first.
     pub(crate) fn new(
         max_num_reqs: usize,
         max_blocks_per_req: usize,
         block_size: usize,
         num_cache_blocks: usize,
-    ) -> Self {
-        PersistentBatch {
-            block_size,
-            num_cache_blocks,
-            req_ids: Vec::with_capacity(max_num_reqs),
-            prompt_lens: Vec::with_capacity(max_num_reqs),
-            rows: HashMap::with_capacity(max_num_reqs),
-            block_table: PersistentBlockTable::new(max_num_reqs, max_blocks_per_req),
-        }
+    ) -> Result<Self> {
+        let block_table = PersistentBlockTable::new(max_num_reqs, max_blocks_per_req)?;
+        let (mut req_ids, mut prompt_lens) = (Vec::new(), Vec::new());
+        try_reserve(&mut req_ids, max_num_reqs, "request ids")?;
+        try_reserve(&mut prompt_lens, max_num_reqs, "prompt lengths")?;
+        let mut rows = HashMap::new();
+        rows.try_reserve(max_num_reqs).map_err(|_| RunnerError::AllocationFailed {
+            what: "request rows",
+            len: max_num_reqs,
+            elem_bytes: size_of::<(RequestId, usize)>(),
+        })?;
+        Ok(PersistentBatch { block_size, num_cache_blocks, req_ids, prompt_lens, rows, block_table })
     }
 
     /// Requests in the batch.

@@ -20,7 +20,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::error::{Result, RunnerError};
+use crate::error::{try_filled, try_reserve, Result, RunnerError};
 use crate::BlockId;
 
 /// A token id, as the prefix cache hashes them.
@@ -83,7 +83,7 @@ impl BlockPool {
     ///
     /// # Errors
     /// [`RunnerError::InvalidConfig`] for a zero size, or more blocks than an `i32` block table
-    /// can name.
+    /// can name; [`RunnerError::AllocationFailed`] when the host cannot hold the pool's arrays.
     pub fn new(num_blocks: usize, block_size: usize) -> Result<Self> {
         if num_blocks == 0 || block_size == 0 {
             return Err(RunnerError::InvalidConfig {
@@ -95,17 +95,23 @@ impl BlockPool {
             return Err(RunnerError::InvalidConfig { what: format!("{num_blocks} blocks: block ids must fit in i32") });
         }
         let n = num_blocks as u32;
-        // Free list 0, 1, ..., n-1 in order, closed through the sentinel n.
-        let next: Vec<u32> = (0..=n).map(|i| if i == n { 0 } else { i + 1 }).collect();
-        let prev: Vec<u32> = (0..=n).map(|i| if i == 0 { n } else { i - 1 }).collect();
+        // Free list 0, 1, ..., n-1 in order, closed through the sentinel n. Every array is
+        // allocated fallibly: a pool of 2^31 blocks needs ~100 GB of host memory, and a machine
+        // without it gets an error, not an abort.
+        let meta = try_filled(num_blocks, None, "block pool prefix-cache entries")?;
+        let (mut next, mut prev) = (Vec::new(), Vec::new());
+        try_reserve(&mut next, num_blocks + 1, "block pool free list")?;
+        try_reserve(&mut prev, num_blocks + 1, "block pool free list")?;
+        next.extend((0..=n).map(|i| if i == n { 0 } else { i + 1 }));
+        prev.extend((0..=n).map(|i| if i == 0 { n } else { i - 1 }));
         Ok(BlockPool {
             block_size,
-            ref_cnt: vec![0; num_blocks],
+            ref_cnt: try_filled(num_blocks, 0, "block pool reference counts")?,
             prev,
             next,
             num_free: num_blocks,
             cached: HashMap::new(),
-            meta: vec![None; num_blocks],
+            meta,
         })
     }
 

@@ -10,7 +10,7 @@
 
 use attention_backend::BlockTable;
 
-use crate::error::Result;
+use crate::error::{try_filled, Result, RunnerError};
 
 /// `[max_num_reqs, max_blocks_per_req]` block ids, row `i` belonging to the batch's row `i`.
 ///
@@ -25,12 +25,22 @@ pub struct PersistentBlockTable {
 }
 
 impl PersistentBlockTable {
-    pub(crate) fn new(max_num_reqs: usize, max_blocks_per_req: usize) -> Self {
-        PersistentBlockTable {
-            data: vec![0; max_num_reqs * max_blocks_per_req],
-            lens: vec![0; max_num_reqs],
+    /// A zeroed table.
+    ///
+    /// # Errors
+    /// [`RunnerError::AllocationFailed`] when the table's size overflows or cannot be allocated.
+    pub(crate) fn new(max_num_reqs: usize, max_blocks_per_req: usize) -> Result<Self> {
+        const WHAT: &str = "block table";
+        let len = max_num_reqs.checked_mul(max_blocks_per_req).ok_or(RunnerError::AllocationFailed {
+            what: WHAT,
+            len: usize::MAX,
+            elem_bytes: size_of::<i32>(),
+        })?;
+        Ok(PersistentBlockTable {
+            data: try_filled(len, 0, WHAT)?,
+            lens: try_filled(max_num_reqs, 0, "block table row lengths")?,
             width: max_blocks_per_req,
-        }
+        })
     }
 
     /// Columns: the most blocks one request can hold (the row stride).

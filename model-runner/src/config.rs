@@ -124,6 +124,11 @@ impl RunnerConfig {
         if self.max_num_reqs.checked_mul(self.max_blocks_per_req).is_none() {
             return bad(format!("block table {} x {} overflows", self.max_num_reqs, self.max_blocks_per_req));
         }
+        // A padded step has as many tokens as its graph size, and token counts are i32 on the
+        // device.
+        if let Some(&g) = self.cuda_graph_sizes.iter().find(|&&g| g == 0 || g > i32::MAX as usize) {
+            return bad(format!("cuda graph size {g} must be in 1..={}", i32::MAX));
+        }
         if self.cuda_graph_sizes.windows(2).any(|w| w[0] >= w[1]) {
             return bad(format!("cuda_graph_sizes {:?} must be strictly ascending", self.cuda_graph_sizes));
         }

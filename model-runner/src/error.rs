@@ -5,6 +5,24 @@ use thiserror::Error;
 
 use crate::{BlockId, RequestId};
 
+/// A vector of `len` copies of `value`, or [`RunnerError::AllocationFailed`] when the allocator
+/// cannot provide it (`vec![value; len]` would abort the process instead).
+pub(crate) fn try_filled<T: Clone>(len: usize, value: T, what: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    try_reserve(&mut v, len, what)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Reserves room for `additional` more elements in `v`, or [`RunnerError::AllocationFailed`].
+pub(crate) fn try_reserve<T>(v: &mut Vec<T>, additional: usize, what: &'static str) -> Result<()> {
+    v.try_reserve_exact(additional).map_err(|_| RunnerError::AllocationFailed {
+        what,
+        len: v.len().saturating_add(additional),
+        elem_bytes: std::mem::size_of::<T>(),
+    })
+}
+
 /// Result alias of the model runner.
 pub type Result<T, E = RunnerError> = std::result::Result<T, E>;
 
@@ -142,6 +160,33 @@ pub enum RunnerError {
     BlockNotAllocated {
         /// The block.
         block_id: BlockId,
+    },
+    /// Two tokens of one step would write the same KV-cache slot: two requests share a block they
+    /// both write into, or one request lists a block twice among the blocks it writes. Attention
+    /// would then read the other token's key and value; the step is refused instead.
+    #[error(
+        "slot {offset} of block {block_id} would be written twice in one step (by request {req_id} and request {other})"
+    )]
+    SlotWrittenTwice {
+        /// The request whose write was found second.
+        req_id: RequestId,
+        /// The request that writes the slot first (the same request when it lists the block twice).
+        other: RequestId,
+        /// The block.
+        block_id: BlockId,
+        /// The first doubly written offset inside the block.
+        offset: usize,
+    },
+    /// A buffer could not be allocated (its size overflows, or the allocator refused it). Returned
+    /// instead of aborting, so a server given huge but valid sizes can report them.
+    #[error("cannot allocate the {what} ({len} elements of {elem_bytes} bytes)")]
+    AllocationFailed {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements asked for.
+        len: usize,
+        /// Bytes per element.
+        elem_bytes: usize,
     },
     /// The metadata the runner built failed the backend's own check. This is a runner bug, not
     /// bad input; it is returned rather than panicking so a server can log it and drop the step.

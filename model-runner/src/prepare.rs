@@ -3,8 +3,9 @@
 //! The work is in three passes, each O(requests) or O(tokens):
 //!
 //! 1. **Validate** every entry of the step against the batch (known, not repeated, at least one
-//!    token, blocks covering computed + scheduled tokens, the step within its token budget). Nothing
-//!    has changed when this pass fails, so a bad step is refused without side effects.
+//!    token, blocks covering computed + scheduled tokens, the step within its token budget, no
+//!    KV-cache slot written by two tokens). Nothing has changed when this pass fails, so a bad step
+//!    is refused without side effects.
 //! 2. **Reorder** the persistent batch in place: scheduled decodes to the front, then scheduled
 //!    prefills, then requests that are not in this step. Rows only swap when a request changes
 //!    class, so a steady decode batch is not touched.
@@ -14,9 +15,18 @@
 
 use attention_backend::{AttentionMetadata, DecodeMeta, PrefillMeta, SlotMapping};
 
-use crate::error::{Result, RunnerError};
+use crate::error::{try_reserve, Result, RunnerError};
 use crate::runner::ModelRunner;
-use crate::RequestId;
+use crate::{BlockId, RequestId};
+
+/// The slots one request writes in one of its blocks this step: offsets `lo..hi` of `block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct BlockWrite {
+    block: i32,
+    lo: usize,
+    hi: usize,
+    req_id: RequestId,
+}
 
 /// One request's share of a scheduler step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,12 +116,22 @@ impl StepInputs {
     /// `query_start_loc` extended to `num_reqs + 1` entries for a buffer sized for `num_reqs`
     /// requests, repeating the last value: padded requests get empty queries. Returns the unpadded
     /// array when `num_reqs` is not larger than the step's.
-    pub fn padded_query_start_loc(&self, num_reqs: usize) -> Vec<i32> {
+    ///
+    /// # Errors
+    /// [`RunnerError::AllocationFailed`] for a `num_reqs` no buffer can hold (`usize::MAX`, say).
+    pub fn padded_query_start_loc(&self, num_reqs: usize) -> Result<Vec<i32>> {
+        const WHAT: &str = "padded query_start_loc";
         let qsl = &self.metadata.query_start_loc;
         let last = qsl.last().copied().unwrap_or(0);
+        let len = num_reqs.checked_add(1).ok_or(RunnerError::AllocationFailed {
+            what: WHAT,
+            len: usize::MAX,
+            elem_bytes: size_of::<i32>(),
+        })?;
         let mut out = qsl.clone();
-        out.resize(qsl.len().max(num_reqs + 1), last);
-        out
+        try_reserve(&mut out, len.saturating_sub(qsl.len()), WHAT)?;
+        out.resize(qsl.len().max(len), last);
+        Ok(out)
     }
 }
 
@@ -126,7 +146,13 @@ impl ModelRunner {
     /// [`RunnerError::EmptyStep`], [`RunnerError::UnknownRequest`],
     /// [`RunnerError::DuplicateInStep`], [`RunnerError::NoScheduledTokens`],
     /// [`RunnerError::SequenceTooLong`], [`RunnerError::InsufficientBlocks`],
-    /// [`RunnerError::TooManyTokens`]. The batch is unchanged when an error is returned.
+    /// [`RunnerError::TooManyTokens`], [`RunnerError::SlotWrittenTwice`] (two requests writing
+    /// into one block, or one request listing a block twice among those it writes),
+    /// [`RunnerError::AllocationFailed`]. The batch is unchanged when an error is returned.
+    ///
+    /// Every size in the returned arrays fits its type: sequence lengths and positions are at
+    /// most `i32::MAX` ([`RunnerError::SequenceTooLong`] otherwise) and `query_start_loc` at most
+    /// the step budget, itself at most `i32::MAX`; nothing here overflows or panics.
     pub fn prepare_inputs(&mut self, step: &[ScheduledRequest]) -> Result<StepInputs> {
         let span = tracing::debug_span!(
             "prepare_inputs",
@@ -197,7 +223,52 @@ impl ModelRunner {
         if total > self.config.max_num_batched_tokens {
             return Err(RunnerError::TooManyTokens { num_tokens: total, budget: self.config.max_num_batched_tokens });
         }
+        self.check_distinct_writes(step)?;
         Ok(total)
+    }
+
+    /// Refuses a step in which two tokens would write the same KV-cache slot: the cache write
+    /// would keep one of them and attention would read it for both (another request's keys, or a
+    /// request's own overwritten history). Works on slot ranges per block, so it costs
+    /// O(blocks written * log) rather than a set of every slot.
+    ///
+    /// Called after the per-entry checks, so every entry's blocks cover its tokens.
+    fn check_distinct_writes(&mut self, step: &[ScheduledRequest]) -> Result<()> {
+        let bs = self.config.block_size;
+        let mut writes = std::mem::take(&mut self.writes);
+        writes.clear();
+        for e in step {
+            let Some(blocks) = self.batch.blocks(e.req_id) else { continue };
+            let (start, end) = (e.num_computed_tokens, e.num_computed_tokens + e.num_scheduled_tokens);
+            for (bi, &block) in blocks.iter().enumerate().take((end - 1) / bs + 1).skip(start / bs) {
+                // Offsets inside the block: the step's positions clipped to this block's span.
+                let lo = start.max(bi * bs) - bi * bs;
+                let hi = end.min((bi + 1) * bs) - bi * bs;
+                writes.push(BlockWrite { block, lo, hi, req_id: e.req_id });
+            }
+        }
+        writes.sort_unstable();
+        // Within one block, sorted by start offset: a range starting before the furthest end seen
+        // so far overlaps the range that reached it.
+        let mut result = Ok(());
+        let mut reach: Option<(i32, usize, RequestId)> = None;
+        for w in &writes {
+            match reach {
+                Some((block, hi, other)) if block == w.block && w.lo < hi => {
+                    result = Err(RunnerError::SlotWrittenTwice {
+                        req_id: w.req_id,
+                        other,
+                        block_id: w.block as BlockId,
+                        offset: w.lo,
+                    });
+                    break;
+                }
+                Some((block, hi, _)) if block == w.block && w.hi <= hi => {}
+                _ => reach = Some((w.block, w.hi, w.req_id)),
+            }
+        }
+        self.writes = writes;
+        result
     }
 
     /// Pass 2: scheduled decodes to rows `0..d`, scheduled prefills to `d..num_reqs`, the rest
@@ -233,8 +304,10 @@ impl ModelRunner {
     fn fill(&self, num_reqs: usize, num_decodes: usize, num_tokens: usize) -> Result<StepInputs> {
         let bs = self.config.block_size;
         let num_padded = self.config.padded_num_tokens(num_tokens);
-        let mut positions: Vec<i64> = Vec::with_capacity(num_padded);
-        let mut slots: Vec<i64> = Vec::with_capacity(num_padded);
+        // The padded size can be a large CUDA-graph size: allocate fallibly.
+        let (mut positions, mut slots): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
+        try_reserve(&mut positions, num_padded, "positions")?;
+        try_reserve(&mut slots, num_padded, "slot mapping")?;
         let mut query_start_loc: Vec<i32> = Vec::with_capacity(num_reqs + 1);
         let mut seq_lens: Vec<i32> = Vec::with_capacity(num_reqs);
         let mut max_query_len = 0;

@@ -2,7 +2,7 @@
 
 use crate::batch::PersistentBatch;
 use crate::config::RunnerConfig;
-use crate::error::Result;
+use crate::error::{try_filled, Result};
 use crate::{BlockId, RequestId};
 
 /// Turns scheduler steps into attention inputs over a persistent batch.
@@ -21,6 +21,9 @@ pub struct ModelRunner {
     /// the current step.
     pub(crate) tokens: Vec<(usize, usize)>,
     pub(crate) step: u64,
+    /// Scratch of `prepare_inputs`: the slot ranges each scheduled request writes, to refuse a
+    /// step that writes one slot twice. Kept to reuse its allocation.
+    pub(crate) writes: Vec<crate::prepare::BlockWrite>,
 }
 
 impl ModelRunner {
@@ -28,15 +31,20 @@ impl ModelRunner {
     ///
     /// # Errors
     /// [`RunnerError::InvalidConfig`](crate::RunnerError::InvalidConfig) (see
-    /// [`RunnerConfig::check`]).
+    /// [`RunnerConfig::check`]);
+    /// [`RunnerError::AllocationFailed`](crate::RunnerError::AllocationFailed) when sizes that
+    /// pass the check still need more host memory than the allocator gives (a
+    /// `max_num_reqs x max_blocks_per_req` block table of terabytes, say): the process does not
+    /// abort.
     pub fn new(config: RunnerConfig) -> Result<Self> {
         config.check()?;
         let batch =
-            PersistentBatch::new(config.max_num_reqs, config.max_blocks_per_req, config.block_size, config.num_blocks);
+            PersistentBatch::new(config.max_num_reqs, config.max_blocks_per_req, config.block_size, config.num_blocks)?;
         Ok(ModelRunner {
-            scheduled_in: vec![0; config.max_num_reqs],
-            tokens: vec![(0, 0); config.max_num_reqs],
+            scheduled_in: try_filled(config.max_num_reqs, 0, "step stamps")?,
+            tokens: try_filled(config.max_num_reqs, (0, 0), "token counts")?,
             step: 0,
+            writes: Vec::new(),
             config,
             batch,
         })

@@ -231,3 +231,100 @@ fn metadata_error_converts() {
     assert_eq!(err, RunnerError::Metadata(inner.clone()));
     assert_eq!(err.to_string(), inner.to_string());
 }
+
+#[test]
+fn slot_written_twice_by_two_requests_sharing_a_block() {
+    let mut r = runner();
+    // Both requests list block 5 as the one their first tokens go to.
+    r.add_request(RequestId(1), 4, &[5]).unwrap();
+    r.add_request(RequestId(2), 4, &[5]).unwrap();
+    let before = snapshot(&r);
+    assert_eq!(
+        r.prepare_inputs(&[sched(1, 0, 4), sched(2, 0, 4)]),
+        Err(RunnerError::SlotWrittenTwice { req_id: RequestId(2), other: RequestId(1), block_id: 5, offset: 0 })
+    );
+    // Overlapping ranges in the middle of the block: offsets 2..6 and 4..5.
+    assert_eq!(
+        r.prepare_inputs(&[sched(1, 2, 4), sched(2, 4, 1)]),
+        Err(RunnerError::SlotWrittenTwice { req_id: RequestId(2), other: RequestId(1), block_id: 5, offset: 4 })
+    );
+    assert_eq!(snapshot(&r), before, "a refused step leaves the batch alone");
+    // Each one alone is a valid step, and so are both when their ranges are disjoint.
+    assert_eq!(r.prepare_inputs(&[sched(1, 0, 4)]).unwrap().num_actual_tokens(), 4);
+    let ok = r.prepare_inputs(&[sched(1, 0, 4), sched(2, 4, 2)]).unwrap();
+    assert_eq!(ok.slot_mapping().as_slice(), [80, 81, 82, 83, 84, 85]);
+}
+
+#[test]
+fn slot_written_twice_by_one_request_listing_a_block_twice() {
+    let mut r = runner();
+    r.add_request(RequestId(1), 20, &[3, 3]).unwrap();
+    let before = snapshot(&r);
+    // 20 tokens: offsets 0..16 of block 3 (table entry 0), then 0..4 of block 3 again (entry 1).
+    assert_eq!(
+        r.prepare_inputs(&[sched(1, 0, 20)]),
+        Err(RunnerError::SlotWrittenTwice { req_id: RequestId(1), other: RequestId(1), block_id: 3, offset: 0 })
+    );
+    assert_eq!(snapshot(&r), before);
+    // A block listed twice but written only once this step (the first entry is history) is not
+    // a double write within the step.
+    assert!(r.prepare_inputs(&[sched(1, 16, 4)]).is_ok());
+    // Shared *read-only* blocks (a prefix-cache hit) are fine: both requests write only their own.
+    r.add_request(RequestId(2), 20, &[7, 8]).unwrap();
+    r.add_request(RequestId(3), 20, &[7, 9]).unwrap();
+    let ok = r.prepare_inputs(&[sched(2, 16, 4), sched(3, 16, 4)]).unwrap();
+    assert_eq!(ok.slot_mapping().as_slice(), [128, 129, 130, 131, 144, 145, 146, 147]);
+}
+
+#[test]
+fn huge_but_valid_sizes_are_an_error_not_an_abort() {
+    // 2^31 x 2^31 i32 entries: the product fits a usize but not the address space.
+    let cfg = RunnerConfig::new(BS, 32).with_max_num_reqs(1 << 31).with_max_blocks_per_req(1 << 31);
+    cfg.check().unwrap();
+    let err = ModelRunner::new(cfg).unwrap_err();
+    assert!(matches!(err, RunnerError::AllocationFailed { what: "block table", elem_bytes: 4, .. }), "{err}");
+    assert!(err.to_string().contains("cannot allocate the block table"), "{err}");
+    // A step-size field whose product with another overflows usize is refused by the check.
+    let cfg = RunnerConfig::new(BS, 32).with_max_num_reqs(usize::MAX).with_max_blocks_per_req(2);
+    assert!(matches!(ModelRunner::new(cfg), Err(RunnerError::InvalidConfig { .. })));
+}
+
+#[test]
+fn i32_limits_are_typed_errors() {
+    // Blocks of 2^16 tokens and 2^15 + 1 columns: a row can name more than i32::MAX tokens, so
+    // the i32 seq_lens are the binding limit.
+    let bs = 1usize << 16;
+    let mut r = ModelRunner::new(
+        RunnerConfig::new(bs, 1 << 16)
+            .with_max_num_reqs(3)
+            .with_max_blocks_per_req((1 << 15) + 1)
+            .with_max_num_batched_tokens(i32::MAX as usize),
+    )
+    .unwrap();
+    let row = |first: u32| (first..first + (1 << 15) + 1).collect::<Vec<u32>>();
+    r.add_request(RequestId(1), 1, &row(0)).unwrap();
+    let max = i32::MAX as usize;
+    assert_eq!(
+        r.prepare_inputs(&[sched(1, max - 2, 5)]),
+        Err(RunnerError::SequenceTooLong { req_id: RequestId(1), num_tokens: max + 3, max_tokens: max })
+    );
+    // Three halves of i32::MAX: the query_start_loc sum would overflow i32; it is over budget.
+    let half = max / 2 + 1;
+    let blocks = half.div_ceil(bs) as u32;
+    r.set_blocks(RequestId(1), &(0..blocks).collect::<Vec<_>>()).unwrap();
+    r.add_request(RequestId(2), half, &(blocks..2 * blocks).collect::<Vec<_>>()).unwrap();
+    r.add_request(RequestId(3), half, &(2 * blocks..3 * blocks).collect::<Vec<_>>()).unwrap();
+    assert_eq!(
+        r.prepare_inputs(&[sched(1, 0, half), sched(2, 0, half), sched(3, 0, half)]),
+        Err(RunnerError::TooManyTokens { num_tokens: 3 * half, budget: max })
+    );
+    // CUDA-graph sizes are token counts on the device: i32 as well.
+    let cfg = RunnerConfig::new(BS, 32).with_cuda_graph_sizes(vec![8, i32::MAX as usize + 1]);
+    assert!(matches!(ModelRunner::new(cfg), Err(RunnerError::InvalidConfig { ref what }) if what.contains("graph")));
+    // A padded query_start_loc for usize::MAX requests is an error, not an overflow.
+    let mut r = runner();
+    r.add_request(RequestId(1), 4, &[0]).unwrap();
+    let inputs = r.prepare_inputs(&[sched(1, 0, 4)]).unwrap();
+    assert!(matches!(inputs.padded_query_start_loc(usize::MAX), Err(RunnerError::AllocationFailed { .. })));
+    assert!(matches!(inputs.padded_query_start_loc(usize::MAX - 1), Err(RunnerError::AllocationFailed { .. })));
+}

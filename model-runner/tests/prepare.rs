@@ -98,8 +98,8 @@ fn cuda_graph_padding() {
     assert_eq!(m.slot_mapping.as_slice(), [32, 33, 34, 48, 49, 50, -1, -1]);
     assert_eq!(inputs.positions, [0, 1, 2, 0, 1, 2, 0, 0]);
     assert_eq!(m.query_start_loc, [0, 3, 6], "per-request arrays are not padded");
-    assert_eq!(inputs.padded_query_start_loc(4), [0, 3, 6, 6, 6]);
-    assert_eq!(inputs.padded_query_start_loc(1), [0, 3, 6]);
+    assert_eq!(inputs.padded_query_start_loc(4).unwrap(), [0, 3, 6, 6, 6]);
+    assert_eq!(inputs.padded_query_start_loc(1).unwrap(), [0, 3, 6]);
     m.check().unwrap();
 
     // Larger than every captured size: not padded.

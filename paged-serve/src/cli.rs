@@ -9,7 +9,7 @@ use clap::Parser;
 use crate::model::ModelShape;
 use crate::scheduler::SchedulerConfig;
 use crate::verify::Sample;
-use crate::workload::{PrefixSharing, RequestSpec, WorkloadSpec};
+use crate::workload::{PrefixSharing, Shape, WorkloadSpec, MAX_SEQ_LEN};
 use crate::ServeError;
 
 /// Head sizes the CUDA kernels are compiled for.
@@ -65,8 +65,14 @@ pub struct Cli {
     #[arg(long, value_name = "N", help_heading = "Workload")]
     pub output_len: Option<usize>,
     /// Read arrivals and lengths from a file instead: CSV lines `arrival,prompt_len,output_len`
-    /// or JSON lines {"arrival": 0, "prompt_len": 100, "output_len": 20}; arrival in steps
-    #[arg(long, value_name = "FILE", help_heading = "Workload")]
+    /// or JSON lines {"arrival": 0, "prompt_len": 100, "output_len": 20}; arrival in steps.
+    /// Cannot be combined with --requests, --arrival-rate, --prompt-len or --output-len
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Workload",
+        conflicts_with_all = ["requests", "arrival_rate", "prompt_len", "output_len"]
+    )]
     pub trace: Option<PathBuf>,
     /// Fraction of prompts that start with one shared prefix (exercises the prefix cache)
     #[arg(
@@ -97,16 +103,17 @@ pub struct Cli {
     /// Check steps against an independent f64 dense attention; exit non-zero on a mismatch
     #[arg(long, help_heading = "Checking and output")]
     pub verify: bool,
-    /// With --verify: check every K-th step
-    #[arg(long, default_value_t = 8, value_name = "K", help_heading = "Checking and output")]
-    pub verify_every: u64,
-    /// With --verify: layers checked per step, spread from the first to the last
-    #[arg(long, default_value_t = 2, value_name = "N", help_heading = "Checking and output")]
-    pub verify_layers: usize,
+    /// With --verify (a usage error without it): check every K-th step; 1 checks every step
+    /// [default: 8]
+    #[arg(long, value_name = "K", help_heading = "Checking and output")]
+    pub verify_every: Option<u64>,
+    /// With --verify: layers checked per step, spread from the first to the last [default: 2]
+    #[arg(long, value_name = "N", help_heading = "Checking and output")]
+    pub verify_layers: Option<usize>,
     /// With --verify: requests checked per layer-step (spread over the batch; each checks at most
-    /// 64 of its query rows), so a big GPU batch is checked in seconds
-    #[arg(long, default_value_t = 16, value_name = "N", help_heading = "Checking and output")]
-    pub verify_requests: usize,
+    /// 64 of its query rows), so a big GPU batch is checked in seconds [default: 16]
+    #[arg(long, value_name = "N", help_heading = "Checking and output")]
+    pub verify_requests: Option<usize>,
     /// Print the summary as one JSON object on stdout
     #[arg(long, help_heading = "Checking and output")]
     pub json: bool,
@@ -121,9 +128,20 @@ Examples:
   cargo run --release -p paged-serve -- --verify --verify-every 1 --requests 16
   cargo run --release -p paged-serve --features cuda -- --device cuda --verify
   paged-serve --num-blocks 40 --max-num-batched-tokens 64     # tiny cache: preemptions, chunked prefill
+  paged-serve --num-blocks 12 --requests 800 --prompt-len 40 --output-len 40 --layers 2 --verify \\
+    --verify-every 1                                         # a soak: constant preemption, all verified
 
 The summary reports tokens, steps, attention time per step (p50/p99), throughput, the K/V bytes
-attention read and their rate, peak cache use, preemptions and prefix-cache hits.";
+attention read and their rate, peak cache use, preemptions and prefix-cache hits, and ends with the
+checks: steps, preemptions, verified layer-steps, mismatches and the blocks returned to the pool.
+
+Sizes are checked before anything is allocated: a sequence (3/2 of --prompt-len plus 3/2 of
+--output-len) and --max-num-batched-tokens must fit i32, and the memory the run needs (KV caches on
+the CPU, workload, step buffers, the --verify reference) must fit this machine's memory.
+
+Exit status: 0 on success (also when the reader of stdout closes the pipe early, as with
+`| head`); 1 when the run fails (backend error, verification mismatch, a block not returned to the
+pool, stdout cannot be written); 2 for a usage error (bad, conflicting or impossible flags).";
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
     s.parse::<DType>().map_err(|_| format!("unknown dtype `{s}` (expected f32, f16 or bf16)"))
@@ -250,13 +268,15 @@ impl Cli {
             ("--output-len", self.output_len.unwrap_or(d.output_len)),
             ("--max-num-batched-tokens", self.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens)),
             ("--max-num-seqs", self.max_num_seqs.unwrap_or(d.max_num_seqs)),
-            ("--verify-every", self.verify_every as usize),
-            ("--verify-layers", self.verify_layers),
-            ("--verify-requests", self.verify_requests),
+            ("--verify-every", usize::from(self.verify_every() != 0)),
+            ("--verify-layers", self.verify_layers()),
+            ("--verify-requests", self.verify_requests()),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(usage(format!("{flag} must be positive")));
         }
+        self.check_combinations()?;
+        self.check_limits(d)?;
         if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(usage(format!(
                 "--heads {} is not a multiple of --kv-heads {} (each kv head serves a whole group of query heads)",
@@ -304,10 +324,10 @@ impl Cli {
         };
         let verify = self.verify.then(|| {
             // `n` layers spread evenly from the first to the last.
-            let (l, n) = (shape.num_layers, self.verify_layers.min(shape.num_layers));
+            let (l, n) = (shape.num_layers, self.verify_layers().min(shape.num_layers));
             let mut layers: Vec<usize> = (0..n).map(|i| if n == 1 { 0 } else { i * (l - 1) / (n - 1) }).collect();
             layers.dedup();
-            (self.verify_every, layers)
+            (self.verify_every(), layers)
         });
         Ok(RunConfig {
             device: request,
@@ -327,19 +347,102 @@ impl Cli {
             },
             seed: self.seed,
             verify,
-            verify_sample: Sample { max_requests: self.verify_requests, ..Sample::default() },
+            verify_sample: Sample { max_requests: self.verify_requests(), ..Sample::default() },
             progress: !self.no_progress,
         })
     }
 }
 
+impl Cli {
+    /// `--verify-every`, defaulted.
+    fn verify_every(&self) -> u64 {
+        self.verify_every.unwrap_or(8)
+    }
+
+    /// `--verify-layers`, defaulted.
+    fn verify_layers(&self) -> usize {
+        self.verify_layers.unwrap_or(2)
+    }
+
+    /// `--verify-requests`, defaulted.
+    fn verify_requests(&self) -> usize {
+        self.verify_requests.unwrap_or(Sample::default().max_requests)
+    }
+
+    /// Flags that only mean something together with another one.
+    fn check_combinations(&self) -> Result<(), ServeError> {
+        if !self.verify {
+            let given = [
+                ("--verify-every", self.verify_every.is_some()),
+                ("--verify-layers", self.verify_layers.is_some()),
+                ("--verify-requests", self.verify_requests.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                return Err(usage(format!("{flag} needs --verify (without it nothing is checked)")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits of the types sizes end up in, checked on the flags themselves (before any
+    /// product of them is formed): a sequence's tokens and the step budget are `i32` in the
+    /// attention metadata, block ids are `i32` in the block table, and slots are `i64`.
+    fn check_limits(&self, d: &Defaults) -> Result<(), ServeError> {
+        let max_seq = MAX_SEQ_LEN;
+        if self.trace.is_none() {
+            // Poisson lengths reach 3/2 of the mean.
+            let hi = |len: usize| len.checked_add(len / 2).filter(|&n| n <= max_seq);
+            let prompt = self.prompt_len.unwrap_or(d.prompt_len);
+            let output = self.output_len.unwrap_or(d.output_len);
+            let Some(p) = hi(prompt) else {
+                return Err(usage(format!(
+                    "--prompt-len {prompt} is too large: prompts reach 3/2 of it, and a sequence holds at most \
+                     {max_seq} tokens (i32 sequence lengths)"
+                )));
+            };
+            if hi(output).and_then(|o| o.checked_add(p)).is_none_or(|n| n > max_seq) {
+                return Err(usage(format!(
+                    "--output-len {output} is too large: with --prompt-len {prompt}, sequences reach 3/2 of both, and \
+                     a sequence holds at most {max_seq} tokens (i32 sequence lengths)"
+                )));
+            }
+        }
+        let shared = self.shared_prefix_len.unwrap_or(d.shared_prefix_len);
+        if shared > max_seq {
+            return Err(usage(format!("--shared-prefix-len {shared} is past the {max_seq}-token limit of a sequence")));
+        }
+        let budget = self.max_num_batched_tokens.unwrap_or(d.max_num_batched_tokens);
+        if budget > i32::MAX as usize {
+            return Err(usage(format!(
+                "--max-num-batched-tokens {budget} is past the limit of {} (token counts are i32 on the device)",
+                i32::MAX
+            )));
+        }
+        let num_blocks = self.num_blocks.unwrap_or(d.num_blocks);
+        if num_blocks > i32::MAX as usize {
+            return Err(usage(format!(
+                "--num-blocks {num_blocks} is past the limit of {} (block ids are i32 in the block table)",
+                i32::MAX
+            )));
+        }
+        if num_blocks.checked_mul(self.block_size).is_none_or(|n| i64::try_from(n).is_err()) {
+            return Err(usage(format!(
+                "--num-blocks {num_blocks} x --block-size {} slots overflow the i64 slot mapping",
+                self.block_size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Checks that the workload can run at all: the longest request must fit the cache alone
-/// (otherwise preemption could never make room for it).
+/// (otherwise preemption could never make room for it). Works on the shapes, before any prompt
+/// is built.
 ///
 /// # Errors
 /// [`ServeError::Usage`] naming the request and the cache size it needs.
-pub fn check_fits(cfg: &RunConfig, requests: &[RequestSpec]) -> Result<(), ServeError> {
-    let Some(big) = requests.iter().max_by_key(|r| r.max_len()) else {
+pub fn check_fits(cfg: &RunConfig, shapes: &[Shape]) -> Result<(), ServeError> {
+    let Some((id, big)) = shapes.iter().enumerate().max_by_key(|(_, r)| r.max_len()) else {
         return Err(usage("the workload has no request"));
     };
     let need = big.max_len().div_ceil(cfg.block_size);
@@ -348,9 +451,9 @@ pub fn check_fits(cfg: &RunConfig, requests: &[RequestSpec]) -> Result<(), Serve
             "--num-blocks {} is too small: request {} needs {} tokens (prompt {} + output {}) = {} blocks of {}; \
              raise --num-blocks to at least {} or shorten the requests",
             cfg.num_blocks,
-            big.id,
+            id,
             big.max_len(),
-            big.prompt.len(),
+            big.prompt_len,
             big.output_len,
             need,
             cfg.block_size,
@@ -408,7 +511,7 @@ mod tests {
     #[test]
     fn a_cache_too_small_for_one_request() {
         let cfg = resolve(&["--num-blocks", "4", "--block-size", "16"], Device::Cpu).unwrap();
-        let req = RequestSpec { id: 3, arrival_step: 0, prompt: vec![1; 60], output_len: 10 };
+        let req = Shape { arrival_step: 0, prompt_len: 60, output_len: 10 };
         let err = check_fits(&cfg, &[req]).unwrap_err().to_string();
         assert!(err.contains("--num-blocks 4 is too small") && err.contains("at least 5"), "{err}");
     }

@@ -55,7 +55,8 @@ impl<'a, T: Element> Engine<'a, T> {
         let max_model_len = requests.iter().map(RequestSpec::max_len).max().unwrap_or(1);
         let runner = ModelRunner::new(
             RunnerConfig::for_layout(&layout)
-                .with_max_num_reqs(cfg.scheduler.max_num_seqs)
+                // More rows than requests would never be used.
+                .with_max_num_reqs(cfg.scheduler.max_num_seqs.min(requests.len()).max(1))
                 .with_max_num_batched_tokens(cfg.scheduler.max_num_batched_tokens)
                 .with_max_model_len(max_model_len),
         )?;
@@ -89,6 +90,12 @@ impl<'a, T: Element> Engine<'a, T> {
         }
         bar.finish_and_clear();
         self.finish_summary(start.elapsed());
+        if !self.runner.batch().is_empty() {
+            return Err(ServeError::Internal(format!(
+                "{} requests left in the model runner's batch after the run",
+                self.runner.batch().len()
+            )));
+        }
         Ok(())
     }
 
@@ -195,9 +202,11 @@ impl<'a, T: Element> Engine<'a, T> {
 
         self.summary.steps += 1;
         self.summary.step_attention.push(attention);
+        // Saturating: a statistic must not be able to panic a run.
         let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * T::DTYPE.size_in_bytes()) as u64;
-        let keys: u64 = meta.seq_lens.iter().map(|&s| s as u64).sum();
-        self.summary.kv_read_bytes += keys * kv_row_bytes * shape.num_layers as u64;
+        let keys: u64 = meta.seq_lens.iter().map(|&s| u64::from(s.unsigned_abs())).fold(0, u64::saturating_add);
+        let read = keys.saturating_mul(kv_row_bytes).saturating_mul(shape.num_layers as u64);
+        self.summary.kv_read_bytes = self.summary.kv_read_bytes.saturating_add(read);
         Ok(sampled)
     }
 
@@ -258,6 +267,7 @@ impl<'a, T: Element> Engine<'a, T> {
         s.prefix_hit_tokens = st.prefix_hit_tokens;
         s.preemptions = st.preemptions;
         s.peak_blocks_used = st.peak_blocks_used;
+        s.blocks_returned = self.sched.pool().num_free_blocks();
         s.wall = wall;
     }
 }
@@ -305,7 +315,7 @@ mod tests {
         ];
         let cfg =
             Cli::try_parse_from(args).unwrap().resolve(DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
-        let requests = workload::build(&cfg.workload, cfg.sharing, cfg.seed);
+        let requests = workload::build(&cfg.workload, cfg.sharing, cfg.seed).unwrap();
         let mut engine = Engine::<f32>::new(&cfg, Backend::cpu(), &requests).unwrap();
         assert!(engine.run_step().unwrap(), "the first step prefills");
         // Overwrite the values of layer 1's first used block (request 0's first tokens).

@@ -30,6 +30,7 @@
 
 pub mod cli;
 mod engine;
+pub mod limits;
 pub mod model;
 pub mod scheduler;
 pub mod summary;
@@ -60,6 +61,17 @@ pub enum ServeError {
     /// The backend's output disagrees with the f64 reference.
     #[error("{0}")]
     Verify(Box<verify::Mismatch>),
+    /// Blocks were not returned to the pool by the end of the run (a scheduler leak).
+    #[error("blocks returned to the pool: {returned} of {total} ({} leaked)", .total.saturating_sub(*.returned))]
+    Leaked {
+        /// Free blocks at the end.
+        returned: usize,
+        /// Blocks in the pool.
+        total: usize,
+    },
+    /// Writing the output failed (a full disk; a closed pipe is not an error, see the binary).
+    #[error("cannot write to standard output: {0}")]
+    Output(#[source] std::io::Error),
     /// An internal inconsistency.
     #[error("internal error: {0}")]
     Internal(String),
@@ -109,8 +121,13 @@ pub fn run(cli: &Cli) -> Result<Summary, ServeError> {
 /// # Errors
 /// See [`ServeError`].
 pub fn run_config(cfg: &RunConfig, backend: Backend) -> Result<Summary, ServeError> {
-    let requests = workload::build(&cfg.workload, cfg.sharing, cfg.seed);
-    cli::check_fits(cfg, &requests)?;
+    // Everything that can refuse the run does so before the big allocations: the memory the
+    // flags imply, then the shapes of the requests (24 bytes each) against the cache, and only
+    // then the prompts, the caches and the rest.
+    limits::check(cfg, backend.device() == attention_backend::Device::Cpu, limits::host_memory())?;
+    let plan = workload::plan(&cfg.workload, cfg.sharing, cfg.seed).map_err(|e| ServeError::Usage(e.to_string()))?;
+    cli::check_fits(cfg, &plan.shapes)?;
+    let requests = plan.build();
     match cfg.dtype {
         DType::F32 => engine::serve::<f32>(cfg, backend, &requests),
         DType::F16 => engine::serve::<f16>(cfg, backend, &requests),

@@ -144,6 +144,10 @@ pub enum ScheduleError {
     /// The block pool refused an operation.
     #[error("block pool: {0}")]
     Pool(#[from] RunnerError),
+    /// The step counter would pass `u64::MAX` (a request arriving at the last representable
+    /// step).
+    #[error("the step counter overflowed (a request arrives at step u64::MAX?)")]
+    StepOverflow,
     /// Nothing runs and the oldest waiting request cannot be admitted.
     #[error(
         "request {req} ({tokens} tokens) cannot be admitted into an empty cache of {num_blocks} blocks of {block_size}"
@@ -278,7 +282,10 @@ impl Scheduler {
     /// [`ScheduleError::Stalled`] when nothing runs and the oldest waiting request cannot be
     /// admitted (a cache smaller than one request); [`ScheduleError::Pool`] on a pool bug.
     pub fn schedule(&mut self) -> Result<StepPlan, ScheduleError> {
-        self.step += 1;
+        // Arrivals are at most MAX_ARRIVAL_STEP (2^53) and a run has far fewer than 2^63 steps,
+        // so this cannot fail on a workload the CLI accepts; a library caller with a request
+        // arriving at u64::MAX gets an error instead of an overflow.
+        self.step = self.step.checked_add(1).ok_or(ScheduleError::StepOverflow)?;
         if self.running.is_empty() && self.waiting.is_empty() {
             // Idle: jump to the next arrival.
             if let Some(&next) = self.pending.front() {
@@ -588,7 +595,7 @@ mod tests {
     #[test]
     fn prefix_cache_hits_for_shared_prompts() {
         let wl = WorkloadSpec::Poisson { num_requests: 10, rate: 0.2, prompt_len: 40, output_len: 3 };
-        let specs = build(&wl, PrefixSharing { fraction: 1.0, len: 24 }, 5);
+        let specs = build(&wl, PrefixSharing { fraction: 1.0, len: 24 }, 5).unwrap();
         let mut s = sched(64, 4, 200, &specs);
         run(&mut s, 1000);
         let st = s.stats();
@@ -596,6 +603,21 @@ mod tests {
         assert_eq!(st.prefix_hit_tokens % 4, 0);
         let prompts: usize = specs.iter().map(|r| r.prompt.len()).sum();
         assert_eq!(st.prompt_tokens_computed + st.prefix_hit_tokens, prompts, "no preemption: every prompt token once");
+    }
+
+    #[test]
+    fn far_arrivals_never_overflow_the_step_counter() {
+        // The idle jump lands on the arrival step; the next step would be u64::MAX + 1.
+        let mut s = sched(64, 4, 100, &[spec(0, u64::MAX, 4, 2)]);
+        let plan = s.schedule().unwrap();
+        assert_eq!((plan.step, plan.scheduled.len()), (u64::MAX, 1));
+        s.update(&plan, |_| 7).unwrap();
+        assert!(matches!(s.schedule(), Err(ScheduleError::StepOverflow)));
+        // An arrival at the CLI's limit runs to completion.
+        let far = crate::workload::MAX_ARRIVAL_STEP;
+        let mut s = sched(64, 4, 100, &[spec(0, 0, 4, 2), spec(1, far, 4, 2)]);
+        let plans = run(&mut s, 100);
+        assert_eq!(plans.last().map(|p| p.step), Some(far + 1));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 use std::fmt::{self, Write as _};
 use std::time::Duration;
 
+use crate::ServeError;
+
 /// The result of a run.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Summary {
@@ -57,6 +59,12 @@ pub struct Summary {
     pub verified_layer_steps: usize,
     /// Largest absolute error the checks saw.
     pub verify_max_abs_err: f64,
+    /// Checked values outside the tolerance. A mismatch stops the run with an error naming it, so
+    /// a summary of a finished run reports 0; the field is there for the record and the JSON.
+    pub mismatches: usize,
+    /// Free blocks in the pool once the run ended: every block must have come back
+    /// (`num_blocks`), or the scheduler leaked some. [`Summary::check`] says so.
+    pub blocks_returned: usize,
 }
 
 /// The `p`-th percentile (nearest rank) of `values`, zero when empty.
@@ -100,6 +108,20 @@ impl Summary {
         per_s(self.kv_read_bytes as f64, self.attention_time()) / 1e9
     }
 
+    /// The end-of-run checks: no mismatch, and every block returned to the pool.
+    ///
+    /// # Errors
+    /// [`ServeError::Leaked`] or [`ServeError::Internal`] (mismatches).
+    pub fn check(&self) -> Result<(), ServeError> {
+        if self.mismatches > 0 {
+            return Err(ServeError::Internal(format!("{} verification mismatches", self.mismatches)));
+        }
+        if self.blocks_returned != self.num_blocks {
+            return Err(ServeError::Leaked { returned: self.blocks_returned, total: self.num_blocks });
+        }
+        Ok(())
+    }
+
     /// The summary as one JSON object.
     pub fn to_json(&self) -> String {
         let mut s = String::from("{");
@@ -131,6 +153,8 @@ impl Summary {
             ("steps", self.steps),
             ("peak_blocks_used", self.peak_blocks_used),
             ("verified_layer_steps", self.verified_layer_steps),
+            ("mismatches", self.mismatches),
+            ("blocks_returned", self.blocks_returned),
         ] {
             field(name, v.to_string());
         }
@@ -244,14 +268,25 @@ impl fmt::Display for Summary {
             self.prefix_hit_tokens
         )?;
         if self.verified_layer_steps > 0 {
-            write!(
+            writeln!(
                 f,
                 "  verify       {} layer-steps match the f64 reference, max abs error {:.2e}",
                 self.verified_layer_steps, self.verify_max_abs_err
-            )
+            )?;
         } else {
-            write!(f, "  verify       off (--verify checks steps against an f64 reference)")
+            writeln!(f, "  verify       off (--verify checks steps against an f64 reference)")?;
         }
+        write!(
+            f,
+            "  checks       {} steps, {} preemptions, {} verified layer-steps, {} mismatches, blocks returned to the \
+             pool: {} of {}",
+            self.steps,
+            self.preemptions,
+            self.verified_layer_steps,
+            self.mismatches,
+            self.blocks_returned,
+            self.num_blocks
+        )
     }
 }
 
@@ -289,5 +324,19 @@ mod tests {
         assert!(j.contains("\"tokens_per_s\": 7,") && j.contains("\"kv_read_gb_per_s\": 1"), "{j}");
         assert!(!j.contains('\n'));
         assert!(s.to_string().contains("requests     0 finished of 3"));
+        assert!(j.contains("\"mismatches\": 0") && j.contains("\"blocks_returned\": 0"), "{j}");
+    }
+
+    #[test]
+    fn end_of_run_checks() {
+        let ok = Summary { num_blocks: 8, blocks_returned: 8, steps: 3, preemptions: 2, ..Summary::default() };
+        ok.check().unwrap();
+        assert!(ok.to_string().ends_with(
+            "checks       3 steps, 2 preemptions, 0 verified layer-steps, 0 mismatches, blocks returned to the pool: 8 of 8"
+        ));
+        let leak = Summary { blocks_returned: 7, ..ok.clone() };
+        assert_eq!(leak.check().unwrap_err().to_string(), "blocks returned to the pool: 7 of 8 (1 leaked)");
+        let bad = Summary { mismatches: 1, ..ok };
+        assert!(bad.check().is_err());
     }
 }

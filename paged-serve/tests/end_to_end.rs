@@ -14,7 +14,7 @@ fn cli(args: &[&str]) -> Cli {
 /// The workload the flags describe (to compare the summary with).
 fn workload(c: &Cli) -> Vec<paged_serve::workload::RequestSpec> {
     let cfg = c.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
-    paged_serve::workload::build(&cfg.workload, cfg.sharing, cfg.seed)
+    paged_serve::workload::build(&cfg.workload, cfg.sharing, cfg.seed).unwrap()
 }
 
 /// Counts every run must satisfy.
@@ -232,4 +232,197 @@ fn help_json_and_summary() {
     let (code, text, _) = bin(&small);
     assert_eq!(code, 0);
     assert!(text.contains("requests     6 finished of 6") && text.contains("p99"), "{text}");
+}
+
+/// The soak workload of the GPU bundle (`run.sh soak`), shrunk for the CPU: a cache so small that
+/// requests are preempted and recomputed all the time, every step verified, and at the end every
+/// block back in the pool.
+const SOAK: &[&str] = &[
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--head-size",
+    "16",
+    "--block-size",
+    "4",
+    "--num-blocks",
+    "8",
+    "--requests",
+    "60",
+    "--prompt-len",
+    "8",
+    "--output-len",
+    "8",
+    "--arrival-rate",
+    "2",
+    "--max-num-seqs",
+    "8",
+    "--max-num-batched-tokens",
+    "16",
+    "--verify",
+    "--verify-every",
+    "1",
+    "--verify-layers",
+    "1",
+];
+
+#[test]
+fn soak_preempts_verifies_every_step_and_returns_every_block() {
+    let c = cli(SOAK);
+    let s = run(&c).unwrap();
+    check_counts(&s, &c);
+    assert!(s.steps >= 200, "{} steps", s.steps);
+    assert!(s.preemptions >= 10, "{} preemptions: the cache must be too small", s.preemptions);
+    assert_eq!(s.verified_layer_steps, s.steps, "every step verified");
+    assert_eq!(s.mismatches, 0);
+    assert_eq!(s.blocks_returned, s.num_blocks, "every block back in the pool");
+    s.check().unwrap();
+
+    // The binary prints the counts and exits 0.
+    let (code, text, stderr) = bin(&[&["--device", "cpu", "--no-progress"], SOAK].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let want = format!(
+        "checks       {} steps, {} preemptions, {} verified layer-steps, 0 mismatches, blocks returned to the pool: 8 of 8",
+        s.steps, s.preemptions, s.verified_layer_steps
+    );
+    assert!(text.contains(&want), "{text}");
+}
+
+#[test]
+fn huge_sizes_are_refused_up_front_with_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--requests", "10000000000"], "--requests 10000000000"),
+        (&["--num-blocks", "1000000000"], "--num-blocks 1000000000"),
+        (&["--num-blocks", "10000000000"], "--num-blocks 10000000000 is past the limit of 2147483647"),
+        (&["--head-size", "1000000"], "--head-size 1000000"),
+        (&["--layers", "100000000000"], "--layers 100000000000"),
+        (&["--block-size", "100000000000"], "--block-size 100000000000"),
+        (&["--prompt-len", "10000000000"], "--prompt-len 10000000000 is too large"),
+        (&["--prompt-len", "18446744073709551615"], "--prompt-len 18446744073709551615 is too large"),
+        (&["--output-len", "18446744073709551615"], "--output-len 18446744073709551615 is too large"),
+        (&["--shared-prefix-len", "18446744073709551615"], "--shared-prefix-len"),
+        // Fits the types; the cache check runs on the request shapes, before any prompt exists.
+        (&["--prompt-len", "10000000"], "--num-blocks 1024 is too small"),
+        (&["--max-num-batched-tokens", "100000000000"], "--max-num-batched-tokens 100000000000 is past the limit"),
+        (&["--arrival-rate", "1e-300"], "--arrival-rate 1e-300"),
+    ];
+    for (args, want) in cases {
+        let start = std::time::Instant::now();
+        let (code, stdout, stderr) = bin(&[&["--device", "cpu", "--no-progress"], *args].concat());
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
+        assert!(stderr.starts_with("paged-serve: error: ") && stderr.contains(want), "{args:?}: {stderr}");
+        assert!(start.elapsed().as_secs() < 10, "{args:?}: refused only after {:?}", start.elapsed());
+    }
+    // --prompt-len 10000000 with a cache that holds it: the memory check (or the cache check on
+    // a machine with terabytes) refuses it, still at once.
+    let (code, _, stderr) =
+        bin(&["--device", "cpu", "--no-progress", "--prompt-len", "10000000", "--num-blocks", "1000000"]);
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn a_trace_line_too_long_or_invalid_is_refused_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("paged-serve-bad-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("0,10,5\n1,1000000000000,1\n", "line 2: prompt_len 1000000000000 + output_len 1"),
+        (
+            "{\"arrival\": 0, \"prompt_len\": 3, \"output_len\": 2}\n{\"arrival\": 1, \"prompt_len\": 3,\n",
+            "line 2: invalid JSON",
+        ),
+        ("{\"arrival\": 0, \"prompt_len\": -3, \"output_len\": 2}\n", "line 1: invalid JSON"),
+        ("0,10,5\n1e300,10,5\n", "line 2: arrival 1e300 is past the limit"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("t{i}"));
+        std::fs::write(&path, text).unwrap();
+        let (code, _, stderr) = bin(&["--device", "cpu", "--trace", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: {stderr}");
+        assert!(stderr.contains(want) && stderr.trim_end().lines().count() == 1, "{text}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ignored_or_conflicting_flags_are_usage_errors() {
+    let trace = std::env::temp_dir().join(format!("paged-serve-conflict-{}.csv", std::process::id()));
+    std::fs::write(&trace, "0,10,5\n").unwrap();
+    let t = trace.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--trace", t, "--requests", "3"], "'--trace <FILE>' cannot be used with '--requests <N>'"),
+        (&["--trace", t, "--prompt-len", "3"], "'--trace <FILE>' cannot be used with '--prompt-len <N>'"),
+        (&["--trace", t, "--arrival-rate", "3"], "'--trace <FILE>' cannot be used with '--arrival-rate <R>'"),
+        (&["--trace", t, "--output-len", "3"], "'--trace <FILE>' cannot be used with '--output-len <N>'"),
+        (&["--verify-every", "1"], "--verify-every needs --verify"),
+        (&["--verify-layers", "1"], "--verify-layers needs --verify"),
+        (&["--verify-requests", "1"], "--verify-requests needs --verify"),
+        (&["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be positive"),
+        (&["--max-num-batched-tokens", "-5"], "unexpected argument '-5'"),
+        (&["--max-num-batched-tokens", "3000000000"], "--max-num-batched-tokens 3000000000 is past the limit"),
+    ];
+    for (args, want) in cases {
+        let (code, stdout, stderr) = bin(&[&["--device", "cpu", "--no-progress"], *args].concat());
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_file(&trace);
+}
+
+/// Output errors end the run quietly: a reader that closed the pipe is exit 0 with nothing on
+/// stderr; a full disk is one error line and exit 1. Never a panic.
+#[cfg(unix)]
+#[test]
+fn output_errors_never_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let small = ["--device", "cpu", "--no-progress", "--layers", "1", "--head-size", "16", "--requests", "4"];
+
+    // A pipe whose reader is gone before anything is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paged-serve"))
+        .args(small)
+        .env_remove("PAGED_ATTN_DEVICE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "broken pipe: {stderr}");
+    assert!(stderr.is_empty(), "broken pipe is quiet: {stderr}");
+
+    // The same for --help.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paged-serve"))
+        .arg("--help")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    // A full disk.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        for extra in [&[][..], &["--json"][..], &["--help"][..]] {
+            let out = Command::new(env!("CARGO_BIN_EXE_paged-serve"))
+                .args(small)
+                .args(extra)
+                .env_remove("PAGED_ATTN_DEVICE")
+                .stdout(full.try_clone().unwrap())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{extra:?}: {stderr}");
+            assert!(stderr.contains("cannot write to standard output") && !stderr.contains("panicked"), "{stderr}");
+        }
+    }
 }

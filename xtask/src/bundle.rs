@@ -259,10 +259,12 @@ pub fn bench() -> Result<(), String> {
 /// The script that runs on the GPU machine.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the GPU suite of paged-attention-rs from this folder, with no cargo needed.
-#   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, bench
+#   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, soak, bench
 #   ./run.sh test       the GPU tests only
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
 #   ./run.sh serve      the main job on the GPU with --verify (attention checked against float64)
+#   ./run.sh soak       >= 10,000 steps under constant preemption, every step verified, every block
+#                       back in the pool at the end (about a minute on an H200)
 #   ./run.sh bench      our benchmark binaries and the peers (torch; FlashInfer when bundled or
 #                       installed), one table
 # Every mode fails when no NVIDIA GPU is visible.
@@ -313,6 +315,26 @@ setup_flashinfer() {
         echo "FlashInfer: could not unpack the bundled copy; peers.py runs without it unless one is installed"
     fi
 }
+# The soak: a 12-block cache (192 tokens) for requests of up to 120 tokens arriving one a step, so
+# requests are preempted and recomputed all the time; small layers and heads because the synthetic
+# model's Q/K/V are made on the host. Every step is verified; paged-serve itself fails on a
+# mismatch or a block not returned to the pool; this also insists on the step count and on
+# preemptions having happened.
+soak_check() {
+    local json
+    json=$(timeout 300 ./paged-serve --device cuda --json --no-progress --layers 2 --heads 4 --kv-heads 1 \
+        --head-size 64 --block-size 16 --num-blocks 12 --requests 800 --prompt-len 40 --output-len 40 \
+        --arrival-rate 1 --max-num-seqs 16 --max-num-batched-tokens 128 \
+        --verify --verify-every 1 --verify-layers 2) || return 1
+    echo "$json"
+    local steps preemptions
+    steps=$(echo "$json" | grep -o '"steps": [0-9]*' | grep -o '[0-9]*$')
+    preemptions=$(echo "$json" | grep -o '"preemptions": [0-9]*' | grep -o '[0-9]*$')
+    echo "soak: ${steps:-?} steps, ${preemptions:-?} preemptions"
+    [ "${steps:-0}" -ge 10000 ] || { echo "soak: fewer than 10000 steps" >&2; return 1; }
+    [ "${preemptions:-0}" -gt 0 ] || { echo "soak: no preemption" >&2; return 1; }
+}
+run_soak() { step soak_check; }
 run_bench() {
     local jsons=()
     for b in bench bench_*; do
@@ -330,12 +352,13 @@ run_bench() {
 }
 
 case "$mode" in
-    all) run_tests; run_sanitize; run_serve; run_bench ;;
+    all) run_tests; run_sanitize; run_serve; run_soak; run_bench ;;
     test) run_tests ;;
     serve) run_serve ;;
+    soak) run_soak ;;
     sanitize) run_sanitize ;;
     bench) run_bench ;;
-    *) echo "usage: $0 [all|test|sanitize|serve|bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|test|sanitize|serve|soak|bench]" >&2; exit 2 ;;
 esac
 echo
 if [ $status -eq 0 ]; then echo "run.sh: all steps passed"; else echo "run.sh: SOME STEPS FAILED"; fi
