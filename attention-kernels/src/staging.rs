@@ -34,10 +34,13 @@ pub fn pinned_zeros<T: DeviceRepr + ValidAsZeroBits>(
         code: e.0 as i32,
         message: format!("{e:?}"),
     };
-    // SAFETY: `alloc_pinned` returns `len` elements of uninitialised page-locked memory; the size was
-    // checked above, so its internal size assertion cannot fire. Nothing reads the memory before
-    // the `write_bytes` below initialises all of it.
-    let mut buf = unsafe { ctx.alloc_pinned::<T>(len) }.map_err(driver)?;
+    // Plain (cached) page-locked memory, as `cudaHostAlloc`'s default: the host writes the staging
+    // area row by row, in pieces that rarely fill whole cache lines, which write-combined memory
+    // (cudarc's `alloc_pinned` default) turns into many small uncached bus writes.
+    // SAFETY: `alloc_pinned_with_flags` returns `len` elements of uninitialised page-locked memory;
+    // the size was checked above, so its internal size assertion cannot fire. Nothing reads the
+    // memory before the `write_bytes` below initialises all of it.
+    let mut buf = unsafe { ctx.alloc_pinned_with_flags::<T>(len, 0) }.map_err(driver)?;
     let ptr = buf.as_mut_ptr().map_err(driver)?;
     // SAFETY: `ptr` points to the `len` elements just allocated and owned by `buf`; all-zero bytes
     // are a valid `T` (`ValidAsZeroBits`).

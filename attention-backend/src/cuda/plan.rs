@@ -26,7 +26,7 @@ use super::metadata::{decode_blocks_per_sm, decode_split_count, DECODE_ROWS_PER_
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
-use crate::metadata::AttentionMetadata;
+use crate::metadata::{AttentionMetadata, StepCheckScratch};
 use crate::params::AttentionParams;
 
 const OP: &str = "plan";
@@ -124,6 +124,8 @@ pub struct StepPlanner {
     /// Recorded after each step's uploads; waited on before the staging area is written again, so
     /// a step never overwrites bytes the previous step's copies still read.
     uploaded: CudaEvent,
+    /// The contract check's per-block scratch, kept so a step allocates nothing.
+    scratch: StepCheckScratch,
     launch: Option<LaunchPlan>,
 }
 
@@ -175,6 +177,7 @@ impl StepPlanner {
             staging_i64: pinned_zeros(dev.context(), config.max_num_tokens)
                 .map_err(|e| kernel_error("StepPlanner::new", e))?,
             uploaded: dev.context().new_event(None).map_err(|e| driver_error("StepPlanner::new", e))?,
+            scratch: StepCheckScratch::new(),
             launch: None,
         };
         let ws = planner.workspace_capacity();
@@ -331,9 +334,9 @@ impl StepPlanner {
     }
 
     /// The contract and capacity checks shared by both plan modes.
-    fn check_step(&self, meta: &AttentionMetadata) -> Result<()> {
-        meta.check()?;
-        meta.check_against(OP, &self.config.layout)?;
+    fn check_step(&mut self, meta: &AttentionMetadata) -> Result<()> {
+        // `check_against_with` runs the metadata's own check first.
+        meta.check_against_with(OP, &self.config.layout, &mut self.scratch)?;
         let c = &self.config;
         let over = |what: &str, n: usize, cap: usize| {
             Err(AttentionError::InvalidArgument {

@@ -131,7 +131,19 @@ fn run() -> Result<(), String> {
         stream.synchronize().map_err(|e| format!("{e:?}"))?;
     }
     let (plan_med, run_med) = (median_us(plan_us), median_us(run_us));
-    println!("plan per step (host): {plan_med:.1} us   (target <= 100 us)");
+    // The part of plan that is the step-contract check alone (host only, no CUDA).
+    let mut scratch = attention_backend::StepCheckScratch::new();
+    let check_us: Vec<f64> = (0..30)
+        .map(|_| {
+            let t = Instant::now();
+            mixed.check_against_with("plan_overhead", &layout, &mut scratch).map(|_| t.elapsed().as_secs_f64() * 1e6)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let check_med = median_us(check_us);
+    println!(
+        "plan per step (host): {plan_med:.1} us   (target <= 100 us), of which the contract check {check_med:.1} us"
+    );
     println!("run per layer (host): {run_med:.2} us   (target <= 5 us)");
 
     // A 32-layer decode step: eager vs graph replay, device time between events.
@@ -162,7 +174,7 @@ fn run() -> Result<(), String> {
         let mut f = std::fs::File::create(&path).map_err(|e| format!("{path}: {e}"))?;
         writeln!(
             f,
-            "{{\"plan_host_us\": {plan_med:.2}, \"run_host_us\": {run_med:.3}, \"eager_step_ms\": {:.4}, \"graph_step_ms\": {:.4}, \"eager_over_graph\": {ratio:.3}}}",
+            "{{\"plan_host_us\": {plan_med:.2}, \"check_host_us\": {check_med:.2}, \"run_host_us\": {run_med:.3}, \"eager_step_ms\": {:.4}, \"graph_step_ms\": {:.4}, \"eager_over_graph\": {ratio:.3}}}",
             eager.median_ms, replay.median_ms
         )
         .map_err(|e| format!("{path}: {e}"))?;

@@ -308,3 +308,92 @@ fn plan_refuses_steps_over_capacity_and_mixed_graph_steps() {
     assert!(planner.plan(&meta).is_err());
     assert!(planner.launch_plan().is_none(), "a refused plan forgets the previous one");
 }
+
+/// Issue 13 items 1-3 on the GPU: each violation of the step contract is refused by the planner and
+/// by the CUDA `Backend` with its typed error, before anything is written: the cache is unchanged.
+#[test]
+fn step_contract_violations_are_refused_on_the_gpu() {
+    use attention_backend::{AttentionError, Backend, DeviceRequest};
+    let dev = common::device();
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut pool = Pool::new(&mut rng);
+    let mut reqs = Vec::new();
+    for len in [37, 5, 70] {
+        let mut r = Req { blocks: Vec::new(), len: 0 };
+        pool.grow(&mut r, len);
+        reqs.push(r);
+    }
+    let q_lens = [1, 5, 20];
+    let good = step_meta(&reqs, &q_lens);
+    let padded = |m: &AttentionMetadata, pad: i64| {
+        let mut slots = m.slot_mapping.as_slice().to_vec();
+        slots.extend([-1, pad]);
+        AttentionMetadata::new(
+            m.query_start_loc.clone(),
+            m.seq_lens.clone(),
+            m.block_table.clone(),
+            SlotMapping::new(slots),
+            1,
+        )
+        .unwrap()
+    };
+    let with_slot = |i: usize, v: i64| {
+        let mut m = good.clone();
+        let mut slots = m.slot_mapping.as_slice().to_vec();
+        slots[i] = v;
+        m.slot_mapping = SlotMapping::new(slots);
+        m
+    };
+    // Request 2 also lists request 1's last (written) block: two requests write one block.
+    let mut shared = reqs.clone();
+    let stolen = *shared[1].blocks.last().unwrap();
+    let last = shared[2].blocks.len() - 1;
+    shared[2].blocks[last] = stolen;
+    let mut outside = good.clone();
+    let mut table = outside.block_table.as_slice().to_vec();
+    table[0] = NUM_BLOCKS as i32 + 3;
+    outside.block_table = BlockTable::new(table, 3, outside.block_table.max_blocks_per_req()).unwrap();
+    let cases: Vec<(&str, AttentionMetadata)> = vec![
+        ("negative slot on a real token", with_slot(3, -1)),
+        ("wrong slot", with_slot(3, good.slot_mapping.as_slice()[4])),
+        ("padding row with a slot", padded(&good, 5)),
+        ("two requests write one block", step_meta(&shared, &q_lens)),
+        ("block outside the cache", outside),
+    ];
+    let mut planner = StepPlanner::new(dev, config(64, 4)).unwrap();
+    assert!(planner.plan(&padded(&good, -1)).is_ok(), "the valid step (padded) is accepted");
+    let backend = Backend::select(DeviceRequest::Cuda { ordinal: 0 }).unwrap();
+    let layout = CacheLayout::new(NUM_BLOCKS, BS, KVH, D).unwrap();
+    for (what, meta) in cases {
+        let err = planner.plan(&meta).expect_err(what);
+        let kind_ok = matches!(
+            err,
+            AttentionError::MissingSlot { .. }
+                | AttentionError::SlotMismatch { .. }
+                | AttentionError::PaddingSlot { .. }
+                | AttentionError::BlockWriteConflict { .. }
+                | AttentionError::BlockOutOfRange { .. }
+        );
+        assert!(kind_ok, "{what}: unexpected error {err}");
+        // The unified CUDA backend: the same refusal, and not a byte of the cache written.
+        let n = meta.num_tokens();
+        let fill = |v: f32| backend.tensor(Array3::from_elem((n, H, D), bf16::from_f32(v))).unwrap();
+        let fill_kv = |v: f32| backend.tensor(Array3::from_elem((n, KVH, D), bf16::from_f32(v))).unwrap();
+        let (q, k, v) = (fill(0.5), fill_kv(1.5), fill_kv(2.5));
+        let mut out = fill(0.0);
+        let mut cache = backend.kv_cache::<bf16>(layout).unwrap();
+        let before = backend.kv_cache_to_host(&cache).unwrap();
+        let step = match backend.prepare_step(meta.clone()) {
+            Ok(step) => step,
+            Err(e) => {
+                assert_eq!(std::mem::discriminant(&e), std::mem::discriminant(&err), "{what}");
+                continue;
+            }
+        };
+        let params = AttentionParams::new(H, KVH, D);
+        let e = backend.forward(&q, &k, &v, &mut cache, &step, &params, &mut out, None).expect_err(what);
+        assert_eq!(std::mem::discriminant(&e), std::mem::discriminant(&err), "{what}: {e}");
+        let after = backend.kv_cache_to_host(&cache).unwrap();
+        assert!(before.key() == after.key() && before.value() == after.value(), "{what}: the cache was written");
+    }
+}

@@ -139,8 +139,16 @@ fn run_trial<T: Element>(
         let (r, i) = step.row_of(t);
         let (q, kv) = step.batch[r];
         let pos = kv - q + i;
-        let sees_poison = (0..kv).any(|key| mask.visible(pos, key, kv) && poison[step.slot(r, key)] != Poison::Clean);
         for hh in 0..h {
+            // A poisoned element reaches only the query heads of its own kv head; a whole poisoned
+            // row reaches every head.
+            let kv_head = hh / (h / step.num_kv_heads);
+            let hits = |p: Poison| match p {
+                Poison::Clean => false,
+                Poison::NanRow | Poison::InfRow => true,
+                Poison::NanElem(e) | Poison::InfElem(e) => e / d == kv_head,
+            };
+            let sees_poison = (0..kv).any(|key| mask.visible(pos, key, kv) && hits(poison[step.slot(r, key)]));
             let o = (t * h + hh) * d;
             let (rp, rz) = (&out_p[o..o + d], &out_z[o..o + d]);
             let ctx = || {
