@@ -66,6 +66,43 @@ template <int D> struct PrefillCfg {
   static constexpr size_t kSmemBytes = kQBytes + 4 * kTileBytes + 2 * kBN * 8;
 };
 
+// O += P V over one tile of BN keys (see the call site). With kSanitize, the 16-key steps that hold
+// a key outside [mask_below, mask_above] have the non-finite elements of their V fragments zeroed
+// and noted in `vbad`; without it, the plain product.
+template <typename T, int MT, int NT, int DT, int D, int BN, int RS, bool kSanitize>
+__device__ __forceinline__ void pv_tile(float (&o)[MT][DT][4], const uint32_t (&pk)[MT][NT][2], const T* vs,
+                                        int lane, int n0, int mask_above, int mask_below, uint32_t& vbad) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    const int k0 = n0 + kk * 16;
+    const bool sanitize = kSanitize && (k0 + 15 > mask_above || k0 < mask_below);  // warp-uniform
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = pk[mt][2 * kk][0];
+      a[mt][1] = pk[mt][2 * kk][1];
+      a[mt][2] = pk[mt][2 * kk + 1][0];
+      a[mt][3] = pk[mt][2 * kk + 1][1];
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t b[4];
+      pa::ldsm_x4_trans(b, vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+      if (kSanitize && sanitize) {
+        // b[0], b[2]: keys 2 t4, 2 t4 + 1 (columns g, g + 8); b[1], b[3]: the same keys + 8.
+        const uint32_t lo = pa::sanitize_pair<T>(b[0]) | pa::sanitize_pair<T>(b[2]);
+        const uint32_t hi = pa::sanitize_pair<T>(b[1]) | pa::sanitize_pair<T>(b[3]);
+        vbad |= (lo | (hi << 2)) << (kk * 4);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa::Mma<T>::run(o[mt][2 * dn], a[mt], b[0], b[1]);
+        pa::Mma<T>::run(o[mt][2 * dn + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const KernelParams p) {
   using Cfg = PrefillCfg<D>;
@@ -306,36 +343,13 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
     // multiplied by that row's zero probability, and 0 x NaN = NaN: every 16-key step holding a
     // hidden key has its non-finite V elements zeroed in the B fragments, and `vbad` notes which of
     // the thread's keys had one (bit kk * 4 + i for keys kk * 16 + {2 t4, 2 t4 + 1, 2 t4 + 8,
-    // 2 t4 + 9}, the keys of this thread's P fragment). Full tiles keep the plain product.
+    // 2 t4 + 9}, the keys of this thread's P fragment). Full tiles take the plain product: the
+    // sanitising variant is a separate instantiation, so it costs the hot loop nothing.
     uint32_t vbad = 0;
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const int k0 = n0 + kk * 16;
-      const bool sanitize = need_mask && (k0 + 15 > mask_above || k0 < mask_below);  // warp-uniform
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = pk[mt][2 * kk][0];
-        a[mt][1] = pk[mt][2 * kk][1];
-        a[mt][2] = pk[mt][2 * kk + 1][0];
-        a[mt][3] = pk[mt][2 * kk + 1][1];
-      }
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t b[4];
-        pa::ldsm_x4_trans(b, vs + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
-        if (sanitize) {
-          // b[0], b[2]: keys 2 t4, 2 t4 + 1 (columns g, g + 8); b[1], b[3]: the same keys + 8.
-          const uint32_t lo = pa::sanitize_pair<T>(b[0]) | pa::sanitize_pair<T>(b[2]);
-          const uint32_t hi = pa::sanitize_pair<T>(b[1]) | pa::sanitize_pair<T>(b[3]);
-          vbad |= (lo | (hi << 2)) << (kk * 4);
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          pa::Mma<T>::run(o[mt][2 * dn], a[mt], b[0], b[1]);
-          pa::Mma<T>::run(o[mt][2 * dn + 1], a[mt], b[2], b[3]);
-        }
-      }
+    if (need_mask) {
+      pv_tile<T, MT, NT, DT, D, BN, RS, true>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
+    } else {
+      pv_tile<T, MT, NT, DT, D, BN, RS, false>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
     }
     if (need_mask) {
       // A key is poisoned when any of its columns was: OR over the 8 lanes of each t4.
