@@ -10,3 +10,4 @@ mod attention;
 mod cache_write;
 mod common;
 mod plan;
+mod prefill_sm90;
