@@ -7,18 +7,25 @@
 use std::env;
 use std::path::{Path, PathBuf};
 
-/// Every CUDA translation unit, compiled in this order.
+/// The CUDA translation units compiled for sm_80 and sm_90a, in this order.
 const CU_SOURCES: &[&str] = &["csrc/cache_write.cu", "csrc/paged_decode.cu", "csrc/paged_prefill.cu"];
 
+/// Translation units that only hold Hopper code, each compiled alone for sm_90a in its own
+/// library. Alone, because cc compiles a multi-file CUDA library with relocatable device code,
+/// and under it ptxas serialises every wgmma ("extern calls" may touch the accumulators); sm_90a
+/// only, because the launchers never run them elsewhere.
+const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
+
 /// Headers the sources include; a change to any of them triggers a rebuild.
-const CU_HEADERS: &[&str] = &["csrc/common/vec.cuh", "csrc/common/check.cuh", "csrc/attention/common.cuh"];
+const CU_HEADERS: &[&str] =
+    &["csrc/common/vec.cuh", "csrc/common/check.cuh", "csrc/attention/common.cuh", "csrc/attention/wgmma_sm90.cuh"];
 
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for path in CU_SOURCES.iter().chain(CU_HEADERS) {
+    for path in CU_SOURCES.iter().chain(CU_SOURCES_SM90).chain(CU_HEADERS) {
         println!("cargo:rerun-if-changed={path}");
     }
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PAGED_ATTN_CACHE_DIR", "XDG_CACHE_HOME"] {
@@ -42,27 +49,35 @@ fn main() {
         panic!("nvcc not found: run `cargo xtask setup-cuda` or set NVCC / CUDA_HOME");
     };
     let nvcc = cuda_root.join("bin").join("nvcc");
-    println!("cargo:warning=attention-kernels: compiling {} CUDA sources with {}", CU_SOURCES.len(), nvcc.display());
+    println!(
+        "cargo:warning=attention-kernels: compiling {} CUDA sources with {}",
+        CU_SOURCES.len() + CU_SOURCES_SM90.len(),
+        nvcc.display()
+    );
 
     // cc reads the CUDA compiler from `NVCC`; this build script is single-threaded.
     env::set_var("NVCC", &nvcc);
-    let mut build = cc::Build::new();
-    build
-        .cuda(true)
-        .cudart("static")
-        // Device code is always optimised: `-G` would make debug-profile tests of the kernels
-        // orders of magnitude slower and compile far longer. `-lineinfo` keeps sanitizer reports
-        // pointing at source lines.
-        .debug(false)
-        .opt_level(3)
-        .include("csrc")
-        .flag("-std=c++17")
-        .flag("-lineinfo")
-        .flag("--expt-relaxed-constexpr")
-        .flag("-Xfatbin=-compress-all")
-        .flag("-gencode=arch=compute_90a,code=sm_90a")
-        .flag("-gencode=arch=compute_80,code=[sm_80,compute_80]")
-        .warnings(false);
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cuda(true)
+            .cudart("static")
+            // Device code is always optimised: `-G` would make debug-profile tests of the kernels
+            // orders of magnitude slower and compile far longer. `-lineinfo` keeps sanitizer
+            // reports pointing at source lines.
+            .debug(false)
+            .opt_level(3)
+            .include("csrc")
+            .flag("-std=c++17")
+            .flag("-lineinfo")
+            .flag("--expt-relaxed-constexpr")
+            .flag("-Xfatbin=-compress-all")
+            .flag("-gencode=arch=compute_90a,code=sm_90a")
+            .warnings(false);
+        build
+    };
+    let mut build = base();
+    build.flag("-gencode=arch=compute_80,code=[sm_80,compute_80]");
     if let Ok(jobs) = env::var("NUM_JOBS") {
         // nvcc compiles the two architectures of one file in parallel when told it may.
         build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
@@ -71,6 +86,10 @@ fn main() {
         build.file(src);
     }
     build.compile("attention_kernels_cuda");
+    for src in CU_SOURCES_SM90 {
+        let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
+        base().file(src).compile(&format!("attention_kernels_{stem}"));
+    }
 
     for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
         let dir = cuda_root.join(lib_dir);

@@ -10,8 +10,10 @@
 //! inconsistent metadata can give a wrong answer but never an access outside these buffers; the
 //! semantic checks that rule out wrong answers live in `attention-backend` and run first.
 
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::ptr;
+use std::sync::OnceLock;
 
 use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
@@ -36,11 +38,137 @@ pub enum AttentionKernel {
         /// Partitions of each request's keys.
         num_splits: usize,
     },
-    /// Tensor-core varlen attention for requests of any query length.
+    /// Tensor-core varlen attention for requests of any query length: the Hopper (wgmma) kernel or
+    /// the sm80 one, as [`prefill_path`] and the device decide (see [`prefill_kernel`]).
     Prefill {
         /// At least the longest query of the range (it sizes the grid).
         max_query_len: usize,
     },
+}
+
+/// Which prefill kernel a launch may use: the process default comes from the
+/// [`PREFILL_PATH_ENV`] environment variable (read once), and [`with_prefill_path`] overrides it
+/// for the calls one thread makes (benchmarks comparing both kernels in one run, tests forcing
+/// one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillPath {
+    /// The Hopper kernel where it applies (compute capability 9.0, head sizes 64 and 128), the
+    /// sm80 kernel elsewhere. The default.
+    Auto,
+    /// Like `Auto`, but a launch on a device that is not compute capability 9.0 is an error
+    /// instead of a silent fallback, so a benchmark or test meant for the Hopper kernel cannot
+    /// measure the other one. Shapes the Hopper kernel is not compiled for (other head sizes)
+    /// still run the sm80 kernel.
+    Sm90,
+    /// Always the FlashAttention-2 class `mma.sync` kernel.
+    Sm80,
+}
+
+/// The environment variable holding the process-wide [`PrefillPath`]: `auto`, `sm90` or `sm80`.
+pub const PREFILL_PATH_ENV: &str = "PAGED_ATTN_PREFILL";
+
+impl PrefillPath {
+    /// Parses `auto`, `sm90` or `sm80` (ASCII case ignored, surrounding blanks trimmed).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Some(PrefillPath::Auto),
+            "sm90" => Some(PrefillPath::Sm90),
+            "sm80" => Some(PrefillPath::Sm80),
+            _ => None,
+        }
+    }
+}
+
+/// The prefill kernel a launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `csrc/paged_prefill_sm90.cu`: wgmma, sm_90a.
+    Sm90,
+    /// `csrc/paged_prefill.cu`: mma.sync, every GPU from sm_80.
+    Sm80,
+}
+
+thread_local! {
+    static PREFILL_OVERRIDE: Cell<Option<PrefillPath>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every prefill launch this thread makes using `path`, whatever
+/// [`PREFILL_PATH_ENV`] says; the previous setting comes back afterwards (also when `f` panics).
+/// Launches are issued on the calling thread, so this reaches the launches of `attention-backend`
+/// made inside `f` too.
+pub fn with_prefill_path<R>(path: PrefillPath, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<PrefillPath>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PREFILL_OVERRIDE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PREFILL_OVERRIDE.with(|c| c.replace(Some(path))));
+    f()
+}
+
+/// The [`PrefillPath`] in force on this thread: the [`with_prefill_path`] override, else the
+/// environment's (read once per process).
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] when [`PREFILL_PATH_ENV`] holds something other than `auto`,
+/// `sm90` or `sm80` (and no override is active).
+pub fn prefill_path() -> Result<PrefillPath, KernelError> {
+    if let Some(p) = PREFILL_OVERRIDE.with(Cell::get) {
+        return Ok(p);
+    }
+    static ENV: OnceLock<Result<PrefillPath, String>> = OnceLock::new();
+    ENV.get_or_init(|| match std::env::var(PREFILL_PATH_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(PrefillPath::Auto),
+        Err(std::env::VarError::NotUnicode(v)) => Err(format!("{v:?}")),
+        Ok(v) => PrefillPath::parse(&v).ok_or(v),
+    })
+    .clone()
+    .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90 or sm80")))
+}
+
+/// Chooses the prefill kernel for `head_size` / `dtype` (0 = f16, 1 = bf16) under `path`; the
+/// device is the one whose context is current on this thread.
+fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32) -> Result<PrefillKernel, KernelError> {
+    if path == PrefillPath::Sm80 {
+        return Ok(PrefillKernel::Sm80);
+    }
+    // SAFETY: pure queries of the current device's compute capability (cached per device by the
+    // C side) and of two integers; no memory of the caller is touched.
+    let (supported, device) =
+        unsafe { (ffi::pa_paged_prefill_sm90_supported(head_size, dtype), ffi::pa_paged_prefill_sm90_device()) };
+    if path == PrefillPath::Sm90 && device == 0 {
+        return Err(invalid(
+            PREFILL,
+            format!(
+                "{PREFILL_PATH_ENV}=sm90 asks for the Hopper prefill, but the device is not compute capability 9.0"
+            ),
+        ));
+    }
+    Ok(if supported == 1 { PrefillKernel::Sm90 } else { PrefillKernel::Sm80 })
+}
+
+/// The prefill kernel a launch of `head_size` / `dtype` on `ctx`'s device runs under the
+/// [`PrefillPath`] in force on this thread (tests and benchmarks check it before timing or
+/// comparing).
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] for a bad [`PREFILL_PATH_ENV`], an element type other than
+/// f16 / bf16, or [`PrefillPath::Sm90`] on a device that is not compute capability 9.0;
+/// [`KernelError::Cuda`] when the context cannot be bound.
+pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Result<PrefillKernel, KernelError> {
+    let d = match dtype {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        other => return Err(invalid(PREFILL, format!("element type {other} is not supported on the GPU"))),
+    };
+    let path = prefill_path()?;
+    ctx.bind_to_thread().map_err(|e| KernelError::Cuda {
+        kernel: PREFILL,
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    })?;
+    resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d)
 }
 
 /// The dimensions of one attention launch.
@@ -224,6 +352,11 @@ pub fn blocks_per_sm(
     }
     let h = to_i32(OCC, "head_size", head_size)?;
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel: OCC, code: e.0 as i32, message: format!("{e:?}") })?;
+    // The prefill kernel the launches on this thread would run.
+    let prefill = match kernel {
+        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, h, d)?,
+        AttentionKernel::Decode { .. } => PrefillKernel::Sm80,
+    };
     let mut blocks: i32 = 0;
     // SAFETY: `blocks` is a live local the function writes one i32 to; the context is bound to this
     // thread (above), which is all the runtime's occupancy query and function-attribute call need.
@@ -231,7 +364,10 @@ pub fn blocks_per_sm(
     let status = unsafe {
         match kernel {
             AttentionKernel::Decode { .. } => ffi::pa_paged_decode_blocks_per_sm(h, d, &mut blocks),
-            AttentionKernel::Prefill { .. } => ffi::pa_paged_prefill_blocks_per_sm(h, d, &mut blocks),
+            AttentionKernel::Prefill { .. } => match prefill {
+                PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90_blocks_per_sm(h, d, &mut blocks),
+                PrefillKernel::Sm80 => ffi::pa_paged_prefill_blocks_per_sm(h, d, &mut blocks),
+            },
         }
     };
     status_to_result(OCC, status)?;
@@ -514,6 +650,10 @@ pub fn paged_attention<T: Element>(
         softcap: features.softcap.unwrap_or(0.0),
         dtype,
     };
+    let prefill = match kernel {
+        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype)?,
+        AttentionKernel::Decode { .. } => PrefillKernel::Sm80,
+    };
     let cu_stream = stream.cu_stream() as *mut c_void;
     // SAFETY: every device pointer comes from a live cudarc view on `stream`'s context (checked
     // above), borrowed for the duration of this call; the guards keep cudarc's event tracking
@@ -531,7 +671,10 @@ pub fn paged_attention<T: Element>(
     let status = unsafe {
         match kernel {
             AttentionKernel::Decode { .. } => ffi::pa_paged_decode(&args, cu_stream),
-            AttentionKernel::Prefill { .. } => ffi::pa_paged_prefill(&args, cu_stream),
+            AttentionKernel::Prefill { .. } => match prefill {
+                PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90(&args, cu_stream),
+                PrefillKernel::Sm80 => ffi::pa_paged_prefill(&args, cu_stream),
+            },
         }
     };
     status_to_result(name, status)

@@ -49,6 +49,25 @@ extern "C" {
     /// (`csrc/paged_prefill.cu`); `max_query_len` sizes the grid. Same clamping as the decode.
     pub fn pa_paged_prefill(args: *const PaAttnArgs, stream: *mut c_void) -> CudaStatus;
 
+    /// The Hopper (sm_90a, wgmma) prefill for requests `[req_begin, req_end)`
+    /// (`csrc/paged_prefill_sm90.cu`): the same contract and clamping as [`pa_paged_prefill`];
+    /// `cudaErrorNotSupported` for a head size off this path (only 64 and 128) or a current device
+    /// that is not compute capability 9.0.
+    pub fn pa_paged_prefill_sm90(args: *const PaAttnArgs, stream: *mut c_void) -> CudaStatus;
+
+    /// 1 when [`pa_paged_prefill_sm90`] runs `head_size` / `dtype` (0 = f16, 1 = bf16) on the
+    /// current device, else 0. Needs a current CUDA context.
+    pub fn pa_paged_prefill_sm90_supported(head_size: i32, dtype: i32) -> i32;
+
+    /// 1 when the current device is compute capability 9.0, else 0. Needs a current CUDA context.
+    pub fn pa_paged_prefill_sm90_device() -> i32;
+
+    /// Query rows one sm90 prefill block computes (0: head size not on that path).
+    pub fn pa_paged_prefill_sm90_rows_per_block(head_size: i32) -> i32;
+
+    /// Resident blocks per SM of the sm90 prefill kernel, like [`pa_paged_prefill_blocks_per_sm`].
+    pub fn pa_paged_prefill_sm90_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
+
     /// Largest GQA group the decode kernel takes for a head size (0: head size unsupported).
     pub fn pa_paged_decode_max_group(head_size: i32) -> i32;
 

@@ -144,6 +144,29 @@ fn run() -> Result<(), String> {
     println!(
         "plan per step (host): {plan_med:.1} us   (target <= 100 us), of which the contract check {check_med:.1} us"
     );
+    // Where the rest goes: a decode-only step (256 tokens, the same table) and the raw uploads.
+    let mut graph_us = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        planner.plan_graph(&decode, REQS).map_err(err)?;
+        graph_us.push(t.elapsed().as_secs_f64() * 1e6);
+        stream.synchronize().map_err(|e| format!("{e:?}"))?;
+    }
+    let host_table = vec![0i32; REQS * MAX_BLOCKS];
+    let mut dev_table = stream.alloc_zeros::<i32>(REQS * MAX_BLOCKS).map_err(|e| format!("{e:?}"))?;
+    let mut copy_us = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        stream.memcpy_htod(&host_table, &mut dev_table).map_err(|e| format!("{e:?}"))?;
+        copy_us.push(t.elapsed().as_secs_f64() * 1e6);
+        stream.synchronize().map_err(|e| format!("{e:?}"))?;
+    }
+    println!(
+        "plan_graph of a 256-decode step (host): {:.1} us; one pageable {} KiB block-table upload: {:.1} us",
+        median_us(graph_us),
+        REQS * MAX_BLOCKS * 4 / 1024,
+        median_us(copy_us)
+    );
     println!("run per layer (host): {run_med:.2} us   (target <= 5 us)");
 
     // A 32-layer decode step: eager vs graph replay, device time between events.

@@ -36,30 +36,36 @@ fn f64_rows(kv_len: usize, heads: usize, d: usize) -> usize {
 }
 
 #[derive(Clone, Debug)]
-struct Case {
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_size: usize,
-    block_size: usize,
+pub(crate) struct Case {
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_size: usize,
+    pub(crate) block_size: usize,
     /// Blocks of the GPU pool (capped so one cache stays under 64 Mi elements).
-    num_blocks: usize,
+    pub(crate) num_blocks: usize,
     /// (q_len, kv_len) per request, decodes first.
-    batch: Vec<(usize, usize)>,
+    pub(crate) batch: Vec<(usize, usize)>,
     /// Padding tokens after the real ones (slot -1).
-    padding: usize,
-    params: AttentionParams,
-    lse: bool,
+    pub(crate) padding: usize,
+    pub(crate) params: AttentionParams,
+    pub(crate) lse: bool,
     /// Scale of the query values (large values make the soft-cap bite).
-    q_amp: f32,
+    pub(crate) q_amp: f32,
     /// Leading requests with q_len <= this are decodes.
-    decode_threshold: usize,
+    pub(crate) decode_threshold: usize,
     /// Go through `forward` (cache write of the new tokens) instead of `paged_attention`.
-    use_forward: bool,
-    seed: u64,
+    pub(crate) use_forward: bool,
+    pub(crate) seed: u64,
 }
 
 impl Case {
-    fn new(heads: (usize, usize), head_size: usize, block_size: usize, batch: &[(usize, usize)], seed: u64) -> Self {
+    pub(crate) fn new(
+        heads: (usize, usize),
+        head_size: usize,
+        block_size: usize,
+        batch: &[(usize, usize)],
+        seed: u64,
+    ) -> Self {
         let seed = seed ^ run_seed();
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         let cap = (64usize << 20) / (block_size * heads.1 * head_size);
@@ -80,14 +86,14 @@ impl Case {
             seed,
         }
     }
-    fn softcap(mut self, cap: Option<f32>) -> Self {
+    pub(crate) fn softcap(mut self, cap: Option<f32>) -> Self {
         self.params = self.params.with_softcap(cap);
         if cap.is_some() {
             self.q_amp = 4.0;
         }
         self
     }
-    fn sliding(mut self, window: Option<usize>) -> Self {
+    pub(crate) fn sliding(mut self, window: Option<usize>) -> Self {
         if let Some(w) = window {
             self.params = self.params.with_sliding_window(w);
         }
@@ -279,7 +285,7 @@ fn close(x: f64, r: f64, atol: f64) -> bool {
 }
 
 /// Runs one case on the GPU and checks it against the CPU backend and the f64 recomputation.
-fn run_case<T: Element>(case: &Case) {
+pub(crate) fn run_case<T: Element>(case: &Case) {
     let dev = common::device();
     let mut rng = StdRng::seed_from_u64(case.seed);
     let prep = prepare::<T>(case, &mut rng);
@@ -419,7 +425,7 @@ fn run_case<T: Element>(case: &Case) {
     }
 }
 
-fn run_dyn(case: &Case, bf: bool) {
+pub(crate) fn run_dyn(case: &Case, bf: bool) {
     if bf {
         run_case::<bf16>(case)
     } else {
@@ -427,12 +433,13 @@ fn run_dyn(case: &Case, bf: bool) {
     }
 }
 
-const HEADS: [(usize, usize); 3] = [(4, 4), (8, 2), (16, 2)];
-const SOFTCAPS: [Option<f32>; 3] = [None, Some(10.0), Some(50.0)];
-const WINDOWS: [Option<usize>; 2] = [None, Some(256)];
+pub(crate) const HEADS: [(usize, usize); 3] = [(4, 4), (8, 2), (16, 2)];
+pub(crate) const SOFTCAPS: [Option<f32>; 3] = [None, Some(10.0), Some(50.0)];
+pub(crate) const WINDOWS: [Option<usize>; 2] = [None, Some(256)];
 const DECODE_BATCHES: [&[(usize, usize)]; 2] = [&[(1, 1328), (1, 18), (1, 463)], &[(1, 1), (1, 54), (1, 293), (1, 70)]];
-const VARLEN_BATCHES: [&[(usize, usize)]; 2] = [&[(1, 1328), (5, 18), (129, 463)], &[(1, 523), (1, 37), (1, 2011)]];
-const LONG_BATCH: &[(usize, usize)] = &[(2048, 2048), (1, 8192), (300, 4000)];
+pub(crate) const VARLEN_BATCHES: [&[(usize, usize)]; 2] =
+    [&[(1, 1328), (5, 18), (129, 463)], &[(1, 523), (1, 37), (1, 2011)]];
+pub(crate) const LONG_BATCH: &[(usize, usize)] = &[(2048, 2048), (1, 8192), (300, 4000)];
 
 /// The main product for one head configuration: head size {128, 256} x block {16, 32} x dtype x
 /// soft-cap x window x the given batches.
@@ -528,11 +535,11 @@ other_size_tests! {
     grid_head_80_block_32: 80, 32;
 }
 
-fn alibi(h: usize) -> Vec<f32> {
+pub(crate) fn alibi(h: usize) -> Vec<f32> {
     (0..h).map(|i| 2f32.powf(-8.0 * (i + 1) as f32 / h as f32)).collect()
 }
 
-fn sinks(h: usize, rng: &mut StdRng) -> Vec<f32> {
+pub(crate) fn sinks(h: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..h).map(|_| rng.random_range(-2.0..4.0f32)).collect()
 }
 

@@ -10,6 +10,7 @@ mod attention;
 mod cache_write;
 mod common;
 mod plan;
+mod prefill_sm90;
 mod raw;
 mod strides;
 mod unseen;

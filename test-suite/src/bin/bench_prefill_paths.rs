@@ -1,0 +1,163 @@
+//! The two prefill kernels side by side in one run: the sm80 `mma.sync` kernel and the Hopper
+//! `wgmma` kernel, each on a shuffled block table (blocks drawn at random from a larger pool, as a
+//! serving run leaves them) and on a contiguous one (request blocks in order), on the prefill shapes
+//! of the Hopper issue. Prints TFLOP/s of the causal work per kernel and table, the paging cost
+//! (shuffled time over contiguous time), and the largest difference between the two kernels'
+//! outputs as a sanity check.
+//!
+//! `bench_prefill_paths [--iters N] [--only SUBSTRING]`
+
+use attention_backend::cuda::{self, AttentionWorkspace, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
+use attention_backend::{bf16, AttentionMetadata, AttentionParams, BlockTable, CacheLayout, DType, SlotMapping};
+use attention_kernels::attention::{prefill_kernel, with_prefill_path, PrefillKernel, PrefillPath};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use test_suite::inputs;
+use test_suite::timing::time_on_stream;
+
+const WARMUP: usize = 10;
+const BLOCK: usize = 16;
+const HEADS: (usize, usize) = (32, 8);
+
+struct Shape {
+    name: &'static str,
+    seqs: Vec<(usize, usize)>,
+    head_size: usize,
+}
+
+impl Shape {
+    /// Multiply-adds of QK^T and PV over the visible keys, 2 FLOPs each (bottom-right causal).
+    fn flops(&self) -> f64 {
+        let visible: usize = self.seqs.iter().map(|&(q, kv)| q * (kv - q) + q * (q + 1) / 2).sum();
+        4.0 * visible as f64 * (HEADS.0 * self.head_size) as f64
+    }
+}
+
+struct Setup {
+    cache: CudaKvCache<bf16>,
+    meta: DeviceMetadata,
+    query: DeviceTensor<bf16>,
+    out: DeviceTensor<bf16>,
+    params: AttentionParams,
+}
+
+/// A cache holding every request's keys: blocks in request order (`shuffled = false`) or drawn at
+/// random from a pool a quarter larger than needed.
+fn setup(dev: &CudaDevice, shape: &Shape, shuffled: bool, rng: &mut StdRng) -> Setup {
+    let (h, kvh, d) = (HEADS.0, HEADS.1, shape.head_size);
+    let need: usize = shape.seqs.iter().map(|&(_, kv)| kv.div_ceil(BLOCK)).sum();
+    let num_blocks = need + need / 4 + 64;
+    let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
+    if shuffled {
+        pool.shuffle(rng);
+    }
+    let width = shape.seqs.iter().map(|&(_, kv)| kv.div_ceil(BLOCK)).max().unwrap_or(1);
+    let mut table = vec![0i32; shape.seqs.len() * width];
+    let (mut at, mut all_slots, mut slots, mut qsl) = (0, Vec::new(), Vec::new(), vec![0i32]);
+    for (r, &(q, kv)) in shape.seqs.iter().enumerate() {
+        let n = kv.div_ceil(BLOCK);
+        table[r * width..r * width + n].copy_from_slice(&pool[at..at + n]);
+        at += n;
+        for j in 0..kv {
+            let s = i64::from(table[r * width + j / BLOCK]) * BLOCK as i64 + (j % BLOCK) as i64;
+            all_slots.push(s);
+            if j >= kv - q {
+                slots.push(s);
+            }
+        }
+        qsl.push(qsl[r] + q as i32);
+    }
+    let layout = CacheLayout::new(num_blocks, BLOCK, kvh, d).unwrap();
+    let mut cache = CudaKvCache::<bf16>::zeros(dev, layout).unwrap();
+    let chunk = 16384;
+    let kt = DeviceTensor::from_host(dev, &inputs::values::<bf16>(rng, chunk * kvh * d), &[chunk, kvh, d]).unwrap();
+    let vt = DeviceTensor::from_host(dev, &inputs::values::<bf16>(rng, chunk * kvh * d), &[chunk, kvh, d]).unwrap();
+    for part in all_slots.chunks(chunk) {
+        let mut s = part.to_vec();
+        s.resize(chunk, -1);
+        let sm = cuda::DeviceSlotMapping::upload(dev, &SlotMapping::new(s)).unwrap();
+        cuda::kv_cache_update(dev, &kt, &vt, &mut cache, &sm).unwrap();
+    }
+    let seq_lens: Vec<i32> = shape.seqs.iter().map(|&(_, kv)| kv as i32).collect();
+    let nt = slots.len();
+    let table = BlockTable::new(table, shape.seqs.len(), width).unwrap();
+    let meta = AttentionMetadata::new(qsl, seq_lens, table, SlotMapping::new(slots), 1).unwrap();
+    let meta = DeviceMetadata::upload(dev, &meta).unwrap();
+    let host_query: Vec<bf16> = (0..nt * h * d).map(|_| bf16::from_f32(rng.random_range(-2.0..2.0f32))).collect();
+    let query = DeviceTensor::from_host(dev, &host_query, &[nt, h, d]).unwrap();
+    let out = DeviceTensor::<bf16>::zeros(dev, &[nt, h, d]).unwrap();
+    dev.synchronize().unwrap();
+    Setup { cache, meta, query, out, params: AttentionParams::new(h, kvh, d) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let iters = arg("--iters").and_then(|v| v.parse().ok()).unwrap_or(50);
+    let only = arg("--only");
+    let dev = CudaDevice::new(0).unwrap_or_else(|e| {
+        eprintln!("bench_prefill_paths: {e}");
+        std::process::exit(1);
+    });
+    println!("device: {}", dev.name());
+    let shapes = [
+        Shape { name: "prefill causal 8 x 2048", seqs: vec![(2048, 2048); 8], head_size: 128 },
+        Shape { name: "prefill causal 2 x 8192", seqs: vec![(8192, 8192); 2], head_size: 128 },
+        Shape { name: "prefill causal 8 x 2048 d64", seqs: vec![(2048, 2048); 8], head_size: 64 },
+        Shape { name: "chunked q512 on 7.5k prefix x 4", seqs: vec![(512, 8192); 4], head_size: 128 },
+    ];
+    println!(
+        "\n{:<32} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12}",
+        "shape (bf16, 32/8 heads)", "kernel", "shuf ms", "contig ms", "TFLOP/s", "contig TF", "paging cost"
+    );
+    for shape in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
+        let mut outs: Vec<(PrefillKernel, Vec<bf16>)> = Vec::new();
+        for (path, want) in [(PrefillPath::Sm80, PrefillKernel::Sm80), (PrefillPath::Sm90, PrefillKernel::Sm90)] {
+            let ok = with_prefill_path(path, || prefill_kernel(dev.context(), shape.head_size, DType::BF16));
+            match ok {
+                Ok(k) if k == want => {}
+                Ok(k) => {
+                    println!("{:<32} {:>6} runs {k:?} for this shape: skipped", shape.name, format!("{want:?}"));
+                    continue;
+                }
+                Err(e) => {
+                    println!("{:<32} {:>6} unavailable: {e}", shape.name, format!("{want:?}"));
+                    continue;
+                }
+            }
+            let mut ms = [0.0f64; 2];
+            for (i, shuffled) in [true, false].into_iter().enumerate() {
+                let mut rng = inputs::rng(shape.name);
+                let mut s = setup(&dev, shape, shuffled, &mut rng);
+                let mut ws = AttentionWorkspace::new();
+                let stats = with_prefill_path(path, || {
+                    time_on_stream(&dev, WARMUP, iters, || {
+                        cuda::paged_attention(&dev, &s.query, &s.cache, &s.meta, &s.params, &mut s.out, None, &mut ws)
+                    })
+                })
+                .unwrap();
+                ms[i] = stats.median_ms;
+                if shuffled {
+                    outs.push((want, s.out.to_host(&dev).unwrap()));
+                }
+            }
+            let tf = |m: f64| shape.flops() / (m * 1e-3) / 1e12;
+            println!(
+                "{:<32} {:>6} {:>10.3} {:>10.3} {:>9.1} {:>9.1} {:>11.1}%",
+                shape.name,
+                format!("{want:?}"),
+                ms[0],
+                ms[1],
+                tf(ms[0]),
+                tf(ms[1]),
+                (ms[0] / ms[1] - 1.0) * 100.0
+            );
+        }
+        if let [(_, a), (_, b)] = outs.as_slice() {
+            let max_diff = a.iter().zip(b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
+            let non_finite = b.iter().filter(|x| !x.to_f32().is_finite()).count();
+            println!("{:<32} sm90 vs sm80: max |diff| {max_diff:.2e}, {non_finite} non-finite sm90 outputs", "");
+        }
+    }
+}
