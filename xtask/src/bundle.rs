@@ -337,7 +337,8 @@ soak_check() {
 run_soak() { step soak_check; }
 run_bench() {
     local jsons=()
-    for b in bench bench_*; do
+    # The benchmarks the peers are compared with; the others print their own tables below.
+    for b in bench bench_attention; do
         [ -x "$b" ] || continue
         step "./$b" --json "$out/ours-$b.json" --check-dir "$PWD/checks"
         jsons+=("$out/ours-$b.json")
@@ -352,6 +353,9 @@ run_bench() {
     if [ -x plan_overhead ]; then
         step ./plan_overhead --json "$out/plan-overhead.json"
     fi
+    for b in bench_prefill_paths bench_decode_variants; do
+        if [ -x "$b" ]; then step "./$b"; fi
+    done
 }
 
 case "$mode" in
