@@ -9,4 +9,5 @@
 mod attention;
 mod cache_write;
 mod common;
+mod decode_variants;
 mod plan;
