@@ -19,6 +19,19 @@
 // The split count is chosen on the host (attention-backend's split_plan, from the batch shape
 // only: CUDA-graph friendly) with a wave-quantisation cost model.
 //
+// Variants (PaAttnArgs::decode_variant; the Rust side names them w4s3, w4s4, w4s2, w2s6, w2s4,
+// each optionally "-fold", and reads PAGED_ATTN_DECODE_VARIANT once): the pipeline (warps per
+// block = 64- or 32-key tiles, cp.async stages; non-default pipelines compiled for bf16 / head 128
+// only) and whether the combine is folded into the decode kernel: each split block writes its
+// partial, fences, bumps a per-(request, kv head, row chunk) counter at the front of the
+// workspace, and the last to arrive merges all partials in split order (the same merge functions
+// as the combine kernel: same bits), then resets the counter, so replays need no memset.
+// Batch-invariant mode (split_keys > 0): every split covers a fixed number of keys from the
+// request's first visible key, the grid's split count is the batch maximum and extra splits are
+// empty; the merge of one non-empty split with empty ones reproduces the single-split
+// finalisation exactly (weights exactly 1 and 0, partial sums never -0), so a request's output
+// and LSE are the same bits in any batch.
+//
 // Measured on an H100 (batch 64 x 4096 context, 32/8 heads, head 128, bf16, block 16; ratio =
 // K/V bytes read per second over a device-to-device copy's read+write rate in the same run):
 //   CUDA-core QK/PV:
@@ -41,6 +54,8 @@
 
 #include "attention/common.cuh"
 
+#include <type_traits>
+
 #ifndef PA_DECODE_STAGES
 #define PA_DECODE_STAGES 3
 #endif
@@ -49,12 +64,40 @@ namespace {
 
 using pa::KernelParams;
 
-template <int D> struct DecodeCfg {
-  static constexpr int kWarps = 4;
+// Keys per warp per tile (one m16n8k16 K step) and the split granularity: every split but a
+// request's last starts at a multiple of 64 keys past its first visible key, in every variant.
+constexpr int kKeysPerWarp = 16;
+constexpr int kSplitGranule = 64;
+
+// Arrival counters of the folded combine: the first kDecodeCounters floats of the workspace,
+// read as u32, one per pre-split block (request, kv head, row chunk). They start zero (the owners
+// allocate the workspace zeroed) and every launch leaves them zero (the last block of each group
+// resets its own), so no launch ever needs a memset and CUDA-graph replays see fresh counters.
+// Partials start after them in every mode, so a launch of any shape never writes the counters
+// with anything else. Keep in sync with DECODE_COUNTER_SLOTS in src/attention.rs.
+constexpr int kDecodeCounters = 16384;
+
+// The pipeline variants (low byte of PaAttnArgs::decode_variant). Variants other than the
+// default are compiled for bf16 at head size 128 only (the benchmarked shape; every other dtype
+// and head size runs the default), which keeps the build to a few extra instantiations.
+enum DecodeVariant : int {
+  kW4S3 = 0,  // 4 warps, 64-key tiles, 3 stages: 2 blocks/SM at head 128 (the default)
+  kW4S4 = 1,  // 4 warps, 64-key tiles, 4 stages: 1 block/SM, 3 tiles in flight
+  kW4S2 = 2,  // 4 warps, 64-key tiles, 2 stages: 3 blocks/SM, 1 tile in flight each
+  kW2S6 = 3,  // 2 warps, 32-key tiles, 6 stages: 2 blocks/SM, 5 tiles in flight each
+  kW2S4 = 4,  // 2 warps, 32-key tiles, 4 stages: 3 blocks/SM, 3 tiles in flight each
+  kNumVariants = 5,
+};
+constexpr int kFoldBit = 1 << 8;
+
+template <int D> constexpr int default_stages() { return D <= 128 ? PA_DECODE_STAGES : 2; }
+
+template <int D, int W = 4, int S = default_stages<D>()> struct DecodeCfg {
+  static constexpr int kWarps = W;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kKW = 16;                          // keys per warp per tile
+  static constexpr int kKW = kKeysPerWarp;                // keys per warp per tile
   static constexpr int kTK = kKW * kWarps;                // keys per tile
-  static constexpr int kStages = D <= 128 ? PA_DECODE_STAGES : 2;
+  static constexpr int kStages = S;
   static constexpr int kRS = D + 8;                       // padded row (elements): 16-byte skew
   static constexpr int kChunks = D / 8;                   // 16-byte chunks per row
   static constexpr int kRows = 16;                        // query heads per block (one m16 tile)
@@ -66,15 +109,43 @@ template <int D> struct DecodeCfg {
   // The warps' merge reuses the K/V tiles: [W][16][D] accumulators, [W][16] maxima and sums.
   static_assert(size_t(kWarps) * kRows * (D + 2) * 4 <= kKvBytes, "merge buffer does not fit");
   static_assert(kStages >= 2 && kTK <= kThreads && D % 16 == 0, "pipeline shape");
+  static_assert(kSplitGranule % kTK == 0, "splits must be whole tiles");
 };
 
 // Largest GQA group the decode launcher takes (any group works: row chunks of 16 heads).
 constexpr int kDecodeMaxGroup = 65535;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p) {
-  using Cfg = DecodeCfg<D>;
-  constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, S = Cfg::kStages, W = Cfg::kWarps;
+// The split-KV merge of one output element, in split order: the one definition of the reduction
+// order across splits, shared by the combine kernel and the folded combine so that both give the
+// same bits. `acc` is [S][rows][D], `ml` [S][rows][2] (max in the log2 domain, sum); reads bypass
+// L1 (other blocks wrote them). Explicit FMAs keep the arithmetic fixed whatever the compiler
+// contracts. With one non-empty split s the weights are exactly 1 for s and 0 for the rest, so the
+// result equals that split's own finalisation bit for bit (empty splits add exact zeros).
+__device__ __forceinline__ void merge_stats(const float* ml, int S, int64_t stride, int64_t row, float& M, float& L) {
+  M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(ml + (s * stride + row) * 2));
+  const float mu = M == -INFINITY ? 0.f : M;
+  L = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float w = exp2f(__ldcg(ml + (s * stride + row) * 2) - mu);
+    L = __fmaf_rn(__ldcg(ml + (s * stride + row) * 2 + 1), w, L);
+  }
+}
+__device__ __forceinline__ float merge_elem(const float* acc, const float* ml, int S, int64_t stride, int64_t row,
+                                            int D, int d, float M) {
+  const float mu = M == -INFINITY ? 0.f : M;
+  float o = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float w = exp2f(__ldcg(ml + (s * stride + row) * 2) - mu);
+    o = __fmaf_rn(w, __ldcg(acc + (s * stride + row) * D + d), o);
+  }
+  return o;
+}
+
+template <typename T, int D, int W, int NS>
+__global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams p) {
+  using Cfg = DecodeCfg<D, W, NS>;
+  constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, S = Cfg::kStages;
   constexpr int KW = Cfg::kKW, KT = D / 16, DT = D / 8, NR = Cfg::kRows;
   extern __shared__ __align__(16) unsigned char smem[];
   T* kv_s = reinterpret_cast<T*>(smem);                                   // [S][K|V][TK][RS]
@@ -112,12 +183,17 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
   int lo, hi;
   pa::key_range(pos, pos, seq_len, p, lo, hi);
   const int len = hi - lo + 1;
+  // Keys of this split: a fixed count per split (split_keys > 0: the boundaries depend on this
+  // request alone, so its reduction order is the same in any batch) or an even share of the
+  // request's keys rounded to whole granules. The last split also takes any keys past the others
+  // (only reachable when the grid has fewer splits than the request needs), so nothing is lost.
   int k_begin = lo, k_end = lo;
   if (len > 0) {
-    int chunk = (len + p.num_splits - 1) / p.num_splits;
-    chunk = (chunk + TK - 1) / TK * TK;
-    k_begin = lo + split * chunk;
-    k_end = min(hi + 1, k_begin + chunk);
+    int chunk = p.split_keys > 0 ? p.split_keys : (len + p.num_splits - 1) / p.num_splits;
+    chunk = (chunk + kSplitGranule - 1) / kSplitGranule * kSplitGranule;
+    const int64_t begin = lo + static_cast<int64_t>(split) * chunk;
+    k_begin = static_cast<int>(min(begin, static_cast<int64_t>(hi) + 1));
+    k_end = split == p.num_splits - 1 ? hi + 1 : min(hi + 1, k_begin + chunk);
     if (k_end < k_begin) k_end = k_begin;
   }
   const int n_tiles = (k_end - k_begin + TK - 1) / TK;
@@ -304,6 +380,9 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
 
   const int num_splits = p.num_splits;
   const int n_local = p.num_launch_reqs;
+  float* acc_ws = p.workspace + kDecodeCounters;                                    // [S][n][H][D]
+  float* ml_ws = acc_ws + static_cast<int64_t>(num_splits) * n_local * H * D;    // [S][n][H][2]
+  const int64_t stride = static_cast<int64_t>(n_local) * H;  // rows per split
   for (int idx = tid; idx < gc * D; idx += Cfg::kThreads) {
     const int h = idx / D, d = idx % D;
     float M = -INFINITY;
@@ -324,18 +403,50 @@ __global__ void __launch_bounds__(128) decode_split_kernel(const KernelParams p)
       out[pa::o_row(p, token, qh) + d] = static_cast<T>(sum * f.out_scale);
       if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
     } else {
-      const int64_t row = (static_cast<int64_t>(split) * n_local + local) * H + qh;
-      p.workspace[row * D + d] = sum;
+      const int64_t row = split * stride + static_cast<int64_t>(local) * H + qh;
+      acc_ws[row * D + d] = sum;
       if (d == 0) {
-        float* ml = p.workspace + static_cast<int64_t>(num_splits) * n_local * H * D;
-        ml[row * 2 + 0] = M;
-        ml[row * 2 + 1] = l_sum;
+        ml_ws[row * 2 + 0] = M;
+        ml_ws[row * 2 + 1] = l_sum;
       }
     }
   }
+  if (num_splits == 1 || !p.fold) return;
+
+  // Folded combine: the last of this group's num_splits blocks to finish merges every split's
+  // partial, in split order, and resets the group's counter. The fence before the arrival makes
+  // this block's partials visible to whichever block turns out last; the fence after it orders
+  // the last block's reads after every other arrival. No floating-point atomics: the merge order
+  // is fixed, so the result does not depend on which block arrives last.
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    unsigned* counter = reinterpret_cast<unsigned*>(p.workspace) + blockIdx.x;
+    const unsigned arrived = atomicAdd(counter, 1u) + 1u;
+    const bool last = arrived == static_cast<unsigned>(num_splits);
+    if (last) atomicExch(counter, 0u);  // every other block of the group has arrived
+    s_last = last;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = tid; idx < gc * D; idx += Cfg::kThreads) {
+    const int h = idx / D, d = idx % D;
+    const int qh = head0 + h;
+    const int64_t row = static_cast<int64_t>(local) * H + qh;
+    float M, L;
+    merge_stats(ml_ws, num_splits, stride, row, M, L);
+    const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
+    const float o = merge_elem(acc_ws, ml_ws, num_splits, stride, row, D, d, M);
+    T* out = static_cast<T*>(p.out);
+    out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f.out_scale);
+    if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
+  }
 }
 
-// Merges the splits of each (request, head): one warp per row.
+// Merges the splits of each (request, head): one warp per row (the separate-launch combine; the
+// folded combine in decode_split_kernel does the same arithmetic through the same functions).
 template <typename T>
 __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams p, int D) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -348,54 +459,86 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams 
   if (token < 0 || token >= p.num_tokens) return;
   if (p.qsl[p.req_begin + local + 1] - token != 1) return;  // graph padding, as above
   const int S = p.num_splits;
-  const float* ml = p.workspace + static_cast<int64_t>(S) * n_local * H * D;
+  const float* acc = p.workspace + kDecodeCounters;
+  const float* ml = acc + static_cast<int64_t>(S) * n_local * H * D;
   const int64_t stride = static_cast<int64_t>(n_local) * H;  // rows per split
-  float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[(s * stride + row) * 2]);
-  const float mu = M == -INFINITY ? 0.f : M;
-  float L = 0.f;
-  for (int s = 0; s < S; ++s) L += ml[(s * stride + row) * 2 + 1] * exp2f(ml[(s * stride + row) * 2] - mu);
+  float M, L;
+  merge_stats(ml, S, stride, row, M, L);
   const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
   T* out = static_cast<T*>(p.out);
   for (int d = lane; d < D; d += 32) {
-    float o = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float w = exp2f(ml[(s * stride + row) * 2] - mu);
-      o += w * p.workspace[(s * stride + row) * D + d];
-    }
+    const float o = merge_elem(acc, ml, S, stride, row, D, d, M);
     out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f.out_scale);
   }
   if (lane == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
 }
 
+// Floats of workspace a decode launch needs (0 without splits).
+inline int64_t decode_workspace_need(int S, int n, int H, int D) {
+  return S > 1 ? kDecodeCounters + static_cast<int64_t>(S) * n * H * (D + 2) : 0;
+}
+
+template <typename T, int D, int W, int NS>
+cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, cudaStream_t stream) {
+  using Cfg = DecodeCfg<D, W, NS>;
+  const int G = a.num_heads / a.num_kv_heads;
+  const int n = a.req_end - a.req_begin;
+  const int S = a.num_splits;
+  const int64_t gx = static_cast<int64_t>(n) * a.num_kv_heads * ((G + Cfg::kRows - 1) / Cfg::kRows);
+  if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  // The folded combine needs one counter per pre-split block; a larger grid takes the separate
+  // combine (same merge arithmetic, same bits).
+  kp.fold = (fold && S > 1 && gx <= kDecodeCounters) ? 1 : 0;
+  const size_t smem = Cfg::kSmemBytes;
+  auto kernel = decode_split_kernel<T, D, W, NS>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(gx), 1, S);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
+  err = pa_last_launch_status();
+  if (err != cudaSuccess || S == 1 || kp.fold) return err;
+  const int64_t rows = static_cast<int64_t>(n) * a.num_heads;
+  const int64_t blocks = (rows + 3) / 4;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(kp, D);
+  return pa_last_launch_status();
+}
+
+// Calls f with the kernel configuration (warps, stages) of a variant: the non-default variants
+// exist for bf16 at head size 128; everything else runs the default.
+template <typename T, int D, typename F> cudaError_t with_variant(int variant, F&& f) {
+  if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
+    switch (variant & 0xff) {
+      case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{});
+      case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{});
+      case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{});
+      case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{});
+      default: break;
+    }
+  }
+  return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{});
+}
+
 template <typename T, int D>
 cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
-  using Cfg = DecodeCfg<D>;
   const int G = a.num_heads / a.num_kv_heads;
   if (G > kDecodeMaxGroup) return cudaErrorNotSupported;
   const int n = a.req_end - a.req_begin;
   if (n == 0) return cudaSuccess;
   const int S = a.num_splits;
   if (S < 1 || S > 65535) return cudaErrorInvalidValue;
+  if (a.split_keys < 0 || a.split_keys % kSplitGranule != 0) return cudaErrorInvalidValue;
+  if (a.decode_variant < 0 || (a.decode_variant & 0xff) >= kNumVariants || (a.decode_variant & ~0x1ff) != 0) {
+    return cudaErrorInvalidValue;
+  }
   if (S > 1) {
-    const int64_t need = static_cast<int64_t>(S) * n * a.num_heads * (D + 2);
+    const int64_t need = decode_workspace_need(S, n, a.num_heads, D);
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
-  const int64_t gx = static_cast<int64_t>(n) * a.num_kv_heads * ((G + Cfg::kRows - 1) / Cfg::kRows);
-  if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const size_t smem = Cfg::kSmemBytes;
-  auto kernel = decode_split_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(gx), 1, S);
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
-  err = pa_last_launch_status();
-  if (err != cudaSuccess || S == 1) return err;
-  const int64_t rows = static_cast<int64_t>(n) * a.num_heads;
-  const int64_t blocks = (rows + 3) / 4;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  decode_combine_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(kp, D);
-  return pa_last_launch_status();
+  const bool fold = (a.decode_variant & kFoldBit) != 0;
+  return with_variant<T, D>(a.decode_variant, [&](auto w, auto ns) -> cudaError_t {
+    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value>(a, kp, fold, stream);
+  });
 }
 
 }  // namespace
@@ -409,7 +552,7 @@ PA_EXPORT int32_t pa_paged_decode_max_group(int32_t head_size) {
 // Keys per tile of the decode kernel for a head size (the split granularity); 0 if unsupported.
 PA_EXPORT int32_t pa_paged_decode_tile_keys(int32_t head_size) {
   if (!pa::head_size_supported(head_size)) return 0;
-  return DecodeCfg<64>::kTK;  // the same for every head size
+  return kSplitGranule;  // the same for every head size and variant
 }
 
 // Query heads of one GQA group one decode block computes (larger groups take several blocks); 0 if
@@ -422,26 +565,36 @@ PA_EXPORT int32_t pa_paged_decode_heads_per_block(int32_t head_size) {
 // Resident blocks per SM of the decode kernel for (head size, dtype) on the current device, as the
 // runtime's occupancy calculator reports it for the instantiation and dynamic shared memory that
 // pa_paged_decode launches. Needs a current CUDA context; writes *blocks only on success.
-PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
+PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t variant,
+                                                    int32_t* blocks) {
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  if (variant < 0 || (variant & 0xff) >= kNumVariants) return cudaErrorInvalidValue;
   return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    using Cfg = DecodeCfg<D>;
-    auto occupancy = [&](auto kernel) -> cudaError_t {
-      const int smem = static_cast<int>(Cfg::kSmemBytes);
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (err != cudaSuccess) return err;
-      int n = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
-      if (err == cudaSuccess) *blocks = n;
-      return err;
+    auto occupancy = [&](auto t) -> cudaError_t {
+      using T = decltype(t);
+      return with_variant<T, D>(variant, [&](auto w, auto ns) -> cudaError_t {
+        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value>;
+        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value>;
+        const int smem = static_cast<int>(Cfg::kSmemBytes);
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (err != cudaSuccess) return err;
+        int n = 0;
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
+        if (err == cudaSuccess) *blocks = n;
+        return err;
+      });
     };
-    return dtype == 0 ? occupancy(decode_split_kernel<__half, D>) : occupancy(decode_split_kernel<__nv_bfloat16, D>);
+    return dtype == 0 ? occupancy(__half{}) : occupancy(__nv_bfloat16{});
   });
 }
 
+// Counter slots at the front of the decode workspace (see kDecodeCounters).
+PA_EXPORT int32_t pa_paged_decode_counter_slots() { return kDecodeCounters; }
+
 // Decode attention for requests [req_begin, req_end), each with exactly one query token.
-// With num_splits > 1, `workspace` must hold num_splits * n * num_heads * (head_size + 2) floats.
+// With num_splits > 1, `workspace` must hold kDecodeCounters + num_splits * n * num_heads *
+// (head_size + 2) floats, its first kDecodeCounters zero before the first launch (kept zero after).
 PA_EXPORT cudaError_t pa_paged_decode(const PaAttnArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const PaAttnArgs& a = *args;

@@ -12,7 +12,10 @@
 
 use std::cell::Cell;
 use std::ffi::c_void;
+use std::fmt;
 use std::ptr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
@@ -32,11 +35,21 @@ pub const MAX_FEATURE_HEADS: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
     /// Split-KV decode: every request of the range has exactly one query token. With
-    /// `num_splits > 1` a combine kernel follows and the workspace must hold
+    /// `num_splits > 1` the splits are merged (by a combine kernel, or by the last split of each
+    /// group to finish when the [`DecodeVariant`] folds it) and the workspace must hold
     /// [`decode_workspace_len`] floats.
     Decode {
-        /// Partitions of each request's keys.
+        /// Partitions of each request's keys (the grid's split count).
         num_splits: usize,
+        /// 0: each request's keys are divided evenly into `num_splits` (the split boundaries, and
+        /// so the reduction order, depend on the batch through `num_splits`). > 0 (a multiple of
+        /// [`decode_tile_keys`]): every split covers exactly this many keys from the request's
+        /// first visible key, so a request's result depends only on its own inputs: the
+        /// batch-invariant mode. `num_splits` must then be at least
+        /// `ceil(longest visible key range / split_keys)` over the launch (splits past a request's
+        /// keys are empty and change nothing, bit for bit); with fewer, the last split takes the
+        /// remaining keys (correct, but no longer batch-invariant).
+        split_keys: usize,
     },
     /// Tensor-core varlen attention for requests of any query length: the Hopper (wgmma) kernel or
     /// the sm80 one, as [`prefill_path`] and the device decide (see [`prefill_kernel`]).
@@ -274,7 +287,9 @@ pub struct AttentionBuffers<'a, T: Element> {
     pub out: CudaViewMut<'a, T>,
     /// `[num_tokens, num_heads]` natural-log sum-exp (packed), or `None`.
     pub lse: Option<CudaViewMut<'a, f32>>,
-    /// Split-KV partials (decode with more than one split).
+    /// Split-KV partials (decode with more than one split), [`decode_workspace_len`] floats from
+    /// the start of a zero-initialised buffer (its first [`DECODE_COUNTER_SLOTS`] floats are the
+    /// folded combine's counters, kept zero by every launch).
     pub workspace: Option<CudaViewMut<'a, f32>>,
     /// Element strides of `query`, `out` and the caches.
     pub strides: AttentionStrides,
@@ -283,12 +298,166 @@ pub struct AttentionBuffers<'a, T: Element> {
 const DECODE: &str = "paged_decode";
 const PREFILL: &str = "paged_prefill";
 
-/// Floats of workspace the decode kernel needs for `num_reqs` requests split `num_splits` ways.
+/// Floats at the front of every decode workspace that hold the folded combine's arrival counters
+/// (`kDecodeCounters` in `csrc/paged_decode.cu`; the launcher refuses a workspace sized with
+/// another value, so a mismatch fails loudly).
+pub const DECODE_COUNTER_SLOTS: usize = 16384;
+
+/// Floats of workspace the decode kernel needs for `num_reqs` requests split `num_splits` ways:
+/// [`DECODE_COUNTER_SLOTS`] counters, then the partials.
+///
+/// The counters must be zero before the workspace's first launch (allocate it zeroed) and every
+/// launch leaves them zero, so one workspace serves any number of launches, CUDA-graph replays
+/// included. Always pass the workspace from its start: the counters live at fixed offsets.
 pub fn decode_workspace_len(num_splits: usize, num_reqs: usize, num_heads: usize, head_size: usize) -> usize {
     if num_splits <= 1 {
         return 0;
     }
-    num_splits.saturating_mul(num_reqs).saturating_mul(num_heads).saturating_mul(head_size + 2)
+    num_splits
+        .saturating_mul(num_reqs)
+        .saturating_mul(num_heads)
+        .saturating_mul(head_size + 2)
+        .saturating_add(DECODE_COUNTER_SLOTS)
+}
+
+/// The name of the environment variable that picks the process-wide [`DecodeVariant`] (read once,
+/// at the first decode launch or [`decode_variant`] call, unless [`set_decode_variant`] ran first).
+/// Values: the names of [`DecodeVariant::ALL`], e.g. `w4s3` (the default), `w2s4-fold`. An
+/// unknown name leaves the default.
+pub const DECODE_VARIANT_ENV: &str = "PAGED_ATTN_DECODE_VARIANT";
+
+/// The software pipeline of the decode kernel: warps per block (each owns 16 keys of a tile, so 4
+/// warps = 64-key tiles, 2 warps = 32-key tiles) and cp.async stages. The variants other than
+/// [`DecodePipeline::W4S3`] are compiled for bf16 at head size 128 only, the benchmarked shape;
+/// other element types and head sizes run `W4S3` (2 stages above head size 128) whatever is
+/// selected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DecodePipeline {
+    /// 4 warps, 64-key tiles, 3 stages: 2 blocks per SM at head size 128. The default.
+    #[default]
+    W4S3,
+    /// 4 warps, 64-key tiles, 4 stages: 1 block per SM, 3 tiles in flight.
+    W4S4,
+    /// 4 warps, 64-key tiles, 2 stages: 3 blocks per SM, 1 tile in flight each.
+    W4S2,
+    /// 2 warps, 32-key tiles, 6 stages: 2 blocks per SM, 5 tiles in flight each.
+    W2S6,
+    /// 2 warps, 32-key tiles, 4 stages: 3 blocks per SM, 3 tiles in flight each.
+    W2S4,
+}
+
+impl DecodePipeline {
+    fn code(self) -> u32 {
+        match self {
+            DecodePipeline::W4S3 => 0,
+            DecodePipeline::W4S4 => 1,
+            DecodePipeline::W4S2 => 2,
+            DecodePipeline::W2S6 => 3,
+            DecodePipeline::W2S4 => 4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DecodePipeline::W4S3 => "w4s3",
+            DecodePipeline::W4S4 => "w4s4",
+            DecodePipeline::W4S2 => "w4s2",
+            DecodePipeline::W2S6 => "w2s6",
+            DecodePipeline::W2S4 => "w2s4",
+        }
+    }
+}
+
+/// How the decode kernel runs: its pipeline and whether the split-KV combine is folded into the
+/// last split of each (request, kv head) group to finish (an arrival counter per group in the
+/// workspace; that block merges every split's partial in split order, so the result is the same
+/// bits as the separate combine kernel and independent of arrival order) instead of a second
+/// launch. Every variant computes the same attention; they differ in speed, and (through the tile
+/// size) in the order of the in-split reduction, so outputs of two variants may differ in the
+/// last bits while each is deterministic run to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecodeVariant {
+    /// Warps and stages.
+    pub pipeline: DecodePipeline,
+    /// Merge the splits in the decode kernel itself (no combine launch).
+    pub fold_combine: bool,
+}
+
+impl DecodeVariant {
+    /// Every variant, the default first.
+    pub const ALL: [DecodeVariant; 10] = {
+        let p = [
+            DecodePipeline::W4S3,
+            DecodePipeline::W4S4,
+            DecodePipeline::W4S2,
+            DecodePipeline::W2S6,
+            DecodePipeline::W2S4,
+        ];
+        let mut all = [DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: false }; 10];
+        let mut i = 0;
+        while i < 5 {
+            all[2 * i] = DecodeVariant { pipeline: p[i], fold_combine: false };
+            all[2 * i + 1] = DecodeVariant { pipeline: p[i], fold_combine: true };
+            i += 1;
+        }
+        all
+    };
+
+    /// The value of `PaAttnArgs::decode_variant`.
+    fn code(self) -> u32 {
+        self.pipeline.code() | if self.fold_combine { 1 << 8 } else { 0 }
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        DecodeVariant::ALL.into_iter().find(|v| v.code() == code)
+    }
+}
+
+impl fmt::Display for DecodeVariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.pipeline.name())?;
+        if self.fold_combine {
+            f.write_str("-fold")?;
+        }
+        Ok(())
+    }
+}
+
+/// A name that is not one of [`DecodeVariant::ALL`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown decode variant {0:?} (expected one of w4s3, w4s4, w4s2, w2s6, w2s4, each optionally with -fold)")]
+pub struct UnknownDecodeVariant(pub String);
+
+impl FromStr for DecodeVariant {
+    type Err = UnknownDecodeVariant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        DecodeVariant::ALL.into_iter().find(|v| v.to_string() == t).ok_or_else(|| UnknownDecodeVariant(s.to_string()))
+    }
+}
+
+/// Not yet chosen: the first read consults [`DECODE_VARIANT_ENV`].
+const VARIANT_UNSET: u32 = u32::MAX;
+static DECODE_VARIANT: AtomicU32 = AtomicU32::new(VARIANT_UNSET);
+
+/// The process-wide decode variant every decode launch uses: the one [`set_decode_variant`] set,
+/// else [`DECODE_VARIANT_ENV`]'s, else the default. A benchmarking knob: keep one variant for the
+/// life of a process when results must be bit-reproducible (batch-invariant mode included).
+pub fn decode_variant() -> DecodeVariant {
+    let code = DECODE_VARIANT.load(Ordering::Relaxed);
+    if let Some(v) = DecodeVariant::from_code(code) {
+        return v;
+    }
+    let v: DecodeVariant = std::env::var(DECODE_VARIANT_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or_default();
+    // A concurrent set_decode_variant wins over the environment.
+    let _ = DECODE_VARIANT.compare_exchange(VARIANT_UNSET, v.code(), Ordering::Relaxed, Ordering::Relaxed);
+    DecodeVariant::from_code(DECODE_VARIANT.load(Ordering::Relaxed)).unwrap_or_default()
+}
+
+/// Sets the process-wide decode variant (see [`decode_variant`]); later launches use it.
+pub fn set_decode_variant(v: DecodeVariant) {
+    DECODE_VARIANT.store(v.code(), Ordering::Relaxed);
 }
 
 /// Largest GQA group (`num_heads / num_kv_heads`) the decode kernel takes for `head_size`
@@ -329,7 +498,8 @@ pub fn prefill_rows_per_block(head_size: usize) -> usize {
 /// Resident blocks per SM of `kernel`'s instantiation for `head_size` and `dtype` on `ctx`'s
 /// device, as the CUDA runtime's occupancy calculator reports it with the kernel's dynamic shared
 /// memory: the number a wave model should use (a table written for one GPU would be wrong on the
-/// next). Only the variant of `kernel` matters, not its fields.
+/// next). Only the variant of `kernel` matters, not its fields; for the decode kernel, the
+/// process-wide [`decode_variant`] picks the instantiation, as it does for the launches.
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] for an unsupported head size or element type;
@@ -338,6 +508,20 @@ pub fn prefill_rows_per_block(head_size: usize) -> usize {
 pub fn blocks_per_sm(
     ctx: &CudaContext,
     kernel: AttentionKernel,
+    head_size: usize,
+    dtype: DType,
+) -> Result<usize, KernelError> {
+    blocks_per_sm_with_variant(ctx, kernel, decode_variant(), head_size, dtype)
+}
+
+/// [`blocks_per_sm`] for an explicit [`DecodeVariant`] (ignored for prefill).
+///
+/// # Errors
+/// As [`blocks_per_sm`].
+pub fn blocks_per_sm_with_variant(
+    ctx: &CudaContext,
+    kernel: AttentionKernel,
+    variant: DecodeVariant,
     head_size: usize,
     dtype: DType,
 ) -> Result<usize, KernelError> {
@@ -363,7 +547,9 @@ pub fn blocks_per_sm(
     // No memory of the caller is otherwise touched.
     let status = unsafe {
         match kernel {
-            AttentionKernel::Decode { .. } => ffi::pa_paged_decode_blocks_per_sm(h, d, &mut blocks),
+            AttentionKernel::Decode { .. } => {
+                ffi::pa_paged_decode_blocks_per_sm(h, d, variant.code() as i32, &mut blocks)
+            }
             AttentionKernel::Prefill { .. } => match prefill {
                 PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90_blocks_per_sm(h, d, &mut blocks),
                 PrefillKernel::Sm80 => ffi::pa_paged_prefill_blocks_per_sm(h, d, &mut blocks),
@@ -438,6 +624,23 @@ fn rows_disjoint(tokens: usize, heads: usize, head_size: usize, token_stride: us
 pub fn paged_attention<T: Element>(
     stream: &CudaStream,
     kernel: AttentionKernel,
+    dims: &AttentionDims,
+    features: &AttentionFeatures<'_>,
+    bufs: AttentionBuffers<'_, T>,
+) -> Result<(), KernelError> {
+    paged_attention_with_variant(stream, kernel, decode_variant(), dims, features, bufs)
+}
+
+/// [`paged_attention`] with an explicit [`DecodeVariant`] for a decode launch instead of the
+/// process-wide one (ignored for prefill): what tests and benchmarks use to compare variants in
+/// one process without touching the global setting other launches read.
+///
+/// # Errors
+/// As [`paged_attention`].
+pub fn paged_attention_with_variant<T: Element>(
+    stream: &CudaStream,
+    kernel: AttentionKernel,
+    variant: DecodeVariant,
     dims: &AttentionDims,
     features: &AttentionFeatures<'_>,
     bufs: AttentionBuffers<'_, T>,
@@ -528,10 +731,17 @@ pub fn paged_attention<T: Element>(
         }
     }
     let n = d.req_end - d.req_begin;
-    let (num_splits, max_query_len) = match kernel {
-        AttentionKernel::Decode { num_splits } => {
+    let (num_splits, split_keys, max_query_len) = match kernel {
+        AttentionKernel::Decode { num_splits, split_keys } => {
             if num_splits == 0 || num_splits > 65535 {
                 return Err(invalid(name, format!("num_splits {num_splits} outside 1..=65535")));
+            }
+            let granule = decode_tile_keys(d.head_size).max(1);
+            if !split_keys.is_multiple_of(granule) || i32::try_from(split_keys).is_err() {
+                return Err(invalid(
+                    name,
+                    format!("split_keys {split_keys} is not a multiple of {granule} below 2^31"),
+                ));
             }
             let group = d.num_heads / d.num_kv_heads;
             if group > decode_max_group(d.head_size) {
@@ -542,9 +752,9 @@ pub fn paged_attention<T: Element>(
                 let have = bufs.workspace.as_ref().map_or(0, |w| w.len());
                 check_len(name, "workspace", have, need)?;
             }
-            (num_splits, 0)
+            (num_splits, split_keys, 0)
         }
-        AttentionKernel::Prefill { max_query_len } => (1, max_query_len),
+        AttentionKernel::Prefill { max_query_len } => (1, 0, max_query_len),
     };
     if n == 0 {
         return Ok(());
@@ -649,6 +859,11 @@ pub fn paged_attention<T: Element>(
         scale: features.scale,
         softcap: features.softcap.unwrap_or(0.0),
         dtype,
+        split_keys: to_i32(name, "split_keys", split_keys)?,
+        decode_variant: match kernel {
+            AttentionKernel::Decode { .. } => variant.code() as i32,
+            AttentionKernel::Prefill { .. } => 0,
+        },
     };
     let prefill = match kernel {
         AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype)?,
@@ -678,4 +893,26 @@ pub fn paged_attention<T: Element>(
         }
     };
     status_to_result(name, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_names_round_trip() {
+        for v in DecodeVariant::ALL {
+            assert_eq!(v.to_string().parse::<DecodeVariant>(), Ok(v));
+            assert_eq!(DecodeVariant::from_code(v.code()), Some(v));
+        }
+        assert_eq!(DecodeVariant::ALL[0], DecodeVariant::default());
+        assert_eq!("W2S4-Fold".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(true));
+        assert!("w9s9".parse::<DecodeVariant>().is_err());
+    }
+
+    #[test]
+    fn workspace_holds_counters_and_partials() {
+        assert_eq!(decode_workspace_len(1, 64, 32, 128), 0);
+        assert_eq!(decode_workspace_len(2, 1, 1, 64), DECODE_COUNTER_SLOTS + 2 * 66);
+    }
 }

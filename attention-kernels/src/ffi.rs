@@ -37,8 +37,10 @@ extern "C" {
 
     /// Split-KV decode for requests `[req_begin, req_end)` of `args`, each with exactly one query
     /// token or none (CUDA-graph padding, skipped: nothing is read or written for it)
-    /// (`csrc/paged_decode.cu`); with `num_splits > 1` it also runs the combine kernel and
-    /// needs `workspace` of `num_splits * n * num_heads * (head_size + 2)` floats.
+    /// (`csrc/paged_decode.cu`); with `num_splits > 1` it also merges the splits (a combine
+    /// kernel, or the last split of each group when the variant folds it) and needs `workspace` of
+    /// `counter_slots + num_splits * n * num_heads * (head_size + 2)` floats whose first
+    /// `counter_slots` ([`pa_paged_decode_counter_slots`]) are zero; the launch leaves them zero.
     ///
     /// Every device-side metadata value is clamped before use (tokens to `num_tokens`, sequence
     /// lengths to `max_blocks_per_req * block_size`, block ids to `num_blocks`), so the kernel
@@ -80,9 +82,13 @@ extern "C" {
     /// Query rows one prefill block computes (0: head size unsupported).
     pub fn pa_paged_prefill_rows_per_block(head_size: i32) -> i32;
 
-    /// Resident blocks per SM of the decode kernel for `head_size` and `dtype` (0 = f16, 1 = bf16)
-    /// on the current context's device, written to `*blocks` on success.
-    pub fn pa_paged_decode_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
+    /// Resident blocks per SM of the decode kernel for `head_size`, `dtype` (0 = f16, 1 = bf16)
+    /// and `variant` (as in [`PaAttnArgs::decode_variant`]) on the current context's device,
+    /// written to `*blocks` on success.
+    pub fn pa_paged_decode_blocks_per_sm(head_size: i32, dtype: i32, variant: i32, blocks: *mut i32) -> CudaStatus;
+
+    /// Floats at the front of the decode workspace that hold the folded combine's counters.
+    pub fn pa_paged_decode_counter_slots() -> i32;
 
     /// Same for the prefill kernel.
     pub fn pa_paged_prefill_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
@@ -174,8 +180,12 @@ pub struct PaAttnArgs {
     pub softcap: f32,
     /// 0 = f16, 1 = bf16.
     pub dtype: i32,
+    /// Decode: keys per split (a multiple of 64), or 0 = keys divided evenly into `num_splits`.
+    pub split_keys: i32,
+    /// Decode: pipeline variant in the low byte, bit 8 = fold the combine into the last split.
+    pub decode_variant: i32,
 }
 
 // The C side asserts the same size (`static_assert` in csrc/attention/common.cuh): a field added on
 // one side only breaks both builds instead of shifting every later field at run time.
-const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 216);
+const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 224);

@@ -193,7 +193,7 @@ fn launch<T: Element>(
         };
         kernels::paged_attention(
             dev.stream(),
-            AttentionKernel::Decode { num_splits: plan.num_splits },
+            AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 },
             &d,
             &features,
             bufs,

@@ -166,7 +166,7 @@ pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
 /// an SM mostly full still moves bytes at nearly its full rate, a sparse one does not). A split
 /// must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best wins
 /// (fewer splits: less combine work).
-pub(crate) fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
+pub fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
     let blocks = blocks.max(1);
     let num_sms = num_sms.max(1);
     let per_sm = per_sm.max(1);

@@ -11,7 +11,7 @@ mod tensor;
 pub use attention::{forward, paged_attention, AttentionWorkspace};
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
-pub use metadata::{DeviceMetadata, SplitPlan};
+pub use metadata::{decode_split_count, DeviceMetadata, SplitPlan};
 pub use plan::{LaunchPlan, LayerBuffers, LayerStrides, PlannerConfig, StepPlan, StepPlanner};
 pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 

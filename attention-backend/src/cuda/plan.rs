@@ -113,6 +113,9 @@ pub struct StepPlanner {
     dev: CudaDevice,
     config: PlannerConfig,
     num_sms: usize,
+    /// Resident decode blocks per SM of the selected decode variant, from the runtime's occupancy
+    /// calculator (the table in `metadata.rs` when the query fails).
+    decode_per_sm: usize,
     query_start_loc: CudaSlice<i32>,
     seq_lens: CudaSlice<i32>,
     block_table: CudaSlice<i32>,
@@ -164,10 +167,17 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
+        // Both element types use the same shared memory, so bf16's occupancy serves f16 too.
+        let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+        let decode_per_sm = kernels::blocks_per_sm(dev.context(), probe, config.head_size, DType::BF16)
+            .ok()
+            .filter(|&b| b > 0)
+            .unwrap_or_else(|| decode_blocks_per_sm(config.head_size));
         let mut planner = StepPlanner {
             dev: dev.clone(),
             config,
             num_sms,
+            decode_per_sm,
             query_start_loc: alloc(dev, config.max_num_reqs + 1)?,
             seq_lens: alloc(dev, config.max_num_reqs)?,
             block_table: alloc(dev, table)?,
@@ -222,7 +232,7 @@ impl StepPlanner {
         let group = c.num_heads / c.num_kv_heads;
         let blocks = n * c.num_kv_heads * group.div_ceil(DECODE_ROWS_PER_BLOCK);
         let tile = decode_tile_keys(c.head_size).max(1);
-        decode_split_count(blocks, self.num_sms, decode_blocks_per_sm(c.head_size), max_len, tile)
+        decode_split_count(blocks, self.num_sms, self.decode_per_sm, max_len, tile)
     }
 
     /// Checks the step against the step contract and the planner's capacities, uploads its
@@ -624,7 +634,12 @@ impl StepPlan<'_> {
                 .map_err(|e| kernel_error(RUN, e))
         };
         if l.decode_reqs > 0 {
-            launch_range(AttentionKernel::Decode { num_splits: l.num_splits }, 0, l.decode_reqs, l.num_splits > 1)?;
+            launch_range(
+                AttentionKernel::Decode { num_splits: l.num_splits, split_keys: 0 },
+                0,
+                l.decode_reqs,
+                l.num_splits > 1,
+            )?;
         }
         if l.decode_reqs < l.num_reqs {
             launch_range(

@@ -72,9 +72,17 @@ struct PaAttnArgs {
   float scale;
   float softcap;  // 0 = off
   int32_t dtype;  // 0 = f16, 1 = bf16
+  // Decode only: > 0 = every split covers exactly this many keys (a multiple of 64) from the
+  // request's first visible key, so a request's reduction order depends on its own length alone
+  // (batch-invariant mode; splits past its keys are empty); 0 = keys divided evenly into
+  // num_splits.
+  int32_t split_keys;
+  // Decode only: pipeline variant (low byte, see paged_decode.cu) and bit 8 = fold the split-KV
+  // combine into the last split to finish. 0 = the default.
+  int32_t decode_variant;
 };
 // The Rust mirror asserts the same size; a field added on one side only fails both builds.
-static_assert(sizeof(PaAttnArgs) == 216, "PaAttnArgs layout changed: update src/ffi.rs too");
+static_assert(sizeof(PaAttnArgs) == 224, "PaAttnArgs layout changed: update src/ffi.rs too");
 
 namespace pa {
 
@@ -105,6 +113,8 @@ struct KernelParams {
   int32_t window_right;
   int32_t has_alibi;
   int32_t has_sinks;
+  int32_t split_keys;  // decode: keys per split (0 = even division into num_splits)
+  int32_t fold;        // decode: the last split to finish merges the partials (set by the launcher)
   float scale;
   float softcap;
   float alibi[kMaxFeatureHeads];
@@ -142,6 +152,8 @@ inline bool make_kernel_params(const PaAttnArgs& a, KernelParams& k) {
   k.window_right = a.window_right;
   k.has_alibi = a.alibi_slopes != nullptr;
   k.has_sinks = a.sinks != nullptr;
+  k.split_keys = a.split_keys;
+  k.fold = 0;
   k.scale = a.scale;
   k.softcap = a.softcap;
   for (int h = 0; h < kMaxFeatureHeads; ++h) {

@@ -9,6 +9,7 @@
 mod attention;
 mod cache_write;
 mod common;
+mod decode_variants;
 mod plan;
 mod prefill_sm90;
 mod raw;

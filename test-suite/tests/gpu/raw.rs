@@ -236,7 +236,12 @@ pub fn run<T: Element>(
     if step.decode_reqs > 0 {
         let len = attention::decode_workspace_len(num_splits, step.decode_reqs, step.num_heads, step.head_size);
         let mut ws = (len > 0).then(|| stream.alloc_zeros::<f32>(len).unwrap());
-        launch(AttentionKernel::Decode { num_splits }, 0, step.decode_reqs, ws.as_mut().map(|w| w.as_view_mut()));
+        launch(
+            AttentionKernel::Decode { num_splits, split_keys: 0 },
+            0,
+            step.decode_reqs,
+            ws.as_mut().map(|w| w.as_view_mut()),
+        );
     }
     if step.decode_reqs < n {
         let max_query_len = step.batch[step.decode_reqs..].iter().map(|&(q, _)| q).max().unwrap_or(0);

@@ -291,7 +291,10 @@ fn kernel_facts() {
         assert_eq!(attention::decode_heads_per_block(d), 16, "decode heads per block, head {d}");
         assert!(attention::decode_tile_keys(d) > 0, "decode tile keys, head {d}");
         for dtype in [DType::F16, DType::BF16] {
-            for kernel in [AttentionKernel::Decode { num_splits: 1 }, AttentionKernel::Prefill { max_query_len: 1 }] {
+            for kernel in [
+                AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
+                AttentionKernel::Prefill { max_query_len: 1 },
+            ] {
                 let n = attention::blocks_per_sm(dev.context(), kernel, d, dtype).unwrap();
                 assert!((1..=32).contains(&n), "{kernel:?} head {d} {dtype}: {n} blocks per SM");
                 eprintln!("{kernel:?} head {d} {dtype}: {n} blocks/SM");
@@ -299,10 +302,18 @@ fn kernel_facts() {
         }
     }
     assert_eq!(attention::prefill_rows_per_block(120), 0);
-    assert!(
-        attention::blocks_per_sm(dev.context(), AttentionKernel::Decode { num_splits: 1 }, 120, DType::F16).is_err()
-    );
-    assert!(
-        attention::blocks_per_sm(dev.context(), AttentionKernel::Decode { num_splits: 1 }, 128, DType::F32).is_err()
-    );
+    assert!(attention::blocks_per_sm(
+        dev.context(),
+        AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
+        120,
+        DType::F16
+    )
+    .is_err());
+    assert!(attention::blocks_per_sm(
+        dev.context(),
+        AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
+        128,
+        DType::F32
+    )
+    .is_err());
 }

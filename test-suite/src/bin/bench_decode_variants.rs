@@ -1,0 +1,241 @@
+//! Times every decode variant (pipelines x separate/folded combine) and the batch-invariant mode
+//! on the decode shapes of the HBM3e issue, beside a device-to-device copy of the same bytes, in
+//! one run: bf16, 32 q / 8 kv heads (and MHA 32/32), head 128, block 16, shuffled block tables.
+//!
+//! `bench_decode_variants [--iters N] [--only SUBSTRING]`
+//!
+//! For each variant the split count comes from the planner's wave model with that variant's
+//! occupancy (blocks per SM from the runtime), as the planner would choose it if that variant were
+//! the default. The batch-invariant rows use `split_keys` = 1024 with the default and the best
+//! folded pipeline, as a ratio to the default mode of the same variant.
+
+use attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute;
+use attention_backend::cuda::{self, decode_split_count, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
+use attention_backend::{bf16, AttentionMetadata, BlockTable, CacheLayout, DType, SlotMapping};
+use attention_kernels::attention::{
+    self as kernels, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims, AttentionFeatures,
+    AttentionKernel, AttentionStrides, DecodeVariant,
+};
+use rand::seq::SliceRandom;
+use test_suite::inputs;
+use test_suite::timing::{time_on_stream, Stats};
+
+const WARMUP: usize = 5;
+const SPLIT_KEYS: usize = 1024;
+
+struct Shape {
+    name: &'static str,
+    batch: usize,
+    ctx: usize,
+    heads: usize,
+    kv_heads: usize,
+}
+
+const SHAPES: [Shape; 5] = [
+    Shape { name: "b64 x 4096", batch: 64, ctx: 4096, heads: 32, kv_heads: 8 },
+    Shape { name: "b16 x 16384", batch: 16, ctx: 16384, heads: 32, kv_heads: 8 },
+    Shape { name: "b1 x 32768", batch: 1, ctx: 32768, heads: 32, kv_heads: 8 },
+    Shape { name: "b256 x 1024", batch: 256, ctx: 1024, heads: 32, kv_heads: 8 },
+    Shape { name: "MHA b32 x 4096", batch: 32, ctx: 4096, heads: 32, kv_heads: 32 },
+];
+const D: usize = 128;
+const BS: usize = 16;
+
+struct Setup {
+    cache: CudaKvCache<bf16>,
+    meta: DeviceMetadata,
+    query: DeviceTensor<bf16>,
+    out: DeviceTensor<bf16>,
+    num_blocks: usize,
+    width: usize,
+}
+
+/// The cache as serving leaves it: blocks drawn at random from a pool a quarter larger than
+/// needed, every used slot holding a random row (one chunk of random rows reused, as
+/// bench_attention fills its caches).
+fn setup(dev: &CudaDevice, s: &Shape) -> Setup {
+    let mut rng = inputs::rng(s.name);
+    let per = s.ctx.div_ceil(BS);
+    let need = per * s.batch;
+    let num_blocks = need + need / 4 + 64;
+    let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
+    pool.shuffle(&mut rng);
+    let table = pool[..need].to_vec();
+    let slot_table = table.clone();
+    let slots: Vec<i64> = (0..s.batch)
+        .map(|r| i64::from(table[r * per + (s.ctx - 1) / BS]) * BS as i64 + ((s.ctx - 1) % BS) as i64)
+        .collect();
+    let meta = AttentionMetadata::new(
+        (0..=s.batch as i32).collect(),
+        vec![s.ctx as i32; s.batch],
+        BlockTable::new(slot_table, s.batch, per).unwrap(),
+        SlotMapping::new(slots),
+        1,
+    )
+    .unwrap();
+    let layout = CacheLayout::new(num_blocks, BS, s.kv_heads, D).unwrap();
+    let mut cache = CudaKvCache::<bf16>::zeros(dev, layout).unwrap();
+    let chunk = 16384;
+    let row = s.kv_heads * D;
+    let kt =
+        DeviceTensor::from_host(dev, &inputs::values::<bf16>(&mut rng, chunk * row), &[chunk, s.kv_heads, D]).unwrap();
+    let vt =
+        DeviceTensor::from_host(dev, &inputs::values::<bf16>(&mut rng, chunk * row), &[chunk, s.kv_heads, D]).unwrap();
+    let mut all: Vec<i64> = (0..s.batch)
+        .flat_map(|r| {
+            let t = &table;
+            (0..s.ctx).map(move |j| i64::from(t[r * per + j / BS]) * BS as i64 + (j % BS) as i64)
+        })
+        .collect();
+    all.shuffle(&mut rng);
+    for part in all.chunks(chunk) {
+        let mut p = part.to_vec();
+        p.resize(chunk, -1);
+        let sm = cuda::DeviceSlotMapping::upload(dev, &SlotMapping::new(p)).unwrap();
+        cuda::kv_cache_update(dev, &kt, &vt, &mut cache, &sm).unwrap();
+    }
+    let q = inputs::values::<bf16>(&mut rng, s.batch * s.heads * D);
+    let query = DeviceTensor::from_host(dev, &q, &[s.batch, s.heads, D]).unwrap();
+    let out = DeviceTensor::<bf16>::zeros(dev, &[s.batch, s.heads, D]).unwrap();
+    let meta = DeviceMetadata::upload(dev, &meta).unwrap();
+    dev.synchronize().unwrap();
+    Setup { cache, meta, query, out, num_blocks, width: per }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_variant(
+    dev: &CudaDevice,
+    s: &Shape,
+    st: &mut Setup,
+    v: DecodeVariant,
+    splits: usize,
+    split_keys: usize,
+    ws: &mut attention_backend::cuda::cudarc::driver::CudaSlice<f32>,
+    iters: usize,
+) -> Stats {
+    let dims = AttentionDims {
+        num_tokens: s.batch,
+        num_heads: s.heads,
+        num_kv_heads: s.kv_heads,
+        head_size: D,
+        num_blocks: st.num_blocks,
+        block_size: BS,
+        num_reqs: s.batch,
+        max_blocks_per_req: st.width,
+        req_begin: 0,
+        req_end: s.batch,
+    };
+    let features = AttentionFeatures {
+        scale: 1.0 / (D as f32).sqrt(),
+        causal: true,
+        window_left: None,
+        window_right: None,
+        softcap: None,
+        alibi_slopes: None,
+        sinks: None,
+    };
+    time_on_stream(dev, WARMUP, iters, || {
+        let bufs = AttentionBuffers {
+            query: st.query.buffer().as_view(),
+            key_cache: st.cache.key_buffer().as_view(),
+            value_cache: st.cache.value_buffer().as_view(),
+            query_start_loc: st.meta.query_start_loc().as_view(),
+            seq_lens: st.meta.seq_lens().as_view(),
+            block_table: st.meta.block_table().as_view(),
+            out: st.out.buffer_mut().as_view_mut(),
+            lse: None,
+            workspace: Some(ws.as_view_mut()),
+            strides: AttentionStrides::contiguous(&dims),
+        };
+        kernels::paged_attention_with_variant(
+            dev.stream(),
+            AttentionKernel::Decode { num_splits: splits, split_keys },
+            v,
+            &dims,
+            &features,
+            bufs,
+        )
+    })
+    .unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let iters = arg("--iters").and_then(|v| v.parse().ok()).unwrap_or(30);
+    let only = arg("--only");
+    let dev = CudaDevice::new(0).unwrap_or_else(|e| {
+        eprintln!("bench_decode_variants: {e}");
+        std::process::exit(1);
+    });
+    let sms = dev.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1)
+        as usize;
+    println!("device: {} ({sms} SMs), bf16, head {D}, block {BS}", dev.name());
+    println!(
+        "{:<16} {:<12} {:>6} {:>4} {:>9} {:>8} {:>9} {:>7}",
+        "shape", "variant", "splits", "/SM", "ms", "GB/s", "copy GB/s", "/copy"
+    );
+    for s in SHAPES.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
+        let mut st = setup(&dev, s);
+        // K and V read once, Q read, O written.
+        let bytes = ((2 * s.batch * s.ctx * s.kv_heads + 2 * s.batch * s.heads) * D * 2) as f64;
+        let copy = {
+            let n = (bytes as usize).div_ceil(2);
+            let src = dev.stream().alloc_zeros::<u16>(n).unwrap();
+            let mut dst = dev.stream().alloc_zeros::<u16>(n).unwrap();
+            time_on_stream(&dev, WARMUP, iters, || dev.stream().memcpy_dtod(&src, &mut dst)).unwrap()
+        };
+        let copy_gbps = 2.0 * bytes / (copy.median_ms * 1e-3) / 1e9;
+        let blocks = s.batch * s.kv_heads * (s.heads / s.kv_heads).div_ceil(16);
+        let max_ws = decode_workspace_len(64, s.batch, s.heads, D).max(decode_workspace_len(
+            s.ctx.div_ceil(SPLIT_KEYS).max(2),
+            s.batch,
+            s.heads,
+            D,
+        ));
+        let mut ws = dev.stream().alloc_zeros::<f32>(max_ws).unwrap();
+        let mut row = |label: String, v: DecodeVariant, splits: usize, split_keys: usize, per_sm: usize| -> f64 {
+            let t = time_variant(&dev, s, &mut st, v, splits, split_keys, &mut ws, iters);
+            let gbps = bytes / (t.median_ms * 1e-3) / 1e9;
+            println!(
+                "{:<16} {:<12} {:>6} {:>4} {:>9.4} {:>8.0} {:>9.0} {:>7.3}",
+                s.name,
+                label,
+                splits,
+                per_sm,
+                t.median_ms,
+                gbps,
+                copy_gbps,
+                gbps / copy_gbps
+            );
+            t.median_ms
+        };
+        let mut best = (f64::INFINITY, DecodeVariant::default());
+        let mut times = Vec::new();
+        for v in DecodeVariant::ALL {
+            let per_sm = kernels::blocks_per_sm_with_variant(
+                dev.context(),
+                AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
+                v,
+                D,
+                DType::BF16,
+            )
+            .unwrap_or(2)
+            .max(1);
+            let splits = decode_split_count(blocks, sms, per_sm, s.ctx, decode_tile_keys(D));
+            let ms = row(v.to_string(), v, splits, 0, per_sm);
+            times.push((v, ms, per_sm));
+            if ms < best.0 {
+                best = (ms, v);
+            }
+        }
+        // Batch-invariant mode (fixed 1024-key splits) beside the default mode of the same variant.
+        let inv_splits = s.ctx.div_ceil(SPLIT_KEYS);
+        for v in [DecodeVariant::default(), DecodeVariant { fold_combine: true, ..best.1 }] {
+            let (_, base, per_sm) = times.iter().copied().find(|t| t.0 == v).unwrap_or((v, f64::NAN, 0));
+            let ms = row(format!("{v} inv"), v, inv_splits, SPLIT_KEYS, per_sm);
+            println!("{:<16} {:<12} batch-invariant / default mode time: {:.3}", s.name, format!("{v}"), ms / base);
+        }
+        println!("{:<16} best: {} ({:.4} ms)", s.name, best.1, best.0);
+    }
+}
