@@ -8,7 +8,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 /// Every CUDA translation unit, compiled in this order.
-const CU_SOURCES: &[&str] = &["csrc/cache_write.cu", "csrc/paged_decode.cu", "csrc/paged_prefill.cu"];
+const CU_SOURCES: &[&str] =
+    &["csrc/cache_write.cu", "csrc/paged_decode.cu", "csrc/paged_prefill.cu", "csrc/synthetic_model.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
 const CU_HEADERS: &[&str] = &["csrc/common/vec.cuh", "csrc/common/check.cuh", "csrc/attention/common.cuh"];
