@@ -12,4 +12,5 @@ mod common;
 mod plan;
 mod raw;
 mod strides;
+mod synthetic;
 mod unseen;
