@@ -23,8 +23,11 @@
 //!
 //! `--verify` keeps its meaning: on verified steps the verified layers' outputs (each verified
 //! layer writes a buffer of its own, so a replayed graph keeps them) are checked against the f64
-//! reference built from token ids, their Q/K/V are compared bit for bit with the CPU model, and the
-//! device's next tokens with the CPU model's choice from the downloaded last layer.
+//! reference built from token ids, their first rows' Q/K/V are compared bit for bit with the CPU
+//! model, and the device's next tokens with the CPU model's choice from the downloaded last layer.
+//! The checks run on a verifier thread while the device goes on with the next steps (the f64
+//! reference costs as much host time as a whole device step); the run waits for it at the end and
+//! fails on the first mismatch it reports.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -98,6 +101,8 @@ struct DeviceState<T: Element> {
     /// Rows each layer's fused buffer and each output buffer hold.
     max_tokens: usize,
     max_reqs: usize,
+    /// The decode kernel takes this attention shape (graph plans need it).
+    graphs_supported: bool,
     /// `[num_layers][max_tokens][fused_row]`.
     fused: CudaSlice<T>,
     caches: Vec<(CudaSlice<T>, CudaSlice<T>)>,
@@ -123,6 +128,8 @@ struct Engine<'a, T: Element> {
     sched: Scheduler,
     summary: Summary,
     untimed_steps: usize,
+    /// Started by the first verified step.
+    verifier: Option<Verifier<T>>,
 }
 
 impl<'a, T: Element> Engine<'a, T> {
@@ -193,6 +200,8 @@ impl<'a, T: Element> Engine<'a, T> {
             fused_row,
             max_tokens,
             max_reqs,
+            graphs_supported: attention_kernels::attention::decode_max_group(shape.head_size)
+                >= shape.num_heads / shape.num_kv_heads,
             fused: alloc("fused QKV", fused_len)?,
             caches,
             outs,
@@ -215,6 +224,7 @@ impl<'a, T: Element> Engine<'a, T> {
             sched: Scheduler::new(cfg.scheduler, pool, requests),
             summary: Summary { graphs: Some(cfg.graphs), ..Summary::default() },
             untimed_steps: 0,
+            verifier: None,
         })
     }
 
@@ -233,6 +243,8 @@ impl<'a, T: Element> Engine<'a, T> {
             }
             update_bar(&bar, start, &self.sched, self.summary.steps);
         }
+        // The verifier may be a few steps behind; the wall time includes waiting for it.
+        self.drain_verifier(true)?;
         bar.finish_and_clear();
         finish_summary(&mut self.summary, self.cfg, &self.sched, self.device_name.clone(), start.elapsed());
         self.summary.graphs_captured = self.d.graphs.len();
@@ -287,8 +299,9 @@ impl<'a, T: Element> Engine<'a, T> {
         // Plan, stage and upload.
         let t1 = Instant::now();
         let decode_only = (0..num_reqs).all(|r| meta.query_len(r) == 1);
-        let graph_size =
-            (self.cfg.graphs && decode_only).then(|| capture_size(num_reqs)).filter(|&s| s <= self.d.max_reqs);
+        let graph_size = (self.cfg.graphs && self.d.graphs_supported && decode_only)
+            .then(|| capture_size(num_reqs))
+            .filter(|&s| s <= self.d.max_reqs);
         let DeviceState {
             dev,
             planner,
@@ -411,7 +424,8 @@ impl<'a, T: Element> Engine<'a, T> {
         Ok(inputs.req_ids.iter().copied().zip(next_tokens).collect())
     }
 
-    /// Checks the verified layers of a step that has run (see the module docs).
+    /// Downloads what the verified layers of a step that has run need and hands the checks to the
+    /// verifier thread (see the module docs).
     #[allow(clippy::too_many_arguments)]
     fn verify_step(
         &mut self,
@@ -423,72 +437,194 @@ impl<'a, T: Element> Engine<'a, T> {
         positions: &[i64],
         next_tokens: &[u32],
     ) -> Result<(), ServeError> {
+        self.drain_verifier(false)?;
         let shape = self.cfg.shape;
         let n = meta.num_actual_tokens.min(tokens.len());
         let (h, d) = (shape.num_heads, shape.head_size);
         let stream = self.d.dev.stream().clone();
         let last = shape.num_layers - 1;
+        let histories: HashMap<RequestId, Vec<TokenId>> =
+            req_ids.iter().filter_map(|&id| self.sched.request(id).map(|r| (id, r.tokens[..].to_vec()))).collect();
+        let mut layer_jobs = Vec::new();
         for &layer in layers.iter().chain(std::iter::once(&last)) {
+            if layer == last && layers.contains(&last) && layer_jobs.iter().any(|j: &LayerJob<T>| j.layer == last) {
+                continue;
+            }
             let out_buf = &self.d.outs[self.d.out_of_layer[layer]];
             let view = out_buf.try_slice(..n * h * d).ok_or_else(|| ServeError::Internal("output range".into()))?;
             let out = stream.clone_dtoh(&view).map_err(cuda_err("download output"))?;
             let out = Array3::from_shape_vec((n, h, d), out).map_err(|e| ServeError::Internal(e.to_string()))?;
-            let q = self.model.project::<T>(Proj::Q, layer, &tokens[..n], &positions[..n]);
-            if layer == last {
-                // The device's next tokens against the CPU model's choice from the same rows.
-                for (r, (&id, &got)) in req_ids.iter().zip(next_tokens).enumerate() {
-                    let row = meta.query_start_loc[r + 1] as usize - 1;
-                    let want = self.model.next_token(out.index_axis(Axis(0), row));
-                    if got != want {
-                        return Err(ServeError::Internal(format!(
-                            "step {step}: the device chose token {got} for request {id}, the CPU model {want} \
-                             from the same output row"
-                        )));
-                    }
+            // The first rows' Q/K/V, for the bit-for-bit check (a bounded download).
+            let rows = n.min(QKV_CHECK_ROWS);
+            let row = self.d.fused_row;
+            let base = layer * self.d.max_tokens * row;
+            let fused = match layers.contains(&layer) {
+                true => {
+                    let view = self.d.fused.try_slice(base..base + rows * row);
+                    let view = view.ok_or_else(|| ServeError::Internal("fused range".into()))?;
+                    stream.clone_dtoh(&view).map_err(cuda_err("download Q/K/V"))?
                 }
-                if !layers.contains(&last) {
-                    continue;
-                }
-            }
-            self.check_qkv(step, layer, n, &q, tokens, positions)?;
-            let check = LayerCheck { step, layer, meta, req_ids, query: q.view(), out: out.view() };
-            let sched = &self.sched;
-            let err = verify::check_layer(
-                &self.model,
-                &self.d.params[layer],
-                Tolerance::for_dtype(T::DTYPE),
+                false => Vec::new(),
+            };
+            layer_jobs.push(LayerJob { layer, out, fused, check_attention: layers.contains(&layer) });
+        }
+        let job = VerifyJob {
+            step,
+            meta: meta.clone(),
+            req_ids: req_ids.to_vec(),
+            tokens: tokens[..n].to_vec(),
+            positions: positions[..n].to_vec(),
+            next_tokens: next_tokens.to_vec(),
+            histories,
+            layers: layer_jobs,
+        };
+        let verifier = match &mut self.verifier {
+            Some(v) => v,
+            None => self.verifier.insert(Verifier::spawn(
+                self.model.clone(),
+                self.d.params.clone(),
                 self.cfg.verify_sample,
-                &check,
-                |id| sched.request(id).map_or(&[][..], |r| &r.tokens[..]),
-            )
-            .map_err(ServeError::Verify)?;
-            self.summary.verified_layer_steps += 1;
+                self.d.fused_row,
+                shape,
+            )?),
+        };
+        verifier.send(job)
+    }
+
+    /// Collects the verifier's results; with `wait`, all of them (at the end of the run).
+    fn drain_verifier(&mut self, wait: bool) -> Result<(), ServeError> {
+        let Some(v) = &mut self.verifier else { return Ok(()) };
+        let results = if wait { v.finish()? } else { v.results.try_iter().collect() };
+        for r in results {
+            let (layers, err) = r?;
+            self.summary.verified_layer_steps += layers;
             self.summary.verify_max_abs_err = self.summary.verify_max_abs_err.max(err);
         }
         Ok(())
     }
+}
 
-    /// The device's Q/K/V of `layer` against the CPU model's, bit for bit.
-    fn check_qkv(
-        &self,
-        step: u64,
-        layer: usize,
-        n: usize,
-        q: &Array3<T>,
-        tokens: &[TokenId],
-        positions: &[i64],
-    ) -> Result<(), ServeError> {
-        let shape = self.cfg.shape;
-        let row = self.d.fused_row;
-        let base = layer * self.d.max_tokens * row;
-        let view =
-            self.d.fused.try_slice(base..base + n * row).ok_or_else(|| ServeError::Internal("fused range".into()))?;
-        let fused = self.d.dev.stream().clone_dtoh(&view).map_err(cuda_err("download Q/K/V"))?;
-        let k = self.model.project::<T>(Proj::K, layer, &tokens[..n], &positions[..n]);
-        let v = self.model.project::<T>(Proj::V, layer, &tokens[..n], &positions[..n]);
+/// Rows of a verified layer whose Q/K/V are compared bit for bit with the CPU model.
+const QKV_CHECK_ROWS: usize = 256;
+
+/// One layer's downloads for the verifier.
+struct LayerJob<T> {
+    layer: usize,
+    /// `[num_actual_tokens, num_heads, head_size]`.
+    out: Array3<T>,
+    /// The first rows of the fused Q/K/V (empty when only the next tokens are checked).
+    fused: Vec<T>,
+    /// Check the attention output against the f64 reference (a verified layer), not only the
+    /// next tokens (the last layer).
+    check_attention: bool,
+}
+
+/// One verified step, owned, so that it is checked while the device runs the next steps.
+struct VerifyJob<T> {
+    step: u64,
+    meta: AttentionMetadata,
+    req_ids: Vec<RequestId>,
+    tokens: Vec<TokenId>,
+    positions: Vec<i64>,
+    next_tokens: Vec<u32>,
+    /// Every request's tokens at this step (a later step appends to the scheduler's copy).
+    histories: HashMap<RequestId, Vec<TokenId>>,
+    layers: Vec<LayerJob<T>>,
+}
+
+/// Layer-steps verified and their largest error, or why a check failed.
+type VerifyResult = Result<(usize, f64), ServeError>;
+
+/// The verifier thread: the f64 reference is host work of the order of the whole device step, so
+/// it runs beside the serving loop (its own threads per check) instead of stalling it; a bounded
+/// queue keeps it at most a few verified steps behind, and the run waits for it at the end.
+struct Verifier<T: Element> {
+    jobs: Option<std::sync::mpsc::SyncSender<VerifyJob<T>>>,
+    results: std::sync::mpsc::Receiver<VerifyResult>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<T: Element> Verifier<T> {
+    fn spawn(
+        model: SyntheticModel,
+        params: Vec<AttentionParams>,
+        sample: crate::verify::Sample,
+        fused_row: usize,
+        shape: crate::model::ModelShape,
+    ) -> Result<Self, ServeError> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<VerifyJob<T>>(2);
+        let (tx, results) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("verifier".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = check_job(&model, &params, sample, fused_row, shape, &job);
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| ServeError::Internal(format!("cannot start the verifier thread: {e}")))?;
+        Ok(Verifier { jobs: Some(jobs), results, handle: Some(handle) })
+    }
+
+    fn send(&mut self, job: VerifyJob<T>) -> Result<(), ServeError> {
+        let dead = || ServeError::Internal("the verifier thread stopped".into());
+        self.jobs.as_ref().ok_or_else(dead)?.send(job).map_err(|_| dead())
+    }
+
+    /// Closes the queue, waits for the thread, and returns every result not yet collected.
+    fn finish(&mut self) -> Result<Vec<VerifyResult>, ServeError> {
+        self.jobs = None;
+        if let Some(h) = self.handle.take() {
+            h.join().map_err(|_| ServeError::Internal("the verifier thread panicked".into()))?;
+        }
+        Ok(self.results.try_iter().collect())
+    }
+}
+
+/// Checks one verified step: the device's next tokens against the CPU model's choice from the
+/// same rows, the first rows' Q/K/V bit for bit, and the attention outputs against the f64
+/// reference built from token ids.
+fn check_job<T: Element>(
+    model: &SyntheticModel,
+    params: &[AttentionParams],
+    sample: crate::verify::Sample,
+    fused_row: usize,
+    shape: crate::model::ModelShape,
+    job: &VerifyJob<T>,
+) -> VerifyResult {
+    let (step, meta) = (job.step, &job.meta);
+    let last = shape.num_layers - 1;
+    let mut verified = 0;
+    let mut max_err = 0.0f64;
+    for lj in &job.layers {
+        if lj.layer == last {
+            for (r, (&id, &got)) in job.req_ids.iter().zip(&job.next_tokens).enumerate() {
+                let row = (meta.query_start_loc[r + 1] as usize).saturating_sub(1);
+                if row >= lj.out.shape()[0] {
+                    continue;
+                }
+                let want = model.next_token(lj.out.index_axis(Axis(0), row));
+                if got != want {
+                    return Err(ServeError::Internal(format!(
+                        "step {step}: the device chose token {got} for request {id}, the CPU model {want} from the \
+                         same output row"
+                    )));
+                }
+            }
+        }
+        if !lj.check_attention {
+            continue;
+        }
+        let layer = lj.layer;
+        let q = model.project::<T>(Proj::Q, layer, &job.tokens, &job.positions);
+        let rows = lj.fused.len() / fused_row.max(1);
+        let k = model.project::<T>(Proj::K, layer, &job.tokens[..rows], &job.positions[..rows]);
+        let v = model.project::<T>(Proj::V, layer, &job.tokens[..rows], &job.positions[..rows]);
         let (qh, kvh) = (shape.num_heads * shape.head_size, shape.num_kv_heads * shape.head_size);
-        for t in 0..n {
-            let got = &fused[t * row..(t + 1) * row];
+        for t in 0..rows {
+            let got = &lj.fused[t * fused_row..(t + 1) * fused_row];
             let (qt, kt, vt) = (q.index_axis(Axis(0), t), k.index_axis(Axis(0), t), v.index_axis(Axis(0), t));
             let want = qt.iter().chain(kt.iter()).chain(vt.iter());
             for (e, (g, w)) in got.iter().zip(want).enumerate() {
@@ -509,8 +645,15 @@ impl<'a, T: Element> Engine<'a, T> {
                 }
             }
         }
-        Ok(())
+        let check = LayerCheck { step, layer, meta, req_ids: &job.req_ids, query: q.view(), out: lj.out.view() };
+        let err = verify::check_layer(model, &params[layer], Tolerance::for_dtype(T::DTYPE), sample, &check, |id| {
+            job.histories.get(&id).map_or(&[][..], |t| &t[..])
+        })
+        .map_err(ServeError::Verify)?;
+        verified += 1;
+        max_err = max_err.max(err);
     }
+    Ok((verified, max_err))
 }
 
 /// What one step's enqueue borrows from the device state.

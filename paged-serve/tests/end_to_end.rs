@@ -469,7 +469,10 @@ fn model_presets_with_overrides() {
     assert!((p0.scale - 1.0 / 224f32.sqrt()).abs() < 1e-7);
     let plain = cli(&["--model", "llama3-8b"]);
     let cfg = plain.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
-    assert_eq!((cfg.shape.num_layers, cfg.shape.num_heads, cfg.shape.num_kv_heads, cfg.shape.head_size), (32, 32, 8, 128));
+    assert_eq!(
+        (cfg.shape.num_layers, cfg.shape.num_heads, cfg.shape.num_kv_heads, cfg.shape.head_size),
+        (32, 32, 8, 128)
+    );
     assert_eq!(cfg.attention, paged_serve::model::AttentionVariant::default());
     let off = cli(&["--model", "mistral-7b", "--sliding-window", "0"]);
     let cfg = off.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();

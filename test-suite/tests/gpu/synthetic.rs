@@ -119,7 +119,8 @@ fn sample_matches_cpu<T: Element>(seed: u64) {
     let model = SyntheticModel::new(ModelShape { num_layers: 1, num_heads: h, num_kv_heads: 1, head_size: d }, seed);
     let host = Array3::from_shape_vec((rows, h, d), out).unwrap();
     for (r, (&row, &g)) in last_rows.iter().zip(&got).enumerate() {
-        let want = if (0..rows as i64).contains(&row) { model.next_token(host.index_axis(Axis(0), row as usize)) } else { 0 };
+        let want =
+            if (0..rows as i64).contains(&row) { model.next_token(host.index_axis(Axis(0), row as usize)) } else { 0 };
         assert_eq!(g, want, "{:?} request {r} row {row}", T::DTYPE);
     }
     let distinct: std::collections::HashSet<u32> = got.iter().copied().collect();
