@@ -93,6 +93,46 @@ extern "C" {
     /// Same for the prefill kernel.
     pub fn pa_paged_prefill_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
 
+    /// The synthetic model's Q/K/V for every layer of a step (`csrc/synthetic_model.cu`):
+    /// `fused` is `[num_layers][num_tokens][(num_heads + 2 * num_kv_heads) * head_size]` with
+    /// token rows `row_stride` and layers `layer_stride` elements apart; `inputs` holds the
+    /// positions (`[num_tokens]` i64) then the token ids (`[num_tokens]` i64). `head_size` is a
+    /// multiple of 4; `dtype` 0 = f16, 1 = bf16, 2 = f32.
+    pub fn pa_synthetic_qkv(
+        fused: *mut c_void,
+        inputs: *const i64,
+        num_layers: i64,
+        num_tokens: i64,
+        num_heads: i32,
+        num_kv_heads: i32,
+        head_size: i32,
+        row_stride: i64,
+        layer_stride: i64,
+        seed: u64,
+        dtype: i32,
+        stream: *mut c_void,
+    ) -> CudaStatus;
+
+    /// The synthetic model's next token per request (`csrc/synthetic_model.cu`): a hash of the first
+    /// 4 values of the first 2 heads of row `last_rows[r]` of `out` (token / head strides in
+    /// elements), modulo `vocab`, into `next[r]`; a row outside `0..num_tokens` gives token 0 and
+    /// reads nothing.
+    pub fn pa_synthetic_sample(
+        out: *const c_void,
+        token_stride: i64,
+        head_stride: i64,
+        last_rows: *const i64,
+        num_reqs: i64,
+        num_tokens: i64,
+        num_heads: i32,
+        head_size: i32,
+        seed: u64,
+        vocab: u32,
+        next: *mut u32,
+        dtype: i32,
+        stream: *mut c_void,
+    ) -> CudaStatus;
+
     /// The runtime's message for a status; a static string.
     pub fn pa_error_string(status: CudaStatus) -> *const c_char;
 }

@@ -44,6 +44,9 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
 pub mod staging;
+#[cfg(feature = "cuda")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]
+pub mod synthetic;
 
 /// cudarc, re-exported so that users name one version of it.
 #[cfg(feature = "cuda")]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use attention_backend::{DType, Device, DeviceRequest};
 use clap::Parser;
 
-use crate::model::ModelShape;
+use crate::model::{AttentionVariant, ModelShape};
 use crate::scheduler::SchedulerConfig;
 use crate::verify::Sample;
 use crate::workload::{PrefixSharing, Shape, WorkloadSpec, MAX_SEQ_LEN};
@@ -33,6 +33,12 @@ pub struct Cli {
     /// Storage type of Q/K/V and the KV cache: f32, f16 or bf16 [default: f32 on cpu, bf16 on cuda]
     #[arg(long, value_parser = parse_dtype, help_heading = "Device and model")]
     pub dtype: Option<DType>,
+    /// A published model's attention shape: llama3-8b, llama3-70b, qwen2.5-7b, qwen2.5-72b,
+    /// mistral-7b (window 4096), gemma2-9b, gemma2-27b (window 4096 on even layers, soft-cap 50,
+    /// their own scale). Sets layers, heads, KV heads, head size, window and soft-cap; the explicit
+    /// flags below override each of them
+    #[arg(long, value_name = "NAME", value_parser = parse_model, help_heading = "Device and model")]
+    pub model: Option<&'static str>,
     /// Attention layers, each with its own KV cache [default: 4 / 8]
     #[arg(long, value_name = "N", help_heading = "Device and model")]
     pub layers: Option<usize>,
@@ -45,6 +51,17 @@ pub struct Cli {
     /// Elements per head (cuda: 64, 80, 96, 112, 128, 192 or 256) [default: 64 / 128]
     #[arg(long, value_name = "N", help_heading = "Device and model")]
     pub head_size: Option<usize>,
+    /// Sliding window: each query sees itself and the N-1 keys before it, on every layer (with
+    /// --model gemma2-*: on its windowed layers); 0 turns a preset's window off [default: none]
+    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    pub sliding_window: Option<usize>,
+    /// Logit soft-cap `cap * tanh(s / cap)`; 0 turns a preset's cap off [default: none]
+    #[arg(long, value_name = "CAP", help_heading = "Device and model")]
+    pub softcap: Option<f32>,
+    /// cuda: run decode-only steps eagerly instead of replaying them from CUDA graphs captured per
+    /// padded batch size (to compare)
+    #[arg(long, help_heading = "Device and model")]
+    pub no_graphs: bool,
     /// Tokens per KV-cache block (cuda: a multiple of 16)
     #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Device and model")]
     pub block_size: usize,
@@ -143,6 +160,12 @@ Exit status: 0 on success (also when the reader of stdout closes the pipe early,
 `| head`); 1 when the run fails (backend error, verification mismatch, a block not returned to the
 pool, stdout cannot be written); 2 for a usage error (bad, conflicting or impossible flags).";
 
+fn parse_model(s: &str) -> Result<&'static str, String> {
+    crate::model::preset(s)
+        .map(|p| p.name)
+        .ok_or_else(|| format!("unknown model `{s}` (expected one of {})", crate::model::preset_names()))
+}
+
 fn parse_dtype(s: &str) -> Result<DType, String> {
     s.parse::<DType>().map_err(|_| format!("unknown dtype `{s}` (expected f32, f16 or bf16)"))
 }
@@ -156,6 +179,12 @@ pub struct RunConfig {
     pub dtype: DType,
     /// Model sizes.
     pub shape: ModelShape,
+    /// The `--model` preset, if any.
+    pub model: Option<&'static str>,
+    /// Window, soft-cap and scale of the layers.
+    pub attention: AttentionVariant,
+    /// cuda: replay decode-only steps from CUDA graphs.
+    pub graphs: bool,
     /// Tokens per block.
     pub block_size: usize,
     /// Blocks per layer's cache.
@@ -249,12 +278,27 @@ impl Cli {
     pub fn resolve(&self, request: DeviceRequest, device: Device) -> Result<RunConfig, ServeError> {
         let d = if device == Device::Cpu { &CPU_DEFAULTS } else { &CUDA_DEFAULTS };
         let dtype = self.dtype.unwrap_or(d.dtype);
+        let preset = self.model.and_then(crate::model::preset);
+        let base = preset.map_or(
+            ModelShape { num_layers: d.layers, num_heads: d.heads, num_kv_heads: d.kv_heads, head_size: d.head_size },
+            |p| p.shape,
+        );
         let shape = ModelShape {
-            num_layers: self.layers.unwrap_or(d.layers),
-            num_heads: self.heads.unwrap_or(d.heads),
-            num_kv_heads: self.kv_heads.unwrap_or(d.kv_heads),
-            head_size: self.head_size.unwrap_or(d.head_size),
+            num_layers: self.layers.unwrap_or(base.num_layers),
+            num_heads: self.heads.unwrap_or(base.num_heads),
+            num_kv_heads: self.kv_heads.unwrap_or(base.num_kv_heads),
+            head_size: self.head_size.unwrap_or(base.head_size),
         };
+        let mut attention = preset.map(|p| p.variant).unwrap_or_default();
+        if let Some(n) = self.sliding_window {
+            attention.sliding_window = (n > 0).then_some(n);
+        }
+        if let Some(cap) = self.softcap {
+            if !cap.is_finite() || cap < 0.0 {
+                return Err(usage(format!("--softcap {cap} must be a positive number (0 turns it off)")));
+            }
+            attention.softcap = (cap > 0.0).then_some(cap);
+        }
         let num_blocks = self.num_blocks.unwrap_or(d.num_blocks);
         let positive = [
             ("--layers", shape.num_layers),
@@ -333,6 +377,9 @@ impl Cli {
             device: request,
             dtype,
             shape,
+            model: self.model,
+            attention,
+            graphs: !self.no_graphs,
             block_size: self.block_size,
             num_blocks,
             scheduler: SchedulerConfig {

@@ -39,7 +39,8 @@ struct Engine<'a, T: Element> {
     cfg: &'a RunConfig,
     backend: Backend,
     model: SyntheticModel,
-    params: AttentionParams,
+    /// Per layer (windows alternate between layers in some models).
+    params: Vec<AttentionParams>,
     caches: Vec<KvCache<T>>,
     runner: ModelRunner,
     sched: Scheduler,
@@ -64,7 +65,7 @@ impl<'a, T: Element> Engine<'a, T> {
         Ok(Engine {
             cfg,
             model: SyntheticModel::new(shape, cfg.seed),
-            params: AttentionParams::new(shape.num_heads, shape.num_kv_heads, shape.head_size),
+            params: (0..shape.num_layers).map(|l| cfg.attention.layer_params(&shape, l)).collect(),
             backend,
             caches,
             runner,
@@ -74,7 +75,7 @@ impl<'a, T: Element> Engine<'a, T> {
     }
 
     fn run(&mut self) -> Result<(), ServeError> {
-        let bar = self.progress_bar();
+        let bar = progress_bar(self.cfg, &self.sched);
         let start = Instant::now();
         let mut empty_steps = 0;
         while !self.sched.is_done() {
@@ -86,10 +87,10 @@ impl<'a, T: Element> Engine<'a, T> {
                     return Err(ServeError::Internal(format!("no work scheduled for {MAX_EMPTY_STEPS} steps")));
                 }
             }
-            self.update_bar(&bar, start);
+            update_bar(&bar, start, &self.sched, self.summary.steps);
         }
         bar.finish_and_clear();
-        self.finish_summary(start.elapsed());
+        finish_summary(&mut self.summary, self.cfg, &self.sched, self.backend.name(), start.elapsed());
         if !self.runner.batch().is_empty() {
             return Err(ServeError::Internal(format!(
                 "{} requests left in the model runner's batch after the run",
@@ -101,40 +102,35 @@ impl<'a, T: Element> Engine<'a, T> {
 
     /// Schedules and runs one step; false when nothing was scheduled.
     fn run_step(&mut self) -> Result<bool, ServeError> {
+        let t0 = Instant::now();
         let plan = self.sched.schedule()?;
-        self.apply_to_runner(&plan)?;
+        apply_to_runner(&mut self.runner, &plan)?;
         if plan.scheduled.is_empty() {
             return Ok(false);
         }
-        let sampled = self.step(&plan)?;
+        let mut schedule = t0.elapsed();
+        let sampled = self.step(&plan, &mut schedule)?;
+        let t1 = Instant::now();
         let finished = self.sched.update(&plan, |id| sampled.get(&id).copied().unwrap_or(0))?;
         for id in finished {
             self.runner.remove_request(id)?;
         }
+        self.summary.step_schedule.push(schedule + t1.elapsed());
         Ok(true)
     }
 
-    /// Mirrors the scheduler's decisions in the persistent batch.
-    fn apply_to_runner(&mut self, plan: &StepPlan) -> Result<(), ServeError> {
-        for &id in &plan.removed {
-            self.runner.remove_request(id)?;
-        }
-        for (id, prompt_len, blocks) in &plan.added {
-            self.runner.add_request(*id, *prompt_len, blocks)?;
-        }
-        for (id, blocks) in &plan.appended {
-            self.runner.append_blocks(*id, blocks)?;
-        }
-        Ok(())
-    }
-
     /// Runs one step through every layer; returns the next token of each request's last row.
-    fn step(&mut self, plan: &StepPlan) -> Result<HashMap<RequestId, TokenId>, ServeError> {
+    /// Adds its input preparation to `schedule` and records the other phases.
+    fn step(&mut self, plan: &StepPlan, schedule: &mut Duration) -> Result<HashMap<RequestId, TokenId>, ServeError> {
+        let t0 = Instant::now();
         let inputs = self.runner.prepare_inputs(&plan.scheduled)?;
         let req_ids = inputs.req_ids.clone();
         let positions = inputs.positions.clone();
+        let t1 = Instant::now();
         let step_meta = self.backend.prepare_step(inputs.metadata)?;
         let meta = step_meta.host();
+        self.summary.step_plan.push(t1.elapsed());
+        let t2 = Instant::now();
         let num_tokens = meta.num_tokens();
 
         // Token ids in the runner's row order (decodes first).
@@ -144,6 +140,7 @@ impl<'a, T: Element> Engine<'a, T> {
             let (a, b) = (meta.query_start_loc[r] as usize, meta.query_start_loc[r + 1] as usize);
             tokens.extend(positions[a..b].iter().map(|&p| req.tokens[p as usize]));
         }
+        *schedule += (t1 - t0) + t2.elapsed();
 
         let shape = self.cfg.shape;
         let step_no = self.summary.steps as u64 + 1;
@@ -152,18 +149,21 @@ impl<'a, T: Element> Engine<'a, T> {
             _ => &[],
         };
         let mut out = self.backend.zeros::<T>(&[num_tokens, shape.num_heads, shape.head_size])?;
-        let mut attention = Duration::ZERO;
+        let (mut attention, mut model, mut sampling) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut sampled = HashMap::with_capacity(req_ids.len());
         for layer in 0..shape.num_layers {
+            let tm = Instant::now();
             let q = self.model.project::<T>(Proj::Q, layer, &tokens, &positions);
             let k = self.model.project::<T>(Proj::K, layer, &tokens, &positions);
             let v = self.model.project::<T>(Proj::V, layer, &tokens, &positions);
+            model += tm.elapsed();
             let verified_q = verify_layers.contains(&layer).then(|| q.clone());
             let (q, k, v) = (self.backend.tensor(q)?, self.backend.tensor(k)?, self.backend.tensor(v)?);
             // Time the cache write and the attention only, not the uploads.
             self.backend.synchronize()?;
             let t0 = Instant::now();
-            self.backend.forward(&q, &k, &v, &mut self.caches[layer], &step_meta, &self.params, &mut out, None)?;
+            let params = &self.params[layer];
+            self.backend.forward(&q, &k, &v, &mut self.caches[layer], &step_meta, params, &mut out, None)?;
             self.backend.synchronize()?;
             attention += t0.elapsed();
 
@@ -180,7 +180,7 @@ impl<'a, T: Element> Engine<'a, T> {
                 let sched = &self.sched;
                 let err = verify::check_layer(
                     &self.model,
-                    &self.params,
+                    &self.params[layer],
                     Tolerance::for_dtype(T::DTYPE),
                     self.cfg.verify_sample,
                     &check,
@@ -191,85 +191,110 @@ impl<'a, T: Element> Engine<'a, T> {
                 self.summary.verify_max_abs_err = self.summary.verify_max_abs_err.max(err);
             }
             if layer + 1 == shape.num_layers {
+                let ts = Instant::now();
                 let host = self.backend.to_host(&out)?;
                 let out3 = as_3d(host.view())?;
                 for (r, &id) in req_ids.iter().enumerate() {
                     let last = meta.query_start_loc[r + 1] as usize - 1;
                     sampled.insert(id, self.model.next_token(out3.index_axis(ndarray::Axis(0), last)));
                 }
+                sampling += ts.elapsed();
             }
         }
 
         self.summary.steps += 1;
         self.summary.step_attention.push(attention);
-        // Saturating: a statistic must not be able to panic a run.
-        let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * T::DTYPE.size_in_bytes()) as u64;
-        let keys: u64 = meta.seq_lens.iter().map(|&s| u64::from(s.unsigned_abs())).fold(0, u64::saturating_add);
-        let read = keys.saturating_mul(kv_row_bytes).saturating_mul(shape.num_layers as u64);
-        self.summary.kv_read_bytes = self.summary.kv_read_bytes.saturating_add(read);
+        self.summary.step_model.push(model);
+        self.summary.step_sampling.push(sampling);
+        self.summary.kv_read_bytes = self.summary.kv_read_bytes.saturating_add(kv_read_bytes(self.cfg, &meta.seq_lens));
         Ok(sampled)
     }
+}
 
-    fn progress_bar(&self) -> ProgressBar {
-        let n = self.sched.requests().len() as u64;
-        if !self.cfg.progress {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(n);
-        let style = ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} requests | {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        bar.set_style(style);
-        bar
+/// The progress bar of a run (hidden without `progress`).
+pub(crate) fn progress_bar(cfg: &RunConfig, sched: &Scheduler) -> ProgressBar {
+    let n = sched.requests().len() as u64;
+    if !cfg.progress {
+        return ProgressBar::hidden();
     }
+    let bar = ProgressBar::new(n);
+    let style = ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} requests | {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
 
-    fn update_bar(&self, bar: &ProgressBar, start: Instant) {
-        if bar.is_hidden() {
-            return;
-        }
-        let st = self.sched.stats();
-        let tokens = st.prompt_tokens_computed + st.output_tokens_computed;
-        let secs = start.elapsed().as_secs_f64().max(1e-9);
-        let pool = self.sched.pool();
-        bar.set_position(self.sched.num_finished() as u64);
-        bar.set_message(format!(
-            "{:.0} tok/s | cache {}/{} blocks ({:.0}%) | running {} waiting {} | step {}",
-            tokens as f64 / secs,
-            self.sched.blocks_used(),
-            pool.num_blocks(),
-            100.0 * self.sched.blocks_used() as f64 / pool.num_blocks() as f64,
-            self.sched.num_running(),
-            self.sched.num_waiting(),
-            self.summary.steps
-        ));
+pub(crate) fn update_bar(bar: &ProgressBar, start: Instant, sched: &Scheduler, steps: usize) {
+    if bar.is_hidden() {
+        return;
     }
+    let st = sched.stats();
+    let tokens = st.prompt_tokens_computed + st.output_tokens_computed;
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let pool = sched.pool();
+    bar.set_position(sched.num_finished() as u64);
+    bar.set_message(format!(
+        "{:.0} tok/s | cache {}/{} blocks ({:.0}%) | running {} waiting {} | step {}",
+        tokens as f64 / secs,
+        sched.blocks_used(),
+        pool.num_blocks(),
+        100.0 * sched.blocks_used() as f64 / pool.num_blocks() as f64,
+        sched.num_running(),
+        sched.num_waiting(),
+        steps
+    ));
+}
 
-    fn finish_summary(&mut self, wall: Duration) {
-        let cfg = self.cfg;
-        let st = *self.sched.stats();
-        let reqs = self.sched.requests();
-        let s = &mut self.summary;
-        s.device = self.backend.name();
-        s.dtype = cfg.dtype.to_string();
-        s.num_layers = cfg.shape.num_layers;
-        s.num_heads = cfg.shape.num_heads;
-        s.num_kv_heads = cfg.shape.num_kv_heads;
-        s.head_size = cfg.shape.head_size;
-        s.block_size = cfg.block_size;
-        s.num_blocks = cfg.num_blocks;
-        s.requests = reqs.len();
-        s.requests_finished = self.sched.num_finished();
-        s.prompt_tokens = reqs.iter().map(|r| r.prompt_len).sum();
-        s.generated_tokens = reqs.iter().map(|r| r.num_generated()).sum();
-        s.prompt_tokens_computed = st.prompt_tokens_computed;
-        s.output_tokens_computed = st.output_tokens_computed;
-        s.prefix_hit_requests = st.prefix_hit_requests;
-        s.prefix_hit_tokens = st.prefix_hit_tokens;
-        s.preemptions = st.preemptions;
-        s.peak_blocks_used = st.peak_blocks_used;
-        s.blocks_returned = self.sched.pool().num_free_blocks();
-        s.wall = wall;
+/// Fills the summary's configuration, scheduler statistics and wall time at the end of a run.
+pub(crate) fn finish_summary(s: &mut Summary, cfg: &RunConfig, sched: &Scheduler, device: String, wall: Duration) {
+    let st = *sched.stats();
+    let reqs = sched.requests();
+    s.device = device;
+    s.dtype = cfg.dtype.to_string();
+    s.model = cfg.model.map(str::to_string);
+    s.attention = cfg.attention.describe();
+    s.num_layers = cfg.shape.num_layers;
+    s.num_heads = cfg.shape.num_heads;
+    s.num_kv_heads = cfg.shape.num_kv_heads;
+    s.head_size = cfg.shape.head_size;
+    s.block_size = cfg.block_size;
+    s.num_blocks = cfg.num_blocks;
+    s.requests = reqs.len();
+    s.requests_finished = sched.num_finished();
+    s.prompt_tokens = reqs.iter().map(|r| r.prompt_len).sum();
+    s.generated_tokens = reqs.iter().map(|r| r.num_generated()).sum();
+    s.prompt_tokens_computed = st.prompt_tokens_computed;
+    s.output_tokens_computed = st.output_tokens_computed;
+    s.prefix_hit_requests = st.prefix_hit_requests;
+    s.prefix_hit_tokens = st.prefix_hit_tokens;
+    s.preemptions = st.preemptions;
+    s.peak_blocks_used = st.peak_blocks_used;
+    s.blocks_returned = sched.pool().num_free_blocks();
+    s.wall = wall;
+}
+
+/// Mirrors the scheduler's decisions in the persistent batch.
+pub(crate) fn apply_to_runner(runner: &mut ModelRunner, plan: &StepPlan) -> Result<(), ServeError> {
+    for &id in &plan.removed {
+        runner.remove_request(id)?;
     }
+    for (id, prompt_len, blocks) in &plan.added {
+        runner.add_request(*id, *prompt_len, blocks)?;
+    }
+    for (id, blocks) in &plan.appended {
+        runner.append_blocks(*id, blocks)?;
+    }
+    Ok(())
+}
+
+/// K/V bytes one step's attention reads (every layer, both caches), saturating: a statistic must
+/// not be able to panic a run.
+pub(crate) fn kv_read_bytes(cfg: &RunConfig, seq_lens: &[i32]) -> u64 {
+    let shape = cfg.shape;
+    let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * cfg.dtype.size_in_bytes()) as u64;
+    let keys: u64 = seq_lens.iter().map(|&s| u64::from(s.unsigned_abs())).fold(0, u64::saturating_add);
+    keys.saturating_mul(kv_row_bytes).saturating_mul(shape.num_layers as u64)
 }
 
 fn as_3d<T>(a: ArrayViewD<'_, T>) -> Result<ndarray::ArrayView3<'_, T>, ServeError> {

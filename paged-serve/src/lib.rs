@@ -30,6 +30,8 @@
 
 pub mod cli;
 mod engine;
+#[cfg(feature = "cuda")]
+mod engine_cuda;
 pub mod limits;
 pub mod model;
 pub mod scheduler;
@@ -128,6 +130,14 @@ pub fn run_config(cfg: &RunConfig, backend: Backend) -> Result<Summary, ServeErr
     let plan = workload::plan(&cfg.workload, cfg.sharing, cfg.seed).map_err(|e| ServeError::Usage(e.to_string()))?;
     cli::check_fits(cfg, &plan.shapes)?;
     let requests = plan.build();
+    #[cfg(feature = "cuda")]
+    if backend.device() == attention_backend::Device::Cuda {
+        return match cfg.dtype {
+            DType::F16 => engine_cuda::serve::<f16>(cfg, backend, &requests),
+            DType::BF16 => engine_cuda::serve::<bf16>(cfg, backend, &requests),
+            other => Err(ServeError::Usage(format!("--dtype {other} is not supported on cuda (use bf16 or f16)"))),
+        };
+    }
     match cfg.dtype {
         DType::F32 => engine::serve::<f32>(cfg, backend, &requests),
         DType::F16 => engine::serve::<f16>(cfg, backend, &requests),

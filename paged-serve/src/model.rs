@@ -14,7 +14,7 @@
 //! last row, so generation depends on attention results: a wrong attention output changes the
 //! tokens and everything after them.
 
-use attention_backend::Element;
+use attention_backend::{AttentionParams, Element};
 use model_runner::TokenId;
 use ndarray::{Array3, ArrayView2};
 
@@ -42,6 +42,139 @@ pub struct ModelShape {
     pub num_kv_heads: usize,
     /// Elements per head.
     pub head_size: usize,
+}
+
+/// Which layers a sliding window applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowLayers {
+    /// Every layer (Mistral 7B v0.1).
+    All,
+    /// Layers 0, 2, 4, ...; the others attend globally (Gemma 2's local/global alternation).
+    Even,
+}
+
+/// The attention variant of the model's layers beyond the plain causal softmax: what real models
+/// add, and what makes the kernels take their windowed and soft-capped paths.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionVariant {
+    /// vLLM's `sliding_window = n`: a query sees itself and the `n - 1` keys before it.
+    pub sliding_window: Option<usize>,
+    /// The layers the window applies to.
+    pub window_layers: WindowLayers,
+    /// Logit soft-cap (`cap * tanh(s / cap)`).
+    pub softcap: Option<f32>,
+    /// Softmax scale; `None` is `1 / sqrt(head_size)`.
+    pub scale: Option<f32>,
+}
+
+impl Default for AttentionVariant {
+    fn default() -> Self {
+        AttentionVariant { sliding_window: None, window_layers: WindowLayers::All, softcap: None, scale: None }
+    }
+}
+
+impl AttentionVariant {
+    /// The window of `layer`, if it has one.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match self.window_layers {
+            WindowLayers::All => self.sliding_window,
+            WindowLayers::Even => self.sliding_window.filter(|_| layer.is_multiple_of(2)),
+        }
+    }
+
+    /// The attention parameters of `layer`.
+    pub fn layer_params(&self, shape: &ModelShape, layer: usize) -> AttentionParams {
+        let mut p =
+            AttentionParams::new(shape.num_heads, shape.num_kv_heads, shape.head_size).with_softcap(self.softcap);
+        if let Some(scale) = self.scale {
+            p = p.with_scale(scale);
+        }
+        match self.window_of(layer) {
+            Some(n) => p.with_sliding_window(n),
+            None => p,
+        }
+    }
+
+    /// A short description for the summary, e.g. `window 4096 on even layers, soft-cap 50`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.sliding_window {
+            parts.push(match self.window_layers {
+                WindowLayers::All => format!("window {n}"),
+                WindowLayers::Even => format!("window {n} on even layers"),
+            });
+        }
+        if let Some(c) = self.softcap {
+            parts.push(format!("soft-cap {c}"));
+        }
+        if let Some(s) = self.scale {
+            parts.push(format!("scale {s:.5}"));
+        }
+        if parts.is_empty() {
+            "causal".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// A published model's attention shape, for `--model`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelPreset {
+    /// The `--model` name.
+    pub name: &'static str,
+    /// Layers, heads, KV heads, head size.
+    pub shape: ModelShape,
+    /// Window, soft-cap and scale.
+    pub variant: AttentionVariant,
+}
+
+const fn shape(num_layers: usize, num_heads: usize, num_kv_heads: usize, head_size: usize) -> ModelShape {
+    ModelShape { num_layers, num_heads, num_kv_heads, head_size }
+}
+
+const PLAIN: AttentionVariant =
+    AttentionVariant { sliding_window: None, window_layers: WindowLayers::All, softcap: None, scale: None };
+
+/// Gemma 2: even layers see a 4096-token window, odd ones everything; logits soft-capped at 50;
+/// the scale is `query_pre_attn_scalar^(-1/2)` (`scale`), not the head size's.
+const fn gemma2(scale: f32) -> AttentionVariant {
+    AttentionVariant {
+        sliding_window: Some(4096),
+        window_layers: WindowLayers::Even,
+        softcap: Some(50.0),
+        scale: Some(scale),
+    }
+}
+
+/// The presets, from the models' published configurations (`config.json`: `num_hidden_layers`,
+/// `num_attention_heads`, `num_key_value_heads`, `head_dim`, `sliding_window`,
+/// `attn_logit_softcapping`, `query_pre_attn_scalar`).
+pub const PRESETS: &[ModelPreset] = &[
+    ModelPreset { name: "llama3-8b", shape: shape(32, 32, 8, 128), variant: PLAIN },
+    ModelPreset { name: "llama3-70b", shape: shape(80, 64, 8, 128), variant: PLAIN },
+    ModelPreset { name: "qwen2.5-7b", shape: shape(28, 28, 4, 128), variant: PLAIN },
+    ModelPreset { name: "qwen2.5-72b", shape: shape(80, 64, 8, 128), variant: PLAIN },
+    ModelPreset {
+        name: "mistral-7b",
+        shape: shape(32, 32, 8, 128),
+        variant: AttentionVariant { sliding_window: Some(4096), ..PLAIN },
+    },
+    ModelPreset { name: "gemma2-9b", shape: shape(42, 16, 8, 256), variant: gemma2(GEMMA2_9B_SCALE) },
+    ModelPreset { name: "gemma2-27b", shape: shape(46, 32, 16, 128), variant: gemma2(1.0 / 12.0) },
+];
+
+/// `224^(-1/2)`: Gemma 2 9B's `query_pre_attn_scalar` is 224 (27B's is 144, a scale of 1/12).
+const GEMMA2_9B_SCALE: f32 = 0.066_815_31;
+
+/// The preset called `name`.
+pub fn preset(name: &str) -> Option<ModelPreset> {
+    PRESETS.iter().find(|p| p.name == name).copied()
+}
+
+/// The `--model` names, comma-separated.
+pub fn preset_names() -> String {
+    PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
 }
 
 /// Below this many elements a projection is filled on the calling thread (spawning costs more).

@@ -51,8 +51,27 @@ pub struct Summary {
     pub peak_blocks_used: usize,
     /// Wall time of the serving loop.
     pub wall: Duration,
+    /// The `--model` preset, if any.
+    pub model: Option<String>,
+    /// The attention variant, e.g. `causal` or `window 4096 on even layers, soft-cap 50`.
+    pub attention: String,
     /// Attention time of each step (KV-cache write + attention, all layers).
     pub step_attention: Vec<Duration>,
+    /// Per step: scheduling and input preparation (scheduler, model runner, token ids, and the
+    /// scheduler's update with the sampled tokens). Host time.
+    pub step_schedule: Vec<Duration>,
+    /// Per step: planning and uploading the step's metadata and inputs. Host time.
+    pub step_plan: Vec<Duration>,
+    /// Per step: generating Q/K/V of all layers (the synthetic model). Device time on cuda.
+    pub step_model: Vec<Duration>,
+    /// Per step: choosing the next tokens (and, on cuda, downloading them). Device time on cuda.
+    pub step_sampling: Vec<Duration>,
+    /// Steps replayed from a CUDA graph (0 on the CPU or with `--no-graphs`).
+    pub graph_steps: usize,
+    /// CUDA graphs captured (one per padded batch size seen).
+    pub graphs_captured: usize,
+    /// Whether CUDA graphs were enabled (`None` on the CPU).
+    pub graphs: Option<bool>,
     /// K/V bytes the steps' attention had to read (every layer, both caches).
     pub kv_read_bytes: u64,
     /// Layer-steps checked against the `f64` reference (0 without `--verify`).
@@ -82,7 +101,31 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The phases of a step the summary breaks time down into, with their per-step samples.
+pub const PHASES: [&str; 5] = ["schedule", "plan", "model", "attention", "sampling"];
+
 impl Summary {
+    /// The per-step samples of each of [`PHASES`], in that order.
+    pub fn phases(&self) -> [(&'static str, &[Duration]); 5] {
+        [
+            (PHASES[0], &self.step_schedule),
+            (PHASES[1], &self.step_plan),
+            (PHASES[2], &self.step_model),
+            (PHASES[3], &self.step_attention),
+            (PHASES[4], &self.step_sampling),
+        ]
+    }
+
+    /// The share of the wall time spent in `samples`, in percent.
+    pub fn share_of_wall(&self, samples: &[Duration]) -> f64 {
+        let wall = self.wall.as_secs_f64();
+        if wall > 0.0 {
+            100.0 * samples.iter().sum::<Duration>().as_secs_f64() / wall
+        } else {
+            0.0
+        }
+    }
+
     /// Tokens computed (prompt and output positions).
     pub fn tokens_computed(&self) -> usize {
         self.prompt_tokens_computed + self.output_tokens_computed
@@ -133,6 +176,9 @@ impl Summary {
         };
         field("device", json_str(&self.device));
         field("dtype", json_str(&self.dtype));
+        field("model", self.model.as_deref().map_or_else(|| "null".into(), json_str));
+        field("attention", json_str(&self.attention));
+        field("graphs", self.graphs.map_or_else(|| "null".into(), |g| g.to_string()));
         for (name, v) in [
             ("num_layers", self.num_layers),
             ("num_heads", self.num_heads),
@@ -155,6 +201,8 @@ impl Summary {
             ("verified_layer_steps", self.verified_layer_steps),
             ("mismatches", self.mismatches),
             ("blocks_returned", self.blocks_returned),
+            ("graph_steps", self.graph_steps),
+            ("graphs_captured", self.graphs_captured),
         ] {
             field(name, v.to_string());
         }
@@ -170,6 +218,12 @@ impl Summary {
             ("verify_max_abs_err", self.verify_max_abs_err),
         ] {
             field(name, json_f64(v));
+        }
+        for (phase, samples) in self.phases() {
+            field(&format!("{phase}_s"), json_f64(samples.iter().sum::<Duration>().as_secs_f64()));
+            field(&format!("{phase}_ms_per_step_p50"), json_f64(ms(percentile(samples, 50.0))));
+            field(&format!("{phase}_ms_per_step_p99"), json_f64(ms(percentile(samples, 99.0))));
+            field(&format!("{phase}_share_of_wall_pct"), json_f64(self.share_of_wall(samples)));
         }
         s.push('}');
         s
@@ -225,6 +279,20 @@ impl fmt::Display for Summary {
             self.num_blocks,
             self.block_size
         )?;
+        writeln!(
+            f,
+            "  model        {} ({}){}",
+            self.model.as_deref().unwrap_or("custom shape"),
+            self.attention,
+            match self.graphs {
+                Some(true) => format!(
+                    "; CUDA graphs: {} of {} steps replayed, {} captured",
+                    self.graph_steps, self.steps, self.graphs_captured
+                ),
+                Some(false) => "; CUDA graphs off".into(),
+                None => String::new(),
+            }
+        )?;
         writeln!(f, "  requests     {} finished of {}", self.requests_finished, self.requests)?;
         writeln!(
             f,
@@ -243,6 +311,21 @@ impl fmt::Display for Summary {
             ms(percentile(&self.step_attention, 50.0)),
             ms(percentile(&self.step_attention, 99.0))
         )?;
+        let device = if self.graphs.is_some() { "device" } else { "host" };
+        writeln!(f, "  time/step    phase       p50 ms    p99 ms   share of wall")?;
+        for (phase, samples) in self.phases() {
+            let clock = match phase {
+                "schedule" | "plan" => "host",
+                _ => device,
+            };
+            writeln!(
+                f,
+                "               {phase:<10} {:>8.3}  {:>8.3}   {:>5.1} %  ({clock})",
+                ms(percentile(samples, 50.0)),
+                ms(percentile(samples, 99.0)),
+                self.share_of_wall(samples)
+            )?;
+        }
         writeln!(
             f,
             "  throughput   {:.0} tokens/s computed, {:.0} generated tokens/s, wall {:.2} s",

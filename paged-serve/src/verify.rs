@@ -218,22 +218,28 @@ fn check_request<T: Element>(
         // Bottom-right causal: the query at `position` sees keys 0..=position.
         let position = (seq_len + i).saturating_sub(q_len);
         let visible = position + 1;
+        // A sliding window hides keys more than `window_left` before the query.
+        let first = params.window_left.map_or(0, |w| position.saturating_sub(w));
+        let cap = params.softcap.map(f64::from);
         for h in 0..params.num_heads {
             let (k, v) = (&keys[h / group], &values[h / group]);
             let q: Vec<f64> = (0..hs).map(|d| f64::from(check.query[[row, h, d]].to_f32())).collect();
             let mut m = f64::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate().take(visible) {
+            for (j, s) in scores.iter_mut().enumerate().take(visible).skip(first) {
                 let kj = &k[j * hs..(j + 1) * hs];
                 *s = f64::from(params.scale) * q.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+                if let Some(cap) = cap {
+                    *s = cap * (*s / cap).tanh();
+                }
                 m = m.max(*s);
             }
             let mut denom = 0.0;
-            for s in scores.iter_mut().take(visible) {
+            for s in scores.iter_mut().take(visible).skip(first) {
                 *s = (*s - m).exp();
                 denom += *s;
             }
             let mut want = vec![0.0f64; hs];
-            for (j, &p) in scores.iter().enumerate().take(visible) {
+            for (j, &p) in scores.iter().enumerate().take(visible).skip(first) {
                 for (w, &x) in want.iter_mut().zip(&v[j * hs..(j + 1) * hs]) {
                     *w += p * x;
                 }

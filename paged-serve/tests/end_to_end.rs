@@ -426,3 +426,62 @@ fn output_errors_never_panic() {
         }
     }
 }
+
+/// A sliding window and a soft-cap reach the backend and the f64 reference alike: the verifier
+/// would reject the windowed, capped output if it computed plain causal attention (prompts are far
+/// longer than the window), and the run says what it ran.
+#[test]
+fn window_and_softcap_are_verified_and_reported() {
+    let args: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain(["--sliding-window", "8", "--softcap", "0.5", "--verify", "--verify-every", "1"])
+        .collect();
+    let c = cli(&args);
+    let s = run(&c).unwrap();
+    check_counts(&s, &c);
+    assert_eq!(s.verified_layer_steps, 2 * s.steps);
+    assert_eq!(s.attention, "window 8, soft-cap 0.5");
+    let text = s.to_string();
+    assert!(text.contains("custom shape (window 8, soft-cap 0.5)"), "{text}");
+    for phase in ["schedule", "plan", "model", "attention", "sampling"] {
+        assert!(text.contains(&format!("               {phase}")), "{text}");
+        assert!(s.to_json().contains(&format!("\"{phase}_share_of_wall_pct\": ")), "{phase}");
+    }
+    assert_eq!(s.step_model.len(), s.steps);
+    assert_eq!(s.step_schedule.len(), s.steps);
+    // The phases are disjoint parts of the wall time.
+    let shares: f64 = s.phases().iter().map(|(_, v)| s.share_of_wall(v)).sum();
+    assert!(shares > 0.0 && shares <= 100.5, "{shares}");
+}
+
+/// A preset sets the shape and variant; explicit flags override it.
+#[test]
+fn model_presets_with_overrides() {
+    let c = cli(&["--model", "gemma2-9b", "--layers", "3", "--heads", "4", "--kv-heads", "2", "--head-size", "16"]);
+    let cfg = c.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
+    assert_eq!((cfg.shape.num_layers, cfg.shape.num_heads, cfg.shape.num_kv_heads, cfg.shape.head_size), (3, 4, 2, 16));
+    assert_eq!(cfg.attention.sliding_window, Some(4096));
+    assert_eq!(cfg.attention.softcap, Some(50.0));
+    let p0 = cfg.attention.layer_params(&cfg.shape, 0);
+    let p1 = cfg.attention.layer_params(&cfg.shape, 1);
+    assert_eq!((p0.window_left, p1.window_left), (Some(4095), None), "gemma 2 windows even layers only");
+    assert!((p0.scale - 1.0 / 224f32.sqrt()).abs() < 1e-7);
+    let plain = cli(&["--model", "llama3-8b"]);
+    let cfg = plain.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
+    assert_eq!(
+        (cfg.shape.num_layers, cfg.shape.num_heads, cfg.shape.num_kv_heads, cfg.shape.head_size),
+        (32, 32, 8, 128)
+    );
+    assert_eq!(cfg.attention, paged_serve::model::AttentionVariant::default());
+    let off = cli(&["--model", "mistral-7b", "--sliding-window", "0"]);
+    let cfg = off.resolve(attention_backend::DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
+    assert_eq!(cfg.attention.sliding_window, None);
+    let (code, _, stderr) = bin(&["--model", "gpt5"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown model `gpt5`") && stderr.contains("llama3-8b"), "{stderr}");
+    let (code, _, stderr) = bin(&["--softcap", "-1"]);
+    assert_eq!(code, 2, "{stderr}");
+    let (_, help, _) = bin(&["--help"]);
+    assert!(help.contains("--model") && help.contains("override"), "{help}");
+}

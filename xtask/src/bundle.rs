@@ -262,7 +262,9 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, soak, bench
 #   ./run.sh test       the GPU tests only
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
-#   ./run.sh serve      the main job on the GPU with --verify (attention checked against float64)
+#   ./run.sh serve      the main job on the GPU: issue 17's workload timed with and without CUDA
+#                       graphs (the ratio printed), then with --verify (attention checked against
+#                       float64), then a 32-layer llama3-8b-shaped run of 1000 requests, verified
 #   ./run.sh soak       >= 10,000 steps under constant preemption, every step verified, every block
 #                       back in the pool at the end (about a minute on an H200)
 #   ./run.sh bench      our benchmark binaries and the peers (torch; FlashInfer when bundled or
@@ -287,9 +289,38 @@ run_sanitize() {
     step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
     step compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
 }
-# A workload sized to finish in a few minutes: the synthetic model's Q/K/V are made on the host.
+# The main job with everything on the device (the synthetic model's Q/K/V and next tokens are
+# made by kernels; decode steps replay CUDA graphs). Issue 17's workload is timed with graphs and
+# with --no-graphs (their ratio printed) without the f64 reference, whose host time would be
+# timed with them, then run again with --verify; last, a 32-layer llama3-8b-shaped run of 1000
+# requests with short prompts and outputs (256 and 64 tokens on average) with --verify. Every
+# summary says where the time goes per step (schedule, plan, model, attention, sampling).
+SERVE_WORKLOAD="--requests 256 --prompt-len 768 --output-len 128"
+serve_one() {
+    local label=$1; shift
+    echo "--- serve $label: ./paged-serve --device cuda --no-progress $*"
+    timeout 300 ./paged-serve --device cuda --no-progress "$@" | tee "$out/serve-$label.txt"
+    return "${PIPESTATUS[0]}"
+}
+# Generated tokens per second and the attention share of a text summary.
+serve_rate() { grep -o '[0-9]* generated tokens/s' "$out/serve-$1.txt" | grep -o '^[0-9]*'; }
+serve_attention_share() { awk '$1 == "attention" && $NF == "(device)" { print $(NF-2) }' "$out/serve-$1.txt"; }
+serve_compare() {
+    local g n
+    g=$(serve_rate graphs); n=$(serve_rate no-graphs)
+    [ -n "$g" ] && [ -n "$n" ] || { echo "serve: no throughput to compare" >&2; return 1; }
+    awk -v g="$g" -v n="$n" -v ga="$(serve_attention_share graphs)" -v na="$(serve_attention_share no-graphs)" 'BEGIN {
+        printf "serve: graphs %d generated tokens/s (attention %s %% of wall), no graphs %d (attention %s %%): ratio %.2fx; %.1fx the 1647 of issue 17\n", g, ga, n, na, g / n, g / 1647 }'
+}
 run_serve() {
-    step timeout 420 ./paged-serve --device cuda --verify --no-progress --requests 256 --prompt-len 768 --output-len 128
+    # shellcheck disable=SC2086
+    step serve_one graphs $SERVE_WORKLOAD
+    # shellcheck disable=SC2086
+    step serve_one no-graphs $SERVE_WORKLOAD --no-graphs
+    step serve_compare
+    # shellcheck disable=SC2086
+    step serve_one verify $SERVE_WORKLOAD --verify
+    step serve_one llama3-8b --model llama3-8b --requests 1000 --prompt-len 256 --output-len 64 --num-blocks 16384 --verify
 }
 # The bundled FlashInfer (flashinfer/ here, present when the bundle was built beside a prebuilt
 # copy) goes into a temporary folder put on PYTHONPATH, installed offline; without it peers.py uses
@@ -316,8 +347,8 @@ setup_flashinfer() {
     fi
 }
 # The soak: a 12-block cache (192 tokens) for requests of up to 120 tokens arriving one a step, so
-# requests are preempted and recomputed all the time; small layers and heads because the synthetic
-# model's Q/K/V are made on the host. Every step is verified; paged-serve itself fails on a
+# requests are preempted and recomputed all the time; small layers and heads keep the f64
+# reference of every step cheap. Every step is verified; paged-serve itself fails on a
 # mismatch or a block not returned to the pool; this also insists on the step count and on
 # preemptions having happened.
 soak_check() {

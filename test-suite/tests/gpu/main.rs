@@ -14,4 +14,5 @@ mod plan;
 mod prefill_sm90;
 mod raw;
 mod strides;
+mod synthetic;
 mod unseen;
