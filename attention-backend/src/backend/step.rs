@@ -1,0 +1,149 @@
+//! Per-step metadata: prepared once per step, shared by every layer.
+
+use super::{Backend, Inner};
+use crate::error::Result;
+use crate::metadata::AttentionMetadata;
+use crate::slot_mapping::SlotMapping;
+use crate::tensor::Device;
+
+/// A step's slot mapping, ready for [`Backend::kv_cache_update`] on the backend that made it (on
+/// CUDA it holds the uploaded `i64` copy as well).
+#[derive(Debug)]
+pub struct StepSlotMapping {
+    pub(super) host: SlotMapping,
+    pub(super) device: Device,
+    #[cfg(feature = "cuda")]
+    pub(super) on_device: Option<crate::cuda::DeviceSlotMapping>,
+}
+
+impl StepSlotMapping {
+    /// The host slot mapping.
+    pub fn host(&self) -> &SlotMapping {
+        &self.host
+    }
+
+    /// The device it was prepared for.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
+/// One step's attention metadata, prepared once by [`Backend::prepare_step`] and shared by every
+/// layer of the step: the host [`AttentionMetadata`] and, on CUDA, its device copy
+/// (`cuda::DeviceMetadata`, slot mapping included).
+#[derive(Debug)]
+pub struct StepMetadata {
+    pub(super) meta: AttentionMetadata,
+    pub(super) device: Device,
+    #[cfg(feature = "cuda")]
+    pub(super) on_device: Option<crate::cuda::DeviceMetadata>,
+}
+
+impl StepMetadata {
+    /// The host metadata.
+    pub fn host(&self) -> &AttentionMetadata {
+        &self.meta
+    }
+
+    /// The device it was prepared for.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The device copy, `None` on the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self) -> Option<&crate::cuda::DeviceMetadata> {
+        self.on_device.as_ref()
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::StepSlotMapping {}
+    impl Sealed for super::StepMetadata {}
+}
+
+/// Where [`Backend::kv_cache_update`] finds the slot mapping: a [`StepSlotMapping`] of its own, or
+/// the one inside a [`StepMetadata`] (no second upload). Sealed.
+pub trait SlotSource: sealed::Sealed {
+    /// The host slot mapping.
+    fn host_slots(&self) -> &SlotMapping;
+    /// The device it was prepared for.
+    fn slots_device(&self) -> Device;
+    /// The device copy, `None` on the CPU.
+    #[cfg(feature = "cuda")]
+    fn cuda_slots(&self) -> Option<&crate::cuda::DeviceSlotMapping>;
+}
+
+impl SlotSource for StepSlotMapping {
+    fn host_slots(&self) -> &SlotMapping {
+        &self.host
+    }
+    fn slots_device(&self) -> Device {
+        self.device
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_slots(&self) -> Option<&crate::cuda::DeviceSlotMapping> {
+        self.on_device.as_ref()
+    }
+}
+
+impl SlotSource for StepMetadata {
+    fn host_slots(&self) -> &SlotMapping {
+        &self.meta.slot_mapping
+    }
+    fn slots_device(&self) -> Device {
+        self.device
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_slots(&self) -> Option<&crate::cuda::DeviceSlotMapping> {
+        self.on_device.as_ref().map(|m| m.slot_mapping())
+    }
+}
+
+impl Backend {
+    /// Prepares a slot mapping for [`Backend::kv_cache_update`] (uploads it on CUDA).
+    ///
+    /// # Errors
+    /// [`AttentionError::Cuda`] when the upload fails.
+    pub fn slot_mapping(&self, slots: SlotMapping) -> Result<StepSlotMapping> {
+        match &self.inner {
+            Inner::Cpu => Ok(StepSlotMapping {
+                host: slots,
+                device: Device::Cpu,
+                #[cfg(feature = "cuda")]
+                on_device: None,
+            }),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { dev, .. } => {
+                let on_device = Some(crate::cuda::DeviceSlotMapping::upload(dev, &slots)?);
+                Ok(StepSlotMapping { host: slots, device: Device::Cuda, on_device })
+            }
+        }
+    }
+
+    /// Prepares one step's metadata for all its layers: checks it ([`AttentionMetadata::check`])
+    /// and, on CUDA, uploads it once.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidMetadata`] for inconsistent metadata; [`AttentionError::Cuda`] when
+    /// the upload fails.
+    pub fn prepare_step(&self, meta: AttentionMetadata) -> Result<StepMetadata> {
+        match &self.inner {
+            Inner::Cpu => {
+                meta.check()?;
+                Ok(StepMetadata {
+                    meta,
+                    device: Device::Cpu,
+                    #[cfg(feature = "cuda")]
+                    on_device: None,
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { dev, .. } => {
+                let on_device = Some(crate::cuda::DeviceMetadata::upload(dev, &meta)?);
+                Ok(StepMetadata { meta, device: Device::Cuda, on_device })
+            }
+        }
+    }
+}
