@@ -163,7 +163,18 @@ impl<'a, T: Element> Engine<'a, T> {
             // Time the cache write and the attention only, not the uploads.
             self.backend.synchronize()?;
             let t0 = Instant::now();
-            self.backend.forward(&q, &k, &v, &mut self.caches[layer], &step_meta, &self.params, &mut out, None)?;
+            self.backend.forward(
+                &step_meta,
+                &self.params,
+                attention_backend::ForwardTensors {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    cache: &mut self.caches[layer],
+                    out: &mut out,
+                    lse: None,
+                },
+            )?;
             self.backend.synchronize()?;
             attention += t0.elapsed();
 

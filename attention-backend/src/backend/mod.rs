@@ -15,6 +15,7 @@ mod alloc;
 mod dispatch;
 mod step;
 
+pub use dispatch::{AttentionTensors, ForwardTensors};
 pub use step::{SlotSource, StepMetadata, StepSlotMapping};
 
 /// The environment variable that forces a device: `cpu`, `cuda`, `cuda:N` or `auto` (the default).
@@ -140,7 +141,7 @@ enum Inner {
 /// let mut lse = backend.zeros::<f32>(&[n, num_heads])?;
 ///
 /// let params = AttentionParams::new(num_heads, num_kv_heads, head_size); // causal, 1/sqrt(d)
-/// backend.forward(&query, &key, &value, &mut cache, &step, &params, &mut out, Some(&mut lse))?;
+/// backend.forward(&step, &params, attention_backend::ForwardTensors { query: &query, key: &key, value: &value, cache: &mut cache, out: &mut out, lse: Some(&mut lse) })?;
 ///
 /// let out = backend.to_host(&out)?;
 /// // Request 1 saw only its own values (all 1.0): its rows are 1.0.

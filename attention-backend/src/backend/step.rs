@@ -1,7 +1,10 @@
 //! Per-step metadata: prepared once per step, shared by every layer.
 
+use std::sync::OnceLock;
+
 use super::{Backend, Inner};
 use crate::error::Result;
+use crate::layout::CacheLayout;
 use crate::metadata::AttentionMetadata;
 use crate::slot_mapping::SlotMapping;
 use crate::tensor::Device;
@@ -31,12 +34,19 @@ impl StepSlotMapping {
 /// One step's attention metadata, prepared once by [`Backend::prepare_step`] and shared by every
 /// layer of the step: the host [`AttentionMetadata`] and, on CUDA, its device copy
 /// (`cuda::DeviceMetadata`, slot mapping included).
+///
+/// The step contract ([`AttentionMetadata::check_against`]) depends on the cache layout, which
+/// the step learns from its first layer: the first call checks it and remembers the layout, and
+/// later calls with caches of that layout do not check it again (the metadata cannot change
+/// after [`Backend::prepare_step`]). A cache of another layout is checked on every call.
 #[derive(Debug)]
 pub struct StepMetadata {
     pub(super) meta: AttentionMetadata,
     pub(super) device: Device,
     #[cfg(feature = "cuda")]
     pub(super) on_device: Option<crate::cuda::DeviceMetadata>,
+    /// The layout the step contract has been checked against, once it has.
+    pub(super) checked: OnceLock<CacheLayout>,
 }
 
 impl StepMetadata {
@@ -55,16 +65,48 @@ impl StepMetadata {
     pub fn cuda(&self) -> Option<&crate::cuda::DeviceMetadata> {
         self.on_device.as_ref()
     }
+
+    /// The step contract against caches of `layout`, checked once per layout the step meets
+    /// first (see [`StepMetadata`]).
+    pub(super) fn check_contract(&self, op: &'static str, layout: &CacheLayout) -> Result<()> {
+        if self.checked.get() == Some(layout) {
+            return Ok(());
+        }
+        self.meta.check_against(op, layout)?;
+        // Another thread may have set it first, for this or another layout: either is correct.
+        let _ = self.checked.set(*layout);
+        Ok(())
+    }
 }
 
 mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::StepSlotMapping {}
-    impl Sealed for super::StepMetadata {}
+    use crate::error::Result;
+    use crate::layout::CacheLayout;
+
+    /// Seals [`super::SlotSource`], and holds what only this crate may call on it.
+    pub trait Sealed {
+        /// Checks the slots for a write into a cache of `layout`: a plain slot mapping must
+        /// stay inside the cache; a step's slot mapping must obey the whole step contract.
+        fn check_slots(&self, op: &'static str, layout: &CacheLayout) -> Result<()>;
+    }
+    impl Sealed for super::StepSlotMapping {
+        fn check_slots(&self, op: &'static str, layout: &CacheLayout) -> Result<()> {
+            self.host.check_within(op, layout.num_slots())
+        }
+    }
+    impl Sealed for super::StepMetadata {
+        fn check_slots(&self, op: &'static str, layout: &CacheLayout) -> Result<()> {
+            self.check_contract(op, layout)
+        }
+    }
 }
 
 /// Where [`Backend::kv_cache_update`] finds the slot mapping: a [`StepSlotMapping`] of its own, or
 /// the one inside a [`StepMetadata`] (no second upload). Sealed.
+///
+/// A [`StepSlotMapping`] is only checked to stay inside the cache; a [`StepMetadata`]'s slots are
+/// held to the whole step contract (once per step and cache layout), since they claim to be the
+/// step's.
 pub trait SlotSource: sealed::Sealed {
     /// The host slot mapping.
     fn host_slots(&self) -> &SlotMapping;
@@ -137,12 +179,13 @@ impl Backend {
                     device: Device::Cpu,
                     #[cfg(feature = "cuda")]
                     on_device: None,
+                    checked: OnceLock::new(),
                 })
             }
             #[cfg(feature = "cuda")]
             Inner::Cuda { dev, .. } => {
                 let on_device = Some(crate::cuda::DeviceMetadata::upload(dev, &meta)?);
-                Ok(StepMetadata { meta, device: Device::Cuda, on_device })
+                Ok(StepMetadata { meta, device: Device::Cuda, on_device, checked: OnceLock::new() })
             }
         }
     }
