@@ -27,7 +27,7 @@ fn dims_error(op: &'static str, tensor: &'static str, expected_ndim: usize, actu
 impl Backend {
     /// Writes the new tokens' `key` / `value` (`[num_tokens, num_kv_heads, head_size]`) into the
     /// cache at `slot_mapping` (negative slots skipped); vLLM's `reshape_and_cache_flash`.
-    /// `slot_mapping` is a [`StepSlotMapping`] ([`Backend::slot_mapping`]) or a whole
+    /// `slot_mapping` is a [`StepSlotMapping`](super::StepSlotMapping) ([`Backend::slot_mapping`]) or a whole
     /// [`StepMetadata`].
     ///
     /// # Errors

@@ -107,7 +107,7 @@ enum Inner {
 /// fall back to the CPU. Without the `cuda` feature, asking for CUDA returns
 /// [`AttentionError::CudaNotCompiled`]; nothing is missing from the API.
 ///
-/// Tensors ([`Tensor`]) and caches ([`KvCache`]) carry their shape, element type and device; a
+/// Tensors ([`Tensor`](crate::Tensor)) and caches ([`KvCache`](crate::KvCache)) carry their shape, element type and device; a
 /// step's metadata is prepared once per step ([`Backend::prepare_step`], uploaded to the device on
 /// CUDA) and shared by every layer. Every call is validated by [`crate::validate`] before any
 /// work, with the same errors on both devices.

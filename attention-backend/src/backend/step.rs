@@ -147,7 +147,7 @@ impl Backend {
     /// Prepares a slot mapping for [`Backend::kv_cache_update`] (uploads it on CUDA).
     ///
     /// # Errors
-    /// [`AttentionError::Cuda`] when the upload fails.
+    /// [`AttentionError::Cuda`](crate::AttentionError::Cuda) when the upload fails.
     pub fn slot_mapping(&self, slots: SlotMapping) -> Result<StepSlotMapping> {
         match &self.inner {
             Inner::Cpu => Ok(StepSlotMapping {
@@ -168,7 +168,7 @@ impl Backend {
     /// and, on CUDA, uploads it once.
     ///
     /// # Errors
-    /// [`AttentionError::InvalidMetadata`] for inconsistent metadata; [`AttentionError::Cuda`] when
+    /// [`AttentionError::InvalidMetadata`](crate::AttentionError::InvalidMetadata) for inconsistent metadata; [`AttentionError::Cuda`](crate::AttentionError::Cuda) when
     /// the upload fails.
     pub fn prepare_step(&self, meta: AttentionMetadata) -> Result<StepMetadata> {
         match &self.inner {
