@@ -46,14 +46,16 @@ fn bench<T: Element>(
     for _ in 0..reps {
         let t = Instant::now();
         cpu::forward(
-            query.view(),
-            key.view(),
-            value.view(),
-            &mut cache,
             &meta,
             &params,
-            out.view_mut(),
-            Some(lse.view_mut()),
+            cpu::ForwardIo {
+                query: query.view(),
+                key: key.view(),
+                value: value.view(),
+                cache: &mut cache,
+                out: out.view_mut(),
+                lse: Some(lse.view_mut()),
+            },
         )?;
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -43,7 +43,9 @@ mod tensor;
 pub mod validate;
 
 pub use attention_kernels::{DType, Element};
-pub use backend::{Backend, DeviceRequest, SlotSource, StepMetadata, StepSlotMapping, DEVICE_ENV};
+pub use backend::{
+    AttentionTensors, Backend, DeviceRequest, ForwardTensors, SlotSource, StepMetadata, StepSlotMapping, DEVICE_ENV,
+};
 pub use cache::CpuKvCache;
 pub use error::{AttentionError, CudaApi, Result};
 pub use layout::CacheLayout;

@@ -42,6 +42,10 @@ pub struct AttentionParams {
     pub alibi_slopes: Option<Vec<f32>>,
     /// Attention-sink logit per query head, `[num_heads]` (gpt-oss style).
     pub sinks: Option<Vec<f32>>,
+    /// Set by `with_sliding_window(0)`, which has no meaning (a window of `n` keys sees the query
+    /// and the `n - 1` keys before it): [`AttentionParams::check`] refuses it, so the mistake is
+    /// reported by the first call instead of running as a window of one key.
+    zero_sliding_window: bool,
 }
 
 impl AttentionParams {
@@ -58,6 +62,7 @@ impl AttentionParams {
             softcap: None,
             alibi_slopes: None,
             sinks: None,
+            zero_sliding_window: false,
         }
     }
 
@@ -77,12 +82,19 @@ impl AttentionParams {
     pub fn with_window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
         self.window_left = left;
         self.window_right = right;
+        self.zero_sliding_window = false;
         self
     }
 
     /// vLLM's `sliding_window = n`: each query sees itself and the `n - 1` keys before it.
+    ///
+    /// `n` must be at least 1: a window of 0 keys has no meaning, and [`AttentionParams::check`]
+    /// (run by every call that takes the parameters) refuses it with
+    /// [`AttentionError::InvalidArgument`] rather than running it as some other window.
     pub fn with_sliding_window(self, n: usize) -> Self {
-        self.with_window(Some(n.saturating_sub(1)), Some(0))
+        let mut p = self.with_window(Some(n.saturating_sub(1)), Some(0));
+        p.zero_sliding_window = n == 0;
+        p
     }
 
     /// Sets the logit soft-cap.
@@ -112,9 +124,13 @@ impl AttentionParams {
     ///
     /// # Errors
     /// [`AttentionError::InvalidArgument`] for zero heads, heads not divisible, a non-finite or
-    /// non-positive scale or cap, or per-head vectors of the wrong length.
+    /// non-positive scale or cap, a sliding window of 0 keys, or per-head vectors of the wrong
+    /// length.
     pub fn check(&self, op: &'static str) -> Result<()> {
         let bad = |what: String| Err(AttentionError::InvalidArgument { op, what });
+        if self.zero_sliding_window {
+            return bad("sliding window 0: a window of n keys sees the query and the n - 1 keys before it, so n must be at least 1".into());
+        }
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_size == 0 {
             return bad(format!(
                 "num_heads ({}), num_kv_heads ({}) and head_size ({}) must be positive",

@@ -41,9 +41,31 @@ pub(crate) fn expect_shape(op: &'static str, t: TensorSpec<'_>, expected: &[usiz
     Ok(())
 }
 
-/// [`paged_attention`] for callers whose query, output and cache share the element type `T` by
-/// construction (the typed entry points of both backends): only shapes, parameters and metadata can
-/// be wrong.
+/// The per-layer tensors of one attention call, as [`paged_attention`] sees them.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSpecs<'a> {
+    /// The queries, `[num_tokens, num_heads, head_size]` of the cache's dtype.
+    pub query: TensorSpec<'a>,
+    /// The output, shaped and typed like `query`.
+    pub out: TensorSpec<'a>,
+    /// The optional log-sum-exp output's shape, `[num_tokens, num_heads]` (always `f32`).
+    pub lse: Option<&'a [usize]>,
+}
+
+impl<'a> AttentionSpecs<'a> {
+    /// The specs of `query`, `out` and `lse` when query and output have the element type `T` by
+    /// construction (the typed entry points of both backends).
+    pub fn of<T: Element>(query: &'a [usize], out: &'a [usize], lse: Option<&'a [usize]>) -> Self {
+        AttentionSpecs {
+            query: TensorSpec { name: "query", shape: query, dtype: T::DTYPE },
+            out: TensorSpec { name: "out", shape: out, dtype: T::DTYPE },
+            lse,
+        }
+    }
+}
+
+/// [`paged_attention`] for callers whose cache has the element type `T` by construction (the
+/// typed entry points of both backends; build `tensors` with [`AttentionSpecs::of`]).
 ///
 /// # Errors
 /// As [`paged_attention`].
@@ -51,21 +73,10 @@ pub fn paged_attention_typed<T: Element>(
     op: &'static str,
     params: &AttentionParams,
     layout: &CacheLayout,
-    query_shape: &[usize],
-    out_shape: &[usize],
-    lse_shape: Option<&[usize]>,
+    tensors: AttentionSpecs<'_>,
     meta: &AttentionMetadata,
 ) -> Result<()> {
-    paged_attention(
-        op,
-        params,
-        layout,
-        T::DTYPE,
-        TensorSpec { name: "query", shape: query_shape, dtype: T::DTYPE },
-        TensorSpec { name: "out", shape: out_shape, dtype: T::DTYPE },
-        lse_shape,
-        meta,
-    )
+    paged_attention(op, params, layout, T::DTYPE, tensors, meta)
 }
 
 /// [`kv_cache_update`] for callers whose key, value and cache share the element type `T` by
@@ -105,12 +116,26 @@ pub fn kv_cache_update(
     slot_mapping: &SlotMapping,
 ) -> Result<()> {
     layout.check()?;
-    let expected = [slot_mapping.len(), layout.num_kv_heads, layout.head_size];
+    kv_shapes(op, layout, cache_dtype, key, value, slot_mapping.len())?;
+    slot_mapping.check_within(op, layout.num_slots())
+}
+
+/// The shape and dtype half of [`kv_cache_update`] for a step of `num_tokens` rows (the slots are
+/// the step contract's business).
+pub(crate) fn kv_shapes(
+    op: &'static str,
+    layout: &CacheLayout,
+    cache_dtype: DType,
+    key: TensorSpec<'_>,
+    value: TensorSpec<'_>,
+    num_tokens: usize,
+) -> Result<()> {
+    let expected = [num_tokens, layout.num_kv_heads, layout.head_size];
     for t in [key, value] {
         expect_dtype(op, t, cache_dtype)?;
         expect_shape(op, t, &expected)?;
     }
-    slot_mapping.check_within(op, layout.num_slots())
+    Ok(())
 }
 
 /// Checks one attention call before any work.
@@ -131,16 +156,28 @@ pub fn kv_cache_update(
 /// [`AttentionError::InvalidArgument`], [`AttentionError::ShapeMismatch`],
 /// [`AttentionError::DTypeMismatch`], [`AttentionError::InvalidMetadata`], or one of the step
 /// contract's errors listed on [`AttentionMetadata::check_against`], naming the first problem found.
-#[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     op: &'static str,
     params: &AttentionParams,
     layout: &CacheLayout,
     cache_dtype: DType,
-    query: TensorSpec<'_>,
-    out: TensorSpec<'_>,
-    lse_shape: Option<&[usize]>,
+    tensors: AttentionSpecs<'_>,
     meta: &AttentionMetadata,
+) -> Result<()> {
+    attention_shapes(op, params, layout, cache_dtype, tensors, meta.num_tokens())?;
+    // `check_against` runs `AttentionMetadata::check` first: the whole step contract, one call.
+    meta.check_against(op, layout)
+}
+
+/// Everything [`paged_attention`] checks except the metadata, for a step of `num_tokens` rows:
+/// what a planned step still checks per layer.
+pub(crate) fn attention_shapes(
+    op: &'static str,
+    params: &AttentionParams,
+    layout: &CacheLayout,
+    cache_dtype: DType,
+    tensors: AttentionSpecs<'_>,
+    num_tokens: usize,
 ) -> Result<()> {
     params.check(op)?;
     layout.check()?;
@@ -159,15 +196,13 @@ pub fn paged_attention(
             ),
         });
     }
-    let num_tokens = meta.num_tokens();
     let expected = [num_tokens, params.num_heads, params.head_size];
-    for t in [query, out] {
+    for t in [tensors.query, tensors.out] {
         expect_dtype(op, t, cache_dtype)?;
         expect_shape(op, t, &expected)?;
     }
-    if let Some(shape) = lse_shape {
+    if let Some(shape) = tensors.lse {
         expect_shape(op, TensorSpec { name: "lse", shape, dtype: DType::F32 }, &[num_tokens, params.num_heads])?;
     }
-    // `check_against` runs `AttentionMetadata::check` first: the whole step contract, one call.
-    meta.check_against(op, layout)
+    Ok(())
 }

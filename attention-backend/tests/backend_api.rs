@@ -68,17 +68,32 @@ fn unified_forward_equals_cpu_forward() {
         (backend.tensor(b.query).unwrap(), backend.tensor(b.key).unwrap(), backend.tensor(b.value).unwrap());
     let mut out = backend.tensor(Array3::<f32>::from_elem((n, 8, 64), f32::NAN)).unwrap();
     let mut lse = backend.tensor(Array2::<f32>::from_elem((n, 8), f32::NAN)).unwrap();
-    backend.forward(&q, &k, &v, &mut cache, &step, &p, &mut out, Some(&mut lse)).unwrap();
+    backend
+        .forward(
+            &step,
+            &p,
+            attention_backend::ForwardTensors {
+                query: &q,
+                key: &k,
+                value: &v,
+                cache: &mut cache,
+                out: &mut out,
+                lse: Some(&mut lse),
+            },
+        )
+        .unwrap();
 
     cpu::forward(
-        direct.query.view(),
-        direct.key.view(),
-        direct.value.view(),
-        &mut direct.cache,
         &direct.meta,
         &p,
-        out_direct.view_mut(),
-        Some(lse_direct.view_mut()),
+        cpu::ForwardIo {
+            query: direct.query.view(),
+            key: direct.key.view(),
+            value: direct.value.view(),
+            cache: &mut direct.cache,
+            out: out_direct.view_mut(),
+            lse: Some(lse_direct.view_mut()),
+        },
     )
     .unwrap();
     let bits = |a: &[f32]| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -127,6 +142,17 @@ fn unified_forward_refuses_bad_shapes() {
     let q = Tensor::from_array(b.query);
     let (k, v) = (Tensor::from_array(b.key), Tensor::from_array(b.value));
     let mut out = Tensor::from_array(Array2::<f32>::zeros((n, 4 * 16)));
-    let r = backend.forward(&q, &k, &v, &mut cache, &step, &p, &mut out, None);
+    let r = backend.forward(
+        &step,
+        &p,
+        attention_backend::ForwardTensors {
+            query: &q,
+            key: &k,
+            value: &v,
+            cache: &mut cache,
+            out: &mut out,
+            lse: None,
+        },
+    );
     assert!(matches!(r, Err(AttentionError::ShapeMismatch { tensor: "out", .. })));
 }

@@ -166,7 +166,18 @@ fn forward(step: &Step, meta: &AttentionMetadata) -> Result<(), AttentionError> 
     let mut out = Array3::from_elem((n, 1, 2), f32::NAN);
     let mut lse = Array2::from_elem((n, 1), f32::NAN);
     let p = AttentionParams::new(1, 1, 2);
-    let r = cpu::forward(q.view(), kv.view(), kv.view(), &mut cache, meta, &p, out.view_mut(), Some(lse.view_mut()));
+    let r = cpu::forward(
+        meta,
+        &p,
+        cpu::ForwardIo {
+            query: q.view(),
+            key: kv.view(),
+            value: kv.view(),
+            cache: &mut cache,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
+    );
     if r.is_err() {
         assert_eq!(cache.key(), before.key(), "cache written before {r:?}");
         assert_eq!(cache.value(), before.value(), "cache written before {r:?}");

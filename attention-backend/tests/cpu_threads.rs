@@ -20,14 +20,16 @@ fn batch(p: &AttentionParams) -> (Built<f32>, Array3<f32>, Array2<f32>) {
     let mut out = Array3::from_elem((n, p.num_heads, p.head_size), f32::NAN);
     let mut lse = Array2::from_elem((n, p.num_heads), f32::NAN);
     cpu::forward(
-        b.query.view(),
-        b.key.view(),
-        b.value.view(),
-        &mut b.cache,
         &b.meta,
         p,
-        out.view_mut(),
-        Some(lse.view_mut()),
+        cpu::ForwardIo {
+            query: b.query.view(),
+            key: b.key.view(),
+            value: b.value.view(),
+            cache: &mut b.cache,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
     )
     .unwrap();
     (b, out, lse)
@@ -45,7 +47,12 @@ fn bit_identical_on_any_pool_and_run_after_run() {
         let n = b.meta.num_tokens();
         let mut o = Array3::from_elem((n, p.num_heads, p.head_size), f32::NAN);
         let mut l = Array2::from_elem((n, p.num_heads), f32::NAN);
-        cpu::paged_attention(b.query.view(), &b.cache, &b.meta, &p, o.view_mut(), Some(l.view_mut())).unwrap();
+        cpu::paged_attention(
+            &b.meta,
+            &p,
+            cpu::AttentionIo { query: b.query.view(), cache: &b.cache, out: o.view_mut(), lse: Some(l.view_mut()) },
+        )
+        .unwrap();
         (o, l)
     };
     for threads in [1, 2, 3, 5] {
@@ -85,7 +92,12 @@ fn batch_invariant() {
         let query = b.query.slice_axis(Axis(0), (a..e).into()).to_owned();
         let mut o = Array3::from_elem((q, p.num_heads, p.head_size), f32::NAN);
         let mut l = Array2::from_elem((q, p.num_heads), f32::NAN);
-        cpu::paged_attention(query.view(), &b.cache, &alone, &p, o.view_mut(), Some(l.view_mut())).unwrap();
+        cpu::paged_attention(
+            &alone,
+            &p,
+            cpu::AttentionIo { query: query.view(), cache: &b.cache, out: o.view_mut(), lse: Some(l.view_mut()) },
+        )
+        .unwrap();
         assert_eq!(bits(&o), bits(out.slice_axis(Axis(0), (a..e).into())), "request {r}");
         assert_eq!(bits(&l), bits(lse.slice_axis(Axis(0), (a..e).into())), "request {r}");
     }

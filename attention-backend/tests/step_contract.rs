@@ -59,8 +59,18 @@ fn run_both(meta: &AttentionMetadata) -> Result<(), AttentionError> {
     let mut c = cache();
     let mut out = Array3::from_elem((n, NH, HS), f32::NAN);
     let mut lse = Array2::from_elem((n, NH), f32::NAN);
-    let direct =
-        cpu::forward(query.view(), key.view(), value.view(), &mut c, meta, &p, out.view_mut(), Some(lse.view_mut()));
+    let direct = cpu::forward(
+        meta,
+        &p,
+        cpu::ForwardIo {
+            query: query.view(),
+            key: key.view(),
+            value: value.view(),
+            cache: &mut c,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
+    );
     if direct.is_err() {
         assert_eq!(c.key(), before.key(), "key cache written before {direct:?}");
         assert_eq!(c.value(), before.value(), "value cache written before {direct:?}");
@@ -79,8 +89,23 @@ fn run_both(meta: &AttentionMetadata) -> Result<(), AttentionError> {
         );
         let mut o = backend.tensor(Array3::from_elem((n, NH, HS), f32::NAN)).unwrap();
         let mut l = backend.tensor(Array2::from_elem((n, NH), f32::NAN)).unwrap();
-        let attn = backend.paged_attention(&q, &bc, &step, &p, &mut o, Some(&mut l));
-        let fwd = backend.forward(&q, &k, &v, &mut bc, &step, &p, &mut o, Some(&mut l));
+        let attn = backend.paged_attention(
+            &step,
+            &p,
+            attention_backend::AttentionTensors { query: &q, cache: &bc, out: &mut o, lse: Some(&mut l) },
+        );
+        let fwd = backend.forward(
+            &step,
+            &p,
+            attention_backend::ForwardTensors {
+                query: &q,
+                key: &k,
+                value: &v,
+                cache: &mut bc,
+                out: &mut o,
+                lse: Some(&mut l),
+            },
+        );
         if fwd.is_err() {
             let same =
                 attn.as_ref().err().map(std::mem::discriminant) == fwd.as_ref().err().map(std::mem::discriminant);

@@ -225,14 +225,16 @@ fn run<T: Element>(
     let mut out = Array3::<T>::from_elem((n, NH, HS), T::from_f32(0.0));
     let mut lse = Array2::<f32>::zeros((n, NH));
     cpu::forward(
-        conv3(&b.query).view(),
-        conv3(&key).view(),
-        conv3(&value).view(),
-        &mut cache,
         &b.meta,
         &case.params,
-        out.view_mut(),
-        Some(lse.view_mut()),
+        cpu::ForwardIo {
+            query: conv3(&b.query).view(),
+            key: conv3(&key).view(),
+            value: conv3(&value).view(),
+            cache: &mut cache,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
     )
     .unwrap();
     (out, lse, poisoned)
@@ -400,7 +402,19 @@ fn nan_in_the_causal_future_of_a_prompt() {
     let mut value = Array3::from_elem((2, 1, 4), 3.0f32);
     value[[1, 0, 2]] = f32::NAN;
     let mut out = Array3::zeros((2, 1, 4));
-    cpu::forward(query.view(), key.view(), value.view(), &mut cache, &meta, &p, out.view_mut(), None).unwrap();
+    cpu::forward(
+        &meta,
+        &p,
+        cpu::ForwardIo {
+            query: query.view(),
+            key: key.view(),
+            value: value.view(),
+            cache: &mut cache,
+            out: out.view_mut(),
+            lse: None,
+        },
+    )
+    .unwrap();
     assert!(out.index_axis(attention_backend::ndarray::Axis(0), 0).iter().all(|&x| x == 3.0));
     assert!(out[[1, 0, 2]].is_nan());
 }

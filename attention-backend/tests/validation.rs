@@ -58,14 +58,16 @@ fn setup() -> Setup {
 fn forward(s: &mut Setup) -> Result<(), AttentionError> {
     let before = s.cache.clone();
     let r = cpu::forward(
-        s.query.view(),
-        s.key.view(),
-        s.value.view(),
-        &mut s.cache,
         &s.meta,
         &s.params,
-        s.out.view_mut(),
-        Some(s.lse.view_mut()),
+        cpu::ForwardIo {
+            query: s.query.view(),
+            key: s.key.view(),
+            value: s.value.view(),
+            cache: &mut s.cache,
+            out: s.out.view_mut(),
+            lse: Some(s.lse.view_mut()),
+        },
     );
     if r.is_err() {
         assert_eq!(s.cache.key(), before.key(), "cache written before an error");
@@ -241,9 +243,7 @@ fn dtype_mismatch() {
         &s.params,
         &layout,
         DType::F32,
-        spec("query", DType::BF16),
-        spec("out", DType::F32),
-        None,
+        validate::AttentionSpecs { query: spec("query", DType::BF16), out: spec("out", DType::F32), lse: None },
         &s.meta,
     );
     assert!(matches!(
@@ -255,9 +255,7 @@ fn dtype_mismatch() {
         &s.params,
         &layout,
         DType::F16,
-        spec("query", DType::F16),
-        spec("out", DType::F32),
-        None,
+        validate::AttentionSpecs { query: spec("query", DType::F16), out: spec("out", DType::F32), lse: None },
         &s.meta,
     );
     assert!(matches!(r, Err(AttentionError::DTypeMismatch { tensor: "out", .. })));
@@ -267,7 +265,11 @@ fn dtype_mismatch() {
 fn paged_attention_alone_validates_too() {
     let mut s = setup();
     s.params = AttentionParams::new(NH, NKV, HS + 1);
-    let r = cpu::paged_attention(s.query.view(), &s.cache, &s.meta, &s.params, s.out.view_mut(), None);
+    let r = cpu::paged_attention(
+        &s.meta,
+        &s.params,
+        cpu::AttentionIo { query: s.query.view(), cache: &s.cache, out: s.out.view_mut(), lse: None },
+    );
     assert!(matches!(r, Err(AttentionError::InvalidArgument { .. })));
     assert!(s.out.iter().all(|x| x.is_nan()));
 }

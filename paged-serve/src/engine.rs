@@ -163,7 +163,18 @@ impl<'a, T: Element> Engine<'a, T> {
             self.backend.synchronize()?;
             let t0 = Instant::now();
             let params = &self.params[layer];
-            self.backend.forward(&q, &k, &v, &mut self.caches[layer], &step_meta, params, &mut out, None)?;
+            self.backend.forward(
+                &step_meta,
+                params,
+                attention_backend::ForwardTensors {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    cache: &mut self.caches[layer],
+                    out: &mut out,
+                    lse: None,
+                },
+            )?;
             self.backend.synchronize()?;
             attention += t0.elapsed();
 

@@ -20,14 +20,16 @@ use std::sync::Once;
 
 use attention_kernels::Element;
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Slice};
+use ndarray::{Array2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut3, Axis, Slice};
 use rayon::prelude::*;
 
 use crate::cache::CpuKvCache;
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::validate;
+use crate::validate::{self, AttentionSpecs};
+
+use super::plan::LayerViews;
 
 /// Environment variable sizing rayon's global pool when this crate is the first to use it (default:
 /// rayon's own choice, `RAYON_NUM_THREADS` or the machine's available parallelism). An engine that
@@ -61,43 +63,63 @@ fn init_global_pool() {
     });
 }
 
+/// One layer's tensors for [`paged_attention`]: the queries, the cache holding every key and value
+/// of the step, and the outputs.
+#[derive(Debug)]
+pub struct AttentionIo<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]`, `num_tokens = meta.num_tokens()` (the slot mapping's
+    /// length, padding included).
+    pub query: ArrayView3<'a, T>,
+    /// Already holds every key and value of every request (`seq_lens[r]` of them, found through
+    /// `meta.block_table`).
+    pub cache: &'a CpuKvCache<T>,
+    /// `[num_tokens, num_heads, head_size]`; rows `>= meta.num_actual_tokens` (padding) are left
+    /// untouched.
+    pub out: ArrayViewMut3<'a, T>,
+    /// Optional `[num_tokens, num_heads]`, the natural log of the softmax denominator used (the
+    /// sink included), `-inf` for a row that sees no key and no sink (its output row is 0).
+    /// Padding rows are left untouched.
+    pub lse: Option<ArrayViewMut2<'a, f32>>,
+}
+
+/// One layer's tensors for [`forward`]: [`AttentionIo`] plus the step's new keys and values, and
+/// the cache mutably (they are written into it first).
+#[derive(Debug)]
+pub struct ForwardIo<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]`.
+    pub query: ArrayView3<'a, T>,
+    /// The new tokens' keys, `[num_tokens, num_kv_heads, head_size]`.
+    pub key: ArrayView3<'a, T>,
+    /// The new tokens' values, `[num_tokens, num_kv_heads, head_size]`.
+    pub value: ArrayView3<'a, T>,
+    /// The layer's cache; the new keys and values are written at `meta.slot_mapping`.
+    pub cache: &'a mut CpuKvCache<T>,
+    /// `[num_tokens, num_heads, head_size]`; padding rows are left untouched.
+    pub out: ArrayViewMut3<'a, T>,
+    /// Optional `[num_tokens, num_heads]` log-sum-exp (see [`AttentionIo::lse`]).
+    pub lse: Option<ArrayViewMut2<'a, f32>>,
+}
+
 /// Attention over the paged cache for every real token of the batch (vLLM's
 /// `flash_attn_varlen_func` with a block table), with the semantics documented on
-/// [`AttentionParams`].
-///
-/// - `query`: `[num_tokens, num_heads, head_size]`, `num_tokens = meta.num_tokens()` (the slot
-///   mapping's length, padding included);
-/// - `cache`: already holds every key and value of every request (`seq_lens[r]` of them, found
-///   through `meta.block_table`);
-/// - `out`: `[num_tokens, num_heads, head_size]`; rows `>= meta.num_actual_tokens` (padding) are
-///   left untouched;
-/// - `lse`: optional `[num_tokens, num_heads]`, the natural log of the softmax denominator used
-///   (the sink included), `-inf` for a row that sees no key and no sink (its output row is 0).
-///   Padding rows are left untouched.
+/// [`AttentionParams`]; the tensors are described on [`AttentionIo`].
 ///
 /// Scores and softmax are computed in `f32` whatever `T` is; the output is rounded to `T` once.
+/// This checks the whole step (the step contract included) on every call: an engine that runs
+/// many layers over one step plans it once with [`super::plan`] instead.
 ///
 /// # Errors
 /// The errors of [`validate::paged_attention`], returned before anything is written.
 pub fn paged_attention<T: Element>(
-    query: ArrayView3<'_, T>,
-    cache: &CpuKvCache<T>,
     meta: &AttentionMetadata,
     params: &AttentionParams,
-    out: ArrayViewMut3<'_, T>,
-    lse: Option<ArrayViewMut2<'_, f32>>,
+    io: AttentionIo<'_, T>,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
+    let AttentionIo { query, cache, out, lse } = io;
     let layout = *cache.layout();
-    validate::paged_attention_typed::<T>(
-        OP,
-        params,
-        &layout,
-        query.shape(),
-        out.shape(),
-        lse.as_ref().map(|l| l.shape()),
-        meta,
-    )?;
+    let specs = AttentionSpecs::of::<T>(query.shape(), out.shape(), lse.as_ref().map(|l| l.shape()));
+    validate::paged_attention_typed::<T>(OP, params, &layout, specs, meta)?;
     let _span = tracing::debug_span!(
         "paged_attention",
         backend = "cpu",
@@ -107,47 +129,34 @@ pub fn paged_attention<T: Element>(
         prefills = meta.num_prefills
     )
     .entered();
-    run(query, cache, meta, params, out, lse);
+    attend(meta, params, query, cache.key(), cache.value(), out, lse);
     Ok(())
 }
 
 /// One attention layer's step on the CPU (vLLM's `FlashAttentionImpl.forward`): writes the new
-/// tokens' `key` / `value` (`[num_tokens, num_kv_heads, head_size]`) into the cache at
-/// `meta.slot_mapping` (negative slots skipped), then runs [`paged_attention`] over the cache.
+/// tokens' `key` / `value` into the cache at `meta.slot_mapping` (negative slots skipped), then
+/// runs [`paged_attention`] over the cache. The tensors are described on [`ForwardIo`].
 ///
 /// Everything is validated before the cache is touched: an error leaves `cache`, `out` and `lse`
-/// as they were.
+/// as they were. The same as planning the step ([`super::plan`]) and running this one layer.
 ///
 /// # Errors
 /// The errors of [`validate::kv_cache_update`] and [`validate::paged_attention`].
-#[allow(clippy::too_many_arguments)]
-pub fn forward<T: Element>(
-    query: ArrayView3<'_, T>,
-    key: ArrayView3<'_, T>,
-    value: ArrayView3<'_, T>,
-    cache: &mut CpuKvCache<T>,
-    meta: &AttentionMetadata,
-    params: &AttentionParams,
-    out: ArrayViewMut3<'_, T>,
-    lse: Option<ArrayViewMut2<'_, f32>>,
-) -> Result<()> {
-    const OP: &str = "forward";
+pub fn forward<T: Element>(meta: &AttentionMetadata, params: &AttentionParams, io: ForwardIo<'_, T>) -> Result<()> {
+    let ForwardIo { query, key, value, cache, out, lse } = io;
     let layout = *cache.layout();
-    let _span = tracing::debug_span!("forward", backend = "cpu", tokens = meta.num_tokens()).entered();
-    validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), &meta.slot_mapping)?;
-    validate::paged_attention_typed::<T>(
-        OP,
+    let (key_cache, value_cache) = cache.key_value_mut();
+    super::plan::plan_as("forward", meta, &layout, None)?.run_as(
+        "forward",
         params,
-        &layout,
-        query.shape(),
-        out.shape(),
-        lse.as_ref().map(|l| l.shape()),
-        meta,
-    )?;
-    // Both checks passed on exactly these arguments: write and attend without re-validating.
-    super::cache_write::write_rows(key, value, cache, &meta.slot_mapping);
-    run(query, cache, meta, params, out, lse);
-    Ok(())
+        LayerViews { query, new_kv: Some((key, value)), key_cache, value_cache, out, lse },
+    )
+}
+
+/// The key and value caches, `[num_blocks, block_size, num_kv_heads, head_size]` each.
+struct CacheViews<'a, T> {
+    key: ArrayView4<'a, T>,
+    value: ArrayView4<'a, T>,
 }
 
 /// A run of query rows of one request against one kv head (all query heads of its group).
@@ -182,7 +191,7 @@ fn visible_range(params: &AttentionParams, pos: usize, seq_len: usize) -> Option
     (lo <= hi).then_some((lo, hi))
 }
 
-fn plan(meta: &AttentionMetadata, params: &AttentionParams) -> Vec<Item> {
+fn work_items(meta: &AttentionMetadata, params: &AttentionParams) -> Vec<Item> {
     let group = params.group_size();
     let mut items = Vec::new();
     for req in 0..meta.num_reqs() {
@@ -201,19 +210,24 @@ fn plan(meta: &AttentionMetadata, params: &AttentionParams) -> Vec<Item> {
     items
 }
 
-fn run<T: Element>(
-    query: ArrayView3<'_, T>,
-    cache: &CpuKvCache<T>,
+/// The attention itself over cache views, for callers that have validated exactly these arguments
+/// (shapes agree with the parameters and the metadata, the metadata obeys the step contract for a
+/// cache of this shape). Any strides ndarray allows.
+pub(super) fn attend<T: Element>(
     meta: &AttentionMetadata,
     params: &AttentionParams,
+    query: ArrayView3<'_, T>,
+    key_cache: ArrayView4<'_, T>,
+    value_cache: ArrayView4<'_, T>,
     mut out: ArrayViewMut3<'_, T>,
     mut lse: Option<ArrayViewMut2<'_, f32>>,
 ) {
-    let items = plan(meta, params);
+    let items = work_items(meta, params);
+    let cache = CacheViews { key: key_cache, value: value_cache };
     init_global_pool();
     // Indexed parallel collect keeps item order; a panic in an item (a bug: inputs were validated)
     // is re-raised here by rayon.
-    let results: Vec<ItemOut> = items.par_iter().map(|&item| compute_item(item, query, cache, meta, params)).collect();
+    let results: Vec<ItemOut> = items.par_iter().map(|&item| compute_item(item, query, &cache, meta, params)).collect();
 
     let group = params.group_size();
     for r in results {
@@ -238,7 +252,7 @@ fn run<T: Element>(
 fn compute_item<T: Element>(
     item: Item,
     query: ArrayView3<'_, T>,
-    cache: &CpuKvCache<T>,
+    cache: &CacheViews<'_, T>,
     meta: &AttentionMetadata,
     params: &AttentionParams,
 ) -> ItemOut {
@@ -270,9 +284,9 @@ fn compute_item<T: Element>(
     let nk = khi - klo + 1;
 
     // Gather this kv head's keys and values klo..=khi through the block table.
-    let bs = cache.layout().block_size;
+    let bs = cache.key.shape()[1];
     let blocks = meta.block_table.row(req);
-    let (key_cache, value_cache) = (cache.key(), cache.value());
+    let (key_cache, value_cache) = (&cache.key, &cache.value);
     let mut keys = Array2::<f32>::zeros((nk, hs));
     let mut values = Array2::<f32>::zeros((nk, hs));
     for (n, j) in (klo..=khi).enumerate() {

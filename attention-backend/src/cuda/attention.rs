@@ -8,7 +8,7 @@ use attention_kernels::attention::{
 use attention_kernels::{DType, Element};
 use cudarc::driver::CudaSlice;
 
-use super::{driver_error, kernel_error, kv_cache_update, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
+use super::{driver_error, kernel_error, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use crate::error::{AttentionError, Result};
 use crate::params::AttentionParams;
 use crate::validate;
@@ -61,25 +61,52 @@ impl AttentionWorkspace {
     }
 }
 
-/// The checks shared by [`paged_attention`] and [`forward`], run before any work.
-fn check<T: Element>(
+/// One layer's tensors for [`paged_attention`].
+#[derive(Debug)]
+pub struct AttentionIo<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]`.
+    pub query: &'a DeviceTensor<T>,
+    /// Already holds every key and value of the step.
+    pub cache: &'a CudaKvCache<T>,
+    /// `[num_tokens, num_heads, head_size]`; rows of padding tokens are left untouched.
+    pub out: &'a mut DeviceTensor<T>,
+    /// Optional `[num_tokens, num_heads]` natural-log sum-exp per row.
+    pub lse: Option<&'a mut DeviceTensor<f32>>,
+}
+
+/// One layer's tensors for [`forward`]: [`AttentionIo`] plus the step's new keys and values, and
+/// the cache mutably (they are written into it first).
+#[derive(Debug)]
+pub struct ForwardIo<'a, T: Element> {
+    /// `[num_tokens, num_heads, head_size]`.
+    pub query: &'a DeviceTensor<T>,
+    /// The new tokens' keys, `[num_tokens, num_kv_heads, head_size]`.
+    pub key: &'a DeviceTensor<T>,
+    /// The new tokens' values, `[num_tokens, num_kv_heads, head_size]`.
+    pub value: &'a DeviceTensor<T>,
+    /// The layer's cache; the new keys and values are written at the step's slot mapping.
+    pub cache: &'a mut CudaKvCache<T>,
+    /// `[num_tokens, num_heads, head_size]`; rows of padding tokens are left untouched.
+    pub out: &'a mut DeviceTensor<T>,
+    /// Optional `[num_tokens, num_heads]` natural-log sum-exp per row.
+    pub lse: Option<&'a mut DeviceTensor<f32>>,
+}
+
+/// The shapes of one attention call, for [`validate`].
+fn specs<'a, T: Element>(io: &'a AttentionIo<'_, T>) -> validate::AttentionSpecs<'a> {
+    validate::AttentionSpecs::of::<T>(io.query.shape(), io.out.shape(), io.lse.as_ref().map(|l| l.shape()))
+}
+
+/// Everything [`paged_attention`] checks except the metadata: shapes, parameters, and what the
+/// kernels support. The caller checks the metadata (each call, or once per step).
+pub(crate) fn check_layer<T: Element>(
     op: &'static str,
-    query: &DeviceTensor<T>,
-    cache: &CudaKvCache<T>,
-    meta: &DeviceMetadata,
+    num_tokens: usize,
     params: &AttentionParams,
-    out: &DeviceTensor<T>,
-    lse: Option<&DeviceTensor<f32>>,
+    layout: &crate::layout::CacheLayout,
+    tensors: validate::AttentionSpecs<'_>,
 ) -> Result<()> {
-    validate::paged_attention_typed::<T>(
-        op,
-        params,
-        cache.layout(),
-        query.shape(),
-        out.shape(),
-        lse.map(|l| l.shape()),
-        &meta.host,
-    )?;
+    validate::attention_shapes(op, params, layout, T::DTYPE, tensors, num_tokens)?;
     if T::DTYPE == DType::F32 {
         return Err(AttentionError::Unsupported {
             op,
@@ -105,10 +132,10 @@ fn check<T: Element>(
     Ok(())
 }
 
-/// Attention of the batch described by `meta` over the paged `cache`, written to `out`
-/// (`[num_tokens, num_heads, head_size]`, rows of padding tokens untouched) and, when given, the
-/// natural-log sum-exp of each row to `lse` (`[num_tokens, num_heads]`). Enqueued on the device's
-/// stream; no host synchronisation, no allocation unless `workspace` must grow.
+/// Attention of the batch described by `meta` over the paged cache of `io`, written to `io.out`
+/// (rows of padding tokens untouched) and, when given, the natural-log sum-exp of each row to
+/// `io.lse`. Enqueued on the device's stream; no host synchronisation, no allocation unless
+/// `workspace` must grow.
 ///
 /// Semantics: [`AttentionParams`]. Single-token decodes at the front of the batch run on the
 /// split-KV decode kernel, everything else on the tensor-core varlen kernel (see
@@ -119,35 +146,30 @@ fn check<T: Element>(
 /// ALiBi/sinks with more than 256 heads; [`AttentionError::UnsupportedHeadSize`];
 /// [`AttentionError::Cuda`] when a launch fails. Nothing is launched when an error is returned
 /// before the first launch.
-#[allow(clippy::too_many_arguments)]
 pub fn paged_attention<T: Element>(
     dev: &CudaDevice,
-    query: &DeviceTensor<T>,
-    cache: &CudaKvCache<T>,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    out: &mut DeviceTensor<T>,
-    lse: Option<&mut DeviceTensor<f32>>,
+    io: AttentionIo<'_, T>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let _span = tracing::debug_span!("paged_attention", backend = "cuda", reqs = meta.host.num_reqs()).entered();
-    check(OP, query, cache, meta, params, out, lse.as_deref())?;
-    launch(dev, query, cache, meta, params, out, lse, workspace)
+    check_layer::<T>(OP, meta.host.num_tokens(), params, io.cache.layout(), specs(&io))?;
+    meta.host.check_against(OP, io.cache.layout())?;
+    launch(dev, meta, params, io, workspace)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn launch<T: Element>(
+/// The launches of one attention call whose arguments have been checked.
+pub(crate) fn launch<T: Element>(
     dev: &CudaDevice,
-    query: &DeviceTensor<T>,
-    cache: &CudaKvCache<T>,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    out: &mut DeviceTensor<T>,
-    mut lse: Option<&mut DeviceTensor<f32>>,
+    io: AttentionIo<'_, T>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
+    let AttentionIo { query, cache, out, mut lse } = io;
     let layout = *cache.layout();
     let host = &meta.host;
     let num_reqs = host.num_reqs();
@@ -226,31 +248,40 @@ fn launch<T: Element>(
     Ok(())
 }
 
-/// One attention layer's work for a step: writes the step's `key` / `value`
-/// (`[num_tokens, num_kv_heads, head_size]`) into `cache` at `meta`'s slot mapping
-/// ([`kv_cache_update`]), then runs [`paged_attention`] over the updated cache. Everything is
-/// enqueued on the device's stream; nothing synchronises. All arguments are checked before the
-/// cache is written.
+/// One attention layer's work for a step: writes the step's `io.key` / `io.value` into
+/// `io.cache` at `meta`'s slot mapping ([`super::kv_cache_update`]), then runs [`paged_attention`] over
+/// the updated cache. Everything is enqueued on the device's stream; nothing synchronises. All
+/// arguments are checked before the cache is written.
 ///
 /// # Errors
-/// As [`paged_attention`] and [`kv_cache_update`].
-#[allow(clippy::too_many_arguments)]
+/// As [`paged_attention`] and [`super::kv_cache_update`].
 pub fn forward<T: Element>(
     dev: &CudaDevice,
-    query: &DeviceTensor<T>,
-    key: &DeviceTensor<T>,
-    value: &DeviceTensor<T>,
-    cache: &mut CudaKvCache<T>,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    out: &mut DeviceTensor<T>,
-    lse: Option<&mut DeviceTensor<f32>>,
+    io: ForwardIo<'_, T>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "forward";
     let _span = tracing::debug_span!("forward", backend = "cuda", reqs = meta.host.num_reqs()).entered();
-    check(OP, query, cache, meta, params, out, lse.as_deref())?;
-    validate::kv_cache_update_typed::<T>(OP, cache.layout(), key.shape(), value.shape(), meta.slot_mapping().host())?;
-    kv_cache_update(dev, key, value, cache, meta.slot_mapping())?;
-    launch(dev, query, cache, meta, params, out, lse, workspace)
+    let ForwardIo { query, key, value, cache, out, lse } = io;
+    let layout = *cache.layout();
+    let shapes = validate::AttentionSpecs::of::<T>(query.shape(), out.shape(), lse.as_ref().map(|l| l.shape()));
+    check_layer::<T>(OP, meta.host.num_tokens(), params, &layout, shapes)?;
+    validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), meta.slot_mapping().host())?;
+    meta.host.check_against(OP, &layout)?;
+    forward_checked(dev, meta, params, ForwardIo { query, key, value, cache, out, lse }, workspace)
+}
+
+/// [`forward`] after its checks (the caller ran them, or their equivalent once per step).
+pub(crate) fn forward_checked<T: Element>(
+    dev: &CudaDevice,
+    meta: &DeviceMetadata,
+    params: &AttentionParams,
+    io: ForwardIo<'_, T>,
+    workspace: &mut AttentionWorkspace,
+) -> Result<()> {
+    let ForwardIo { query, key, value, cache, out, lse } = io;
+    super::cache_write::write(dev, key, value, cache, meta.slot_mapping())?;
+    launch(dev, meta, params, AttentionIo { query, cache, out, lse }, workspace)
 }

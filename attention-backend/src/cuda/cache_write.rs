@@ -24,6 +24,19 @@ pub fn kv_cache_update<T: Element>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cuda", tokens = slot_mapping.len()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping.host())?;
+    write(dev, key, value, cache, slot_mapping)
+}
+
+/// The launch of [`kv_cache_update`] for arguments already checked.
+pub(crate) fn write<T: Element>(
+    dev: &CudaDevice,
+    key: &DeviceTensor<T>,
+    value: &DeviceTensor<T>,
+    cache: &mut CudaKvCache<T>,
+    slot_mapping: &DeviceSlotMapping,
+) -> Result<()> {
+    const OP: &str = "kv_cache_update";
+    let layout = *cache.layout();
     let dims = KvWriteDims::contiguous(slot_mapping.len(), layout.row_elems(), layout.num_blocks, layout.block_size);
     launch::kv_cache_write(
         dev.stream(),

@@ -1,14 +1,14 @@
 //! The CUDA backend: device buffers from cudarc, kernels from `attention-kernels`, everything
 //! enqueued on one stream without host synchronisation.
 
-mod attention;
+pub(crate) mod attention;
 mod cache_write;
 mod device;
 mod metadata;
 mod plan;
 mod tensor;
 
-pub use attention::{forward, paged_attention, AttentionWorkspace};
+pub use attention::{forward, paged_attention, AttentionIo, AttentionWorkspace, ForwardIo};
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
 pub use metadata::{decode_split_count, DeviceMetadata, SplitPlan};

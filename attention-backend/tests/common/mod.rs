@@ -278,14 +278,16 @@ pub fn run_case<T: Element>(spec: &Spec) -> Result<Report, String> {
     let mut out = Array3::<T>::from_elem((num_tokens, p.num_heads, p.head_size), nan());
     let mut lse = Array2::<f32>::from_elem((num_tokens, p.num_heads), f32::NAN);
     cpu::forward(
-        b.query.view(),
-        b.key.view(),
-        b.value.view(),
-        &mut b.cache,
         &b.meta,
         p,
-        out.view_mut(),
-        Some(lse.view_mut()),
+        cpu::ForwardIo {
+            query: b.query.view(),
+            key: b.key.view(),
+            value: b.value.view(),
+            cache: &mut b.cache,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
     )
     .map_err(|e| format!("forward failed: {e}"))?;
     check_cache(spec, &b)?;

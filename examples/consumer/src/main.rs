@@ -59,7 +59,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let k = backend.tensor(projection(layer, &ids, KV_HEADS, 1))?;
             let v = backend.tensor(projection(layer, &ids, KV_HEADS, 2))?;
             let mut out = backend.zeros::<bf16>(&[ids.len(), HEADS, HEAD])?;
-            backend.forward(&q, &k, &v, cache, &meta, &params, &mut out, None)?;
+            backend.forward(
+                &meta,
+                &params,
+                attention_backend::ForwardTensors { query: &q, key: &k, value: &v, cache, out: &mut out, lse: None },
+            )?;
             if layer == LAYERS - 1 {
                 last_out = Some((backend.to_host(&out)?, inputs.req_ids.clone()));
             }

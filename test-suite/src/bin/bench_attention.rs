@@ -165,7 +165,13 @@ fn run_case<T: Element>(dev: &CudaDevice, case: &Case, iters: usize, check_dir: 
     let plan = s.meta.split_plan(case.heads, case.kv_heads, case.head_size);
     let mut ws = AttentionWorkspace::new();
     let att = time_on_stream(dev, WARMUP, iters, || {
-        cuda::paged_attention(dev, &s.query, &s.cache, &s.meta, &s.params, &mut s.out, None, &mut ws)
+        cuda::paged_attention(
+            dev,
+            &s.meta,
+            &s.params,
+            cuda::AttentionIo { query: &s.query, cache: &s.cache, out: &mut s.out, lse: None },
+            &mut ws,
+        )
     })
     .unwrap();
     let id = format!("{}-{}", case.name.replace([' ', '/'], "_"), T::DTYPE);

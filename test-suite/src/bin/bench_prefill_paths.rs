@@ -133,7 +133,13 @@ fn main() {
                 let mut ws = AttentionWorkspace::new();
                 let stats = with_prefill_path(path, || {
                     time_on_stream(&dev, WARMUP, iters, || {
-                        cuda::paged_attention(&dev, &s.query, &s.cache, &s.meta, &s.params, &mut s.out, None, &mut ws)
+                        cuda::paged_attention(
+                            &dev,
+                            &s.meta,
+                            &s.params,
+                            cuda::AttentionIo { query: &s.query, cache: &s.cache, out: &mut s.out, lse: None },
+                            &mut ws,
+                        )
                     })
                 })
                 .unwrap();

@@ -213,18 +213,19 @@ fn prepare<T: Element>(case: &Case, rng: &mut StdRng) -> Prepared<T> {
     Prepared { query, keys, values, meta, cpu_meta, cpu_cache, all_slots, num_tokens }
 }
 
-/// Independent float64 attention of one query row of one head.
-#[allow(clippy::too_many_arguments)]
-fn reference_row<T: Element>(
-    case: &Case,
-    q: &[T],
-    keys: &[T],
-    values: &[T],
+/// Which row [`reference_row`] computes: query row `i` of a request with `q_len` new tokens and
+/// `kv_len` keys, for query head `head`.
+#[derive(Clone, Copy)]
+struct RowAt {
     q_len: usize,
     kv_len: usize,
     i: usize,
     head: usize,
-) -> (Vec<f64>, f64) {
+}
+
+/// Independent float64 attention of one query row of one head.
+fn reference_row<T: Element>(case: &Case, q: &[T], keys: &[T], values: &[T], at: RowAt) -> (Vec<f64>, f64) {
+    let RowAt { q_len, kv_len, i, head } = at;
     let p = &case.params;
     let (kvh, d) = (case.num_kv_heads, case.head_size);
     let kv_head = head / (case.num_heads / kvh);
@@ -332,9 +333,23 @@ pub(crate) fn run_case<T: Element>(case: &Case) {
         vs.extend(uniform::<T>(&mut rng, case.padding * kvh * d, 2.0));
         let kt = DeviceTensor::from_host(dev, &ks, &[nt, kvh, d]).unwrap();
         let vt = DeviceTensor::from_host(dev, &vs, &[nt, kvh, d]).unwrap();
-        cuda::forward(dev, &query, &kt, &vt, &mut cache, &meta, &case.params, &mut out, lse_arg, &mut ws).unwrap();
+        cuda::forward(
+            dev,
+            &meta,
+            &case.params,
+            cuda::ForwardIo { query: &query, key: &kt, value: &vt, cache: &mut cache, out: &mut out, lse: lse_arg },
+            &mut ws,
+        )
+        .unwrap();
     } else {
-        cuda::paged_attention(dev, &query, &cache, &meta, &case.params, &mut out, lse_arg, &mut ws).unwrap();
+        cuda::paged_attention(
+            dev,
+            &meta,
+            &case.params,
+            cuda::AttentionIo { query: &query, cache: &cache, out: &mut out, lse: lse_arg },
+            &mut ws,
+        )
+        .unwrap();
     }
     let got = out.to_host(dev).unwrap();
     let got_lse = lse.to_host(dev).unwrap();
@@ -344,12 +359,14 @@ pub(crate) fn run_case<T: Element>(case: &Case) {
     let mut cpu_out = Array3::<T>::from_elem((nt, h, d), nan);
     let mut cpu_lse = Array2::<f32>::from_elem((nt, h), f32::NAN);
     cpu::paged_attention(
-        qv,
-        &prep.cpu_cache,
         &prep.cpu_meta,
         &case.params,
-        cpu_out.view_mut(),
-        if case.lse { Some(cpu_lse.view_mut()) } else { None },
+        cpu::AttentionIo {
+            query: qv,
+            cache: &prep.cpu_cache,
+            out: cpu_out.view_mut(),
+            lse: if case.lse { Some(cpu_lse.view_mut()) } else { None },
+        },
     )
     .unwrap();
     let cpu_out = cpu_out.into_raw_vec_and_offset().0;
@@ -411,7 +428,8 @@ pub(crate) fn run_case<T: Element>(case: &Case) {
             let t = start + i;
             for hh in 0..h {
                 let qrow = &prep.query[(t * h + hh) * d..(t * h + hh + 1) * d];
-                let (ro, rl) = reference_row(case, qrow, &prep.keys[r], &prep.values[r], q_len, kv_len, i, hh);
+                let (ro, rl) =
+                    reference_row(case, qrow, &prep.keys[r], &prep.values[r], RowAt { q_len, kv_len, i, head: hh });
                 for (e, &rv) in ro.iter().enumerate() {
                     let x = got[(t * h + hh) * d + e].to_f32() as f64;
                     assert!(close(x, rv, ATOL), "{}", ctx("out vs f64", t, hh, e, x, rv));
@@ -619,7 +637,14 @@ fn unsupported_is_typed() {
         let q = DeviceTensor::<f32>::zeros(dev, &[1, 4, 64]).unwrap();
         let mut out = DeviceTensor::<f32>::zeros(dev, &[1, 4, 64]).unwrap();
         let p = AttentionParams::new(4, 2, 64);
-        let e = cuda::paged_attention(dev, &q, &cache, &dm, &p, &mut out, None, &mut ws).unwrap_err();
+        let e = cuda::paged_attention(
+            dev,
+            &dm,
+            &p,
+            cuda::AttentionIo { query: &q, cache: &cache, out: &mut out, lse: None },
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(matches!(e, AttentionError::Unsupported { .. }), "{e:?}");
     }
     {
@@ -628,7 +653,14 @@ fn unsupported_is_typed() {
         let q = DeviceTensor::<bf16>::zeros(dev, &[1, 4, 120]).unwrap();
         let mut out = DeviceTensor::<bf16>::zeros(dev, &[1, 4, 120]).unwrap();
         let p = AttentionParams::new(4, 2, 120);
-        let e = cuda::paged_attention(dev, &q, &cache, &dm, &p, &mut out, None, &mut ws).unwrap_err();
+        let e = cuda::paged_attention(
+            dev,
+            &dm,
+            &p,
+            cuda::AttentionIo { query: &q, cache: &cache, out: &mut out, lse: None },
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(matches!(e, AttentionError::UnsupportedHeadSize { head_size: 120, .. }), "{e:?}");
     }
     {
@@ -638,7 +670,14 @@ fn unsupported_is_typed() {
         let q = DeviceTensor::<f16>::zeros(dev, &[1, 512, 64]).unwrap();
         let mut out = DeviceTensor::<f16>::zeros(dev, &[1, 512, 64]).unwrap();
         let p = AttentionParams::new(512, 1, 64).with_alibi_slopes(Some(vec![0.1; 512]));
-        let e = cuda::paged_attention(dev, &q, &cache, &dm, &p, &mut out, None, &mut ws).unwrap_err();
+        let e = cuda::paged_attention(
+            dev,
+            &dm,
+            &p,
+            cuda::AttentionIo { query: &q, cache: &cache, out: &mut out, lse: None },
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(matches!(e, AttentionError::Unsupported { .. }), "{e:?}");
     }
 }

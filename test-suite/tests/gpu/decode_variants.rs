@@ -247,7 +247,12 @@ fn check_cpu<T: Element>(b: &Batch<T>, got: &(Vec<T>, Vec<f32>), what: &str) {
     let qv = ArrayView3::from_shape((nt, h, d), &b.host_query[..]).unwrap();
     let mut out = Array3::<T>::from_elem((nt, h, d), T::from_f32(f32::NAN));
     let mut lse = Array2::<f32>::from_elem((nt, h), f32::NAN);
-    cpu::paged_attention(qv, cc, cm, p, out.view_mut(), Some(lse.view_mut())).unwrap();
+    cpu::paged_attention(
+        cm,
+        p,
+        cpu::AttentionIo { query: qv, cache: cc, out: out.view_mut(), lse: Some(lse.view_mut()) },
+    )
+    .unwrap();
     let (out, lse) = (out.into_raw_vec_and_offset().0, lse.into_raw_vec_and_offset().0);
     for (i, (x, r)) in got.0.iter().zip(&out).enumerate() {
         let (x, r) = (x.to_f32() as f64, r.to_f32() as f64);

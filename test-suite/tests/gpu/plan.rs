@@ -108,7 +108,19 @@ fn cpu_layer(layer: &mut Layer, fused: &[bf16], meta: &AttentionMetadata, params
     let (k, v) = kv.split_at(Axis(1), KVH);
     let mut out = Array3::from_elem((n, H, D), bf16::from_f32(7.0));
     let mut lse = Array2::<f32>::zeros((n, H));
-    cpu::forward(q, k, v, &mut layer.cpu_cache, meta, params, out.view_mut(), Some(lse.view_mut())).unwrap();
+    cpu::forward(
+        meta,
+        params,
+        cpu::ForwardIo {
+            query: q,
+            key: k,
+            value: v,
+            cache: &mut layer.cpu_cache,
+            out: out.view_mut(),
+            lse: Some(lse.view_mut()),
+        },
+    )
+    .unwrap();
     out
 }
 
@@ -391,7 +403,20 @@ fn step_contract_violations_are_refused_on_the_gpu() {
             }
         };
         let params = AttentionParams::new(H, KVH, D);
-        let e = backend.forward(&q, &k, &v, &mut cache, &step, &params, &mut out, None).expect_err(what);
+        let e = backend
+            .forward(
+                &step,
+                &params,
+                attention_backend::ForwardTensors {
+                    query: &q,
+                    key: &k,
+                    value: &v,
+                    cache: &mut cache,
+                    out: &mut out,
+                    lse: None,
+                },
+            )
+            .expect_err(what);
         assert_eq!(std::mem::discriminant(&e), std::mem::discriminant(&err), "{what}: {e}");
         let after = backend.kv_cache_to_host(&cache).unwrap();
         assert!(before.key() == after.key() && before.value() == after.value(), "{what}: the cache was written");

@@ -193,7 +193,14 @@ fn unseen_case<T: Element>(params: AttentionParams, block_size: usize, q_len: us
     let nan = T::from_f32(f32::NAN);
     let mut out = DeviceTensor::from_host(dev, &vec![nan; q_len * h * d], &[q_len, h, d]).unwrap();
     let mut ws = AttentionWorkspace::new();
-    cuda::paged_attention(dev, &q, &cache, &dm, &params, &mut out, None, &mut ws).unwrap();
+    cuda::paged_attention(
+        dev,
+        &dm,
+        &params,
+        cuda::AttentionIo { query: &q, cache: &cache, out: &mut out, lse: None },
+        &mut ws,
+    )
+    .unwrap();
     let got = out.to_host(dev).unwrap();
 
     // CPU reference on a compact cache (block i of the request = block i).
@@ -220,7 +227,12 @@ fn unseen_case<T: Element>(params: AttentionParams, block_size: usize, q_len: us
     .unwrap();
     let qv = ArrayView3::from_shape((q_len, h, d), &query[..]).unwrap();
     let mut cpu_out = Array3::<T>::from_elem((q_len, h, d), nan);
-    cpu::paged_attention(qv, &cpu_cache, &cpu_meta, &params, cpu_out.view_mut(), None).unwrap();
+    cpu::paged_attention(
+        &cpu_meta,
+        &params,
+        cpu::AttentionIo { query: qv, cache: &cpu_cache, out: cpu_out.view_mut(), lse: None },
+    )
+    .unwrap();
     let cpu_out = cpu_out.into_raw_vec_and_offset().0;
 
     let ctx = kv_len - q_len;
