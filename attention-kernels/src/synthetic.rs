@@ -249,15 +249,18 @@ pub fn record_timing_event(event: &CudaEvent, stream: &CudaStream) -> Result<(),
         });
     }
     bind("record_timing_event", stream)?;
+    // Inside a capture the record must be an external event node to survive into the graph (and
+    // be timed at every replay); outside one the driver refuses that flag (CUDA_ERROR_ILLEGAL_STATE),
+    // and a plain record is what is wanted.
+    let capturing = stream.capture_status().map_err(|e| KernelError::Cuda {
+        kernel: "record_timing_event",
+        code: e.0 as i32,
+        message: format!("{e:?}"),
+    })? == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    let flags = if capturing { cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32 } else { 0 };
     // SAFETY: both handles are alive (borrowed `CudaEvent` and `CudaStream` own them) and on the
     // same context (checked above); recording an event reads and writes no user memory.
-    let status = unsafe {
-        cudarc::driver::sys::cuEventRecordWithFlags(
-            event.cu_event(),
-            stream.cu_stream(),
-            cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
-        )
-    };
+    let status = unsafe { cudarc::driver::sys::cuEventRecordWithFlags(event.cu_event(), stream.cu_stream(), flags) };
     if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
         return Err(KernelError::Cuda {
             kernel: "record_timing_event",

@@ -17,10 +17,10 @@ use attention_kernels::attention::{
     AttentionFeatures, AttentionKernel, AttentionStrides, MAX_FEATURE_HEADS,
 };
 use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
-use attention_kernels::staging::pinned_zeros;
+use attention_kernels::staging::Staging;
 use attention_kernels::{DType, Element};
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
 use super::metadata::{decode_blocks_per_sm, decode_split_count, DECODE_ROWS_PER_BLOCK};
 use super::{driver_error, kernel_error, CudaDevice};
@@ -122,8 +122,8 @@ pub struct StepPlanner {
     slot_mapping: CudaSlice<i64>,
     workspace: CudaSlice<f32>,
     /// `query_start_loc`, `seq_lens` and the block table, back to back, staged for one upload each.
-    staging_i32: PinnedHostSlice<i32>,
-    staging_i64: PinnedHostSlice<i64>,
+    staging_i32: Staging<i32>,
+    staging_i64: Staging<i64>,
     /// Recorded after each step's uploads; waited on before the staging area is written again, so
     /// a step never overwrites bytes the previous step's copies still read.
     uploaded: CudaEvent,
@@ -183,8 +183,8 @@ impl StepPlanner {
             block_table: alloc(dev, table)?,
             slot_mapping: alloc(dev, config.max_num_tokens)?,
             workspace: alloc(dev, 1)?,
-            staging_i32: pinned_zeros(dev.context(), staged).map_err(|e| kernel_error("StepPlanner::new", e))?,
-            staging_i64: pinned_zeros(dev.context(), config.max_num_tokens)
+            staging_i32: Staging::new(dev.context(), staged).map_err(|e| kernel_error("StepPlanner::new", e))?,
+            staging_i64: Staging::new(dev.context(), config.max_num_tokens)
                 .map_err(|e| kernel_error("StepPlanner::new", e))?,
             uploaded: dev.context().new_event(None).map_err(|e| driver_error("StepPlanner::new", e))?,
             scratch: StepCheckScratch::new(),
@@ -379,8 +379,10 @@ impl StepPlanner {
         let n = meta.num_reqs();
         // The previous step's copies read the staging area asynchronously: wait for them (they
         // are long done unless the host runs ahead of the device by a whole step).
-        self.uploaded.synchronize().map_err(|e| driver_error(UP, e))?;
-        let staged = self.staging_i32.as_mut_slice().map_err(|e| driver_error(UP, e))?;
+        if !self.uploaded.is_complete() {
+            self.uploaded.synchronize().map_err(|e| driver_error(UP, e))?;
+        }
+        let staged = self.staging_i32.as_mut_slice();
         let (qsl, rest) = staged.split_at_mut(c.max_num_reqs + 1);
         let (lens, table) = rest.split_at_mut(c.max_num_reqs);
         qsl[..=n].copy_from_slice(&meta.query_start_loc);
@@ -394,13 +396,13 @@ impl StepPlanner {
             let row = &meta.block_table.row(r)[..copy_w];
             table[r * width..r * width + copy_w].copy_from_slice(row);
         }
-        let slots = self.staging_i64.as_mut_slice().map_err(|e| driver_error(UP, e))?;
+        let slots = self.staging_i64.as_mut_slice();
         let given = meta.slot_mapping.as_slice();
         slots[..given.len()].copy_from_slice(given);
         slots[given.len()..tokens].fill(-1);
 
         let stream = self.dev.stream().clone();
-        let staged = self.staging_i32.as_slice().map_err(|e| driver_error(UP, e))?;
+        let staged = self.staging_i32.as_slice();
         let table_at = 2 * c.max_num_reqs + 1;
         let copies = [
             (&staged[..=reqs], &mut self.query_start_loc),
@@ -411,7 +413,7 @@ impl StepPlanner {
             let mut dst = dst.slice_mut(..src.len());
             stream.memcpy_htod(src, &mut dst).map_err(|e| driver_error(UP, e))?;
         }
-        let slots = self.staging_i64.as_slice().map_err(|e| driver_error(UP, e))?;
+        let slots = self.staging_i64.as_slice();
         let mut dst = self.slot_mapping.slice_mut(..tokens.max(1));
         stream.memcpy_htod(&slots[..tokens.max(1)], &mut dst).map_err(|e| driver_error(UP, e))?;
         self.uploaded.record(&stream).map_err(|e| driver_error(UP, e))?;

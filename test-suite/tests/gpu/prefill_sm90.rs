@@ -221,7 +221,8 @@ fn unseen_case<T: Element>(params: AttentionParams, block_size: usize, q_len: us
         vec![0, q_len as i32],
         vec![kv_len as i32],
         BlockTable::new((0..blocks as i32).collect(), 1, blocks).unwrap(),
-        SlotMapping::new(vec![-1; q_len]),
+        // The step contract: the new tokens' slots follow the (identity) block table.
+        SlotMapping::new((kv_len - q_len..kv_len).map(|j| j as i64).collect()),
         1,
     )
     .unwrap();
