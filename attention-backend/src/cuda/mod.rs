@@ -12,7 +12,9 @@ pub use attention::{forward, paged_attention, AttentionIo, AttentionWorkspace, F
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
 pub use metadata::{decode_split_count, DeviceMetadata, SplitPlan};
-pub use plan::{LaunchPlan, LayerBuffers, LayerStrides, PlannerConfig, StepPlan, StepPlanner};
+pub use plan::{
+    LaunchPlan, LayerBuffers, LayerStrides, PlanOptions, PlannerConfig, StepPlan, StepPlanner, BATCH_INVARIANT_ENV,
+};
 pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 
 pub use attention_kernels::cudarc;

@@ -85,6 +85,60 @@ impl PlannerConfig {
     }
 }
 
+/// The environment variable that turns on [`PlanOptions::batch_invariant`] for binaries built on
+/// the planner: `1`, `true` or `on` (any case); `0`, `false`, `off` or unset leave it off.
+pub const BATCH_INVARIANT_ENV: &str = "PAGED_ATTN_BATCH_INVARIANT";
+
+/// Choices a [`StepPlanner`] makes once, at construction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Every request's reduction order depends only on that request: decode splits cover a fixed
+    /// number of keys (a constant of the planner, never a count derived from the batch), so a
+    /// request's output and LSE are bit-identical whatever else is in its batch, in eager and graph
+    /// plans alike (vLLM's `VLLM_BATCH_INVARIANT`; RL and evaluation users need it). The prefill
+    /// kernels are batch-invariant by construction. Off by default: splits are then chosen for
+    /// speed from the batch. Single-token decodes must lead the batch, as the model runner orders
+    /// it. Run-to-run determinism holds in both modes (no floating-point atomics anywhere).
+    pub batch_invariant: bool,
+}
+
+impl PlanOptions {
+    /// The options [`BATCH_INVARIANT_ENV`] asks for.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidArgument`] for a value that is not a switch.
+    pub fn from_env() -> Result<Self> {
+        let on = match std::env::var(BATCH_INVARIANT_ENV) {
+            Err(std::env::VarError::NotPresent) => false,
+            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "" | "0" | "false" | "off" => false,
+                "1" | "true" | "on" => true,
+                _ => {
+                    return Err(AttentionError::InvalidArgument {
+                        op: "PlanOptions::from_env",
+                        what: format!("{BATCH_INVARIANT_ENV}=`{v}`: expected 1/true/on or 0/false/off"),
+                    })
+                }
+            },
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(AttentionError::InvalidArgument {
+                    op: "PlanOptions::from_env",
+                    what: format!("{BATCH_INVARIANT_ENV} is not UTF-8"),
+                })
+            }
+        };
+        Ok(PlanOptions { batch_invariant: on })
+    }
+}
+
+/// Keys per decode split in batch-invariant mode: 1024 (16 tiles; splits that long keep the
+/// combine's share of the bytes small), or more where the planner admits sequences so long that
+/// 1024-key splits would pass 64 per request, rounded to the decode kernel's tile.
+fn invariant_split_keys(config: &PlannerConfig) -> usize {
+    let tile = decode_tile_keys(config.head_size).max(1);
+    config.max_seq_len().div_ceil(64).max(1024).div_ceil(tile) * tile
+}
+
 /// How one planned step is launched, per layer. In graph mode two plans of the same padded batch
 /// size are equal, which is what lets one captured graph serve both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +151,8 @@ pub struct LaunchPlan {
     pub decode_reqs: usize,
     /// Partitions of each decode request's keys (1 = no combine).
     pub num_splits: usize,
+    /// Keys per decode split in batch-invariant mode (0: keys divided evenly into `num_splits`).
+    pub split_keys: usize,
     /// Longest query among requests `decode_reqs..num_reqs` (0 when there are none).
     pub prefill_max_query_len: usize,
     /// Floats of split-KV workspace the decode partials use.
@@ -116,6 +172,9 @@ pub struct StepPlanner {
     /// Resident decode blocks per SM of the selected decode variant, from the runtime's occupancy
     /// calculator (the table in `metadata.rs` when the query fails).
     decode_per_sm: usize,
+    options: PlanOptions,
+    /// Keys per decode split in batch-invariant mode (0 otherwise): a constant of the planner.
+    split_keys: usize,
     query_start_loc: CudaSlice<i32>,
     seq_lens: CudaSlice<i32>,
     block_table: CudaSlice<i32>,
@@ -147,6 +206,14 @@ impl StepPlanner {
     /// [`AttentionError::UnsupportedHeadSize`] for a head size no kernel is compiled for,
     /// [`AttentionError::Cuda`] when an allocation fails (see [`AttentionError::is_out_of_memory`]).
     pub fn new(dev: &CudaDevice, config: PlannerConfig) -> Result<Self> {
+        StepPlanner::with_options(dev, config, PlanOptions::default())
+    }
+
+    /// [`StepPlanner::new`] with [`PlanOptions`] (the batch-invariant mode).
+    ///
+    /// # Errors
+    /// As [`StepPlanner::new`].
+    pub fn with_options(dev: &CudaDevice, config: PlannerConfig, options: PlanOptions) -> Result<Self> {
         config.check()?;
         if decode_tile_keys(config.head_size) == 0 {
             return Err(AttentionError::UnsupportedHeadSize {
@@ -178,6 +245,8 @@ impl StepPlanner {
             config,
             num_sms,
             decode_per_sm,
+            options,
+            split_keys: if options.batch_invariant { invariant_split_keys(&config) } else { 0 },
             query_start_loc: alloc(dev, config.max_num_reqs + 1)?,
             seq_lens: alloc(dev, config.max_num_reqs)?,
             block_table: alloc(dev, table)?,
@@ -220,10 +289,19 @@ impl StepPlanner {
         if decode_max_group(c.head_size) < c.num_heads / c.num_kv_heads {
             return 0;
         }
+        if self.split_keys > 0 {
+            let splits = c.max_seq_len().div_ceil(self.split_keys);
+            return decode_workspace_len(splits, c.max_num_reqs, c.num_heads, c.head_size);
+        }
         (1..=c.max_num_reqs)
             .map(|n| decode_workspace_len(self.split_count(n, c.max_seq_len()), n, c.num_heads, c.head_size))
             .max()
             .unwrap_or(0)
+    }
+
+    /// The options it was built with.
+    pub fn options(&self) -> PlanOptions {
+        self.options
     }
 
     /// Split-KV partitions for `n` single-token decodes whose longest context is `max_len`.
@@ -261,16 +339,24 @@ impl StepPlanner {
             num_tokens: meta.num_tokens(),
             decode_reqs: single,
             num_splits: 1,
+            split_keys: self.split_keys,
             prefill_max_query_len: (single..num_reqs).map(|r| meta.query_len(r)).max().unwrap_or(0),
             workspace_len: 0,
             graph: false,
         };
         if single > 0 {
             let max_len = meta.seq_lens[..single].iter().copied().max().unwrap_or(0).max(0) as usize;
-            let mut s = self.split_count(single, max_len);
-            while s > 1 && decode_workspace_len(s, single, c.num_heads, c.head_size) > self.workspace.len() {
-                s -= 1;
-            }
+            let s = if self.split_keys > 0 {
+                // Enough fixed-size splits for the longest request; the workspace was sized for
+                // the longest sequence the planner admits, so this always fits.
+                max_len.div_ceil(self.split_keys).max(1)
+            } else {
+                let mut s = self.split_count(single, max_len);
+                while s > 1 && decode_workspace_len(s, single, c.num_heads, c.head_size) > self.workspace.len() {
+                    s -= 1;
+                }
+                s
+            };
             launch.num_splits = s;
             launch.workspace_len = decode_workspace_len(s, single, c.num_heads, c.head_size);
         }
@@ -328,12 +414,17 @@ impl StepPlanner {
                 ),
             });
         }
-        let num_splits = self.split_count(padded_reqs, c.max_seq_len());
+        let num_splits = if self.split_keys > 0 {
+            c.max_seq_len().div_ceil(self.split_keys).max(1)
+        } else {
+            self.split_count(padded_reqs, c.max_seq_len())
+        };
         let launch = LaunchPlan {
             num_reqs: padded_reqs,
             num_tokens: padded_reqs,
             decode_reqs: padded_reqs,
             num_splits,
+            split_keys: self.split_keys,
             prefill_max_query_len: 0,
             workspace_len: decode_workspace_len(num_splits, padded_reqs, c.num_heads, c.head_size),
             graph: true,
@@ -637,7 +728,7 @@ impl StepPlan<'_> {
         };
         if l.decode_reqs > 0 {
             launch_range(
-                AttentionKernel::Decode { num_splits: l.num_splits, split_keys: 0 },
+                AttentionKernel::Decode { num_splits: l.num_splits, split_keys: l.split_keys },
                 0,
                 l.decode_reqs,
                 l.num_splits > 1,

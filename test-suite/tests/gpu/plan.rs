@@ -422,3 +422,164 @@ fn step_contract_violations_are_refused_on_the_gpu() {
         assert!(before.key() == after.key() && before.value() == after.value(), "{what}: the cache was written");
     }
 }
+
+/// One probe's output and LSE rows, as bits.
+type Rows = (Vec<u32>, Vec<u32>);
+
+/// The batch-invariance test's cache: long enough sequences that decodes split into several
+/// 1024-key pieces.
+const INV_BLOCKS: usize = 65536;
+const INV_MAX_BLOCKS: usize = 1024;
+
+/// Runs `reqs` (decodes first, then prefills) with `q_lens` through a planner of `options` over a
+/// cache already filled (no new K/V written), and returns the output and LSE bits of the requests
+/// `probes` names (by index in `reqs`).
+struct Probe<'a, T: attention_backend::cuda::cudarc::driver::DeviceRepr> {
+    dev: &'a CudaDevice,
+    caches: &'a (CudaSlice<T>, CudaSlice<T>),
+    params: &'a AttentionParams,
+}
+
+impl<T: attention_backend::Element + attention_backend::cuda::cudarc::driver::DeviceRepr> Probe<'_, T> {
+    fn rows(
+        &self,
+        options: attention_backend::cuda::PlanOptions,
+        queries: &[T],
+        reqs: &[Req],
+        q_lens: &[usize],
+        probes: &[usize],
+        graph_pad: Option<usize>,
+    ) -> Vec<Rows> {
+        let meta = step_meta(reqs, q_lens);
+        let rows = graph_pad.unwrap_or(meta.num_tokens());
+        let cfg = PlannerConfig {
+            layout: CacheLayout::new(INV_BLOCKS, BS, KVH, D).unwrap(),
+            max_blocks_per_req: INV_MAX_BLOCKS,
+            ..config(rows.max(64), rows.max(reqs.len()).max(8))
+        };
+        let mut planner = StepPlanner::with_options(self.dev, cfg, options).unwrap();
+        let stream = self.dev.stream();
+        let mut q = queries[..meta.num_tokens() * H * D].to_vec();
+        q.resize(rows * H * D, T::from_f32(0.0));
+        let q = stream.clone_htod(&q).unwrap();
+        let mut out = stream.alloc_zeros::<T>(rows * H * D).unwrap();
+        let mut lse = stream.alloc_zeros::<f32>(rows * H).unwrap();
+        let (mut kc, mut vc) = (self.caches.0.clone(), self.caches.1.clone());
+        {
+            let mut plan = match graph_pad {
+                Some(p) => planner.plan_graph(&meta, p).unwrap(),
+                None => planner.plan(&meta).unwrap(),
+            };
+            let strides = LayerStrides::contiguous(plan.planner().config());
+            plan.run(
+                self.params,
+                LayerBuffers {
+                    query: q.as_view(),
+                    new_kv: None,
+                    cache: KvCacheMut::Separate { key: kc.as_view_mut(), value: vc.as_view_mut() },
+                    out: out.as_view_mut(),
+                    lse: Some(lse.as_view_mut()),
+                    strides,
+                },
+            )
+            .unwrap();
+        }
+        let out = stream.clone_dtoh(&out).unwrap();
+        let lse = stream.clone_dtoh(&lse).unwrap();
+        probes
+            .iter()
+            .map(|&p| {
+                let (a, b) = (meta.query_start_loc[p] as usize, meta.query_start_loc[p + 1] as usize);
+                let o = out[a * H * D..b * H * D].iter().map(|x| x.to_f32().to_bits()).collect();
+                (o, lse[a * H..b * H].iter().map(|x| x.to_bits()).collect())
+            })
+            .collect()
+    }
+}
+
+/// Issue 18: in batch-invariant mode a request's output and LSE do not depend on what else is in
+/// its batch (alone, and in batches of 8, 64 and 256 of mixed lengths, eager and graph-padded),
+/// for a long and a short decode and a prefill on a cached prefix, with and without window and
+/// soft-cap; the default mode does change the long decode's bits (so the test can fail).
+fn batch_invariance<T: attention_backend::Element + attention_backend::cuda::cudarc::driver::DeviceRepr>(seed: u64) {
+    use attention_backend::cuda::PlanOptions;
+    let dev = common::device();
+    let stream = dev.stream();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = CacheLayout::new(INV_BLOCKS, BS, KVH, D).unwrap().num_elements().unwrap();
+    let mut fill = || -> CudaSlice<T> {
+        let host: Vec<T> = (0..n).map(|_| T::from_f32(rng.random_range(-2.0f32..2.0))).collect();
+        stream.clone_htod(&host).unwrap()
+    };
+    let caches = (fill(), fill());
+    let mut ids: Vec<i32> = (0..INV_BLOCKS as i32).collect();
+    ids.shuffle(&mut rng);
+    let mut pool = Pool(ids);
+    let mut make = |len: usize| {
+        let mut r = Req { blocks: Vec::new(), len: 0 };
+        pool.grow(&mut r, len);
+        r
+    };
+    // Probes: a long decode (12 1024-key splits), a short decode, a 64-token prefill on 300 cached.
+    let (long, short, pre) = (make(12_000), make(37), make(364));
+    let fillers: Vec<Req> = (0..260).map(|i| make(1 + (i * 997) % 3000 + (i % 5) * 500)).collect();
+    let host_q: Vec<T> = (0..330 * H * D).map(|_| T::from_f32(rng.random_range(-2.0f32..2.0))).collect();
+    let on = PlanOptions { batch_invariant: true };
+    let off = PlanOptions::default();
+    for params in [
+        AttentionParams::new(H, KVH, D),
+        AttentionParams::new(H, KVH, D).with_sliding_window(5000).with_softcap(Some(30.0)),
+    ] {
+        let probe = Probe { dev, caches: &caches, params: &params };
+        let mut default_differs = false;
+        let mut alone: Option<(Vec<Rows>, Vec<Rows>)> = None;
+        for batch in [1usize, 8, 64, 256] {
+            // `batch - 1` fillers around the two decode probes, then the prefill probe; the probes'
+            // query rows hold the same values in every batch.
+            let others = batch - 1;
+            let at = others / 2;
+            let mut reqs: Vec<Req> = fillers[..others].to_vec();
+            reqs.insert(at, long.clone());
+            reqs.insert(at + 1, short.clone());
+            reqs.push(pre.clone());
+            let mut q_lens = vec![1; reqs.len()];
+            *q_lens.last_mut().unwrap() = 64;
+            let probes = [at, at + 1, reqs.len() - 1];
+            let rows = reqs.len() - 1 + 64;
+            let mut q = host_q[..rows * H * D].to_vec();
+            let mut put = |row: usize, src: usize| {
+                q[row * H * D..(row + 1) * H * D].copy_from_slice(&host_q[src * H * D..(src + 1) * H * D]);
+            };
+            put(at, 300);
+            put(at + 1, 301);
+            for i in 0..64 {
+                put(rows - 64 + i, 302 + (i % 28));
+            }
+            let got = probe.rows(on, &q, &reqs, &q_lens, &probes, None);
+            let got_default = probe.rows(off, &q, &reqs, &q_lens, &probes, None);
+            let Some((a, a_default)) = &alone else {
+                alone = Some((got, got_default));
+                continue;
+            };
+            for (i, (x, y)) in a.iter().zip(&got).enumerate() {
+                assert!(x == y, "batch-invariant mode: probe {i} differs in a batch of {batch}");
+            }
+            default_differs |= a_default[0] != got_default[0];
+            // The decodes alone, padded for a graph of `batch + 3`: the decode probes match too.
+            let dec = &reqs[..reqs.len() - 1];
+            let padded = probe.rows(on, &q, dec, &vec![1; dec.len()], &[at, at + 1], Some(batch + 3));
+            assert!(padded[0] == a[0] && padded[1] == a[1], "graph-padded decode differs in a batch of {batch}");
+        }
+        assert!(default_differs, "the default mode was expected to change the long decode's bits with the batch");
+    }
+}
+
+#[test]
+fn batch_invariant_mode_bf16() {
+    batch_invariance::<bf16>(31);
+}
+
+#[test]
+fn batch_invariant_mode_f16() {
+    batch_invariance::<half::f16>(32);
+}
