@@ -62,6 +62,11 @@ pub struct Cli {
     /// padded batch size (to compare)
     #[arg(long, help_heading = "Device and model")]
     pub no_graphs: bool,
+    /// cuda: batch-invariant attention, so a request's tokens do not depend on what else is in its
+    /// batch (fixed-size decode splits; also PAGED_ATTN_BATCH_INVARIANT=1). The CPU backend is
+    /// batch-invariant always
+    #[arg(long, help_heading = "Device and model")]
+    pub batch_invariant: bool,
     /// Tokens per KV-cache block (cuda: a multiple of 16)
     #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Device and model")]
     pub block_size: usize,
@@ -185,6 +190,8 @@ pub struct RunConfig {
     pub attention: AttentionVariant,
     /// cuda: replay decode-only steps from CUDA graphs.
     pub graphs: bool,
+    /// cuda: plan batch-invariant attention (or-ed with `PAGED_ATTN_BATCH_INVARIANT`).
+    pub batch_invariant: bool,
     /// Tokens per block.
     pub block_size: usize,
     /// Blocks per layer's cache.
@@ -380,6 +387,7 @@ impl Cli {
             model: self.model,
             attention,
             graphs: !self.no_graphs,
+            batch_invariant: self.batch_invariant,
             block_size: self.block_size,
             num_blocks,
             scheduler: SchedulerConfig {

@@ -257,6 +257,17 @@ pub(crate) fn update_bar(bar: &ProgressBar, start: Instant, sched: &Scheduler, s
     ));
 }
 
+/// A digest of every request's generated tokens, in request order: two runs of one workload
+/// generated the same text exactly when their digests match (the batch-invariance check of
+/// `--batch-invariant`).
+fn tokens_digest(reqs: &[crate::scheduler::Request]) -> u64 {
+    reqs.iter().fold(0x9e37_79b9_7f4a_7c15, |h, r| {
+        r.tokens[r.prompt_len.min(r.tokens.len())..]
+            .iter()
+            .fold(crate::workload::mix64(h ^ r.tokens.len() as u64), |h, &t| crate::workload::mix64(h ^ u64::from(t)))
+    })
+}
+
 /// Fills the summary's configuration, scheduler statistics and wall time at the end of a run.
 pub(crate) fn finish_summary(s: &mut Summary, cfg: &RunConfig, sched: &Scheduler, device: String, wall: Duration) {
     let st = *sched.stats();
@@ -275,6 +286,7 @@ pub(crate) fn finish_summary(s: &mut Summary, cfg: &RunConfig, sched: &Scheduler
     s.requests_finished = sched.num_finished();
     s.prompt_tokens = reqs.iter().map(|r| r.prompt_len).sum();
     s.generated_tokens = reqs.iter().map(|r| r.num_generated()).sum();
+    s.tokens_digest = tokens_digest(reqs);
     s.prompt_tokens_computed = st.prompt_tokens_computed;
     s.output_tokens_computed = st.output_tokens_computed;
     s.prefix_hit_requests = st.prefix_hit_requests;

@@ -159,7 +159,9 @@ impl<'a, T: Element> Engine<'a, T> {
             max_num_tokens: max_tokens,
             max_blocks_per_req: max_model_len.div_ceil(cfg.block_size).max(1),
         };
-        let planner = StepPlanner::new(&dev, planner_cfg)?;
+        let mut options = attention_backend::cuda::PlanOptions::from_env()?;
+        options.batch_invariant |= cfg.batch_invariant;
+        let planner = StepPlanner::with_options(&dev, planner_cfg, options)?;
         let fused_row =
             shape.num_heads.checked_add(2 * shape.num_kv_heads).and_then(|h| h.checked_mul(shape.head_size));
         let fused_row = fused_row.ok_or_else(|| too_large("a fused QKV row"))?;

@@ -35,6 +35,8 @@ pub struct Summary {
     pub prompt_tokens: usize,
     /// Tokens generated (sum of output lengths when all finished).
     pub generated_tokens: usize,
+    /// A digest of every request's generated tokens (equal digests: the same text generated).
+    pub tokens_digest: u64,
     /// Tokens computed at prompt positions, recomputation after preemption included.
     pub prompt_tokens_computed: usize,
     /// Tokens computed at output positions (decodes and recomputation).
@@ -179,6 +181,7 @@ impl Summary {
         field("model", self.model.as_deref().map_or_else(|| "null".into(), json_str));
         field("attention", json_str(&self.attention));
         field("graphs", self.graphs.map_or_else(|| "null".into(), |g| g.to_string()));
+        field("tokens_digest", json_str(&format!("{:016x}", self.tokens_digest)));
         for (name, v) in [
             ("num_layers", self.num_layers),
             ("num_heads", self.num_heads),

@@ -202,3 +202,45 @@ fn serve_on_the_device_with_windows_and_softcap_verifies_every_step() {
     let s = serve(true, &["--model", "gemma2-9b", "--layers", "3", "--sliding-window", "16"]);
     assert!(s.attention.contains("window 16 on even layers") && s.attention.contains("soft-cap 50"), "{s}");
 }
+
+/// Issue 18: with `--batch-invariant`, a request's generated tokens do not depend on the arrival
+/// rate (so on what else shares its batches): the runs' token digests are equal. The synthetic
+/// model picks each next token from a hash of the attention output's bits, so any change in a
+/// request's bits would change its text. Long enough contexts that decodes are split.
+#[test]
+fn batch_invariant_serve_generates_the_same_tokens_at_any_arrival_rate() {
+    let run = |rate: &str, graphs: bool| {
+        let mut args = vec![
+            "paged-serve",
+            "--device",
+            "cuda",
+            "--batch-invariant",
+            "--layers",
+            "2",
+            "--requests",
+            "24",
+            "--prompt-len",
+            "1500",
+            "--output-len",
+            "16",
+            "--arrival-rate",
+            rate,
+            "--num-blocks",
+            "4096",
+            "--max-num-seqs",
+            "24",
+            "--no-progress",
+        ];
+        if !graphs {
+            args.push("--no-graphs");
+        }
+        let cli = <paged_serve::Cli as clap::Parser>::try_parse_from(args).unwrap();
+        let s = paged_serve::run(&cli).unwrap();
+        s.check().unwrap();
+        assert_eq!(s.requests_finished, 24);
+        s.tokens_digest
+    };
+    let alone = run("0.05", true);
+    assert_eq!(run("1000", true), alone, "a burst changed the generated tokens");
+    assert_eq!(run("1000", false), alone, "eager steps changed the generated tokens");
+}
