@@ -491,7 +491,7 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   kp.fold = (fold && S > 1 && gx <= kDecodeCounters) ? 1 : 0;
   const size_t smem = Cfg::kSmemBytes;
   auto kernel = decode_split_kernel<T, D, W, NS>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS>>(static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), 1, S);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);

@@ -418,8 +418,7 @@ cudaError_t launch_prefill(const PaAttnArgs& a, const KernelParams& kp, cudaStre
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   auto kernel = prefill_kernel<T, D>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+  cudaError_t err = pa::set_max_dynamic_smem_once<prefill_kernel<T, D>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);

@@ -14,11 +14,29 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/check.cuh"
 
 namespace pa {
+
+// Raises Kernel's dynamic shared-memory limit to `bytes` once per device rather than before every
+// launch: the attribute is per function and context, and the call costs about a microsecond of
+// host time, several per layer otherwise. A device is marked only after the call succeeds; devices
+// past the 64th are configured on every launch.
+template <auto Kernel>
+inline cudaError_t set_max_dynamic_smem_once(int bytes) {
+  static std::atomic<unsigned long long> done{0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = (dev >= 0 && dev < 64) ? (1ull << dev) : 0ull;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
