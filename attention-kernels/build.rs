@@ -8,8 +8,13 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 /// The CUDA translation units compiled for sm_80 and sm_90a, in this order.
-const CU_SOURCES: &[&str] =
-    &["csrc/cache_write.cu", "csrc/paged_decode.cu", "csrc/paged_prefill.cu", "csrc/synthetic_model.cu"];
+const CU_SOURCES: &[&str] = &[
+    "csrc/cache_write.cu",
+    "csrc/paged_decode.cu",
+    "csrc/paged_prefill.cu",
+    "csrc/synthetic_model.cu",
+    "csrc/side_stream.cu",
+];
 
 /// Translation units that only hold Hopper code, each compiled alone for sm_90a in its own
 /// library. Alone, because cc compiles a multi-file CUDA library with relocatable device code,

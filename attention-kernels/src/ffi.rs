@@ -133,6 +133,22 @@ extern "C" {
         stream: *mut c_void,
     ) -> CudaStatus;
 
+    /// A side stream (`csrc/side_stream.cu`): a non-blocking stream and fork/join events on the
+    /// current context, written to `*out` as an opaque handle.
+    pub fn pa_side_stream_create(out: *mut *mut c_void) -> CudaStatus;
+
+    /// Destroys a handle of [`pa_side_stream_create`] (its context current).
+    pub fn pa_side_stream_destroy(side: *mut c_void);
+
+    /// The side stream itself (a `cudaStream_t`), for launches on it.
+    pub fn pa_side_stream_handle(side: *mut c_void) -> *mut c_void;
+
+    /// Work on the side stream after this waits for work queued on `stream` before it.
+    pub fn pa_side_stream_fork(side: *mut c_void, stream: *mut c_void) -> CudaStatus;
+
+    /// Work on `stream` after this waits for work queued on the side stream before it.
+    pub fn pa_side_stream_join(side: *mut c_void, stream: *mut c_void) -> CudaStatus;
+
     /// The runtime's message for a status; a static string.
     pub fn pa_error_string(status: CudaStatus) -> *const c_char;
 }

@@ -2,7 +2,7 @@
 //! the tensor-core varlen kernel for everything else, both enqueued on the device's stream.
 
 use attention_kernels::attention::{
-    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides,
+    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides, SideStream,
     MAX_FEATURE_HEADS, SUPPORTED_HEAD_SIZES,
 };
 use attention_kernels::{DType, Element};
@@ -20,12 +20,15 @@ const BACKEND: &str = "cuda";
 #[derive(Debug, Default)]
 pub struct AttentionWorkspace {
     partial: Option<CudaSlice<f32>>,
+    /// The stream the decode part of a mixed batch runs on beside the prefill part, made by the
+    /// first mixed call and kept.
+    side: Option<SideStream>,
 }
 
 impl AttentionWorkspace {
     /// An empty workspace; the first call that needs scratch memory allocates it.
     pub fn new() -> Self {
-        AttentionWorkspace { partial: None }
+        AttentionWorkspace { partial: None, side: None }
     }
 
     /// A workspace with room for `floats` partial values already allocated (to keep allocation out
@@ -199,6 +202,15 @@ pub(crate) fn launch<T: Element>(
         req_begin,
         req_end,
     };
+    // A mixed batch: the decode part runs on a side stream, beside the prefill part.
+    let mixed = plan.decode_reqs > 0 && plan.decode_reqs < num_reqs;
+    if mixed && workspace.side.is_none() {
+        workspace.side = Some(SideStream::new(dev.context()).map_err(|e| kernel_error(OP, e))?);
+    }
+    let overlap = match (&workspace.side, mixed) {
+        (Some(side), true) => side.fork(dev.stream()).map_err(|e| kernel_error(OP, e))?,
+        _ => None,
+    };
     if plan.decode_reqs > 0 {
         let d = dims(0, plan.decode_reqs);
         let bufs = AttentionBuffers {
@@ -213,13 +225,11 @@ pub(crate) fn launch<T: Element>(
             workspace: workspace.partial.as_mut().map(|w| w.as_view_mut()),
             strides: AttentionStrides::contiguous(&d),
         };
-        kernels::paged_attention(
-            dev.stream(),
-            AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 },
-            &d,
-            &features,
-            bufs,
-        )
+        let kernel = AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 };
+        match &overlap {
+            Some(o) => o.launch(kernel, &d, &features, bufs),
+            None => kernels::paged_attention(dev.stream(), kernel, &d, &features, bufs),
+        }
         .map_err(|e| kernel_error(OP, e))?;
     }
     if plan.decode_reqs < num_reqs {
@@ -244,6 +254,9 @@ pub(crate) fn launch<T: Element>(
             bufs,
         )
         .map_err(|e| kernel_error(OP, e))?;
+    }
+    if let Some(o) = overlap {
+        o.join().map_err(|e| kernel_error(OP, e))?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 use attention_kernels::attention::{
     self as kernels, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims,
-    AttentionFeatures, AttentionKernel, AttentionStrides, MAX_FEATURE_HEADS,
+    AttentionFeatures, AttentionKernel, AttentionStrides, SideStream, MAX_FEATURE_HEADS,
 };
 use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
 use attention_kernels::staging::Staging;
@@ -90,8 +90,13 @@ impl PlannerConfig {
 pub const BATCH_INVARIANT_ENV: &str = "PAGED_ATTN_BATCH_INVARIANT";
 
 /// Choices a [`StepPlanner`] makes once, at construction.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
+    /// In a step with both single-token decodes and prefills, run the decode kernel on a side
+    /// stream beside the prefill kernel (fork and join by events, so graph capture works):
+    /// decode is bound by memory bandwidth, prefill by the tensor cores. On by default; off, the
+    /// two run back to back. Skipped where cudarc tracks events across streams on the context.
+    pub overlap_mixed: bool,
     /// Every request's reduction order depends only on that request: decode splits cover a fixed
     /// number of keys (a constant of the planner, never a count derived from the batch), so a
     /// request's output and LSE are bit-identical whatever else is in its batch, in eager and graph
@@ -127,7 +132,13 @@ impl PlanOptions {
                 })
             }
         };
-        Ok(PlanOptions { batch_invariant: on })
+        Ok(PlanOptions { batch_invariant: on, ..PlanOptions::default() })
+    }
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { overlap_mixed: true, batch_invariant: false }
     }
 }
 
@@ -173,6 +184,8 @@ pub struct StepPlanner {
     /// calculator (the table in `metadata.rs` when the query fails).
     decode_per_sm: usize,
     options: PlanOptions,
+    /// The stream the decode part of a mixed step runs on (`None` without `overlap_mixed`).
+    side: Option<SideStream>,
     /// Keys per decode split in batch-invariant mode (0 otherwise): a constant of the planner.
     split_keys: usize,
     query_start_loc: CudaSlice<i32>,
@@ -246,6 +259,11 @@ impl StepPlanner {
             num_sms,
             decode_per_sm,
             options,
+            side: if options.overlap_mixed {
+                Some(SideStream::new(dev.context()).map_err(|e| kernel_error("StepPlanner::new", e))?)
+            } else {
+                None
+            },
             split_keys: if options.batch_invariant { invariant_split_keys(&config) } else { 0 },
             query_start_loc: alloc(dev, config.max_num_reqs + 1)?,
             seq_lens: alloc(dev, config.max_num_reqs)?,
@@ -710,7 +728,13 @@ impl StepPlan<'_> {
                 })?,
             ),
         };
-        let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, ws: bool| {
+        // The decode part of a mixed step runs on the side stream, beside the prefill part.
+        let mixed = l.decode_reqs > 0 && l.decode_reqs < l.num_reqs;
+        let overlap = match (&p.side, mixed) {
+            (Some(side), true) => side.fork(&stream).map_err(|e| kernel_error(RUN, e))?,
+            _ => None,
+        };
+        let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, ws: bool, on_side: bool| {
             let bufs = AttentionBuffers {
                 query: query.slice(..),
                 key_cache: key_cache.slice(..),
@@ -723,8 +747,12 @@ impl StepPlan<'_> {
                 workspace: if ws { Some(p.workspace.slice_mut(..)) } else { None },
                 strides: kernel_strides,
             };
-            kernels::paged_attention(&stream, kernel, &dims(begin, end), &features, bufs)
-                .map_err(|e| kernel_error(RUN, e))
+            let d = dims(begin, end);
+            match (&overlap, on_side) {
+                (Some(o), true) => o.launch(kernel, &d, &features, bufs),
+                _ => kernels::paged_attention(&stream, kernel, &d, &features, bufs),
+            }
+            .map_err(|e| kernel_error(RUN, e))
         };
         if l.decode_reqs > 0 {
             launch_range(
@@ -732,6 +760,7 @@ impl StepPlan<'_> {
                 0,
                 l.decode_reqs,
                 l.num_splits > 1,
+                true,
             )?;
         }
         if l.decode_reqs < l.num_reqs {
@@ -740,7 +769,11 @@ impl StepPlan<'_> {
                 l.decode_reqs,
                 l.num_reqs,
                 false,
+                false,
             )?;
+        }
+        if let Some(o) = overlap {
+            o.join().map_err(|e| kernel_error(RUN, e))?;
         }
         Ok(())
     }
