@@ -420,7 +420,15 @@ impl<'a, T: Element> Engine<'a, T> {
         self.summary.kv_read_bytes = self.summary.kv_read_bytes.saturating_add(kv_read_bytes(self.cfg, &meta.seq_lens));
         if let Some((every, layers)) = &self.cfg.verify {
             if (step_no - 1).is_multiple_of(*every) {
-                self.verify_step(step_no, layers, meta, &inputs.req_ids, &tokens, &inputs.positions, &next_tokens)?;
+                let record = StepRecord {
+                    step: step_no,
+                    meta,
+                    req_ids: &inputs.req_ids,
+                    tokens: &tokens,
+                    positions: &inputs.positions,
+                    next_tokens: &next_tokens,
+                };
+                self.verify_step(&record, layers)?;
             }
         }
         Ok(inputs.req_ids.iter().copied().zip(next_tokens).collect())
@@ -428,17 +436,8 @@ impl<'a, T: Element> Engine<'a, T> {
 
     /// Downloads what the verified layers of a step that has run need and hands the checks to the
     /// verifier thread (see the module docs).
-    #[allow(clippy::too_many_arguments)]
-    fn verify_step(
-        &mut self,
-        step: u64,
-        layers: &[usize],
-        meta: &AttentionMetadata,
-        req_ids: &[RequestId],
-        tokens: &[TokenId],
-        positions: &[i64],
-        next_tokens: &[u32],
-    ) -> Result<(), ServeError> {
+    fn verify_step(&mut self, record: &StepRecord<'_>, layers: &[usize]) -> Result<(), ServeError> {
+        let StepRecord { step, meta, req_ids, tokens, positions, next_tokens } = *record;
         self.drain_verifier(false)?;
         let shape = self.cfg.shape;
         let n = meta.num_actual_tokens.min(tokens.len());
@@ -733,4 +732,16 @@ impl<T: Element> StepBuffers<'_, T> {
         synthetic::synthetic_sample(stream, last.as_view(), last_rows, next, dims, self.seed).map_err(kernel_err)?;
         mark(3)
     }
+}
+
+/// What a step that has run leaves for its verification: its number, metadata, requests, the
+/// token ids and positions of its rows, and the next tokens the device chose.
+#[derive(Clone, Copy)]
+struct StepRecord<'a> {
+    step: u64,
+    meta: &'a AttentionMetadata,
+    req_ids: &'a [RequestId],
+    tokens: &'a [TokenId],
+    positions: &'a [i64],
+    next_tokens: &'a [u32],
 }

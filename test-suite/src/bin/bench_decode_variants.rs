@@ -102,17 +102,23 @@ fn setup(dev: &CudaDevice, s: &Shape) -> Setup {
     Setup { cache, meta, query, out, num_blocks, width: per }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One timed configuration of the decode kernel.
+#[derive(Clone, Copy)]
+struct Launch {
+    variant: DecodeVariant,
+    splits: usize,
+    split_keys: usize,
+}
+
 fn time_variant(
     dev: &CudaDevice,
     s: &Shape,
     st: &mut Setup,
-    v: DecodeVariant,
-    splits: usize,
-    split_keys: usize,
+    launch: Launch,
     ws: &mut attention_backend::cuda::cudarc::driver::CudaSlice<f32>,
     iters: usize,
 ) -> Stats {
+    let Launch { variant: v, splits, split_keys } = launch;
     let dims = AttentionDims {
         num_tokens: s.batch,
         num_heads: s.heads,
@@ -195,7 +201,7 @@ fn main() {
         ));
         let mut ws = dev.stream().alloc_zeros::<f32>(max_ws).unwrap();
         let mut row = |label: String, v: DecodeVariant, splits: usize, split_keys: usize, per_sm: usize| -> f64 {
-            let t = time_variant(&dev, s, &mut st, v, splits, split_keys, &mut ws, iters);
+            let t = time_variant(&dev, s, &mut st, Launch { variant: v, splits, split_keys }, &mut ws, iters);
             let gbps = bytes / (t.median_ms * 1e-3) / 1e9;
             println!(
                 "{:<16} {:<12} {:>6} {:>4} {:>9.4} {:>8.0} {:>9.0} {:>7.3}",
