@@ -9,11 +9,21 @@ use cudarc::driver::CudaContext;
 
 use crate::KernelError;
 
+/// The file names the CUDA driver library goes by (Linux, then Windows).
+const DRIVER_LIBRARIES: [&str; 3] = ["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+
 /// True when the CUDA driver library can be loaded on this machine.
+///
+/// Probed here rather than through cudarc, whose own probe exists only when cudarc loads CUDA at
+/// run time: a binary that links CUDA (candle's choice) must see the same answer (there the
+/// library is already loaded, so the probe finds it).
 pub fn driver_available() -> bool {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its usual names and
-    // drops the handle; it touches no CUDA state and has no preconditions.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    DRIVER_LIBRARIES.iter().any(|name| {
+        // SAFETY: loading the driver library runs only its own initialisers, which take no
+        // arguments and touch no state of this process; the handle is dropped at once (the
+        // library stays loaded while cudarc or the binary's link holds it).
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
 }
 
 /// Number of visible CUDA devices (honours `CUDA_VISIBLE_DEVICES`), 0 without a driver.

@@ -2,8 +2,9 @@
 //!
 //! The bundle is one ignored folder, `gpu-bundle/`, holding the GPU test binary, the benchmark
 //! binaries (release, stripped), the peers scripts and `run.sh`, which runs them all and fails when
-//! no GPU is visible. When a prebuilt FlashInfer is at hand (see [`flashinfer_dir`]) its two files
-//! go into `gpu-bundle/flashinfer/` and `run.sh bench` unpacks them into a temporary folder so the
+//! no GPU is visible. `cargo xtask candle` adds the candle example to it (compressed, about 9 MB;
+//! left out of the default bundle to keep room for FlashInfer, see [`crate::candle`]). When a
+//! prebuilt FlashInfer is at hand (see [`flashinfer_dir`]) its two files go into `gpu-bundle/flashinfer/` and `run.sh bench` unpacks them into a temporary folder so the
 //! peers script can time FlashInfer on a machine that cannot install it.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ const MAX_BUNDLE_BYTES: u64 = 52 * 1024 * 1024;
 /// Largest bundle with the FlashInfer files: a GPU machine call carries at most 64 MiB, the working
 /// tree included, so the bundle stays well under it. FlashInfer is left out (with a note) rather
 /// than pushing the bundle past this.
-const MAX_TOTAL_BYTES: u64 = 60 * 1024 * 1024;
+pub(crate) const MAX_TOTAL_BYTES: u64 = 60 * 1024 * 1024;
 
 // Checked when compiling: our part fits in the total, and the total leaves the working tree room
 // (about 1 MiB of sources) under the 64 MiB a device call carries.
@@ -44,7 +45,7 @@ pub fn gpu_present() -> bool {
 }
 
 /// `(target name, executable)` of every artifact with an executable in cargo's JSON messages.
-fn executables(json: &str) -> Vec<(String, PathBuf)> {
+pub(crate) fn executables(json: &str) -> Vec<(String, PathBuf)> {
     json.lines()
         .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
         .filter_map(|l| {
@@ -85,7 +86,7 @@ fn build_bins() -> Result<Vec<(String, PathBuf)>, String> {
     Ok(executables(&shell::output(cmd)?))
 }
 
-fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
+pub(crate) fn copy_stripped(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::copy(from, to).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))?;
     let mut strip = Command::new("strip");
     strip.arg(to);
@@ -155,7 +156,7 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Result<(), String> {
 }
 
 /// Bytes of every file under `dir`.
-fn dir_size(dir: &Path) -> Result<u64, String> {
+pub(crate) fn dir_size(dir: &Path) -> Result<u64, String> {
     let mut files = Vec::new();
     walk(dir, &mut files)?;
     Ok(files.iter().map(|(_, len)| len).sum())
@@ -219,7 +220,7 @@ fn add_flashinfer(bundle: &Path, own_bytes: u64, from: &Path) -> Result<(), Stri
 }
 
 #[cfg(unix)]
-fn set_executable(path: &Path) -> Result<(), String> {
+pub(crate) fn set_executable(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
 }
@@ -257,9 +258,10 @@ pub fn bench() -> Result<(), String> {
 }
 
 /// The script that runs on the GPU machine.
-const RUN_SH: &str = r#"#!/usr/bin/env bash
+pub(crate) const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the GPU suite of paged-attention-rs from this folder, with no cargo needed.
-#   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, soak, bench
+#   ./run.sh            tests, compute-sanitizer (memcheck + racecheck) on the subset, serve, soak,
+#                       candle (when bundled), bench
 #   ./run.sh test       the GPU tests only
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
 #   ./run.sh serve      the main job on the GPU: issue 17's workload timed with and without CUDA
@@ -269,6 +271,9 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #                       back in the pool at the end (about a minute on an H200)
 #   ./run.sh bench      our benchmark binaries and the peers (torch; FlashInfer when bundled or
 #                       installed), one table
+#   ./run.sh candle     a small Llama-style decoder on candle whose attention runs on our kernels on
+#                       candle's own buffers, logits checked against candle's dense attention (added
+#                       by `cargo xtask candle`; needs the CUDA 13 libraries of torch's nvidia wheels)
 # Every mode fails when no NVIDIA GPU is visible.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -366,6 +371,43 @@ soak_check() {
     [ "${preemptions:-0}" -gt 0 ] || { echo "soak: no preemption" >&2; return 1; }
 }
 run_soak() { step soak_check; }
+# candle links libcuda (the driver's), libnvrtc, libcurand, libcublas and libcublasLt; the bundle's
+# binary was linked against stubs, so the real CUDA 13 libraries come from torch's nvidia wheels
+# (nvidia/cu13/lib, or nvidia/<library>/lib in older layouts), put on LD_LIBRARY_PATH.
+candle_libs() {
+    python3 - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = []
+for base in nvidia.__path__:
+    dirs += sorted(d for d in glob.glob(os.path.join(base, "*", "lib")) if os.path.isdir(d))
+print(os.pathsep.join(dirs))
+PY
+}
+run_candle() {
+    if [ ! -f candle-decoder.xz ]; then
+        echo "=== FAILED: candle-decoder.xz is not in the bundle (build it with \`cargo xtask candle\`)"; status=1; return
+    fi
+    local dir libs path missing
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/paged-attn-candle.XXXXXX") || { status=1; return; }
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+        candle-decoder.xz "$dir/candle-decoder" && chmod +x "$dir/candle-decoder" || {
+        echo "=== FAILED: cannot unpack candle-decoder.xz"; status=1; rm -rf "$dir"; return
+    }
+    libs=$(candle_libs)
+    path="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "candle: LD_LIBRARY_PATH=$path"
+    missing=$(LD_LIBRARY_PATH="$path" ldd "$dir/candle-decoder" | grep "not found")
+    if [ -n "$missing" ]; then
+        echo "=== FAILED: candle-decoder: shared libraries not found:"; echo "$missing"; status=1
+    else
+        step env LD_LIBRARY_PATH="$path" timeout 300 "$dir/candle-decoder"
+    fi
+    rm -rf "$dir"
+}
 run_bench() {
     local jsons=()
     # The benchmarks the peers are compared with; the others print their own tables below.
@@ -390,13 +432,14 @@ run_bench() {
 }
 
 case "$mode" in
-    all) run_tests; run_sanitize; run_serve; run_soak; run_bench ;;
+    all) run_tests; run_sanitize; run_serve; run_soak; if [ -f candle-decoder.xz ]; then run_candle; fi; run_bench ;;
     test) run_tests ;;
     serve) run_serve ;;
     soak) run_soak ;;
     sanitize) run_sanitize ;;
     bench) run_bench ;;
-    *) echo "usage: $0 [all|test|sanitize|serve|soak|bench]" >&2; exit 2 ;;
+    candle) run_candle ;;
+    *) echo "usage: $0 [all|test|sanitize|serve|soak|bench|candle]" >&2; exit 2 ;;
 esac
 echo
 if [ $status -eq 0 ]; then echo "run.sh: all steps passed"; else echo "run.sh: SOME STEPS FAILED"; fi
@@ -471,8 +514,16 @@ mod tests {
 
     #[test]
     fn run_sh_installs_the_bundled_flashinfer_offline_and_parses() {
-        for needle in ["--no-index --no-deps", "--target", "filter='tar'", "PYTHONPATH=", "FLASHINFER_WORKSPACE_BASE="]
-        {
+        for needle in [
+            "--no-index --no-deps",
+            "--target",
+            "filter='tar'",
+            "PYTHONPATH=",
+            "FLASHINFER_WORKSPACE_BASE=",
+            "candle) run_candle",
+            "LD_LIBRARY_PATH=\"$path\"",
+            "lzma.open",
+        ] {
             assert!(RUN_SH.contains(needle), "run.sh lacks {needle}");
         }
         let tmp = TempDir::new("run-sh");

@@ -3,6 +3,7 @@
 //! Every command prints the commands it runs. See `cargo xtask help`.
 
 mod bundle;
+mod candle;
 mod cuda;
 mod package;
 mod shell;
@@ -16,12 +17,16 @@ cargo xtask <command>
 Commands:
   setup-cuda     install the pinned CUDA compiler (nvcc 13.0 from PyPI) into the user cache; idempotent
   test           fmt check, clippy -D warnings, every workspace test (kernels compiled when nvcc is
-                 available or can be set up); GPU tests are built and, with no GPU here, reported as NOT RUN
+                 available or can be set up), the candle example checked; GPU tests are built and, with
+                 no GPU here, reported as NOT RUN
   fuzz [CASES]   the property tests with many more cases (default 20000), release build
   package        cargo package + publish --dry-run for the three library crates, the packaged kernels
                  built with `cuda`, the outside consumer (examples/consumer) run on them, docs with -D warnings
-  gpu-bundle     build the GPU test and bench binaries (release, stripped) into gpu-bundle/ with run.sh
+  gpu-bundle     build the GPU test and bench binaries and the candle example (release, stripped) into
+                 gpu-bundle/ with run.sh
   gpu-test       run the GPU test suite here (needs cargo, nvcc and a GPU; fails without a GPU)
+  candle         build the candle example (examples/candle-decoder, release, linked against stubs) and
+                 print how to run it
   bench          build the bundle and print the command that runs the benchmark on a GPU machine
   help           this text
 ";
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         Some("gpu-bundle") => bundle::build().map(|_| ()),
         Some("gpu-test") => bundle::gpu_test(),
         Some("bench") => bundle::bench(),
+        Some("candle") => candle::build(),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{HELP}");
             Ok(())

@@ -67,6 +67,17 @@ pub fn run() -> Result<(), String> {
 
     crate::package::run(cuda_root.as_ref().map(|r| r.join("bin/nvcc")))?;
 
+    // The candle example: an engine's view of the crates beside candle-core with `cuda`. Checked
+    // (fmt, clippy: everything type-checked, the kernels compiled), not linked (see xtask's candle.rs).
+    match &cuda_root {
+        Some(root) => {
+            let started = std::time::Instant::now();
+            crate::candle::check(root)?;
+            println!("candle example checked in {:.0} s", started.elapsed().as_secs_f64());
+        }
+        None => shell::banner(&["examples/candle-decoder NOT CHECKED: no CUDA compiler (candle needs nvcc)"]),
+    }
+
     if cuda_root.is_none() {
         shell::banner(&["GPU tests NOT BUILT and NOT RUN: no CUDA compiler (see above)"]);
         return Ok(());
