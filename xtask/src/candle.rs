@@ -43,8 +43,11 @@ pub fn example_dir() -> PathBuf {
     shell::workspace_root().join("examples/candle-decoder")
 }
 
+/// The example's own target folder, in the user cache beside the pinned nvcc rather than in the
+/// checkout: candle's CUDA kernels take about 7 CPU-minutes of nvcc to build, and a cache that
+/// outlives a clean checkout (as CI's does on the same machine) pays that once, not every run.
 fn target_dir() -> Result<PathBuf, String> {
-    Ok(crate::package::target_dir()?.join("candle-example"))
+    Ok(crate::cuda::cache_dir()?.join("candle-example-target"))
 }
 
 /// cargo in the example's folder, with nvcc on `PATH`, the compute capability and its own target

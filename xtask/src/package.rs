@@ -15,7 +15,7 @@ use crate::shell;
 
 const CRATES: &[&str] = &["attention-kernels", "attention-backend", "model-runner"];
 
-pub(crate) fn target_dir() -> Result<PathBuf, String> {
+fn target_dir() -> Result<PathBuf, String> {
     let mut cmd = shell::cargo();
     cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
     let json = shell::output(cmd)?;
