@@ -211,8 +211,10 @@ pub(crate) fn launch<T: Element>(
         (Some(side), true) => side.fork(dev.stream()).map_err(|e| kernel_error(OP, e))?,
         _ => None,
     };
-    if plan.decode_reqs > 0 {
-        let d = dims(0, plan.decode_reqs);
+    // One launch over requests `begin..end`: on the side stream when `on_side` and overlapping.
+    let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, on_side: bool| {
+        let d = dims(begin, end);
+        let ws = matches!(kernel, AttentionKernel::Decode { .. });
         let bufs = AttentionBuffers {
             query: query.buffer().as_view(),
             key_cache: cache.key_buffer().as_view(),
@@ -222,38 +224,26 @@ pub(crate) fn launch<T: Element>(
             block_table: meta.block_table().as_view(),
             out: out.buffer_mut().as_view_mut(),
             lse: lse.as_mut().map(|l| l.buffer_mut().as_view_mut()),
-            workspace: workspace.partial.as_mut().map(|w| w.as_view_mut()),
+            workspace: if ws { workspace.partial.as_mut().map(|w| w.as_view_mut()) } else { None },
             strides: AttentionStrides::contiguous(&d),
         };
-        let kernel = AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 };
-        match &overlap {
-            Some(o) => o.launch(kernel, &d, &features, bufs),
-            None => kernels::paged_attention(dev.stream(), kernel, &d, &features, bufs),
+        match (&overlap, on_side) {
+            (Some(o), true) => o.launch(kernel, &d, &features, bufs),
+            _ => kernels::paged_attention(dev.stream(), kernel, &d, &features, bufs),
         }
-        .map_err(|e| kernel_error(OP, e))?;
+        .map_err(|e| kernel_error(OP, e))
+    };
+    if plan.decode_reqs > 0 {
+        launch_range(
+            AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 },
+            0,
+            plan.decode_reqs,
+            true,
+        )?;
     }
     if plan.decode_reqs < num_reqs {
-        let d = dims(plan.decode_reqs, num_reqs);
-        let bufs = AttentionBuffers {
-            query: query.buffer().as_view(),
-            key_cache: cache.key_buffer().as_view(),
-            value_cache: cache.value_buffer().as_view(),
-            query_start_loc: meta.query_start_loc().as_view(),
-            seq_lens: meta.seq_lens().as_view(),
-            block_table: meta.block_table().as_view(),
-            out: out.buffer_mut().as_view_mut(),
-            lse: lse.as_mut().map(|l| l.buffer_mut().as_view_mut()),
-            workspace: None,
-            strides: AttentionStrides::contiguous(&d),
-        };
-        kernels::paged_attention(
-            dev.stream(),
-            AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len },
-            &d,
-            &features,
-            bufs,
-        )
-        .map_err(|e| kernel_error(OP, e))?;
+        let prefill = AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len };
+        launch_range(prefill, plan.decode_reqs, num_reqs, false)?;
     }
     if let Some(o) = overlap {
         o.join().map_err(|e| kernel_error(OP, e))?;
