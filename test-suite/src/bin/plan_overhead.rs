@@ -202,6 +202,7 @@ fn run() -> Result<(), String> {
         "32-layer decode step, 256 x {CONTEXT}: eager {:.3} ms, graph replay {:.3} ms, eager / graph = {ratio:.2}",
         eager.median_ms, replay.median_ms
     );
+    batch_invariant_cost(&dev)?;
     if let Some(path) = json {
         let mut f = std::fs::File::create(&path).map_err(|e| format!("{path}: {e}"))?;
         writeln!(
@@ -210,6 +211,82 @@ fn run() -> Result<(), String> {
             eager.median_ms, replay.median_ms
         )
         .map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Issue 18's cost figure: one layer of the decode and mixed shapes planned in batch-invariant mode
+/// over the same layer planned for speed, device time (median of 50).
+fn batch_invariant_cost(dev: &CudaDevice) -> Result<(), String> {
+    use attention_backend::cuda::PlanOptions;
+    let err = |e: attention_backend::AttentionError| e.to_string();
+    let stream = dev.stream().clone();
+    // (name, decodes and their context, prefills of 1024 tokens)
+    let shapes: [(&str, usize, usize, usize); 3] = [
+        ("decode b64 x 4096", 64, 4096, 0),
+        ("decode b16 x 16384", 16, 16384, 0),
+        ("mixed 64 x 2048 + 2 x 1024", 64, 2048, 2),
+    ];
+    let num_blocks = 64 * 4096 / BS + 64;
+    let layout = CacheLayout::new(num_blocks, BS, KVH, D).map_err(err)?;
+    let elems = layout.num_elements().ok_or("cache size overflows")?;
+    let mut kc = stream.alloc_zeros::<bf16>(elems).map_err(|e| format!("{e:?}"))?;
+    let mut vc = stream.alloc_zeros::<bf16>(elems).map_err(|e| format!("{e:?}"))?;
+    let rows_max = 64 + 2 * 1024;
+    let q = stream.alloc_zeros::<bf16>(rows_max * H * D).map_err(|e| format!("{e:?}"))?;
+    let mut out = stream.alloc_zeros::<bf16>(rows_max * H * D).map_err(|e| format!("{e:?}"))?;
+    let params = AttentionParams::new(H, KVH, D);
+    let mut rng = inputs::rng("batch_invariant_cost");
+    println!("batch-invariant mode / default mode, one layer (device time):");
+    for (name, decodes, ctx, prefills) in shapes {
+        let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
+        pool.shuffle(&mut rng);
+        let mut qsl = vec![0i32];
+        let (mut seq_lens, mut rows, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..decodes + prefills {
+            let (q_len, len) = if r < decodes { (1, ctx) } else { (1024, 1024) };
+            let row: Vec<i32> = (0..len.div_ceil(BS)).map(|_| pool.pop().unwrap_or(0)).collect();
+            for pos in len - q_len..len {
+                slots.push(i64::from(row[pos / BS]) * BS as i64 + (pos % BS) as i64);
+            }
+            qsl.push(slots.len() as i32);
+            seq_lens.push(len as i32);
+            rows.push(row);
+        }
+        let meta = AttentionMetadata::new(qsl, seq_lens, BlockTable::from_rows(&rows), SlotMapping::new(slots), 1)
+            .map_err(err)?;
+        let config = PlannerConfig {
+            num_heads: H,
+            num_kv_heads: KVH,
+            head_size: D,
+            layout,
+            max_num_reqs: 80,
+            max_num_tokens: rows_max,
+            max_blocks_per_req: 16384 / BS,
+        };
+        let mut ms = [0.0f64; 2];
+        for (i, invariant) in [false, true].into_iter().enumerate() {
+            let options = PlanOptions { batch_invariant: invariant, ..PlanOptions::default() };
+            let mut planner = StepPlanner::with_options(dev, config, options).map_err(err)?;
+            let mut plan = planner.plan(&meta).map_err(err)?;
+            let n = meta.num_tokens();
+            let strides = LayerStrides::contiguous(&config);
+            let stats = time_on_stream(dev, 5, 50, || {
+                plan.run(
+                    &params,
+                    LayerBuffers {
+                        query: q.slice(..n * H * D),
+                        new_kv: None,
+                        cache: KvCacheMut::Separate { key: kc.as_view_mut(), value: vc.as_view_mut() },
+                        out: out.slice_mut(..n * H * D),
+                        lse: None,
+                        strides,
+                    },
+                )
+            })?;
+            ms[i] = stats.median_ms;
+        }
+        println!("  {name:<28} default {:.4} ms, batch-invariant {:.4} ms: {:.3}", ms[0], ms[1], ms[1] / ms[0]);
     }
     Ok(())
 }
