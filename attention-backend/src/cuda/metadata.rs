@@ -1,6 +1,6 @@
 //! One step's attention metadata on the device, uploaded once and shared by every layer.
 
-use attention_kernels::attention::{decode_max_group, decode_tile_keys, decode_workspace_len};
+use attention_kernels::attention::{decode_heads_per_block, decode_max_group, decode_tile_keys, decode_workspace_len};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaSlice;
 
@@ -131,7 +131,7 @@ impl DeviceMetadata {
             };
         }
         let n = self.single_token_decodes;
-        let blocks = n * num_kv_heads.max(1) * group.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let blocks = n * num_kv_heads.max(1) * group.div_ceil(decode_heads_per_block(head_size).max(1));
         let tile = decode_tile_keys(head_size).max(1);
         let per_sm = decode_blocks_per_sm(head_size);
         let num_splits = decode_split_count(blocks, self.num_sms, per_sm, self.decode_max_seq_len, tile);
@@ -144,11 +144,9 @@ impl DeviceMetadata {
     }
 }
 
-/// Query heads one decode block handles (the rows of its m16 tensor-core tile).
-pub(crate) const DECODE_ROWS_PER_BLOCK: usize = 16;
-
 /// Decode blocks resident on one SM (shared memory bound: 3 stages of 64-key K/V tiles up to head
-/// size 128, 2 stages above).
+/// size 128, 2 stages above): the fallback where the device's occupancy cannot be queried (the
+/// planner asks the runtime, see `attention_kernels::attention::blocks_per_sm`).
 pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
     match head_size {
         0..=80 => 3,

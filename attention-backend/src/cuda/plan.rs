@@ -22,7 +22,7 @@ use attention_kernels::{DType, Element};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{decode_blocks_per_sm, decode_split_count, DECODE_ROWS_PER_BLOCK};
+use super::metadata::{decode_blocks_per_sm, decode_split_count};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -326,7 +326,7 @@ impl StepPlanner {
     fn split_count(&self, n: usize, max_len: usize) -> usize {
         let c = &self.config;
         let group = c.num_heads / c.num_kv_heads;
-        let blocks = n * c.num_kv_heads * group.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let blocks = n * c.num_kv_heads * group.div_ceil(kernels::decode_heads_per_block(c.head_size).max(1));
         let tile = decode_tile_keys(c.head_size).max(1);
         decode_split_count(blocks, self.num_sms, self.decode_per_sm, max_len, tile)
     }
