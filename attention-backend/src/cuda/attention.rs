@@ -95,6 +95,19 @@ pub struct ForwardIo<'a, T: Element> {
     pub lse: Option<&'a mut DeviceTensor<f32>>,
 }
 
+/// The attention variant of `params` as the launchers take it (per-head vectors borrowed).
+pub(crate) fn features(params: &AttentionParams) -> AttentionFeatures<'_> {
+    AttentionFeatures {
+        scale: params.scale,
+        causal: params.causal,
+        window_left: params.window_left,
+        window_right: params.window_right,
+        softcap: params.softcap,
+        alibi_slopes: params.alibi_slopes.as_deref(),
+        sinks: params.sinks.as_deref(),
+    }
+}
+
 /// The shapes of one attention call, for [`validate`].
 fn specs<'a, T: Element>(io: &'a AttentionIo<'_, T>) -> validate::AttentionSpecs<'a> {
     validate::AttentionSpecs::of::<T>(io.query.shape(), io.out.shape(), io.lse.as_ref().map(|l| l.shape()))
@@ -110,6 +123,12 @@ pub(crate) fn check_layer<T: Element>(
     tensors: validate::AttentionSpecs<'_>,
 ) -> Result<()> {
     validate::attention_shapes(op, params, layout, T::DTYPE, tensors, num_tokens)?;
+    check_kernel_support::<T>(op, params)
+}
+
+/// What the CUDA kernels can run: f16/bf16 storage, a compiled head size, per-head vectors that
+/// fit the kernel parameters. Shared by every CUDA entry point, the planner's `run` included.
+pub(crate) fn check_kernel_support<T: Element>(op: &'static str, params: &AttentionParams) -> Result<()> {
     if T::DTYPE == DType::F32 {
         return Err(AttentionError::Unsupported {
             op,
@@ -181,15 +200,7 @@ pub(crate) fn launch<T: Element>(
     }
     let plan = meta.split_plan(params.num_heads, params.num_kv_heads, params.head_size);
     workspace.reserve(dev, plan.workspace_len)?;
-    let features = AttentionFeatures {
-        scale: params.scale,
-        causal: params.causal,
-        window_left: params.window_left,
-        window_right: params.window_right,
-        softcap: params.softcap,
-        alibi_slopes: params.alibi_slopes.as_deref(),
-        sinks: params.sinks.as_deref(),
-    };
+    let features = features(params);
     let dims = |req_begin: usize, req_end: usize| AttentionDims {
         num_tokens: host.num_tokens(),
         num_heads: params.num_heads,

@@ -14,7 +14,7 @@
 
 use attention_kernels::attention::{
     self as kernels, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims,
-    AttentionFeatures, AttentionKernel, AttentionStrides, SideStream, MAX_FEATURE_HEADS,
+    AttentionKernel, AttentionStrides, SideStream,
 };
 use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
 use attention_kernels::staging::Staging;
@@ -649,20 +649,7 @@ impl StepPlan<'_> {
                 ),
             });
         }
-        if T::DTYPE == DType::F32 {
-            return Err(AttentionError::Unsupported {
-                op: RUN,
-                backend: "cuda",
-                what: "f32 storage (the CUDA kernels take f16 and bf16)".into(),
-            });
-        }
-        if (params.alibi_slopes.is_some() || params.sinks.is_some()) && params.num_heads > MAX_FEATURE_HEADS {
-            return Err(AttentionError::Unsupported {
-                op: RUN,
-                backend: "cuda",
-                what: format!("ALiBi slopes or sinks with more than {MAX_FEATURE_HEADS} query heads"),
-            });
-        }
+        super::attention::check_kernel_support::<T>(RUN, params)?;
         let l = self.launch;
         let LayerBuffers { query, new_kv, mut cache, mut out, mut lse, strides } = layer;
         let stream = p.dev.stream().clone();
@@ -690,15 +677,7 @@ impl StepPlan<'_> {
         if l.num_reqs == 0 {
             return Ok(());
         }
-        let features = AttentionFeatures {
-            scale: params.scale,
-            causal: params.causal,
-            window_left: params.window_left,
-            window_right: params.window_right,
-            softcap: params.softcap,
-            alibi_slopes: params.alibi_slopes.as_deref(),
-            sinks: params.sinks.as_deref(),
-        };
+        let features = super::attention::features(params);
         let dims = |req_begin: usize, req_end: usize| AttentionDims {
             num_tokens: l.num_tokens,
             num_heads: c.num_heads,
