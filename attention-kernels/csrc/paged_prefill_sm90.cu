@@ -463,6 +463,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90(const PaAttnArgs* args, cudaStream_t
   if (!current_device_is_sm90()) return cudaErrorNotSupported;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
+  if (a.kv_dtype != pa::fp8::kSame) return cudaErrorNotSupported;  // FP8 caches: not on this kernel yet
   return dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     return a.dtype == 0 ? launch_sm90<__half, D>(a, kp, stream) : launch_sm90<__nv_bfloat16, D>(a, kp, stream);

@@ -21,8 +21,8 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
-use crate::launch::{check_len, same_context, status_to_result, to_i64};
-use crate::{DType, Element, KernelError};
+use crate::launch::{check_len, same_context, status_to_result, to_i64, KvScales};
+use crate::{DType, Element, KernelError, KvStorage};
 
 /// Head sizes both attention kernels are compiled for.
 pub const SUPPORTED_HEAD_SIZES: [usize; 7] = [64, 80, 96, 112, 128, 192, 256];
@@ -269,13 +269,17 @@ impl AttentionStrides {
 /// The device buffers of one attention launch, borrowed (`CudaSlice::as_view` /
 /// `as_view_mut`, or sub-ranges through `slice` / `slice_mut`).
 #[derive(Debug)]
-pub struct AttentionBuffers<'a, T: Element> {
+pub struct AttentionBuffers<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]` with strides `strides.query_*`.
     pub query: CudaView<'a, T>,
-    /// `[num_blocks, block_size, num_kv_heads, head_size]`, blocks `strides.cache_block` apart.
-    pub key_cache: CudaView<'a, T>,
-    /// Same shape and block stride as `key_cache` (may be a view of the same buffer).
-    pub value_cache: CudaView<'a, T>,
+    /// `[num_blocks, block_size, num_kv_heads, head_size]`, blocks `strides.cache_block` apart;
+    /// of the compute type `T` or an FP8 type (then read as `stored * kv_scales.key`).
+    pub key_cache: CudaView<'a, C>,
+    /// Same shape, type and block stride as `key_cache` (may be a view of the same buffer).
+    pub value_cache: CudaView<'a, C>,
+    /// The dequantisation scales of an FP8 cache (`None` = 1.0); must be `None` for an
+    /// unquantised one.
+    pub kv_scales: Option<KvScales<'a>>,
     /// `[num_reqs + 1]` cumulative query lengths.
     pub query_start_loc: CudaView<'a, i32>,
     /// `[num_reqs]`.
@@ -621,12 +625,12 @@ fn rows_disjoint(tokens: usize, heads: usize, head_size: usize, token_stride: us
 /// a block, or `out` rows that overlap; [`KernelError::BufferTooSmall`] when a buffer is shorter
 /// than `dims` and `bufs.strides` require; [`KernelError::Cuda`] when the runtime rejects the
 /// launch.
-pub fn paged_attention<T: Element>(
+pub fn paged_attention<T: Element, C: KvStorage<T>>(
     stream: &CudaStream,
     kernel: AttentionKernel,
     dims: &AttentionDims,
     features: &AttentionFeatures<'_>,
-    bufs: AttentionBuffers<'_, T>,
+    bufs: AttentionBuffers<'_, T, C>,
 ) -> Result<(), KernelError> {
     paged_attention_with_variant(stream, kernel, decode_variant(), dims, features, bufs)
 }
@@ -637,13 +641,13 @@ pub fn paged_attention<T: Element>(
 ///
 /// # Errors
 /// As [`paged_attention`].
-pub fn paged_attention_with_variant<T: Element>(
+pub fn paged_attention_with_variant<T: Element, C: KvStorage<T>>(
     stream: &CudaStream,
     kernel: AttentionKernel,
     variant: DecodeVariant,
     dims: &AttentionDims,
     features: &AttentionFeatures<'_>,
-    bufs: AttentionBuffers<'_, T>,
+    bufs: AttentionBuffers<'_, T, C>,
 ) -> Result<(), KernelError> {
     launch(stream, None, kernel, variant, dims, features, bufs)
 }
@@ -731,12 +735,12 @@ impl Overlap<'_> {
     ///
     /// # Errors
     /// As [`paged_attention`].
-    pub fn launch<T: Element>(
+    pub fn launch<T: Element, C: KvStorage<T>>(
         &self,
         kernel: AttentionKernel,
         dims: &AttentionDims,
         features: &AttentionFeatures<'_>,
-        bufs: AttentionBuffers<'_, T>,
+        bufs: AttentionBuffers<'_, T, C>,
     ) -> Result<(), KernelError> {
         launch(self.stream, Some(self.side), kernel, decode_variant(), dims, features, bufs)
     }
@@ -773,14 +777,14 @@ fn bind_ctx(kernel: &'static str, ctx: &CudaContext) -> Result<(), KernelError> 
 
 /// The launcher shared by [`paged_attention_with_variant`] and [`Overlap::launch`]: checks, then
 /// one launch on `stream`, or on `side`'s stream after a fork from `stream`.
-fn launch<T: Element>(
+fn launch<T: Element, C: KvStorage<T>>(
     stream: &CudaStream,
     side: Option<&SideStream>,
     kernel: AttentionKernel,
     variant: DecodeVariant,
     dims: &AttentionDims,
     features: &AttentionFeatures<'_>,
-    bufs: AttentionBuffers<'_, T>,
+    bufs: AttentionBuffers<'_, T, C>,
 ) -> Result<(), KernelError> {
     let name = match kernel {
         AttentionKernel::Decode { .. } => DECODE,
@@ -790,6 +794,18 @@ fn launch<T: Element>(
         DType::F16 => 0,
         DType::BF16 => 1,
         other => return Err(invalid(name, format!("element type {other} is not supported on the GPU"))),
+    };
+    let kv_dtype = match C::DTYPE {
+        DType::Fp8E4M3 => 1,
+        DType::Fp8E5M2 => 2,
+        _ => 0,
+    };
+    if kv_dtype == 0 && bufs.kv_scales.is_some() {
+        return Err(invalid(name, format!("KV scales given for a {} cache (only FP8 caches are scaled)", C::DTYPE)));
+    }
+    let kv_scale_per_head = match &bufs.kv_scales {
+        Some(sc) => sc.per_head(name, dims.num_kv_heads)?,
+        None => false,
     };
     let d = *dims;
     let st = bufs.strides;
@@ -821,8 +837,10 @@ fn launch<T: Element>(
         ("out head stride", st.out_head),
         ("cache block stride", st.cache_block),
     ] {
-        if !s.is_multiple_of(vec_elems) {
-            return Err(invalid(name, format!("{s_name} {s} is not a multiple of {vec_elems} elements (16 bytes)")));
+        // The cache stride counts cache elements, which may be narrower than `T`.
+        let elems = if s_name == "cache block stride" { 16 / std::mem::size_of::<C>() } else { vec_elems };
+        if !s.is_multiple_of(elems) {
+            return Err(invalid(name, format!("{s_name} {s} is not a multiple of {elems} elements (16 bytes)")));
         }
     }
     let block_elems =
@@ -913,6 +931,10 @@ fn launch<T: Element>(
     if let Some(w) = &bufs.workspace {
         same_context(name, "workspace", stream, w.stream())?;
     }
+    if let Some(sc) = &bufs.kv_scales {
+        same_context(name, "kv_scales.key", stream, sc.key.stream())?;
+        same_context(name, "kv_scales.value", stream, sc.value.stream())?;
+    }
     stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
         kernel: name,
         code: e.0 as i32,
@@ -929,6 +951,7 @@ fn launch<T: Element>(
         mut out,
         lse,
         workspace,
+        kv_scales,
         strides: _,
     } = bufs;
     let (q, _q_guard) = query.device_ptr(stream);
@@ -959,6 +982,14 @@ fn launch<T: Element>(
             (p as *mut f32, len, Some(g))
         }
         None => (ptr::null_mut(), 0, None),
+    };
+    let (k_scale, v_scale, _scale_guards) = match &kv_scales {
+        Some(sc) => {
+            let (k, kg) = sc.key.device_ptr(stream);
+            let (v, vg) = sc.value.device_ptr(stream);
+            (k as *const f32, v as *const f32, Some((kg, vg)))
+        }
+        None => (ptr::null(), ptr::null(), None),
     };
     let args = ffi::PaAttnArgs {
         query: q as *const c_void,
@@ -1001,6 +1032,10 @@ fn launch<T: Element>(
             AttentionKernel::Decode { .. } => variant.code() as i32,
             AttentionKernel::Prefill { .. } => 0,
         },
+        kv_dtype,
+        kv_scale_per_head: i32::from(kv_scale_per_head),
+        k_scale,
+        v_scale,
     };
     let prefill = match kernel {
         AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype)?,

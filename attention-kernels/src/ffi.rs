@@ -240,8 +240,16 @@ pub struct PaAttnArgs {
     pub split_keys: i32,
     /// Decode: pipeline variant in the low byte, bit 8 = fold the combine into the last split.
     pub decode_variant: i32,
+    /// KV-cache storage: 0 = the compute type, 1 = FP8 E4M3, 2 = FP8 E5M2.
+    pub kv_dtype: i32,
+    /// 1 = `k_scale` / `v_scale` hold one float per KV head, 0 = one for the layer.
+    pub kv_scale_per_head: i32,
+    /// Device `[1]` or `[num_kv_heads]` K dequantisation scale, or null = 1.0 (FP8 caches only).
+    pub k_scale: *const f32,
+    /// Device V dequantisation scale, like `k_scale`.
+    pub v_scale: *const f32,
 }
 
 // The C side asserts the same size (`static_assert` in csrc/attention/common.cuh): a field added on
 // one side only breaks both builds instead of shifting every later field at run time.
-const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 224);
+const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 248);

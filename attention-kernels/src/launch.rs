@@ -11,7 +11,37 @@ use std::ffi::CStr;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
-use crate::{Element, KernelError};
+use crate::{Element, KernelError, KvStorage};
+
+/// The dequantisation scales of an FP8 KV cache, in device memory so that a CUDA-graph replay
+/// reads the values current at replay time: `[1]` (one per layer) or `[num_kv_heads]` floats each.
+///
+/// An FP8 cache stores `fp8(x / scale)` (saturating) and is read as `stored * scale`, vLLM's
+/// `k_scale` / `v_scale` semantics. `None` where a launcher takes `Option<KvScales>` means 1.0.
+#[derive(Debug)]
+pub struct KvScales<'a> {
+    /// The key scale(s).
+    pub key: CudaView<'a, f32>,
+    /// The value scale(s); the same length as `key`.
+    pub value: CudaView<'a, f32>,
+}
+
+impl KvScales<'_> {
+    /// Whether the scales are per KV head (`num_kv_heads` entries, more than one), after checking
+    /// that both have 1 or `num_kv_heads` entries.
+    pub(crate) fn per_head(&self, kernel: &'static str, num_kv_heads: usize) -> Result<bool, KernelError> {
+        let (k, v) = (self.key.len(), self.value.len());
+        if k != v || (k != 1 && k != num_kv_heads) {
+            return Err(KernelError::InvalidArgument {
+                kernel,
+                what: format!(
+                    "KV scales have {k} (key) and {v} (value) entries; both must be 1 or num_kv_heads = {num_kv_heads}"
+                ),
+            });
+        }
+        Ok(k > 1)
+    }
+}
 
 /// Dimensions and strides of one KV-cache write, in elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,14 +157,27 @@ pub(crate) fn to_i64(kernel: &'static str, name: &str, v: usize) -> Result<i64, 
 ///
 /// Slots `>= num_blocks * block_size` are skipped by the kernel, never written; callers that must
 /// report them check the slot mapping on the host first (as `attention-backend` does).
-pub fn kv_cache_write<T: Element>(
+pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
     stream: &CudaStream,
     key: CudaView<'_, T>,
     value: CudaView<'_, T>,
-    cache: KvCacheMut<'_, T>,
+    cache: KvCacheMut<'_, C>,
     slot_mapping: CudaView<'_, i64>,
     dims: KvWriteDims,
+    scales: Option<KvScales<'_>>,
 ) -> Result<(), KernelError> {
+    if !C::QUANTISED && scales.is_some() {
+        return Err(KernelError::InvalidArgument {
+            kernel: KV_WRITE,
+            what: format!("KV scales given for a {} cache (only FP8 caches are scaled)", C::DTYPE),
+        });
+    }
+    if C::QUANTISED {
+        return Err(KernelError::InvalidArgument {
+            kernel: KV_WRITE,
+            what: format!("{} caches are not supported by this build's write kernel yet", C::DTYPE),
+        });
+    }
     let KvWriteDims { num_tokens, row_elems, key_stride, value_stride, num_blocks, block_size, cache_block_stride } =
         dims;
     let invalid = |what: String| KernelError::InvalidArgument { kernel: KV_WRITE, what };
@@ -230,7 +273,7 @@ pub fn kv_cache_write<T: Element>(
             (p, Some(g))
         }
         // In bytes: value_offset elements, inside the view (its length was checked above).
-        None => (kc + (value_offset * std::mem::size_of::<T>()) as u64, None),
+        None => (kc + (value_offset * std::mem::size_of::<C>()) as u64, None),
     };
     // SAFETY: every pointer comes from a live cudarc view on `stream`'s context (checked above),
     // borrowed for the duration of this call, and the guards keep cudarc's event tracking ordered
@@ -240,7 +283,8 @@ pub fn kv_cache_write<T: Element>(
     // `value_offset` for the interleaved values), all within the lengths checked above; the
     // interleaved K and V regions are disjoint (checked above), as are two separate mutable views.
     // `T` is one of the three sealed element types, so `size_of::<T>()` is 2 or 4 as the kernel
-    // requires.
+    // requires, and `C` is `T` here (an unquantised cache: `KvStorage` admits no other), so the
+    // kernel's byte copy moves whole elements.
     let status = unsafe {
         ffi::pa_kv_cache_write(
             k as *const _,

@@ -22,9 +22,11 @@
 
 mod dtype;
 mod error;
+pub mod fp8;
 
-pub use dtype::{DType, DeviceElement, Element};
+pub use dtype::{CacheElement, DType, DeviceElement, Element, KvStorage};
 pub use error::KernelError;
+pub use fp8::{Fp8E4M3, Fp8E5M2};
 
 #[cfg(feature = "cuda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]

@@ -230,6 +230,7 @@ pub(crate) fn launch<T: Element>(
             query: query.buffer().as_view(),
             key_cache: cache.key_buffer().as_view(),
             value_cache: cache.value_buffer().as_view(),
+            kv_scales: None,
             query_start_loc: meta.query_start_loc().as_view(),
             seq_lens: meta.seq_lens().as_view(),
             block_table: meta.block_table().as_view(),

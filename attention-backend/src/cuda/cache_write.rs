@@ -45,6 +45,7 @@ pub(crate) fn write<T: Element>(
         KvCacheMut::Separate { key: cache.key.as_view_mut(), value: cache.value.as_view_mut() },
         slot_mapping.buffer().as_view(),
         dims,
+        None,
     )
     .map_err(|e| kernel_error(OP, e))
 }

@@ -671,8 +671,16 @@ impl StepPlan<'_> {
                     KvCacheMut::Interleaved { cache: cache.slice_mut(..), value_offset: *value_offset }
                 }
             };
-            launch::kv_cache_write(&stream, key, value, target, p.slot_mapping.slice(..l.num_tokens.max(1)), dims)
-                .map_err(|e| kernel_error(RUN, e))?;
+            launch::kv_cache_write(
+                &stream,
+                key,
+                value,
+                target,
+                p.slot_mapping.slice(..l.num_tokens.max(1)),
+                dims,
+                None,
+            )
+            .map_err(|e| kernel_error(RUN, e))?;
         }
         if l.num_reqs == 0 {
             return Ok(());
@@ -718,6 +726,7 @@ impl StepPlan<'_> {
                 query: query.slice(..),
                 key_cache: key_cache.slice(..),
                 value_cache: value_cache.slice(..),
+                kv_scales: None,
                 query_start_loc: p.query_start_loc.slice(..l.num_reqs + 1),
                 seq_lens: p.seq_lens.slice(..l.num_reqs),
                 block_table: p.block_table.slice(..l.num_reqs * c.max_blocks_per_req),

@@ -11,6 +11,7 @@
 // All softmax state is kept in the log2 domain (scores multiplied by log2(e)) so exp2f serves.
 #pragma once
 
+#include "common/fp8.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -98,9 +99,17 @@ struct PaAttnArgs {
   // Decode only: pipeline variant (low byte, see paged_decode.cu) and bit 8 = fold the split-KV
   // combine into the last split to finish. 0 = the default.
   int32_t decode_variant;
+  // KV-cache storage: 0 = the compute type (`dtype`), 1 = FP8 E4M3, 2 = FP8 E5M2. An FP8 cache
+  // holds fp8(x / scale); the kernels read stored * scale, folding the K scale into the score
+  // scale and the V scale into the output.
+  int32_t kv_dtype;
+  // 1 = `k_scale` / `v_scale` hold one float per KV head, 0 = one float for the whole layer.
+  int32_t kv_scale_per_head;
+  const float* k_scale;            // DEVICE pointer, or null = 1.0 (FP8 caches only)
+  const float* v_scale;            // DEVICE pointer, or null = 1.0 (FP8 caches only)
 };
 // The Rust mirror asserts the same size; a field added on one side only fails both builds.
-static_assert(sizeof(PaAttnArgs) == 224, "PaAttnArgs layout changed: update src/ffi.rs too");
+static_assert(sizeof(PaAttnArgs) == 248, "PaAttnArgs layout changed: update src/ffi.rs too");
 
 namespace pa {
 
@@ -133,6 +142,10 @@ struct KernelParams {
   int32_t has_sinks;
   int32_t split_keys;  // decode: keys per split (0 = even division into num_splits)
   int32_t fold;        // decode: the last split to finish merges the partials (set by the launcher)
+  int32_t kv_dtype;           // 0 = compute type, 1 = FP8 E4M3, 2 = FP8 E5M2 (see PaAttnArgs)
+  int32_t kv_scale_per_head;  // k_scale / v_scale indexed by KV head (else entry 0)
+  const float* k_scale;       // device, null = 1.0
+  const float* v_scale;       // device, null = 1.0
   float scale;
   float softcap;
   float alibi[kMaxFeatureHeads];
@@ -172,6 +185,11 @@ inline bool make_kernel_params(const PaAttnArgs& a, KernelParams& k) {
   k.has_sinks = a.sinks != nullptr;
   k.split_keys = a.split_keys;
   k.fold = 0;
+  if (a.kv_dtype < 0 || a.kv_dtype > 2) return false;
+  k.kv_dtype = a.kv_dtype;
+  k.kv_scale_per_head = a.kv_scale_per_head;
+  k.k_scale = a.k_scale;
+  k.v_scale = a.v_scale;
   k.scale = a.scale;
   k.softcap = a.softcap;
   for (int h = 0; h < kMaxFeatureHeads; ++h) {

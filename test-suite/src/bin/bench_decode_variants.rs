@@ -145,6 +145,7 @@ fn time_variant(
             query: st.query.buffer().as_view(),
             key_cache: st.cache.key_buffer().as_view(),
             value_cache: st.cache.value_buffer().as_view(),
+            kv_scales: None,
             query_start_loc: st.meta.query_start_loc().as_view(),
             seq_lens: st.meta.seq_lens().as_view(),
             block_table: st.meta.block_table().as_view(),

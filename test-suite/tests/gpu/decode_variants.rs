@@ -192,6 +192,7 @@ fn launch<T: Element>(
         query: b.query.buffer().as_view(),
         key_cache: b.cache.key_buffer().as_view(),
         value_cache: b.cache.value_buffer().as_view(),
+        kv_scales: None,
         query_start_loc: b.meta.query_start_loc().as_view(),
         seq_lens: b.meta.seq_lens().as_view(),
         block_table: b.meta.block_table().as_view(),

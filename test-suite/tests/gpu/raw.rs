@@ -222,6 +222,7 @@ pub fn run<T: Element>(
             query: v.query.slice(..),
             key_cache: v.key_cache.slice(..),
             value_cache: v.value_cache.slice(..),
+            kv_scales: None,
             query_start_loc: meta.query_start_loc.as_view(),
             seq_lens: meta.seq_lens.as_view(),
             block_table: meta.block_table.as_view(),

@@ -59,6 +59,7 @@ fn check_strided<T: Element>(step: &Step, mask: &Mask, num_splits: usize, head_m
         KvCacheMut::Separate { key: kc.as_view_mut(), value: vc.as_view_mut() },
         slots_dev.as_view(),
         KvWriteDims::contiguous(nt, row, step.num_blocks, step.block_size),
+        None,
     )
     .unwrap();
     let nan = T::from_f32(f32::NAN);
@@ -100,6 +101,7 @@ fn check_strided<T: Element>(step: &Step, mask: &Mask, num_splits: usize, head_m
             cache_block_stride: 2 * block,
             ..KvWriteDims::contiguous(nt, row, step.num_blocks, step.block_size)
         },
+        None,
     )
     .unwrap();
     // Out: 16 elements of lead-in, then either token rows padded by 24 elements or head-major.
@@ -217,6 +219,7 @@ fn strided_views_refused() {
             query: q.slice(q_off..),
             key_cache: kc.as_view(),
             value_cache: kc.as_view(),
+            kv_scales: None,
             query_start_loc: meta.query_start_loc.as_view(),
             seq_lens: meta.seq_lens.as_view(),
             block_table: meta.block_table.as_view(),
@@ -276,6 +279,7 @@ fn strided_views_refused() {
             KvCacheMut::Interleaved { cache: cache.as_view_mut(), value_offset: off },
             slots.as_view(),
             dims,
+            None,
         );
         assert_eq!(r.is_ok(), ok, "value offset {off}: {r:?}");
     }

@@ -1,0 +1,53 @@
+// FP8 KV-cache elements: the exact conversions the write, decode and prefill kernels share.
+//
+// Storage kinds follow PaAttnArgs::kv_dtype: 0 = the compute type itself, 1 = E4M3, 2 = E5M2.
+// Quantisation is round-to-nearest-even with saturation to the format's finite range (infinities
+// too) and NaN kept NaN, the PTX `cvt.rn.satfinite` rule; the Rust side (`attention_kernels::fp8`)
+// implements the same rule bit for bit and the GPU tests compare the two. Widening is exact: every
+// E4M3 and E5M2 value is an f16 (and a bf16) value, so a dequantised tile feeds the tensor cores
+// without rounding; the per-layer or per-head scale is applied in f32 afterwards (folded into the
+// score scale for K, into the output for V).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace pa {
+namespace fp8 {
+
+enum Kind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
+
+template <int K>
+__device__ __forceinline__ __nv_fp8_interpretation_t interpretation() {
+  static_assert(K == kE4M3 || K == kE5M2, "not an FP8 kind");
+  return K == kE4M3 ? __NV_E4M3 : __NV_E5M2;
+}
+
+// fp8(x), saturating; NaN stays NaN.
+template <int K>
+__device__ __forceinline__ uint8_t quantize(float x) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, interpretation<K>()));
+}
+
+// Two packed FP8 values (low byte first) widened exactly to an f16 pair.
+template <int K>
+__device__ __forceinline__ __half2 to_half2(uint16_t two) {
+  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), interpretation<K>());
+  return __half2(raw);
+}
+
+// Two packed FP8 values widened exactly to f32.
+template <int K>
+__device__ __forceinline__ float2 to_float2(uint16_t two) {
+  return __half22float2(to_half2<K>(two));
+}
+
+// The scale of KV head `kv_head` (entry 0 when not per head); 1 when no scale buffer is given.
+__device__ __forceinline__ float scale_of(const float* scales, int per_head, int kv_head) {
+  return scales == nullptr ? 1.f : __ldg(scales + (per_head ? kv_head : 0));
+}
+
+}  // namespace fp8
+}  // namespace pa
