@@ -172,7 +172,11 @@ fn parse_model(s: &str) -> Result<&'static str, String> {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    s.parse::<DType>().map_err(|_| format!("unknown dtype `{s}` (expected f32, f16 or bf16)"))
+    match s.parse::<DType>() {
+        // The FP8 types are KV-cache storage only (`--kv-cache-dtype`), never the compute type.
+        Ok(d) if !d.is_fp8() => Ok(d),
+        _ => Err(format!("unknown dtype `{s}` (expected f32, f16 or bf16)")),
+    }
 }
 
 /// Everything a run needs, with the device's defaults filled in and checked.
