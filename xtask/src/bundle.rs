@@ -426,6 +426,9 @@ run_bench() {
     if [ -x plan_overhead ]; then
         step ./plan_overhead --json "$out/plan-overhead.json"
     fi
+    if [ -x bench_fp8 ]; then
+        step ./bench_fp8 --json "$out/fp8.json"
+    fi
     for b in bench_prefill_paths bench_decode_variants; do
         if [ -x "$b" ]; then step "./$b"; fi
     done
