@@ -75,6 +75,7 @@
 mod batch;
 mod block_pool;
 mod block_table;
+mod cache_size;
 mod config;
 mod error;
 mod prepare;
@@ -86,6 +87,7 @@ pub use attention_backend::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMe
 pub use batch::PersistentBatch;
 pub use block_pool::{BlockPool, TokenId};
 pub use block_table::PersistentBlockTable;
+pub use cache_size::KvCacheSpec;
 pub use config::RunnerConfig;
 pub use error::{Result, RunnerError};
 pub use prepare::{ScheduledRequest, StepInputs};

@@ -15,8 +15,7 @@ use attention_backend::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use attention_backend::cuda::{CudaDevice, DeviceMetadata};
 use attention_backend::{bf16, AttentionMetadata, BlockTable, SlotMapping};
 use attention_kernels::attention::{
-    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides,
-    PrefillPath,
+    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides, PrefillPath,
 };
 use attention_kernels::launch::{self, KvCacheMut, KvScales, KvWriteDims};
 use attention_kernels::{DType, Fp8E4M3, Fp8E5M2, KvStorage};
@@ -287,10 +286,7 @@ fn main() {
         std::process::exit(1);
     });
     println!("device: {}; bf16 compute, {HEADS} q / {KV_HEADS} kv heads, head {D}, block {BS}", dev.name());
-    println!(
-        "{:<34} {:>9} {:>9} {:>8} {:>12} {:>8}",
-        "case", "kv cache", "ms", "GB/s", "time/bf16", "copy/ours"
-    );
+    println!("{:<34} {:>9} {:>9} {:>8} {:>12} {:>8}", "case", "kv cache", "ms", "GB/s", "time/bf16", "copy/ours");
     let mut out = Out { json: Vec::new(), iters };
 
     // The KV write: 16384 tokens of 8 kv heads x 128; bytes = bf16 rows read + cache rows written.
