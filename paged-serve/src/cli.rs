@@ -71,8 +71,20 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Device and model")]
     pub block_size: usize,
     /// KV-cache size in blocks (per layer) [default: 1024 / 32768]
-    #[arg(long, value_name = "N", help_heading = "Device and model")]
+    #[arg(long, value_name = "N", help_heading = "Device and model", conflicts_with = "kv_cache_memory")]
     pub num_blocks: Option<usize>,
+    /// KV-cache size as memory for all layers' K and V together (e.g. 8GiB, 512MiB, 1e9); the
+    /// blocks that fit follow from the cache's element size (an FP8 cache holds twice the blocks)
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, help_heading = "Device and model")]
+    pub kv_cache_memory: Option<u64>,
+    /// Storage type of the KV cache: auto (= --dtype), fp8_e4m3 (alias fp8) or fp8_e5m2. An FP8
+    /// cache stores fp8(x / scale) and is read as stored * scale (vLLM's kv_cache_dtype)
+    #[arg(long, value_name = "TYPE", default_value = "auto", value_parser = parse_kv_dtype, help_heading = "Device and model")]
+    pub kv_cache_dtype: KvCacheDType,
+    /// FP8 caches: the K and V scale of every layer (vLLM's default 1.0; the synthetic model's
+    /// values lie in [-1, 1], so 1/448 would use E4M3's whole range)
+    #[arg(long, value_name = "SCALE", help_heading = "Device and model")]
+    pub kv_scale: Option<f32>,
 
     /// Requests in the workload [default: 200 / 1024]
     #[arg(long, value_name = "N", help_heading = "Workload")]
@@ -179,13 +191,69 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// The KV cache's storage as the summary names it: `bf16`, or `fp8_e4m3 (scale 0.0022)`.
+pub fn describe_kv_cache(cfg: &RunConfig) -> String {
+    if cfg.kv_cache_dtype.is_fp8() {
+        format!("{} (scale {})", cfg.kv_cache_dtype, cfg.kv_scale)
+    } else {
+        cfg.kv_cache_dtype.to_string()
+    }
+}
+
+/// `--kv-cache-dtype`: the compute type, or an FP8 storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheDType {
+    /// The same as `--dtype`.
+    Auto,
+    /// A given type (an FP8 one, or the compute type named explicitly).
+    Is(DType),
+}
+
+fn parse_kv_dtype(s: &str) -> Result<KvCacheDType, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(KvCacheDType::Auto);
+    }
+    s.parse::<DType>()
+        .map(KvCacheDType::Is)
+        .map_err(|_| format!("unknown KV-cache dtype `{s}` (expected auto, fp8_e4m3, fp8 or fp8_e5m2)"))
+}
+
+/// A byte count: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB; `1e9` too).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("`{s}`: unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    let bytes = v * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is not a usable number of bytes"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Everything a run needs, with the device's defaults filled in and checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunConfig {
     /// The device asked for.
     pub device: DeviceRequest,
-    /// Storage type.
+    /// Compute type (Q, K, V, outputs).
     pub dtype: DType,
+    /// KV-cache storage type: `dtype`, or an FP8 type.
+    pub kv_cache_dtype: DType,
+    /// FP8 caches: the K and V scale of every layer (1.0 otherwise, unused).
+    pub kv_scale: f32,
     /// Model sizes.
     pub shape: ModelShape,
     /// The `--model` preset, if any.
@@ -310,7 +378,34 @@ impl Cli {
             }
             attention.softcap = (cap > 0.0).then_some(cap);
         }
-        let num_blocks = self.num_blocks.unwrap_or(d.num_blocks);
+        let kv_cache_dtype = match self.kv_cache_dtype {
+            KvCacheDType::Auto => dtype,
+            KvCacheDType::Is(k) if k.is_fp8() || k == dtype => k,
+            KvCacheDType::Is(k) => {
+                return Err(usage(format!(
+                    "--kv-cache-dtype {k} with --dtype {dtype}: the cache is either the compute type (auto) or FP8"
+                )))
+            }
+        };
+        let kv_scale = match (self.kv_scale, kv_cache_dtype.is_fp8()) {
+            (None, _) => 1.0,
+            (Some(s), true) if s.is_finite() && s > 0.0 => s,
+            (Some(s), true) => return Err(usage(format!("--kv-scale {s} must be a positive finite number"))),
+            (Some(_), false) => return Err(usage("--kv-scale applies only to an FP8 --kv-cache-dtype")),
+        };
+        let num_blocks = match self.kv_cache_memory {
+            None => self.num_blocks.unwrap_or(d.num_blocks),
+            Some(bytes) => {
+                let spec = model_runner::KvCacheSpec {
+                    num_layers: shape.num_layers.max(1),
+                    block_size: self.block_size.max(1),
+                    num_kv_heads: shape.num_kv_heads.max(1),
+                    head_size: shape.head_size.max(1),
+                    dtype: kv_cache_dtype,
+                };
+                spec.blocks_for_memory(bytes).map_err(|e| usage(format!("--kv-cache-memory: {e}")))?
+            }
+        };
         let positive = [
             ("--layers", shape.num_layers),
             ("--heads", shape.num_heads),
@@ -387,6 +482,8 @@ impl Cli {
         Ok(RunConfig {
             device: request,
             dtype,
+            kv_cache_dtype,
+            kv_scale,
             shape,
             model: self.model,
             attention,
@@ -558,6 +655,14 @@ mod tests {
             (&["--shared-prefix", "1.5"], Device::Cpu, "fraction"),
             (&["--arrival-rate", "-1"], Device::Cpu, "--arrival-rate"),
             (&["--trace", "/nonexistent/trace.csv"], Device::Cpu, "cannot read it"),
+            (&["--kv-cache-dtype", "int4"], Device::Cpu, "unknown KV-cache dtype `int4`"),
+            (&["--dtype", "bf16", "--kv-cache-dtype", "f16"], Device::Cpu, "either the compute type (auto) or FP8"),
+            (&["--kv-scale", "0.5"], Device::Cpu, "only to an FP8 --kv-cache-dtype"),
+            (&["--kv-cache-dtype", "fp8", "--kv-scale", "0"], Device::Cpu, "--kv-scale 0 must be a positive"),
+            (&["--kv-cache-dtype", "fp8", "--kv-scale", "inf"], Device::Cpu, "must be a positive finite"),
+            (&["--kv-cache-memory", "12 parsecs"], Device::Cpu, "unknown unit"),
+            (&["--kv-cache-memory", "1KiB"], Device::Cpu, "hold no KV-cache block"),
+            (&["--kv-cache-memory", "1GiB", "--num-blocks", "8"], Device::Cpu, "cannot be used with"),
         ];
         for (args, dev, want) in cases {
             let err = resolve(args, *dev).unwrap_err();
@@ -565,6 +670,26 @@ mod tests {
         }
         // The CPU runs head sizes and block sizes the CUDA kernels do not.
         assert!(resolve(&["--head-size", "72", "--block-size", "8"], Device::Cpu).is_ok());
+    }
+
+    #[test]
+    fn kv_cache_dtype_and_memory() {
+        let auto = resolve(&["--dtype", "bf16"], Device::Cpu).unwrap();
+        assert_eq!((auto.kv_cache_dtype, auto.kv_scale), (DType::BF16, 1.0));
+        let fp8 = resolve(&["--dtype", "f16", "--kv-cache-dtype", "fp8", "--kv-scale", "0.25"], Device::Cpu).unwrap();
+        assert_eq!((fp8.kv_cache_dtype, fp8.kv_scale), (DType::Fp8E4M3, 0.25));
+        assert_eq!(describe_kv_cache(&fp8), "fp8_e4m3 (scale 0.25)");
+        let e5 = resolve(&["--kv-cache-dtype", "fp8_e5m2"], Device::Cuda).unwrap();
+        assert_eq!((e5.dtype, e5.kv_cache_dtype), (DType::BF16, DType::Fp8E5M2));
+        // 4 layers x 2 x 16 tokens x 2 kv heads x 64 x elem bytes per block: f32 4, FP8 1.
+        let mem = |kv: &str| {
+            resolve(&["--kv-cache-memory", "64MiB", "--kv-cache-dtype", kv], Device::Cpu).unwrap().num_blocks
+        };
+        assert_eq!(mem("auto"), (64 << 20) / (4 * 2 * 16 * 2 * 64 * 4));
+        assert_eq!(mem("fp8_e5m2"), 4 * mem("auto"));
+        assert_eq!(parse_bytes("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("2 GiB"), Ok(2 << 30));
+        assert!(parse_bytes("-3MB").is_err());
     }
 
     #[test]

@@ -274,6 +274,7 @@ pub(crate) fn finish_summary(s: &mut Summary, cfg: &RunConfig, sched: &Scheduler
     let reqs = sched.requests();
     s.device = device;
     s.dtype = cfg.dtype.to_string();
+    s.kv_cache_dtype = crate::cli::describe_kv_cache(cfg);
     s.model = cfg.model.map(str::to_string);
     s.attention = cfg.attention.describe();
     s.num_layers = cfg.shape.num_layers;
@@ -315,7 +316,7 @@ pub(crate) fn apply_to_runner(runner: &mut ModelRunner, plan: &StepPlan) -> Resu
 /// not be able to panic a run.
 pub(crate) fn kv_read_bytes(cfg: &RunConfig, seq_lens: &[i32]) -> u64 {
     let shape = cfg.shape;
-    let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * cfg.dtype.size_in_bytes()) as u64;
+    let kv_row_bytes = (2 * shape.num_kv_heads * shape.head_size * cfg.kv_cache_dtype.size_in_bytes()) as u64;
     let keys: u64 = seq_lens.iter().map(|&s| u64::from(s.unsigned_abs())).fold(0, u64::saturating_add);
     keys.saturating_mul(kv_row_bytes).saturating_mul(shape.num_layers as u64)
 }

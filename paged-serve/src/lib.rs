@@ -130,6 +130,12 @@ pub fn run_config(cfg: &RunConfig, backend: Backend) -> Result<Summary, ServeErr
     let plan = workload::plan(&cfg.workload, cfg.sharing, cfg.seed).map_err(|e| ServeError::Usage(e.to_string()))?;
     cli::check_fits(cfg, &plan.shapes)?;
     let requests = plan.build();
+    if cfg.kv_cache_dtype != cfg.dtype {
+        return Err(ServeError::Usage(format!(
+            "--kv-cache-dtype {} is not wired into the engines yet",
+            cfg.kv_cache_dtype
+        )));
+    }
     #[cfg(feature = "cuda")]
     if backend.device() == attention_backend::Device::Cuda {
         return match cfg.dtype {

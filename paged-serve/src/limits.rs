@@ -75,15 +75,16 @@ fn product(factors: &[usize]) -> u128 {
 pub fn estimate(cfg: &RunConfig, cache_on_host: bool) -> MemoryNeed {
     let s = cfg.shape;
     let dtype = cfg.dtype.size_in_bytes();
+    let kv_dtype = cfg.kv_cache_dtype.size_in_bytes();
     let mut parts = Vec::new();
     if cache_on_host {
         parts.push(Part {
             what: "the KV caches",
-            bytes: product(&[s.num_layers, 2, cfg.num_blocks, cfg.block_size, s.num_kv_heads, s.head_size, dtype]),
+            bytes: product(&[s.num_layers, 2, cfg.num_blocks, cfg.block_size, s.num_kv_heads, s.head_size, kv_dtype]),
             flags: format!(
-                "--layers {} x --num-blocks {} x --block-size {} x --kv-heads {} x --head-size {} x {dtype} bytes \
-                 x 2 (keys and values)",
-                s.num_layers, cfg.num_blocks, cfg.block_size, s.num_kv_heads, s.head_size
+                "--layers {} x --num-blocks {} x --block-size {} x --kv-heads {} x --head-size {} x {kv_dtype} bytes \
+                 ({}) x 2 (keys and values)",
+                s.num_layers, cfg.num_blocks, cfg.block_size, s.num_kv_heads, s.head_size, cfg.kv_cache_dtype
             ),
         });
     }

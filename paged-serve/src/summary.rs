@@ -13,8 +13,10 @@ use crate::ServeError;
 pub struct Summary {
     /// The backend, e.g. `cpu (2 threads)` or `cuda:0 (NVIDIA H100 80GB HBM3)`.
     pub device: String,
-    /// Storage type of Q/K/V and the cache.
+    /// Compute type of Q/K/V and the outputs.
     pub dtype: String,
+    /// Storage type of the KV cache (the compute type, or an FP8 type with its scale).
+    pub kv_cache_dtype: String,
     /// Attention layers.
     pub num_layers: usize,
     /// Query heads.
@@ -178,6 +180,7 @@ impl Summary {
         };
         field("device", json_str(&self.device));
         field("dtype", json_str(&self.dtype));
+        field("kv_cache_dtype", json_str(&self.kv_cache_dtype));
         field("model", self.model.as_deref().map_or_else(|| "null".into(), json_str));
         field("attention", json_str(&self.attention));
         field("graphs", self.graphs.map_or_else(|| "null".into(), |g| g.to_string()));
@@ -272,7 +275,7 @@ impl fmt::Display for Summary {
         let pct = |a: usize, b: usize| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
         writeln!(
             f,
-            "paged-serve on {}, {}: {} layers x {} heads ({} kv) x {}, cache {} blocks of {} tokens",
+            "paged-serve on {}, {}: {} layers x {} heads ({} kv) x {}, cache {} blocks of {} tokens{}",
             self.device,
             self.dtype,
             self.num_layers,
@@ -280,7 +283,12 @@ impl fmt::Display for Summary {
             self.num_kv_heads,
             self.head_size,
             self.num_blocks,
-            self.block_size
+            self.block_size,
+            if self.kv_cache_dtype.is_empty() || self.kv_cache_dtype == self.dtype {
+                String::new()
+            } else {
+                format!(" ({})", self.kv_cache_dtype)
+            }
         )?;
         writeln!(
             f,
