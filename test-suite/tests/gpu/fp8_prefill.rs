@@ -146,7 +146,7 @@ struct Gpu<T> {
 
 /// Runs the prefill kernel over every request of `step` on the given cache contents.
 #[allow(clippy::too_many_arguments)]
-fn launch<T: Element, C: Fp8>(
+fn launch<T: Element, C: Fp8 + KvStorage<T>>(
     stream: &Arc<CudaStream>,
     step: &Step,
     spec: &Spec,
@@ -156,10 +156,7 @@ fn launch<T: Element, C: Fp8>(
     scales: &(Vec<f32>, Vec<f32>),
     alibi: &[f32],
     sinks: &[f32],
-) -> Gpu<T>
-where
-    C: KvStorage<T>,
-{
+) -> Gpu<T> {
     let (h, d) = (step.num_heads, step.head_size);
     let nt = step.num_tokens;
     let meta = DeviceMeta::upload(stream, step);
@@ -253,8 +250,8 @@ fn reference<T: Element, C: CacheElement>(spec: &Spec, inp: &Inputs<T, C>, t: us
         }
         let base = (step.slot(r, key) * kvh + kv_head) * d;
         let mut dot = 0.0f64;
-        for e in 0..d {
-            dot += f64::from(qrow[e].to_f32()) * f64::from(inp.keys[base + e].to_f32()) * ks;
+        for (qe, ke) in qrow.iter().zip(&inp.keys[base..base + d]) {
+            dot += f64::from(qe.to_f32()) * f64::from(ke.to_f32()) * ks;
         }
         let mut s = dot * scale;
         if let Some(cap) = spec.softcap {
@@ -277,8 +274,8 @@ fn reference<T: Element, C: CacheElement>(spec: &Spec, inp: &Inputs<T, C>, t: us
         let w = (s - m).exp();
         denom += w;
         let base = (step.slot(r, key) * kvh + kv_head) * d;
-        for e in 0..d {
-            out[e] += w * f64::from(inp.values[base + e].to_f32()) * vs;
+        for (o, ve) in out.iter_mut().zip(&inp.values[base..base + d]) {
+            *o += w * f64::from(ve.to_f32()) * vs;
         }
     }
     for o in &mut out {
@@ -317,9 +314,9 @@ fn check<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec) {
             let (want, lse) = reference(spec, &inp, t, hh);
             let got_lse = f64::from(got.lse[t * h + hh]);
             assert!(close(got_lse, lse), "token {t} head {hh}: lse {got_lse}, want {lse} ({what})");
-            for e in 0..d {
+            for (e, &w) in want.iter().enumerate() {
                 let x = f64::from(got.out[(t * h + hh) * d + e].to_f32());
-                assert!(close(x, want[e]), "token {t} head {hh} elem {e}: got {x}, want {} ({what})", want[e]);
+                assert!(close(x, w), "token {t} head {hh} elem {e}: got {x}, want {w} ({what})");
             }
         }
     }
