@@ -23,8 +23,13 @@ const CU_SOURCES: &[&str] = &[
 const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
-const CU_HEADERS: &[&str] =
-    &["csrc/common/vec.cuh", "csrc/common/check.cuh", "csrc/attention/common.cuh", "csrc/attention/wgmma_sm90.cuh"];
+const CU_HEADERS: &[&str] = &[
+    "csrc/common/vec.cuh",
+    "csrc/common/check.cuh",
+    "csrc/attention/common.cuh",
+    "csrc/attention/wgmma_sm90.cuh",
+    "csrc/attention/fp8_tile.cuh",
+];
 
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";

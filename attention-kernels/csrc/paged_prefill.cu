@@ -41,6 +41,7 @@
 #include <climits>
 
 #include "attention/common.cuh"
+#include "attention/fp8_tile.cuh"
 
 namespace {
 
@@ -50,7 +51,11 @@ using pa::KernelParams;
 #define PA_PREFILL_BN(D) ((D) <= 128 ? 64 : 32)
 #endif
 
-template <int D> struct PrefillCfg {
+// kFp8: the cache holds FP8 bytes (either format). Those tiles are copied into a double-buffered
+// staging area of [BN][D] bytes and widened into ONE compute-type K / V pair per tile (see
+// attention/fp8_tile.cuh), so the FP8 configuration uses no more shared memory than the 16-bit one
+// (head 128: 101 KB against 104 KB) and keeps two blocks per SM.
+template <int D, bool kFp8 = false> struct PrefillCfg {
   // 4 warps; each takes kMT m16 tiles (32 rows up to head 128, so every K/V fragment loaded from
   // shared memory feeds twice the tensor-core work), 16 rows above.
   static constexpr int kWarps = 4;
@@ -63,7 +68,9 @@ template <int D> struct PrefillCfg {
   static constexpr bool kQInRegs = D <= 64;
   static constexpr size_t kQBytes = size_t(kBM) * kRS * 2;
   static constexpr size_t kTileBytes = size_t(kBN) * kRS * 2;
-  static constexpr size_t kSmemBytes = kQBytes + 4 * kTileBytes + 2 * kBN * 8;
+  static constexpr int kComputeTiles = kFp8 ? 2 : 4;  // [stage][K|V], one stage with FP8
+  static constexpr size_t kStageBytes = kFp8 ? size_t(kBN) * D : 0;  // one staged FP8 K or V tile
+  static constexpr size_t kSmemBytes = kQBytes + kComputeTiles * kTileBytes + 4 * kStageBytes + 2 * kBN * 8;
 };
 
 // O += P V over one tile of BN keys (see the call site). With kSanitize, the 16-key steps that hold
@@ -103,17 +110,19 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][DT][4], const uint32_t (&
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const KernelParams p) {
-  using Cfg = PrefillCfg<D>;
+template <typename T, int D, bool kFp8>
+__global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(const KernelParams p) {
+  using Cfg = PrefillCfg<D, kFp8>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, RS = Cfg::kRS, C = Cfg::kChunks, MT = Cfg::kMT;
   constexpr int NT = BN / 8;  // score n-tiles per warp
   constexpr int DT = D / 8;   // output n-tiles per warp
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
-  T* kv_s = reinterpret_cast<T*>(smem + Cfg::kQBytes);  // [stage][K|V][BN][RS]
+  T* kv_s = reinterpret_cast<T*>(smem + Cfg::kQBytes);  // [stage][K|V][BN][RS] (one stage with FP8)
+  // FP8 only: the staged cache bytes, [stage][K|V][BN][D].
+  unsigned char* stg_s = smem + Cfg::kQBytes + Cfg::kComputeTiles * Cfg::kTileBytes;
   // Cache row offset (elements) of each key of the next two tiles, -1 past the sequence.
-  int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kQBytes + 4 * Cfg::kTileBytes);  // [2][BN]
+  int64_t* ro_s = reinterpret_cast<int64_t*>(stg_s + 4 * Cfg::kStageBytes);  // [2][BN]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t4 = lane & 3;
@@ -143,6 +152,11 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
   const T* q = static_cast<const T*>(p.query);
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
+  // FP8: the cache holds fp8(x / scale). k_scale joins the score scale (exact tiles and the fused
+  // exponent alike), v_scale multiplies the output once in the epilogue; both 1 otherwise.
+  const float k_scale = kFp8 ? pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float v_scale = kFp8 ? pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float qk_scale = kFp8 ? p.scale * k_scale : p.scale;
 
   // Q tile (rows past the query are zero-filled).
   for (int idx = tid; idx < BM * C; idx += Cfg::kThreads) {
@@ -167,7 +181,7 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
   for (int mt = 0; mt < MT; ++mt) v_bad[mt][0] = v_bad[mt][1] = false;
   const float slope = p.has_alibi ? p.alibi[h] : 0.f;
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
-  const float scale2 = p.scale * pa::kLog2e;
+  const float scale2 = qk_scale * pa::kLog2e;
 
   // This warp's rows: a tile none of them can see is skipped by the warp (the block still loads
   // it for the others); the element-wise mask runs where the tile straddles one of their bounds.
@@ -199,6 +213,25 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
 
   auto issue_tile = [&](int t) {
     const int stage = t & 1;
+    if constexpr (kFp8) {
+      // Raw FP8 rows, D bytes each, into the staging buffer of this stage.
+      constexpr int C16 = D / 16;
+      unsigned char* ks8 = stg_s + (stage * 2 + 0) * Cfg::kStageBytes;
+      unsigned char* vs8 = stg_s + (stage * 2 + 1) * Cfg::kStageBytes;
+      const unsigned char* kc8 = static_cast<const unsigned char*>(p.key_cache);
+      const unsigned char* vc8 = static_cast<const unsigned char*>(p.value_cache);
+      const int64_t* ro = ro_s + stage * BN;
+#pragma unroll 4
+      for (int idx = tid; idx < BN * C16; idx += Cfg::kThreads) {
+        const int r = idx / C16, c = idx % C16;
+        const int64_t row = ro[r];
+        const bool valid = row >= 0;
+        const int64_t off = valid ? row + c * 16 : 0;
+        pa::cp_async16(ks8 + idx * 16, kc8 + off, valid);
+        pa::cp_async16(vs8 + idx * 16, vc8 + off, valid);
+      }
+      return;
+    }
     T* ks = kv_s + (stage * 2 + 0) * BN * RS;
     T* vs = kv_s + (stage * 2 + 1) * BN * RS;
     const int64_t* ro = ro_s + stage * BN;
@@ -238,8 +271,19 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
     }
 
     const int stage = n & 1;
-    const T* ks = kv_s + (stage * 2 + 0) * BN * RS;
-    const T* vs = kv_s + (stage * 2 + 1) * BN * RS;
+    if constexpr (kFp8) {
+      // Widen the landed FP8 tile into the single compute K / V pair (free: its last readers, the
+      // warps of tile n - 1, passed the barrier at the end of the previous iteration).
+      T* kd = kv_s;
+      T* vd = kv_s + BN * RS;
+      pa::fp8tile::widen_kv<T, BN, D, Cfg::kThreads>(
+          p.kv_dtype, stg_s + (stage * 2 + 0) * Cfg::kStageBytes, stg_s + (stage * 2 + 1) * Cfg::kStageBytes,
+          [&](int r, int col) { return kd + r * RS + col; }, [&](int r, int col) { return vd + r * RS + col; }, tid);
+      __syncthreads();
+    }
+    const int cst = kFp8 ? 0 : stage;  // compute-tile stage
+    const T* ks = kv_s + (cst * 2 + 0) * BN * RS;
+    const T* vs = kv_s + (cst * 2 + 1) * BN * RS;
     const int n0 = (n_first + n) * BN;
     const bool warp_work = n0 <= hi_w && n0 + BN - 1 >= lo_w;
 
@@ -287,7 +331,7 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
             const int r = (warp * MT + mt) * 16 + g + (e >= 2 ? 8 : 0);
             const int key = n0 + j * 8 + 2 * t4 + (e & 1);
             const int pos = ctx + m0 + r;
-            float x = pa::score_log2(s[mt][j][e], p, slope, pos, key);
+            float x = pa::fp8tile::score_log2_scaled(s[mt][j][e], qk_scale, p, slope, pos, key);
             if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
             s[mt][j][e] = x;
           }
@@ -399,7 +443,8 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
         const pa::Finalised f = pa::finalise(m2[mt][rr], lr, sink2);
         // A row that saw a non-finite V element the sanitising zeroed gets NaN, as the plain
         // product would have given it.
-        const float os = bad ? __int_as_float(0x7fffffff) : f.out_scale;
+        // An FP8 cache's V scale is applied here, once, in f32.
+        const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
         uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll
         for (int j = 0; j < DT; ++j)
@@ -409,16 +454,16 @@ __global__ void __launch_bounds__(PrefillCfg<D>::kThreads) prefill_kernel(const 
     }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kFp8>
 cudaError_t launch_prefill(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
-  using Cfg = PrefillCfg<D>;
+  using Cfg = PrefillCfg<D, kFp8>;
   const int n = a.req_end - a.req_begin;
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
-  auto kernel = prefill_kernel<T, D>;
-  cudaError_t err = pa::set_max_dynamic_smem_once<prefill_kernel<T, D>>(static_cast<int>(Cfg::kSmemBytes));
+  auto kernel = prefill_kernel<T, D, kFp8>;
+  cudaError_t err = pa::set_max_dynamic_smem_once<prefill_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
@@ -455,7 +500,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_blocks_per_sm(int32_t head_size, int32_t 
       if (err == cudaSuccess) *blocks = n;
       return err;
     };
-    return dtype == 0 ? occupancy(prefill_kernel<__half, D>) : occupancy(prefill_kernel<__nv_bfloat16, D>);
+    return dtype == 0 ? occupancy(prefill_kernel<__half, D, false>) : occupancy(prefill_kernel<__nv_bfloat16, D, false>);
   });
 }
 
@@ -468,9 +513,16 @@ PA_EXPORT cudaError_t pa_paged_prefill(const PaAttnArgs* args, cudaStream_t stre
   if (err != cudaSuccess) return err;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
-  if (a.kv_dtype != pa::fp8::kSame) return cudaErrorNotSupported;  // FP8 caches: not on this kernel yet
+  const bool fp8 = a.kv_dtype != pa::fp8::kSame;
+  // FP8 rows move as 16-byte vectors of 16 elements: the block stride must be a multiple of 16.
+  if (fp8 && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
   return pa::dispatch_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    return a.dtype == 0 ? launch_prefill<__half, D>(a, kp, stream) : launch_prefill<__nv_bfloat16, D>(a, kp, stream);
+    if (fp8) {
+      return a.dtype == 0 ? launch_prefill<__half, D, true>(a, kp, stream)
+                          : launch_prefill<__nv_bfloat16, D, true>(a, kp, stream);
+    }
+    return a.dtype == 0 ? launch_prefill<__half, D, false>(a, kp, stream)
+                        : launch_prefill<__nv_bfloat16, D, false>(a, kp, stream);
   });
 }

@@ -25,6 +25,14 @@
 // product and records which keys had one; a row that can see such a key gets a NaN output, so a
 // visible NaN / Inf still propagates while an unseen one never reaches a row.
 //
+// FP8 caches (E4M3 / E5M2, one instantiation per compute type for both): the cache rows are copied
+// with cp.async into a double-buffered staging area of plain FP8 bytes (half the traffic), and
+// once a tile has landed every thread widens its share into ONE swizzled compute K / V pair
+// (attention/fp8_tile.cuh), zeroing non-finite V elements during the widening on tiles that
+// straddle a mask bound; then the same wgmma steps run. k_scale joins the score scale, v_scale
+// multiplies the output in the epilogue. Shared memory is what a 16-bit cache takes (the staging
+// pair is the size of the compute pair it replaces): head 128 163 KB, one block per SM.
+//
 // Supported here: f16 / bf16, head sizes 64 and 128, every mask and feature of the sm80 kernel
 // (GQA/MQA, causal or not, sliding windows, soft-cap, ALiBi, sinks, LSE). Other head sizes stay on
 // paged_prefill.cu; the Rust launcher chooses (PAGED_ATTN_PREFILL=auto|sm90|sm80).
@@ -37,13 +45,14 @@
 #include <climits>
 
 #include "attention/common.cuh"
+#include "attention/fp8_tile.cuh"
 #include "attention/wgmma_sm90.cuh"
 
 namespace {
 
 using pa::KernelParams;
 
-template <int D> struct Sm90Cfg {
+template <int D, bool kFp8 = false> struct Sm90Cfg {
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBM = 64 * kWarpGroups;
@@ -55,21 +64,26 @@ template <int D> struct Sm90Cfg {
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;  // one K or one V tile
   static constexpr int kStages = 2;
-  static constexpr int kKvBytes = kStages * 2 * kTileBytes;
+  // Compute K / V tiles: two stages for a 16-bit cache, one widened pair for FP8 (whose stages are
+  // the FP8 staging buffers, [stage][K|V][BN][D] bytes).
+  static constexpr int kKvBytes = (kFp8 ? 1 : kStages) * 2 * kTileBytes;
+  static constexpr int kStageBytes = kFp8 ? kBN * D : 0;  // one staged FP8 K or V tile
+  static constexpr int kStgBytes = kStages * 2 * kStageBytes;
   static constexpr int kRowOffBytes = 2 * kBN * 8;      // int64 cache row offsets, two tiles
   static constexpr int kBadWords = kBN / 32;            // non-finite-V key bits of one tile
   static constexpr int kBadBytes = 2 * kBadWords * 4;   // two tiles (parity)
   static constexpr int kAlignSlack = 1024;              // swizzle atoms need 1024-byte alignment
-  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kQBytes + kKvBytes + kRowOffBytes + kBadBytes;
+  static constexpr size_t kSmemBytes =
+      size_t(kAlignSlack) + kQBytes + kKvBytes + kStgBytes + kRowOffBytes + kBadBytes;
   static_assert(D % 64 == 0, "tiles are stored as 64-column swizzled panels");
   static_assert(kQBytes % 1024 == 0 && kTileBytes % 1024 == 0, "panels must keep 1024-byte alignment");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
+template <typename T, int D, bool kFp8>
+__global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::kMinBlocks)
     prefill_sm90_kernel(const KernelParams p) {
 #if PA_SM90_ENABLED
-  using Cfg = Sm90Cfg<D>;
+  using Cfg = Sm90Cfg<D, kFp8>;
   namespace w = pa::sm90;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
   constexpr int NS = BN / 2;  // S accumulator floats per thread
@@ -82,7 +96,8 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
   const uint32_t q_addr = raw_addr + pad;
   unsigned char* kv_s = smem + Cfg::kQBytes;  // [stage][K | V] tiles
   const uint32_t kv_addr = q_addr + Cfg::kQBytes;
-  int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kQBytes + Cfg::kKvBytes);  // [2][BN]
+  unsigned char* stg_s = smem + Cfg::kQBytes + Cfg::kKvBytes;  // FP8 only: [stage][K|V][BN][D]
+  int64_t* ro_s = reinterpret_cast<int64_t*>(stg_s + Cfg::kStgBytes);  // [2][BN]
   uint32_t* bad_s = reinterpret_cast<uint32_t*>(ro_s + 2 * BN);                     // [2][BN / 32]
 
   const int tid = threadIdx.x;
@@ -118,6 +133,10 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
   const T* q = static_cast<const T*>(p.query);
   const T* kc = static_cast<const T*>(p.key_cache);
   const T* vc = static_cast<const T*>(p.value_cache);
+  // FP8: k_scale joins the score scale, v_scale multiplies the output once (both 1 otherwise).
+  const float k_scale = kFp8 ? pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float v_scale = kFp8 ? pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float qk_scale = kFp8 ? p.scale * k_scale : p.scale;
 
   // Q tile, swizzled 64-column panels (rows past the query are zero-filled).
   for (int idx = tid; idx < BM * C; idx += Cfg::kThreads) {
@@ -134,7 +153,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
   bool v_bad[2] = {false, false};  // this thread's rows saw a sanitised non-finite V element
   const float slope = p.has_alibi ? p.alibi[h] : 0.f;
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
-  const float scale2 = p.scale * pa::kLog2e;
+  const float scale2 = qk_scale * pa::kLog2e;
 
   // This warpgroup's rows (wgmma is warpgroup-wide, so every decision below is warpgroup-uniform).
   const int rw0 = wg * 64;
@@ -167,6 +186,24 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
 
   auto issue_tile = [&](int t) {
     const int stage = t & 1;
+    if constexpr (kFp8) {
+      constexpr int C16 = D / 16;
+      unsigned char* ks8 = stg_s + (stage * 2 + 0) * Cfg::kStageBytes;
+      unsigned char* vs8 = stg_s + (stage * 2 + 1) * Cfg::kStageBytes;
+      const unsigned char* kc8 = static_cast<const unsigned char*>(p.key_cache);
+      const unsigned char* vc8 = static_cast<const unsigned char*>(p.value_cache);
+      const int64_t* ro = ro_s + stage * BN;
+#pragma unroll 4
+      for (int idx = tid; idx < BN * C16; idx += Cfg::kThreads) {
+        const int r = idx / C16, c = idx % C16;
+        const int64_t row = ro[r];
+        const bool valid = row >= 0;
+        const int64_t off = valid ? row + c * 16 : 0;
+        pa::cp_async16(ks8 + idx * 16, kc8 + off, valid);
+        pa::cp_async16(vs8 + idx * 16, vc8 + off, valid);
+      }
+      return;
+    }
     unsigned char* ks = kv_s + (stage * 2 + 0) * Cfg::kTileBytes;
     unsigned char* vs = kv_s + (stage * 2 + 1) * Cfg::kTileBytes;
     const int64_t* ro = ro_s + stage * BN;
@@ -199,12 +236,25 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
     __syncthreads();
 
     const int stage = n & 1;
-    const uint32_t k_addr = kv_addr + (stage * 2 + 0) * Cfg::kTileBytes;
-    const uint32_t v_addr = kv_addr + (stage * 2 + 1) * Cfg::kTileBytes;
+    const int cst = kFp8 ? 0 : stage;  // compute-tile stage
+    const uint32_t k_addr = kv_addr + (cst * 2 + 0) * Cfg::kTileBytes;
+    const uint32_t v_addr = kv_addr + (cst * 2 + 1) * Cfg::kTileBytes;
     const int n0 = (n_first + n) * BN;
     uint32_t* bad = bad_s + stage * Cfg::kBadWords;  // zero here (cleared a tile ago / at start)
     const bool block_mask = n0 + BN - 1 > mask_above_b || n0 < mask_below_b;  // block-uniform
-    if (block_mask) {
+    if constexpr (kFp8) {
+      // Widen the landed FP8 tile into the compute pair (its last wgmma readers, tile n - 1, were
+      // waited for before the barrier that ended the previous iteration), sanitising V on tiles
+      // that straddle a mask bound; then publish it to the async proxy.
+      unsigned char* kd = kv_s;
+      unsigned char* vd = kv_s + Cfg::kTileBytes;
+      pa::fp8tile::widen_kv<T, BN, D, Cfg::kThreads>(
+          p.kv_dtype, stg_s + (stage * 2 + 0) * Cfg::kStageBytes, stg_s + (stage * 2 + 1) * Cfg::kStageBytes,
+          [&](int r, int col) { return kd + w::swizzled_offset(BN, r, col); },
+          [&](int r, int col) { return vd + w::swizzled_offset(BN, r, col); }, tid, block_mask, bad);
+      w::fence_proxy_async_smem();
+      __syncthreads();
+    } else if (block_mask) {
       // Zero non-finite V elements of the tile in shared memory, noting their keys.
       unsigned char* vs = kv_s + (stage * 2 + 1) * Cfg::kTileBytes;
       for (int idx = tid; idx < BN * C; idx += Cfg::kThreads) {
@@ -251,7 +301,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
           for (int e = 0; e < 4; ++e) {
             const int pos = ctx + m0 + r_thr + (e >= 2 ? 8 : 0);
             const int key = n0 + j * 8 + 2 * t4 + (e & 1);
-            float x = pa::score_log2(s[j * 4 + e], p, slope, pos, key);
+            float x = pa::fp8tile::score_log2_scaled(s[j * 4 + e], qk_scale, p, slope, pos, key);
             if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
             s[j * 4 + e] = x;
           }
@@ -354,7 +404,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D>::kThreads, Sm90Cfg<D>::kMinBlocks)
     if (r < rows) {
       const int64_t token = q_start + m0 + r;
       const pa::Finalised f = pa::finalise(m2[rr], lr, sink2);
-      const float os = bad ? __int_as_float(0x7fffffff) : f.out_scale;
+      const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
       uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
@@ -394,16 +444,17 @@ bool current_device_is_sm90() {
   return yes;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kFp8>
 cudaError_t launch_sm90(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
-  using Cfg = Sm90Cfg<D>;
+  using Cfg = Sm90Cfg<D, kFp8>;
   const int n = a.req_end - a.req_begin;
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
-  auto kernel = prefill_sm90_kernel<T, D>;
-  cudaError_t err = pa::set_max_dynamic_smem_once<prefill_sm90_kernel<T, D>>(static_cast<int>(Cfg::kSmemBytes));
+  auto kernel = prefill_sm90_kernel<T, D, kFp8>;
+  cudaError_t err =
+      pa::set_max_dynamic_smem_once<prefill_sm90_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
@@ -448,7 +499,8 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90_blocks_per_sm(int32_t head_size, int
       if (err == cudaSuccess) *blocks = nb;
       return err;
     };
-    return dtype == 0 ? occupancy(prefill_sm90_kernel<__half, D>) : occupancy(prefill_sm90_kernel<__nv_bfloat16, D>);
+    return dtype == 0 ? occupancy(prefill_sm90_kernel<__half, D, false>)
+                      : occupancy(prefill_sm90_kernel<__nv_bfloat16, D, false>);
   });
 }
 
@@ -463,9 +515,14 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90(const PaAttnArgs* args, cudaStream_t
   if (!current_device_is_sm90()) return cudaErrorNotSupported;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
-  if (a.kv_dtype != pa::fp8::kSame) return cudaErrorNotSupported;  // FP8 caches: not on this kernel yet
+  const bool fp8 = a.kv_dtype != pa::fp8::kSame;
+  // FP8 rows move as 16-byte vectors of 16 elements: the block stride must be a multiple of 16.
+  if (fp8 && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
   return dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    return a.dtype == 0 ? launch_sm90<__half, D>(a, kp, stream) : launch_sm90<__nv_bfloat16, D>(a, kp, stream);
+    if (fp8) {
+      return a.dtype == 0 ? launch_sm90<__half, D, true>(a, kp, stream) : launch_sm90<__nv_bfloat16, D, true>(a, kp, stream);
+    }
+    return a.dtype == 0 ? launch_sm90<__half, D, false>(a, kp, stream) : launch_sm90<__nv_bfloat16, D, false>(a, kp, stream);
   });
 }

@@ -1,0 +1,113 @@
+// FP8 KV tiles for the prefill kernels: widening a staged FP8 K / V tile into the f16 / bf16 tile
+// the tensor-core step reads, and the score transform with the K scale folded in.
+//
+// The prefill kernels copy FP8 cache rows (half the bytes of a 16-bit cache) with cp.async into a
+// double-buffered staging area of plain [key][head_size] bytes, then, once a tile has landed, one
+// pass over shared memory widens it into the compute-type tile (padded rows on sm80, swizzled panels
+// on sm90). Widening is exact (every E4M3 / E5M2 value is an f16 and a bf16 value, NaN stays NaN,
+// Inf stays Inf), so the tensor cores see the stored values unrounded; the scales stay out of the
+// tile: k_scale multiplies the score scale, v_scale the output in the epilogue, each in f32 once.
+//
+// The kernels are instantiated once per compute type for "some FP8 format" and branch on the
+// format (PaAttnArgs::kv_dtype) once per tile, block-uniformly: two instantiations rather than
+// four, at the cost of a predictable branch around the conversion loop.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention/common.cuh"
+#include "common/fp8.cuh"
+
+namespace pa {
+namespace fp8tile {
+
+// Two packed FP8 values (low byte first) widened to a packed pair of T, exactly.
+template <typename T> struct Widen;
+template <> struct Widen<__half> {
+  template <int K> static __device__ __forceinline__ uint32_t pair(uint32_t two) {
+    __half2 h = fp8::to_half2<K>(static_cast<uint16_t>(two & 0xffffu));
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct Widen<__nv_bfloat16> {
+  template <int K> static __device__ __forceinline__ uint32_t pair(uint32_t two) {
+    // FP8 -> f16 is exact and f16 -> f32 -> bf16 is exact for every FP8 value (3 or 2 mantissa
+    // bits, exponents well inside bf16's range); NaN / Inf keep their class.
+    const float2 f = fp8::to_float2<K>(static_cast<uint16_t>(two & 0xffffu));
+    __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<uint32_t*>(&b);
+  }
+};
+
+// 16 FP8 values (one 16-byte vector) widened to 16 T values (two 16-byte vectors).
+template <typename T, int K>
+__device__ __forceinline__ void widen16(const uint4 v, uint4& a, uint4& b) {
+  a.x = Widen<T>::template pair<K>(v.x);
+  a.y = Widen<T>::template pair<K>(v.x >> 16);
+  a.z = Widen<T>::template pair<K>(v.y);
+  a.w = Widen<T>::template pair<K>(v.y >> 16);
+  b.x = Widen<T>::template pair<K>(v.z);
+  b.y = Widen<T>::template pair<K>(v.z >> 16);
+  b.z = Widen<T>::template pair<K>(v.w);
+  b.w = Widen<T>::template pair<K>(v.w >> 16);
+}
+
+// Widens one staged K tile and one staged V tile ([BN][D] bytes each) into the compute tiles;
+// `dst_k(r, col)` / `dst_v(r, col)` return the address of the 8 T elements of row r from column col
+// (a multiple of 8) in the kernel's layout. With `sanitize`, non-finite widened V elements are
+// zeroed and each key that had one sets its bit in `bad` (bit r of the tile; see
+// sanitize_pair in common.cuh): the sm90 kernel's unseen-V rule, fused into the conversion.
+template <typename T, int K, int BN, int D, int NT, typename DstK, typename DstV>
+__device__ __forceinline__ void widen_kv_kind(const unsigned char* src_k, const unsigned char* src_v, DstK dst_k,
+                                              DstV dst_v, int tid, bool sanitize, uint32_t* bad) {
+  constexpr int C16 = D / 16;  // 16-byte FP8 vectors per row
+  static_assert(D % 16 == 0, "FP8 rows are moved as 16-byte vectors");
+#pragma unroll 2
+  for (int idx = tid; idx < BN * C16; idx += NT) {
+    const int r = idx / C16, c = idx % C16;
+    // idx * 16 == r * D + c * 16: consecutive threads read consecutive vectors (no bank conflict).
+    const uint4 kv = *reinterpret_cast<const uint4*>(src_k + idx * 16);
+    const uint4 vv = *reinterpret_cast<const uint4*>(src_v + idx * 16);
+    uint4 ka, kb, va, vb;
+    widen16<T, K>(kv, ka, kb);
+    widen16<T, K>(vv, va, vb);
+    *reinterpret_cast<uint4*>(dst_k(r, c * 16)) = ka;
+    *reinterpret_cast<uint4*>(dst_k(r, c * 16 + 8)) = kb;
+    if (sanitize) {
+      const uint32_t f = sanitize_pair<T>(va.x) | sanitize_pair<T>(va.y) | sanitize_pair<T>(va.z) |
+                         sanitize_pair<T>(va.w) | sanitize_pair<T>(vb.x) | sanitize_pair<T>(vb.y) |
+                         sanitize_pair<T>(vb.z) | sanitize_pair<T>(vb.w);
+      if (f != 0u) atomicOr(&bad[r >> 5], 1u << (r & 31));
+    }
+    *reinterpret_cast<uint4*>(dst_v(r, c * 16)) = va;
+    *reinterpret_cast<uint4*>(dst_v(r, c * 16 + 8)) = vb;
+  }
+}
+
+// widen_kv_kind for the run-time format `kind` (fp8::kE4M3 or fp8::kE5M2; block-uniform).
+template <typename T, int BN, int D, int NT, typename DstK, typename DstV>
+__device__ __forceinline__ void widen_kv(int kind, const unsigned char* src_k, const unsigned char* src_v, DstK dst_k,
+                                         DstV dst_v, int tid, bool sanitize = false, uint32_t* bad = nullptr) {
+  if (kind == fp8::kE5M2) {
+    widen_kv_kind<T, fp8::kE5M2, BN, D, NT>(src_k, src_v, dst_k, dst_v, tid, sanitize, bad);
+  } else {
+    widen_kv_kind<T, fp8::kE4M3, BN, D, NT>(src_k, src_v, dst_k, dst_v, tid, sanitize, bad);
+  }
+}
+
+// pa::score_log2 with the score scale given explicitly: `scale` = softmax scale * k_scale for an
+// FP8 cache (the K dequantisation folded in), the plain softmax scale otherwise (then the same
+// arithmetic as score_log2).
+__device__ __forceinline__ float score_log2_scaled(float dot, float scale, const KernelParams& p, float slope,
+                                                   int pos, int key) {
+  float s = dot * scale;
+  if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+  if (p.has_alibi) s -= slope * fabsf(static_cast<float>(pos - key));
+  return s * kLog2e;
+}
+
+}  // namespace fp8tile
+}  // namespace pa
