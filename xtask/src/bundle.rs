@@ -1,8 +1,8 @@
 //! `cargo xtask gpu-bundle`, `gpu-test` and `bench`: GPU binaries for a machine without cargo.
 //!
-//! The bundle is one ignored folder, `gpu-bundle/`, holding the GPU test binary, the benchmark
-//! binaries (release, stripped), the peers scripts and `run.sh`, which runs them all and fails when
-//! no GPU is visible. `cargo xtask candle` adds the candle example to it (compressed, about 9 MB;
+//! The bundle is one ignored folder, `gpu-bundle/`, holding the GPU test binary and the benchmark
+//! binaries (release, stripped, packed into one `bins.tar.xz`), the peers scripts and `run.sh`,
+//! which unpacks and runs them all and fails when no GPU is visible. `cargo xtask candle` adds the candle example to it (compressed, about 9 MB;
 //! left out of the default bundle to keep room for FlashInfer, see [`crate::candle`]). When a
 //! prebuilt FlashInfer is at hand (see [`flashinfer_dir`]) its two files go into `gpu-bundle/flashinfer/` and `run.sh bench` unpacks them into a temporary folder so the
 //! peers script can time FlashInfer on a machine that cannot install it.
@@ -102,9 +102,12 @@ pub fn build() -> Result<PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
     copy_stripped(&build_gpu_tests(true)?, &dir.join("gpu-tests"))?;
+    let mut names = vec!["gpu-tests".to_string()];
     for (name, exe) in build_bins()? {
         copy_stripped(&exe, &dir.join(&name))?;
+        names.push(name);
     }
+    pack_binaries(&dir, &names)?;
     let root = shell::workspace_root();
     for script in SCRIPTS {
         let src = root.join(script);
@@ -126,6 +129,31 @@ pub fn build() -> Result<PathBuf, String> {
     list(&dir)?;
     Ok(dir)
 }
+
+/// Replaces the binaries in `dir` by one `bins.tar.xz` that `run.sh` unpacks first. Every binary
+/// embeds the same kernels (about 10 MB of fatbin each), so with a dictionary larger than one
+/// binary xz stores them once: about an eighth of the bytes a device call has to carry.
+fn pack_binaries(dir: &Path, names: &[String]) -> Result<(), String> {
+    let archive = std::fs::File::create(dir.join(BINS_ARCHIVE)).map_err(|e| format!("create {BINS_ARCHIVE}: {e}"))?;
+    let mut tar = Command::new("tar");
+    tar.current_dir(dir).arg("-cf").arg("-").args(names).stdout(std::process::Stdio::piped());
+    let mut tar = tar.spawn().map_err(|e| format!("cannot run tar: {e}"))?;
+    let tar_out = tar.stdout.take().ok_or("tar has no stdout")?;
+    let mut xz = Command::new("xz");
+    xz.args(["-T2", "--lzma2=preset=6,dict=192MiB"]).stdin(tar_out).stdout(archive);
+    let xz_ok = xz.status().map_err(|e| format!("cannot run xz: {e}"))?.success();
+    let tar_ok = tar.wait().map_err(|e| format!("tar: {e}"))?.success();
+    if !(xz_ok && tar_ok) {
+        return Err(format!("packing the binaries into {BINS_ARCHIVE} failed"));
+    }
+    for name in names {
+        std::fs::remove_file(dir.join(name)).map_err(|e| format!("remove {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The archive of the bundle's binaries.
+const BINS_ARCHIVE: &str = "bins.tar.xz";
 
 /// Prints every file of the bundle with its size, and the total.
 fn list(dir: &Path) -> Result<(), String> {
@@ -286,6 +314,10 @@ if ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
     exit 1
 fi
 nvidia-smi -L
+# The binaries travel packed (they share their kernels, which xz stores once).
+if [ -f bins.tar.xz ]; then
+    tar -xJf bins.tar.xz || { echo "run.sh: cannot unpack bins.tar.xz" >&2; exit 1; }
+fi
 
 step() { echo; echo "=== $*"; "$@"; local rc=$?; if [ $rc -ne 0 ]; then echo "=== FAILED ($rc): $*"; status=1; fi; }
 
