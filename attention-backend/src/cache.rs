@@ -15,6 +15,29 @@ use crate::scales::{self, KvScaleValues};
 /// The cache owns its scales: they belong to the stored bytes (a byte means nothing without the
 /// scale it was written with), so the owned-cache API cannot pair a cache with the wrong ones.
 /// An FP8 cache without scales uses 1.0.
+///
+/// An FP8 cache works with either compute type:
+/// ```
+/// use attention_backend::ndarray::Array3;
+/// use attention_backend::{bf16, cpu, CacheLayout, CpuKvCache, Fp8E4M3, KvScaleValues, SlotMapping};
+/// let layout = CacheLayout::new(1, 16, 1, 64)?;
+/// let mut cache = CpuKvCache::<Fp8E4M3>::with_scales(layout, KvScaleValues::per_tensor(0.5, 0.25))?;
+/// let k = Array3::<bf16>::from_elem((1, 1, 64), bf16::from_f32(3.0));
+/// cpu::kv_cache_update(k.view(), k.view(), &mut cache, &SlotMapping::new(vec![0]))?;
+/// assert_eq!(cache.key()[[0, 0, 0, 0]].to_f32(), 6.0); // 3.0 / 0.5
+/// assert_eq!(cache.value()[[0, 0, 0, 0]].to_f32(), 12.0); // 3.0 / 0.25
+/// # Ok::<(), attention_backend::AttentionError>(())
+/// ```
+/// but a cache of one compute type with queries of another does not compile:
+/// ```compile_fail
+/// use attention_backend::ndarray::Array3;
+/// use attention_backend::{bf16, cpu, f16, CacheLayout, CpuKvCache, SlotMapping};
+/// let layout = CacheLayout::new(1, 16, 1, 64)?;
+/// let mut cache = CpuKvCache::<f16>::zeros(layout)?;
+/// let k = Array3::<bf16>::from_elem((1, 1, 64), bf16::from_f32(3.0));
+/// cpu::kv_cache_update(k.view(), k.view(), &mut cache, &SlotMapping::new(vec![0]))?;
+/// # Ok::<(), attention_backend::AttentionError>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct CpuKvCache<T: CacheElement> {
     layout: CacheLayout,

@@ -174,7 +174,7 @@ fn write_grid_bit_exact() {
                     let mut g = Gen::new(case);
                     let specials = special_values();
                     let mut draw = |i: usize| {
-                        if i % 97 == 0 {
+                        if i.is_multiple_of(97) {
                             specials[i % specials.len()]
                         } else {
                             g.randn() * 50.0
@@ -192,12 +192,12 @@ fn write_grid_bit_exact() {
                         (0..h).map(|i| 0.05 + 0.1 * i as f32).collect(),
                         (0..h).map(|i| 0.3 / (1 + i) as f32).collect(),
                     );
-                    let scales = if case % 2 == 0 { per_head } else { KvScaleValues::per_tensor(0.11, 0.9) };
+                    let scales = if case.is_multiple_of(2) { per_head } else { KvScaleValues::per_tensor(0.11, 0.9) };
                     let (kh, vh) = (k32.mapv(f16::from_f32), v32.mapv(f16::from_f32));
                     let (kb, vb) = (k32.mapv(bf16::from_f32), v32.mapv(bf16::from_f32));
                     check_write::<f16, Fp8E4M3>(layout, &kh, &vh, &slots, Some(scales.clone()));
                     check_write::<bf16, Fp8E5M2>(layout, &kb, &vb, &slots, Some(scales.clone()));
-                    if case % 3 == 0 {
+                    if case.is_multiple_of(3) {
                         check_write::<bf16, Fp8E4M3>(layout, &kb, &vb, &slots, Some(scales));
                         check_write::<f16, Fp8E5M2>(layout, &kh, &vh, &slots, None);
                     }
@@ -245,9 +245,7 @@ fn quantise<C: KvStorage<bf16>>(built: &Built<bf16>, scales: &KvScaleValues) -> 
     let (kc, vc) = (built.cache.key(), built.cache.value());
     let shape = kc.raw_dim();
     let head = |idx: [usize; 4]| scales.of_head(idx[2]);
-    let k = Array4::from_shape_fn(shape.clone(), |(a, b, c, d)| {
-        C::from_f32(kc[[a, b, c, d]].to_f32() / head([a, b, c, d]).0)
-    });
+    let k = Array4::from_shape_fn(shape, |(a, b, c, d)| C::from_f32(kc[[a, b, c, d]].to_f32() / head([a, b, c, d]).0));
     let v = Array4::from_shape_fn(shape, |(a, b, c, d)| C::from_f32(vc[[a, b, c, d]].to_f32() / head([a, b, c, d]).1));
     let mut cache = CpuKvCache::from_arrays(k, v).unwrap();
     cache.set_scales(Some(scales.clone())).unwrap();
@@ -387,7 +385,7 @@ fn attention_grid_e4m3_e5m2() {
             p.softcap = [None, Some(10.0), Some(50.0)][(case / 2) % 3];
             p.window_left = if case % 4 == 1 { Some(256) } else { None };
             let spec = Spec::new(batch.clone(), bs, 2048 + case * 977, p).seed(case as u64);
-            let per_head = case % 2 == 0;
+            let per_head = case.is_multiple_of(2);
             let e4 = fp8_case::<Fp8E4M3>(&spec, per_head).map_err(|e| format!("e4m3 case {case}: {e}")).unwrap();
             let e5 = fp8_case::<Fp8E5M2>(&spec, !per_head).map_err(|e| format!("e5m2 case {case}: {e}")).unwrap();
             worst = [worst[0].max(e4), worst[1].max(e5)];
