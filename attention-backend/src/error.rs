@@ -186,6 +186,16 @@ pub enum AttentionError {
         /// What is wrong.
         what: String,
     },
+    /// FP8 cache scales that cannot be used: a count other than 1 or `num_kv_heads` (or key and
+    /// value counts that differ), a value that is not finite and positive, or scales given for a
+    /// cache that is not quantised (an f16/bf16/f32 cache stores values as they are).
+    #[error("{op}: invalid KV-cache scales: {what}")]
+    InvalidKvScales {
+        /// Operation.
+        op: &'static str,
+        /// What is wrong.
+        what: String,
+    },
     /// A layout or configuration value out of range (zero blocks, heads not divisible, ...).
     #[error("{op}: invalid argument: {what}")]
     InvalidArgument {

@@ -38,11 +38,12 @@ mod error;
 mod layout;
 mod metadata;
 mod params;
+mod scales;
 mod slot_mapping;
 mod tensor;
 pub mod validate;
 
-pub use attention_kernels::{DType, Element};
+pub use attention_kernels::{CacheElement, DType, Element, Fp8E4M3, Fp8E5M2, KvStorage};
 pub use backend::{
     AttentionTensors, Backend, DeviceRequest, ForwardTensors, SlotSource, StepMetadata, StepSlotMapping, DEVICE_ENV,
 };
@@ -51,6 +52,7 @@ pub use error::{AttentionError, CudaApi, Result};
 pub use layout::CacheLayout;
 pub use metadata::{AttentionMetadata, BlockTable, DecodeMeta, PrefillMeta, StepCheckScratch};
 pub use params::AttentionParams;
+pub use scales::KvScaleValues;
 pub use slot_mapping::SlotMapping;
 pub use tensor::{Device, KvCache, Tensor};
 

@@ -7,12 +7,13 @@
 
 use std::fmt;
 
-use attention_kernels::{DType, Element};
+use attention_kernels::{CacheElement, DType, Element};
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Dimension, IntoDimension};
 
 use crate::cache::CpuKvCache;
 use crate::error::AttentionError;
 use crate::layout::CacheLayout;
+use crate::scales::KvScaleValues;
 
 /// Where a tensor lives and which backend runs the work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -108,10 +109,11 @@ impl<T: Element, D: Dimension> From<ndarray::Array<T, D>> for Tensor<T> {
     }
 }
 
-/// One layer's paged KV cache on either device.
+/// One layer's paged KV cache on either device, of storage type `T`: the compute type of the
+/// queries that use it, or an FP8 type with its scales (see [`CpuKvCache`]).
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum KvCache<T: Element> {
+pub enum KvCache<T: CacheElement> {
     /// Host arrays.
     Cpu(CpuKvCache<T>),
     /// Device buffers.
@@ -119,7 +121,7 @@ pub enum KvCache<T: Element> {
     Cuda(crate::cuda::CudaKvCache<T>),
 }
 
-impl<T: Element> KvCache<T> {
+impl<T: CacheElement> KvCache<T> {
     /// The cache's dimensions.
     pub fn layout(&self) -> &CacheLayout {
         match self {
@@ -129,9 +131,33 @@ impl<T: Element> KvCache<T> {
         }
     }
 
-    /// The element type, `T::DTYPE`.
+    /// The storage type, `T::DTYPE`.
     pub fn dtype(&self) -> DType {
         T::DTYPE
+    }
+
+    /// The FP8 scales the cache holds (`None`: unquantised, or FP8 read with 1.0).
+    pub fn scales(&self) -> Option<&KvScaleValues> {
+        match self {
+            KvCache::Cpu(c) => c.scales(),
+            #[cfg(feature = "cuda")]
+            KvCache::Cuda(c) => c.scales(),
+        }
+    }
+
+    /// Replaces the scales of an FP8 cache (`None`: 1.0). On CUDA the new values are copied into
+    /// the cache's device scale buffer in place (asynchronously, on the cache's stream), so a
+    /// captured CUDA graph replays with them.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidKvScales`] (see [`CpuKvCache::set_scales`]);
+    /// [`AttentionError::Cuda`] when the copy fails.
+    pub fn set_scales(&mut self, scales: Option<KvScaleValues>) -> crate::error::Result<()> {
+        match self {
+            KvCache::Cpu(c) => c.set_scales(scales),
+            #[cfg(feature = "cuda")]
+            KvCache::Cuda(c) => c.set_scales(scales),
+        }
     }
 
     /// Where the cache lives.
@@ -153,7 +179,7 @@ impl<T: Element> KvCache<T> {
     }
 }
 
-impl<T: Element> KvCache<T> {
+impl<T: CacheElement> KvCache<T> {
     /// The host cache, mutably; `None` for a device cache.
     pub fn as_cpu_mut(&mut self) -> Option<&mut CpuKvCache<T>> {
         match self {
@@ -164,7 +190,7 @@ impl<T: Element> KvCache<T> {
     }
 }
 
-impl<T: Element> From<CpuKvCache<T>> for KvCache<T> {
+impl<T: CacheElement> From<CpuKvCache<T>> for KvCache<T> {
     fn from(cache: CpuKvCache<T>) -> Self {
         KvCache::Cpu(cache)
     }

@@ -77,6 +77,7 @@ fn planned_layers_on_fused_qkv_views_match_forward_bit_for_bit() {
             new_kv: Some((heads(&fused, NH, NH + NKV), heads(&fused, NH + NKV, NH + 2 * NKV))),
             key_cache,
             value_cache,
+            kv_scales: None,
             out: out_buf.slice_axis_mut(Axis(0), Slice::new(0, None, 2)),
             lse: Some(lse_buf.slice_axis_mut(Axis(1), Slice::new(0, None, 2))),
         };
@@ -99,6 +100,7 @@ fn planned_layers_on_fused_qkv_views_match_forward_bit_for_bit() {
         new_kv: None,
         key_cache,
         value_cache,
+        kv_scales: None,
         out: out.view_mut(),
         lse: None,
     };
@@ -133,8 +135,15 @@ fn run_checks_shapes_and_params_before_writing() {
             2 => p = p.with_sliding_window(0),
             _ => {}
         }
-        let layer =
-            cpu::LayerViews { query: b.query.view(), new_kv, key_cache, value_cache, out: out.view_mut(), lse: None };
+        let layer = cpu::LayerViews {
+            query: b.query.view(),
+            new_kv,
+            key_cache,
+            value_cache,
+            kv_scales: None,
+            out: out.view_mut(),
+            lse: None,
+        };
         plan.run(&p, layer)
     };
     let e = run(&mut cache, &mut out, 0).unwrap_err();
@@ -152,8 +161,15 @@ fn run_checks_shapes_and_params_before_writing() {
     // Caches of another layout than the plan's.
     let mut small = CpuKvCache::<f32>::zeros(CacheLayout::new(8, 16, NKV, HS).unwrap()).unwrap();
     let (key_cache, value_cache) = small.key_value_mut();
-    let layer =
-        cpu::LayerViews { query: b.query.view(), new_kv: None, key_cache, value_cache, out: out.view_mut(), lse: None };
+    let layer = cpu::LayerViews {
+        query: b.query.view(),
+        new_kv: None,
+        key_cache,
+        value_cache,
+        kv_scales: None,
+        out: out.view_mut(),
+        lse: None,
+    };
     let e = plan.run(&p, layer).unwrap_err();
     assert!(matches!(e, AttentionError::ShapeMismatch { tensor: "key_cache", .. }), "{e:?}");
 

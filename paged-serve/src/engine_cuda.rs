@@ -709,6 +709,7 @@ impl<T: Element> StepBuffers<'_, T> {
                 query: fused.slice(..),
                 new_kv: Some((fused.slice(q_end..), fused.slice(k_end..))),
                 cache: KvCacheMut::Separate { key: key.as_view_mut(), value: value.as_view_mut() },
+                kv_scales: None,
                 out: out.try_slice_mut(..rows.max(1) * out_row).ok_or_else(|| range("out"))?,
                 lse: None,
                 strides: self.strides,

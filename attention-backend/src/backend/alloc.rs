@@ -1,6 +1,6 @@
 //! Allocation on the backend's device and copies between host and device.
 
-use attention_kernels::Element;
+use attention_kernels::{CacheElement, Element};
 use ndarray::ArrayD;
 
 use super::{Backend, Inner};
@@ -80,7 +80,7 @@ impl Backend {
     /// [`AttentionError::InvalidArgument`] for a bad layout, [`AttentionError::AllocationFailed`]
     /// when host memory cannot be had (see [`CpuKvCache::zeros`]), [`AttentionError::Cuda`] when
     /// the device allocation fails.
-    pub fn kv_cache<T: Element>(&self, layout: CacheLayout) -> Result<KvCache<T>> {
+    pub fn kv_cache<T: CacheElement>(&self, layout: CacheLayout) -> Result<KvCache<T>> {
         match &self.inner {
             Inner::Cpu => Ok(KvCache::Cpu(CpuKvCache::zeros(layout)?)),
             #[cfg(feature = "cuda")]
@@ -88,30 +88,33 @@ impl Backend {
         }
     }
 
-    /// A KV cache on this backend's device holding a host cache's contents.
+    /// A KV cache on this backend's device holding a host cache's contents (and its scales).
     ///
     /// # Errors
     /// [`AttentionError::Cuda`] when the upload fails.
-    pub fn kv_cache_from_host<T: Element>(&self, cache: CpuKvCache<T>) -> Result<KvCache<T>> {
+    pub fn kv_cache_from_host<T: CacheElement>(&self, cache: CpuKvCache<T>) -> Result<KvCache<T>> {
         match &self.inner {
             Inner::Cpu => Ok(KvCache::Cpu(cache)),
             #[cfg(feature = "cuda")]
             Inner::Cuda { dev, .. } => {
                 let layout = *cache.layout();
+                let scales = cache.scales().cloned();
                 let (k, v) = cache.into_arrays();
                 let (k, v) = (k.as_standard_layout(), v.as_standard_layout());
                 let (k, v) = (k.as_slice().unwrap_or(&[]), v.as_slice().unwrap_or(&[]));
-                Ok(KvCache::Cuda(crate::cuda::CudaKvCache::from_host(dev, layout, k, v)?))
+                let mut c = crate::cuda::CudaKvCache::from_host(dev, layout, k, v)?;
+                c.set_scales(scales)?;
+                Ok(KvCache::Cuda(c))
             }
         }
     }
 
-    /// A host copy of a KV cache (synchronises on CUDA).
+    /// A host copy of a KV cache and its scales (synchronises on CUDA).
     ///
     /// # Errors
     /// [`AttentionError::Cuda`] when the download fails; [`AttentionError::InvalidArgument`] for a
     /// cache of the other device.
-    pub fn kv_cache_to_host<T: Element>(&self, cache: &KvCache<T>) -> Result<CpuKvCache<T>> {
+    pub fn kv_cache_to_host<T: CacheElement>(&self, cache: &KvCache<T>) -> Result<CpuKvCache<T>> {
         match (&self.inner, cache) {
             (_, KvCache::Cpu(c)) => Ok(c.clone()),
             #[cfg(feature = "cuda")]
@@ -125,10 +128,12 @@ impl Backend {
                     expected: shape.to_vec(),
                     actual: vec![],
                 };
-                CpuKvCache::from_arrays(
+                let mut host = CpuKvCache::from_arrays(
                     ndarray::Array4::from_shape_vec(shape, k).map_err(err)?,
                     ndarray::Array4::from_shape_vec(shape, v).map_err(err)?,
-                )
+                )?;
+                host.set_scales(c.scales().cloned())?;
+                Ok(host)
             }
             #[cfg(feature = "cuda")]
             (Inner::Cpu, c) => Err(wrong_device("kv_cache_to_host", "cache", c.device(), Device::Cpu)),

@@ -1,6 +1,6 @@
 //! Dispatch of the per-layer work to the backend's device, after validation.
 
-use attention_kernels::Element;
+use attention_kernels::{Element, KvStorage};
 use ndarray::{Ix2, Ix3};
 
 use super::{Backend, Inner, SlotSource, StepMetadata};
@@ -33,11 +33,11 @@ impl Backend {
     /// # Errors
     /// Arguments on the other device ([`AttentionError::InvalidArgument`]), the errors of
     /// [`validate::kv_cache_update`], or [`AttentionError::Cuda`].
-    pub fn kv_cache_update<T: Element>(
+    pub fn kv_cache_update<T: Element, C: KvStorage<T>>(
         &self,
         key: &Tensor<T>,
         value: &Tensor<T>,
-        cache: &mut KvCache<T>,
+        cache: &mut KvCache<C>,
         slot_mapping: &impl SlotSource,
     ) -> Result<()> {
         const OP: &str = "kv_cache_update";
@@ -54,6 +54,7 @@ impl Backend {
         )?;
         // A step's slots obey the whole step contract, not just the cache's bounds.
         slot_mapping.check_slots(OP, cache.layout())?;
+        crate::scales::check_for::<C>(OP, cache.scales(), cache.layout().num_kv_heads)?;
         match (&self.inner, key, value, cache) {
             (Inner::Cpu, Tensor::Cpu(k), Tensor::Cpu(v), KvCache::Cpu(c)) => {
                 let k = k.view().into_dimensionality::<Ix3>().map_err(|_| dims_error(OP, "key", 3, k.shape()))?;
@@ -84,11 +85,11 @@ impl Backend {
     /// Arguments on the other device ([`AttentionError::InvalidArgument`]), the errors of
     /// [`validate::paged_attention`], [`AttentionError::Unsupported`] for what a backend cannot run,
     /// or [`AttentionError::Cuda`].
-    pub fn paged_attention<T: Element>(
+    pub fn paged_attention<T: Element, C: KvStorage<T>>(
         &self,
         step: &StepMetadata,
         params: &AttentionParams,
-        io: AttentionTensors<'_, T>,
+        io: AttentionTensors<'_, T, C>,
     ) -> Result<()> {
         const OP: &str = "paged_attention";
         let AttentionTensors { query, cache, out, lse } = io;
@@ -128,11 +129,11 @@ impl Backend {
     ///
     /// # Errors
     /// The errors of both.
-    pub fn forward<T: Element>(
+    pub fn forward<T: Element, C: KvStorage<T>>(
         &self,
         step: &StepMetadata,
         params: &AttentionParams,
-        io: ForwardTensors<'_, T>,
+        io: ForwardTensors<'_, T, C>,
     ) -> Result<()> {
         const OP: &str = "forward";
         let ForwardTensors { query, key, value, cache, out, lse } = io;
@@ -151,10 +152,17 @@ impl Backend {
                 let device = cache.device();
                 let c = cache.as_cpu_mut().ok_or_else(|| wrong_device(OP, "cache", device, Device::Cpu))?;
                 let plan = crate::cpu::StepPlan::assume_checked(&step.meta, *c.layout());
-                let (key_cache, value_cache) = c.key_value_mut();
+                let (key_cache, value_cache, kv_scales) = c.parts_mut();
                 with_cpu_outputs(OP, out, lse, |out, lse| {
-                    let layer =
-                        crate::cpu::LayerViews { query: q, new_kv: Some((k, v)), key_cache, value_cache, out, lse };
+                    let layer = crate::cpu::LayerViews {
+                        query: q,
+                        new_kv: Some((k, v)),
+                        key_cache,
+                        value_cache,
+                        kv_scales,
+                        out,
+                        lse,
+                    };
                     plan.run_as(OP, params, layer)
                 })
             }
@@ -175,12 +183,12 @@ impl Backend {
 
     /// Device checks, the shape and parameter checks of [`validate::paged_attention`] (and on
     /// CUDA what the kernels support), and the step contract once per step and layout.
-    fn check_attention<T: Element>(
+    fn check_attention<T: Element, C: KvStorage<T>>(
         &self,
         op: &'static str,
         step: &StepMetadata,
         params: &AttentionParams,
-        t: Checked<'_, T>,
+        t: Checked<'_, T, C>,
     ) -> Result<()> {
         self.expect_device(op, "query", t.query.device())?;
         self.expect_device(op, "cache", t.cache.device())?;
@@ -198,17 +206,19 @@ impl Backend {
                 crate::cuda::attention::check_layer::<T>(op, step.meta.num_tokens(), params, layout, specs)?
             }
         }
+        crate::scales::check_for::<C>(op, t.cache.scales(), layout.num_kv_heads)?;
         step.check_contract(op, layout)
     }
 }
 
 /// One layer's tensors for [`Backend::paged_attention`].
 #[derive(Debug)]
-pub struct AttentionTensors<'a, T: Element> {
+pub struct AttentionTensors<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`, `num_tokens` the step's slot-mapping length.
     pub query: &'a Tensor<T>,
-    /// Already holds every key and value of the step.
-    pub cache: &'a KvCache<T>,
+    /// Already holds every key and value of the step; of the compute type `T`, or an FP8 type
+    /// read with its own scales.
+    pub cache: &'a KvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; padding rows are left untouched.
     pub out: &'a mut Tensor<T>,
     /// Optional `[num_tokens, num_heads]` `f32` natural-log sum-exp per row.
@@ -218,15 +228,16 @@ pub struct AttentionTensors<'a, T: Element> {
 /// One layer's tensors for [`Backend::forward`]: [`AttentionTensors`] plus the step's new keys
 /// and values, and the cache mutably (they are written into it first).
 #[derive(Debug)]
-pub struct ForwardTensors<'a, T: Element> {
+pub struct ForwardTensors<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`.
     pub query: &'a Tensor<T>,
     /// The new tokens' keys, `[num_tokens, num_kv_heads, head_size]`.
     pub key: &'a Tensor<T>,
     /// The new tokens' values, `[num_tokens, num_kv_heads, head_size]`.
     pub value: &'a Tensor<T>,
-    /// The layer's cache; the new keys and values are written at the step's slot mapping.
-    pub cache: &'a mut KvCache<T>,
+    /// The layer's cache; the new keys and values are written at the step's slot mapping
+    /// (quantised with the cache's scales when it is FP8).
+    pub cache: &'a mut KvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; padding rows are left untouched.
     pub out: &'a mut Tensor<T>,
     /// Optional `[num_tokens, num_heads]` `f32` natural-log sum-exp per row.
@@ -234,9 +245,9 @@ pub struct ForwardTensors<'a, T: Element> {
 }
 
 /// The tensors [`Backend::check_attention`] looks at, borrowed shared.
-struct Checked<'a, T: Element> {
+struct Checked<'a, T: Element, C: KvStorage<T>> {
     query: &'a Tensor<T>,
-    cache: &'a KvCache<T>,
+    cache: &'a KvCache<C>,
     out: &'a Tensor<T>,
     lse: Option<&'a Tensor<f32>>,
 }

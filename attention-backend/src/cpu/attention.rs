@@ -18,7 +18,7 @@
 
 use std::sync::Once;
 
-use attention_kernels::Element;
+use attention_kernels::{CacheElement, Element, KvStorage};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView3, ArrayView4, ArrayViewMut2, ArrayViewMut3, Axis, Slice};
 use rayon::prelude::*;
@@ -27,6 +27,7 @@ use crate::cache::CpuKvCache;
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
+use crate::scales::{self, KvScaleValues};
 use crate::validate::{self, AttentionSpecs};
 
 use super::plan::LayerViews;
@@ -66,13 +67,14 @@ fn init_global_pool() {
 /// One layer's tensors for [`paged_attention`]: the queries, the cache holding every key and value
 /// of the step, and the outputs.
 #[derive(Debug)]
-pub struct AttentionIo<'a, T: Element> {
+pub struct AttentionIo<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`, `num_tokens = meta.num_tokens()` (the slot mapping's
     /// length, padding included).
     pub query: ArrayView3<'a, T>,
     /// Already holds every key and value of every request (`seq_lens[r]` of them, found through
-    /// `meta.block_table`).
-    pub cache: &'a CpuKvCache<T>,
+    /// `meta.block_table`). Of the compute type `T` or an FP8 type, read as `stored * scale` with
+    /// the cache's own scales.
+    pub cache: &'a CpuKvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; rows `>= meta.num_actual_tokens` (padding) are left
     /// untouched.
     pub out: ArrayViewMut3<'a, T>,
@@ -85,15 +87,16 @@ pub struct AttentionIo<'a, T: Element> {
 /// One layer's tensors for [`forward`]: [`AttentionIo`] plus the step's new keys and values, and
 /// the cache mutably (they are written into it first).
 #[derive(Debug)]
-pub struct ForwardIo<'a, T: Element> {
+pub struct ForwardIo<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`.
     pub query: ArrayView3<'a, T>,
     /// The new tokens' keys, `[num_tokens, num_kv_heads, head_size]`.
     pub key: ArrayView3<'a, T>,
     /// The new tokens' values, `[num_tokens, num_kv_heads, head_size]`.
     pub value: ArrayView3<'a, T>,
-    /// The layer's cache; the new keys and values are written at `meta.slot_mapping`.
-    pub cache: &'a mut CpuKvCache<T>,
+    /// The layer's cache; the new keys and values are written at `meta.slot_mapping` (quantised
+    /// with the cache's scales when it is FP8, see [`super::kv_cache_update`]).
+    pub cache: &'a mut CpuKvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; padding rows are left untouched.
     pub out: ArrayViewMut3<'a, T>,
     /// Optional `[num_tokens, num_heads]` log-sum-exp (see [`AttentionIo::lse`]).
@@ -110,16 +113,17 @@ pub struct ForwardIo<'a, T: Element> {
 ///
 /// # Errors
 /// The errors of [`validate::paged_attention`], returned before anything is written.
-pub fn paged_attention<T: Element>(
+pub fn paged_attention<T: Element, C: KvStorage<T>>(
     meta: &AttentionMetadata,
     params: &AttentionParams,
-    io: AttentionIo<'_, T>,
+    io: AttentionIo<'_, T, C>,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let AttentionIo { query, cache, out, lse } = io;
     let layout = *cache.layout();
     let specs = AttentionSpecs::of::<T>(query.shape(), out.shape(), lse.as_ref().map(|l| l.shape()));
     validate::paged_attention_typed::<T>(OP, params, &layout, specs, meta)?;
+    scales::check_for::<C>(OP, cache.scales(), layout.num_kv_heads)?;
     let _span = tracing::debug_span!(
         "paged_attention",
         backend = "cpu",
@@ -129,7 +133,14 @@ pub fn paged_attention<T: Element>(
         prefills = meta.num_prefills
     )
     .entered();
-    attend(meta, params, query, cache.key(), cache.value(), out, lse);
+    attend(
+        meta,
+        params,
+        query,
+        CacheViews { key: cache.key(), value: cache.value(), scales: cache.scales() },
+        out,
+        lse,
+    );
     Ok(())
 }
 
@@ -142,21 +153,27 @@ pub fn paged_attention<T: Element>(
 ///
 /// # Errors
 /// The errors of [`validate::kv_cache_update`] and [`validate::paged_attention`].
-pub fn forward<T: Element>(meta: &AttentionMetadata, params: &AttentionParams, io: ForwardIo<'_, T>) -> Result<()> {
+pub fn forward<T: Element, C: KvStorage<T>>(
+    meta: &AttentionMetadata,
+    params: &AttentionParams,
+    io: ForwardIo<'_, T, C>,
+) -> Result<()> {
     let ForwardIo { query, key, value, cache, out, lse } = io;
     let layout = *cache.layout();
-    let (key_cache, value_cache) = cache.key_value_mut();
+    let (key_cache, value_cache, kv_scales) = cache.parts_mut();
     super::plan::plan_as("forward", meta, &layout, None)?.run_as(
         "forward",
         params,
-        LayerViews { query, new_kv: Some((key, value)), key_cache, value_cache, out, lse },
+        LayerViews { query, new_kv: Some((key, value)), key_cache, value_cache, kv_scales, out, lse },
     )
 }
 
-/// The key and value caches, `[num_blocks, block_size, num_kv_heads, head_size]` each.
-struct CacheViews<'a, T> {
-    key: ArrayView4<'a, T>,
-    value: ArrayView4<'a, T>,
+/// The key and value caches, `[num_blocks, block_size, num_kv_heads, head_size]` each, and the
+/// scales of an FP8 cache (already checked against its layout).
+pub(super) struct CacheViews<'a, C> {
+    pub(super) key: ArrayView4<'a, C>,
+    pub(super) value: ArrayView4<'a, C>,
+    pub(super) scales: Option<&'a KvScaleValues>,
 }
 
 /// A run of query rows of one request against one kv head (all query heads of its group).
@@ -213,17 +230,15 @@ fn work_items(meta: &AttentionMetadata, params: &AttentionParams) -> Vec<Item> {
 /// The attention itself over cache views, for callers that have validated exactly these arguments
 /// (shapes agree with the parameters and the metadata, the metadata obeys the step contract for a
 /// cache of this shape). Any strides ndarray allows.
-pub(super) fn attend<T: Element>(
+pub(super) fn attend<T: Element, C: CacheElement>(
     meta: &AttentionMetadata,
     params: &AttentionParams,
     query: ArrayView3<'_, T>,
-    key_cache: ArrayView4<'_, T>,
-    value_cache: ArrayView4<'_, T>,
+    cache: CacheViews<'_, C>,
     mut out: ArrayViewMut3<'_, T>,
     mut lse: Option<ArrayViewMut2<'_, f32>>,
 ) {
     let items = work_items(meta, params);
-    let cache = CacheViews { key: key_cache, value: value_cache };
     init_global_pool();
     // Indexed parallel collect keeps item order; a panic in an item (a bug: inputs were validated)
     // is re-raised here by rayon.
@@ -249,10 +264,10 @@ pub(super) fn attend<T: Element>(
     }
 }
 
-fn compute_item<T: Element>(
+fn compute_item<T: Element, C: CacheElement>(
     item: Item,
     query: ArrayView3<'_, T>,
-    cache: &CacheViews<'_, T>,
+    cache: &CacheViews<'_, C>,
     meta: &AttentionMetadata,
     params: &AttentionParams,
 ) -> ItemOut {
@@ -283,7 +298,14 @@ fn compute_item<T: Element>(
     };
     let nk = khi - klo + 1;
 
-    // Gather this kv head's keys and values klo..=khi through the block table.
+    // Gather this kv head's keys and values klo..=khi through the block table, dequantised
+    // (`stored * scale`, in f32) when the cache is FP8. A NaN byte in a row some query of the
+    // item cannot see becomes NaN here and is kept out of that query's output below.
+    let (ks, vs) = match (C::DTYPE.is_fp8(), cache.scales) {
+        (true, Some(s)) => s.of_head(kv_head),
+        _ => (1.0, 1.0),
+    };
+    let scaled = C::DTYPE.is_fp8() && cache.scales.is_some();
     let bs = cache.key.shape()[1];
     let blocks = meta.block_table.row(req);
     let (key_cache, value_cache) = (&cache.key, &cache.value);
@@ -295,8 +317,13 @@ fn compute_item<T: Element>(
             key_cache.index_axis(Axis(0), block).index_axis_move(Axis(0), offset).index_axis_move(Axis(0), kv_head);
         let v_src =
             value_cache.index_axis(Axis(0), block).index_axis_move(Axis(0), offset).index_axis_move(Axis(0), kv_head);
-        keys.row_mut(n).zip_mut_with(&k_src, |d, s| *d = s.to_f32());
-        values.row_mut(n).zip_mut_with(&v_src, |d, s| *d = s.to_f32());
+        if scaled {
+            keys.row_mut(n).zip_mut_with(&k_src, |d, s| *d = s.to_f32() * ks);
+            values.row_mut(n).zip_mut_with(&v_src, |d, s| *d = s.to_f32() * vs);
+        } else {
+            keys.row_mut(n).zip_mut_with(&k_src, |d, s| *d = s.to_f32());
+            values.row_mut(n).zip_mut_with(&v_src, |d, s| *d = s.to_f32());
+        }
     }
 
     // The item's queries, row (i, g) -> i * group + g.

@@ -8,16 +8,17 @@
 //! ndarray allows, so the query, key and value sliced out of one fused QKV projection (along the
 //! head axis) are read in place, without copies.
 
-use attention_kernels::Element;
+use attention_kernels::{Element, KvStorage};
 use ndarray::{ArrayView3, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4};
 
-use super::attention::attend;
+use super::attention::{attend, CacheViews};
 use super::cache_write::write_rows;
 use crate::cache::CpuKvCache;
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
 use crate::metadata::{AttentionMetadata, StepCheckScratch};
 use crate::params::AttentionParams;
+use crate::scales::{self, KvScaleValues};
 use crate::validate::{self, AttentionSpecs, TensorSpec};
 
 /// Checks one step against the step contract for caches of `layout` (every check
@@ -80,7 +81,7 @@ pub struct StepPlan<'m> {
 /// ndarray allows. Rows are `meta.num_tokens()` long, padding included; padding rows of `out`
 /// and `lse` are left untouched.
 #[derive(Debug)]
-pub struct LayerViews<'a, T: Element> {
+pub struct LayerViews<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`.
     pub query: ArrayView3<'a, T>,
     /// The step's new keys and values `[num_tokens, num_kv_heads, head_size]`, written into the
@@ -88,10 +89,16 @@ pub struct LayerViews<'a, T: Element> {
     /// them.
     pub new_kv: Option<(ArrayView3<'a, T>, ArrayView3<'a, T>)>,
     /// The layer's key cache, `[num_blocks, block_size, num_kv_heads, head_size]` of the planned
-    /// layout.
-    pub key_cache: ArrayViewMut4<'a, T>,
-    /// The layer's value cache, shaped like `key_cache`.
-    pub value_cache: ArrayViewMut4<'a, T>,
+    /// layout, of the compute type `T` or an FP8 type.
+    pub key_cache: ArrayViewMut4<'a, C>,
+    /// The layer's value cache, shaped and typed like `key_cache`.
+    pub value_cache: ArrayViewMut4<'a, C>,
+    /// The scales of an FP8 cache (`None`: 1.0); must be `None` for a cache of type `T`.
+    ///
+    /// Borrowed here, like the caches, because the engine owns both: the plan/run API never owns
+    /// a layer's state, and the scales are checked (count, finite, positive) on every run, which
+    /// costs `num_kv_heads` comparisons.
+    pub kv_scales: Option<&'a KvScaleValues>,
     /// `[num_tokens, num_heads, head_size]`.
     pub out: ArrayViewMut3<'a, T>,
     /// `[num_tokens, num_heads]` natural-log sum-exp per row (see
@@ -120,7 +127,13 @@ impl<'m> StepPlan<'m> {
     /// [`AttentionError::InvalidArgument`] for parameters that disagree with the cache layout
     /// (or fail [`AttentionParams::check`]); [`AttentionError::ShapeMismatch`] for an array of
     /// the wrong shape. Nothing is written when a check fails.
-    pub fn run<T: Element>(&self, params: &AttentionParams, layer: LayerViews<'_, T>) -> Result<()> {
+    /// [`AttentionError::InvalidKvScales`] for scales with a cache of type `T`, or scales of the
+    /// wrong count or value.
+    pub fn run<T: Element, C: KvStorage<T>>(
+        &self,
+        params: &AttentionParams,
+        layer: LayerViews<'_, T, C>,
+    ) -> Result<()> {
         self.run_as("run", params, layer)
     }
 
@@ -130,13 +143,13 @@ impl<'m> StepPlan<'m> {
         StepPlan { meta, layout }
     }
 
-    pub(crate) fn run_as<T: Element>(
+    pub(crate) fn run_as<T: Element, C: KvStorage<T>>(
         &self,
         op: &'static str,
         params: &AttentionParams,
-        layer: LayerViews<'_, T>,
+        layer: LayerViews<'_, T, C>,
     ) -> Result<()> {
-        let LayerViews { query, new_kv, mut key_cache, mut value_cache, out, lse } = layer;
+        let LayerViews { query, new_kv, mut key_cache, mut value_cache, kv_scales, out, lse } = layer;
         let _span = tracing::debug_span!("run", backend = "cpu", tokens = self.meta.num_tokens()).entered();
         self.check_layer::<T>(
             op,
@@ -150,22 +163,24 @@ impl<'m> StepPlan<'m> {
                 lse: lse.as_ref().map(|l| l.shape()),
             },
         )?;
+        scales::check_for::<C>(op, kv_scales, self.layout.num_kv_heads)?;
         if let Some((key, value)) = new_kv {
             // Every slot is inside the cache: the plan checked the step contract for this layout.
-            write_rows(key, value, key_cache.view_mut(), value_cache.view_mut(), &self.meta.slot_mapping);
+            write_rows(key, value, key_cache.view_mut(), value_cache.view_mut(), kv_scales, &self.meta.slot_mapping);
         }
-        attend(self.meta, params, query, key_cache.view(), value_cache.view(), out, lse);
+        let cache = CacheViews { key: key_cache.view(), value: value_cache.view(), scales: kv_scales };
+        attend(self.meta, params, query, cache, out, lse);
         Ok(())
     }
 
     /// Attention only, over a cache borrowed immutably (the run-time `Backend`'s
     /// `paged_attention`).
-    pub(crate) fn attend_as<T: Element>(
+    pub(crate) fn attend_as<T: Element, C: KvStorage<T>>(
         &self,
         op: &'static str,
         params: &AttentionParams,
         query: ArrayView3<'_, T>,
-        cache: &CpuKvCache<T>,
+        cache: &CpuKvCache<C>,
         out: ArrayViewMut3<'_, T>,
         lse: Option<ArrayViewMut2<'_, f32>>,
     ) -> Result<()> {
@@ -182,7 +197,15 @@ impl<'m> StepPlan<'m> {
                 lse: lse.as_ref().map(|l| l.shape()),
             },
         )?;
-        attend(self.meta, params, query, key_cache, value_cache, out, lse);
+        scales::check_for::<C>(op, cache.scales(), self.layout.num_kv_heads)?;
+        attend(
+            self.meta,
+            params,
+            query,
+            CacheViews { key: key_cache, value: value_cache, scales: cache.scales() },
+            out,
+            lse,
+        );
         Ok(())
     }
 

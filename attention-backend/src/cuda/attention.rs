@@ -5,7 +5,7 @@ use attention_kernels::attention::{
     self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides, SideStream,
     MAX_FEATURE_HEADS, SUPPORTED_HEAD_SIZES,
 };
-use attention_kernels::{DType, Element};
+use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::CudaSlice;
 
 use super::{driver_error, kernel_error, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
@@ -66,11 +66,12 @@ impl AttentionWorkspace {
 
 /// One layer's tensors for [`paged_attention`].
 #[derive(Debug)]
-pub struct AttentionIo<'a, T: Element> {
+pub struct AttentionIo<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`.
     pub query: &'a DeviceTensor<T>,
-    /// Already holds every key and value of the step.
-    pub cache: &'a CudaKvCache<T>,
+    /// Already holds every key and value of the step; of the compute type `T`, or an FP8 type
+    /// read with the cache's device scales.
+    pub cache: &'a CudaKvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; rows of padding tokens are left untouched.
     pub out: &'a mut DeviceTensor<T>,
     /// Optional `[num_tokens, num_heads]` natural-log sum-exp per row.
@@ -80,15 +81,16 @@ pub struct AttentionIo<'a, T: Element> {
 /// One layer's tensors for [`forward`]: [`AttentionIo`] plus the step's new keys and values, and
 /// the cache mutably (they are written into it first).
 #[derive(Debug)]
-pub struct ForwardIo<'a, T: Element> {
+pub struct ForwardIo<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]`.
     pub query: &'a DeviceTensor<T>,
     /// The new tokens' keys, `[num_tokens, num_kv_heads, head_size]`.
     pub key: &'a DeviceTensor<T>,
     /// The new tokens' values, `[num_tokens, num_kv_heads, head_size]`.
     pub value: &'a DeviceTensor<T>,
-    /// The layer's cache; the new keys and values are written at the step's slot mapping.
-    pub cache: &'a mut CudaKvCache<T>,
+    /// The layer's cache; the new keys and values are written at the step's slot mapping
+    /// (quantised with the cache's scales when it is FP8).
+    pub cache: &'a mut CudaKvCache<C>,
     /// `[num_tokens, num_heads, head_size]`; rows of padding tokens are left untouched.
     pub out: &'a mut DeviceTensor<T>,
     /// Optional `[num_tokens, num_heads]` natural-log sum-exp per row.
@@ -109,7 +111,7 @@ pub(crate) fn features(params: &AttentionParams) -> AttentionFeatures<'_> {
 }
 
 /// The shapes of one attention call, for [`validate`].
-fn specs<'a, T: Element>(io: &'a AttentionIo<'_, T>) -> validate::AttentionSpecs<'a> {
+fn specs<'a, T: Element, C: KvStorage<T>>(io: &'a AttentionIo<'_, T, C>) -> validate::AttentionSpecs<'a> {
     validate::AttentionSpecs::of::<T>(io.query.shape(), io.out.shape(), io.lse.as_ref().map(|l| l.shape()))
 }
 
@@ -168,26 +170,27 @@ pub(crate) fn check_kernel_support<T: Element>(op: &'static str, params: &Attent
 /// ALiBi/sinks with more than 256 heads; [`AttentionError::UnsupportedHeadSize`];
 /// [`AttentionError::Cuda`] when a launch fails. Nothing is launched when an error is returned
 /// before the first launch.
-pub fn paged_attention<T: Element>(
+pub fn paged_attention<T: Element, C: KvStorage<T>>(
     dev: &CudaDevice,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    io: AttentionIo<'_, T>,
+    io: AttentionIo<'_, T, C>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let _span = tracing::debug_span!("paged_attention", backend = "cuda", reqs = meta.host.num_reqs()).entered();
     check_layer::<T>(OP, meta.host.num_tokens(), params, io.cache.layout(), specs(&io))?;
     meta.host.check_against(OP, io.cache.layout())?;
+    crate::scales::check_for::<C>(OP, io.cache.scales(), io.cache.layout().num_kv_heads)?;
     launch(dev, meta, params, io, workspace)
 }
 
 /// The launches of one attention call whose arguments have been checked.
-pub(crate) fn launch<T: Element>(
+pub(crate) fn launch<T: Element, C: KvStorage<T>>(
     dev: &CudaDevice,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    io: AttentionIo<'_, T>,
+    io: AttentionIo<'_, T, C>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "paged_attention";
@@ -230,7 +233,7 @@ pub(crate) fn launch<T: Element>(
             query: query.buffer().as_view(),
             key_cache: cache.key_buffer().as_view(),
             value_cache: cache.value_buffer().as_view(),
-            kv_scales: None,
+            kv_scales: cache.device_scales(),
             query_start_loc: meta.query_start_loc().as_view(),
             seq_lens: meta.seq_lens().as_view(),
             block_table: meta.block_table().as_view(),
@@ -270,11 +273,11 @@ pub(crate) fn launch<T: Element>(
 ///
 /// # Errors
 /// As [`paged_attention`] and [`super::kv_cache_update`].
-pub fn forward<T: Element>(
+pub fn forward<T: Element, C: KvStorage<T>>(
     dev: &CudaDevice,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    io: ForwardIo<'_, T>,
+    io: ForwardIo<'_, T, C>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     const OP: &str = "forward";
@@ -285,15 +288,16 @@ pub fn forward<T: Element>(
     check_layer::<T>(OP, meta.host.num_tokens(), params, &layout, shapes)?;
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), meta.slot_mapping().host())?;
     meta.host.check_against(OP, &layout)?;
+    crate::scales::check_for::<C>(OP, cache.scales(), layout.num_kv_heads)?;
     forward_checked(dev, meta, params, ForwardIo { query, key, value, cache, out, lse }, workspace)
 }
 
 /// [`forward`] after its checks (the caller ran them, or their equivalent once per step).
-pub(crate) fn forward_checked<T: Element>(
+pub(crate) fn forward_checked<T: Element, C: KvStorage<T>>(
     dev: &CudaDevice,
     meta: &DeviceMetadata,
     params: &AttentionParams,
-    io: ForwardIo<'_, T>,
+    io: ForwardIo<'_, T, C>,
     workspace: &mut AttentionWorkspace,
 ) -> Result<()> {
     let ForwardIo { query, key, value, cache, out, lse } = io;

@@ -20,6 +20,8 @@ pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 pub use attention_kernels::cudarc;
 /// The layer caches [`LayerBuffers`] takes: two buffers, or one interleaving K and V per block.
 pub use attention_kernels::launch::KvCacheMut;
+/// Device views of an FP8 cache's scales, as [`LayerBuffers::kv_scales`] takes them.
+pub use attention_kernels::launch::KvScales;
 
 use crate::error::{AttentionError, CudaApi};
 

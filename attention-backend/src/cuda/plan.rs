@@ -16,9 +16,9 @@ use attention_kernels::attention::{
     self as kernels, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims,
     AttentionKernel, AttentionStrides, SideStream,
 };
-use attention_kernels::launch::{self, KvCacheMut, KvWriteDims};
+use attention_kernels::launch::{self, KvCacheMut, KvScales, KvWriteDims};
 use attention_kernels::staging::Staging;
-use attention_kernels::{DType, Element};
+use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
@@ -604,7 +604,7 @@ impl LayerStrides {
 /// Rows are `LaunchPlan::num_tokens` long, padding included; padding rows of `out` and `lse` are
 /// left untouched.
 #[derive(Debug)]
-pub struct LayerBuffers<'a, T: Element> {
+pub struct LayerBuffers<'a, T: Element, C: KvStorage<T> = T> {
     /// `[num_tokens, num_heads, head_size]` with `strides.query_*`.
     pub query: CudaView<'a, T>,
     /// The step's new keys and values `[num_tokens, num_kv_heads, head_size]`, written into the
@@ -612,8 +612,18 @@ pub struct LayerBuffers<'a, T: Element> {
     /// them (the engine wrote them itself).
     pub new_kv: Option<(CudaView<'a, T>, CudaView<'a, T>)>,
     /// The layer's caches, `[num_blocks, block_size, num_kv_heads, head_size]` each with blocks
-    /// `strides.cache_block` apart: two buffers, or one interleaving K and V per block.
-    pub cache: KvCacheMut<'a, T>,
+    /// `strides.cache_block` apart: two buffers, or one interleaving K and V per block. Of the
+    /// compute type `T`, or an FP8 type (`strides.cache_block` then counts FP8 elements).
+    pub cache: KvCacheMut<'a, C>,
+    /// The device scales of an FP8 cache, 1 (per layer) or `num_kv_heads` (per head) floats each
+    /// for keys and values; `None` means 1.0 and is required for a cache of type `T`.
+    ///
+    /// Device views, not host values, so that a CUDA graph captured over `run` reads the values
+    /// current at replay time: the engine updates its scale buffers in place. Their count is
+    /// checked here; their values cannot be without a read-back, so keeping them finite and
+    /// positive is the caller's responsibility ([`crate::KvScaleValues::check`] checks host values
+    /// before they are uploaded; [`super::CudaKvCache`] does this for its own buffer).
+    pub kv_scales: Option<KvScales<'a>>,
     /// `[num_tokens, num_heads, head_size]` with `strides.out_*`.
     pub out: CudaViewMut<'a, T>,
     /// `[num_tokens, num_heads]` natural-log sum-exp per row, packed, or `None`.
@@ -634,7 +644,13 @@ impl StepPlan<'_> {
     /// buffers that are too small, misaligned or overlapping (the launchers' checks);
     /// [`AttentionError::Unsupported`] for f32 storage or ALiBi/sinks with too many heads;
     /// [`AttentionError::Cuda`] when a launch fails. Nothing is launched when a check fails.
-    pub fn run<T: Element>(&mut self, params: &AttentionParams, layer: LayerBuffers<'_, T>) -> Result<()> {
+    /// [`AttentionError::InvalidKvScales`] for scales with a cache of type `T`, or scale buffers
+    /// of a count other than 1 or `num_kv_heads` (or key and value counts that differ).
+    pub fn run<T: Element, C: KvStorage<T>>(
+        &mut self,
+        params: &AttentionParams,
+        layer: LayerBuffers<'_, T, C>,
+    ) -> Result<()> {
         const RUN: &str = "run";
         let _span = tracing::trace_span!("run", tokens = self.launch.num_tokens).entered();
         let p = &mut *self.planner;
@@ -651,7 +667,20 @@ impl StepPlan<'_> {
         }
         super::attention::check_kernel_support::<T>(RUN, params)?;
         let l = self.launch;
-        let LayerBuffers { query, new_kv, mut cache, mut out, mut lse, strides } = layer;
+        let LayerBuffers { query, new_kv, mut cache, kv_scales, mut out, mut lse, strides } = layer;
+        if let Some(sc) = &kv_scales {
+            let (k, v, h) = (sc.key.len(), sc.value.len(), c.num_kv_heads);
+            if !C::QUANTISED {
+                return Err(crate::scales::unquantised::<C>(RUN));
+            }
+            if k != v || (k != 1 && k != h) {
+                return Err(AttentionError::InvalidKvScales {
+                    op: RUN,
+                    what: format!("{k} key and {v} value scales; both must be 1 or num_kv_heads = {h}"),
+                });
+            }
+        }
+        let scales = || kv_scales.as_ref().map(|sc| KvScales { key: sc.key.slice(..), value: sc.value.slice(..) });
         let stream = p.dev.stream().clone();
         if let Some((key, value)) = new_kv {
             let dims = KvWriteDims {
@@ -678,7 +707,7 @@ impl StepPlan<'_> {
                 target,
                 p.slot_mapping.slice(..l.num_tokens.max(1)),
                 dims,
-                None,
+                scales(),
             )
             .map_err(|e| kernel_error(RUN, e))?;
         }
@@ -726,7 +755,7 @@ impl StepPlan<'_> {
                 query: query.slice(..),
                 key_cache: key_cache.slice(..),
                 value_cache: value_cache.slice(..),
-                kv_scales: None,
+                kv_scales: scales(),
                 query_start_loc: p.query_start_loc.slice(..l.num_reqs + 1),
                 seq_lens: p.seq_lens.slice(..l.num_reqs),
                 block_table: p.block_table.slice(..l.num_reqs * c.max_blocks_per_req),

@@ -1,11 +1,13 @@
 //! Device tensors: a cudarc buffer with its shape, and the cache and slot mapping built on them.
 
-use attention_kernels::Element;
+use attention_kernels::launch::KvScales;
+use attention_kernels::{CacheElement, Element};
 use cudarc::driver::CudaSlice;
 
 use super::{driver_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
+use crate::scales::{self, KvScaleValues};
 use crate::slot_mapping::SlotMapping;
 
 /// A dense, row-major tensor in device memory.
@@ -70,15 +72,26 @@ impl<T: Element> DeviceTensor<T> {
 }
 
 /// One layer's key and value caches in device memory, `[num_blocks, block_size, num_kv_heads,
-/// head_size]` each.
+/// head_size]` each, of storage type `T` (a compute type, or an FP8 type: see
+/// [`crate::CpuKvCache`] for the semantics).
+///
+/// An FP8 cache owns a small device buffer of scales, `num_kv_heads` floats for keys and as many
+/// for values (a per-layer scale is stored repeated per head), allocated once with the cache and
+/// set to 1.0. [`CudaKvCache::set_scales`] copies new values into it in place: the address the
+/// kernels read never changes, so a CUDA graph captured over a layer replays with the scales
+/// current at replay time (vLLM's calibrated `k_scale` / `v_scale` can be loaded after capture).
 #[derive(Debug)]
-pub struct CudaKvCache<T: Element> {
+pub struct CudaKvCache<T: CacheElement> {
     layout: CacheLayout,
     pub(crate) key: CudaSlice<T>,
     pub(crate) value: CudaSlice<T>,
+    /// The device scales of an FP8 cache (`None` for an unquantised one).
+    pub(crate) device_scales: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// The scales as last set (`None`: 1.0).
+    scales: Option<KvScaleValues>,
 }
 
-impl<T: Element> CudaKvCache<T> {
+impl<T: CacheElement> CudaKvCache<T> {
     /// A zero-filled cache.
     ///
     /// # Errors
@@ -88,10 +101,69 @@ impl<T: Element> CudaKvCache<T> {
         layout.check()?;
         let n = layout.num_elements().unwrap_or(0);
         let alloc = |what| dev.stream().alloc_zeros::<T>(n).map_err(|e| driver_error(what, e));
-        Ok(CudaKvCache { layout, key: alloc("CudaKvCache::zeros")?, value: alloc("CudaKvCache::zeros")? })
+        let (key, value) = (alloc("CudaKvCache::zeros")?, alloc("CudaKvCache::zeros")?);
+        let device_scales = Self::alloc_scales(dev, &layout)?;
+        Ok(CudaKvCache { layout, key, value, device_scales, scales: None })
     }
 
-    /// A cache holding copies of host data (each `layout.num_elements()` long, row-major NHD).
+    /// A zero-filled FP8 cache with its scales.
+    ///
+    /// # Errors
+    /// As [`CudaKvCache::zeros`] and [`CudaKvCache::set_scales`].
+    pub fn with_scales(dev: &CudaDevice, layout: CacheLayout, scales: KvScaleValues) -> Result<Self> {
+        scales::check_for::<T>("CudaKvCache::with_scales", Some(&scales), layout.num_kv_heads)?;
+        let mut cache = CudaKvCache::zeros(dev, layout)?;
+        cache.set_scales(Some(scales))?;
+        Ok(cache)
+    }
+
+    /// The scale buffers of an FP8 cache, `num_kv_heads` ones each; `None` for another type.
+    fn alloc_scales(dev: &CudaDevice, layout: &CacheLayout) -> Result<Option<(CudaSlice<f32>, CudaSlice<f32>)>> {
+        if !T::DTYPE.is_fp8() {
+            return Ok(None);
+        }
+        let ones = vec![1.0f32; layout.num_kv_heads];
+        let up = || dev.stream().clone_htod(&ones).map_err(|e| driver_error("CudaKvCache::zeros", e));
+        Ok(Some((up()?, up()?)))
+    }
+
+    /// Replaces the scales (`None`: 1.0), copying them into the cache's device buffer in place,
+    /// asynchronously on the cache's stream (ordered after work already enqueued there, before
+    /// work enqueued later). Not to be called while a graph is being captured on that stream.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidKvScales`] as [`crate::CpuKvCache::set_scales`];
+    /// [`AttentionError::Cuda`] when the copy fails. The cache keeps its old scales on an error.
+    pub fn set_scales(&mut self, scales: Option<KvScaleValues>) -> Result<()> {
+        const OP: &str = "CudaKvCache::set_scales";
+        scales::check_for::<T>(OP, scales.as_ref(), self.layout.num_kv_heads)?;
+        if let Some((k_dev, v_dev)) = &mut self.device_scales {
+            let h = self.layout.num_kv_heads;
+            let (k, v) = match &scales {
+                Some(s) => s.expanded(h),
+                None => (vec![1.0; h], vec![1.0; h]),
+            };
+            let stream = self.key.stream().clone();
+            stream.memcpy_htod(&k, k_dev).map_err(|e| driver_error(OP, e))?;
+            stream.memcpy_htod(&v, v_dev).map_err(|e| driver_error(OP, e))?;
+        }
+        self.scales = scales;
+        Ok(())
+    }
+
+    /// The scales as last set (`None` for an unquantised cache, or an FP8 one read with 1.0).
+    pub fn scales(&self) -> Option<&KvScaleValues> {
+        self.scales.as_ref()
+    }
+
+    /// Views of the device scales (`num_kv_heads` floats each) for the launchers; `None` for an
+    /// unquantised cache.
+    pub fn device_scales(&self) -> Option<KvScales<'_>> {
+        self.device_scales.as_ref().map(|(k, v)| KvScales { key: k.as_view(), value: v.as_view() })
+    }
+
+    /// A cache holding copies of host data (each `layout.num_elements()` long, row-major NHD); an
+    /// FP8 one starts with scales 1.0 ([`CudaKvCache::set_scales`] sets others).
     ///
     /// # Errors
     /// [`AttentionError::ShapeMismatch`] for a wrong length, [`AttentionError::Cuda`] on failure.
@@ -109,7 +181,9 @@ impl<T: Element> CudaKvCache<T> {
             }
         }
         let up = |d: &[T]| dev.stream().clone_htod(d).map_err(|e| driver_error("CudaKvCache::from_host", e));
-        Ok(CudaKvCache { layout, key: up(key)?, value: up(value)? })
+        let (key, value) = (up(key)?, up(value)?);
+        let device_scales = Self::alloc_scales(dev, &layout)?;
+        Ok(CudaKvCache { layout, key, value, device_scales, scales: None })
     }
 
     /// The cache's dimensions.

@@ -60,6 +60,7 @@ impl InplaceOp2 for LayerOp<'_, '_> {
             query: fused.slice(..),
             new_kv: Some((fused.slice(q_elems..), fused.slice(q_elems + kv_elems..))),
             cache: KvCacheMut::Separate { key, value },
+            kv_scales: None,
             out: out.slice_mut(..),
             lse: None,
             strides: self.strides,
