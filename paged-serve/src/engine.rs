@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use attention_backend::{AttentionParams, Backend, CacheLayout, Element, KvCache};
+use attention_backend::{AttentionParams, Backend, CacheLayout, Element, KvCache, KvScaleValues, KvStorage};
 use indicatif::{ProgressBar, ProgressStyle};
 use model_runner::{BlockPool, ModelRunner, RequestId, RunnerConfig, TokenId};
 use ndarray::{ArrayViewD, Ix3};
@@ -13,7 +13,7 @@ use crate::cli::RunConfig;
 use crate::model::{Proj, SyntheticModel};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::summary::Summary;
-use crate::verify::{self, LayerCheck, Tolerance};
+use crate::verify::{self, KvStore, LayerCheck, Tolerance};
 use crate::workload::RequestSpec;
 use crate::ServeError;
 
@@ -21,38 +21,45 @@ use crate::ServeError;
 /// scheduler reports a real stall itself).
 const MAX_EMPTY_STEPS: usize = 1000;
 
-/// Runs the whole workload on `backend` with storage type `T`.
+/// Runs the whole workload on `backend` with compute type `T` and KV-cache storage `C`.
 ///
 /// # Errors
 /// Backend, runner or scheduler failures, and [`ServeError::Verify`] on a verification mismatch.
-pub(crate) fn serve<T: Element>(
+pub(crate) fn serve<T: Element, C: KvStorage<T>>(
     cfg: &RunConfig,
     backend: Backend,
     requests: &[RequestSpec],
 ) -> Result<Summary, ServeError> {
-    let mut engine = Engine::<T>::new(cfg, backend, requests)?;
+    let mut engine = Engine::<T, C>::new(cfg, backend, requests)?;
     engine.run()?;
     Ok(engine.summary)
 }
 
-struct Engine<'a, T: Element> {
+struct Engine<'a, T: Element, C: KvStorage<T>> {
     cfg: &'a RunConfig,
     backend: Backend,
     model: SyntheticModel,
     /// Per layer (windows alternate between layers in some models).
     params: Vec<AttentionParams>,
-    caches: Vec<KvCache<T>>,
+    caches: Vec<KvCache<C>>,
     runner: ModelRunner,
+    /// Phantom use of the compute type (the caches name only their storage type).
+    _compute: std::marker::PhantomData<T>,
     sched: Scheduler,
     summary: Summary,
 }
 
-impl<'a, T: Element> Engine<'a, T> {
+impl<'a, T: Element, C: KvStorage<T>> Engine<'a, T, C> {
     /// Allocates one KV cache per layer, the runner and the scheduler.
     fn new(cfg: &'a RunConfig, backend: Backend, requests: &[RequestSpec]) -> Result<Self, ServeError> {
         let shape = cfg.shape;
         let layout = CacheLayout::new(cfg.num_blocks, cfg.block_size, shape.num_kv_heads, shape.head_size)?;
-        let caches = (0..shape.num_layers).map(|_| backend.kv_cache::<T>(layout)).collect::<Result<Vec<_>, _>>()?;
+        let mut caches = (0..shape.num_layers).map(|_| backend.kv_cache::<C>(layout)).collect::<Result<Vec<_>, _>>()?;
+        if C::QUANTISED {
+            for cache in &mut caches {
+                cache.set_scales(Some(KvScaleValues::per_tensor(cfg.kv_scale, cfg.kv_scale)))?;
+            }
+        }
         let max_model_len = requests.iter().map(RequestSpec::max_len).max().unwrap_or(1);
         let runner = ModelRunner::new(
             RunnerConfig::for_layout(&layout)
@@ -69,6 +76,7 @@ impl<'a, T: Element> Engine<'a, T> {
             backend,
             caches,
             runner,
+            _compute: std::marker::PhantomData,
             sched: Scheduler::new(cfg.scheduler, pool, requests),
             summary: Summary::default(),
         })
@@ -187,6 +195,7 @@ impl<'a, T: Element> Engine<'a, T> {
                     req_ids: &req_ids,
                     query: q.view(),
                     out: as_3d(host.view())?,
+                    kv: KvStore::new(self.cfg.kv_cache_dtype, self.cfg.kv_scale),
                 };
                 let sched = &self.sched;
                 let err = verify::check_layer(

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 use attention_backend::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use attention_backend::cuda::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, PinnedHostSlice};
 use attention_backend::cuda::{
-    CudaDevice, KvCacheMut, LayerBuffers, LayerStrides, PlannerConfig, StepPlan as DevicePlan, StepPlanner,
+    CudaDevice, KvCacheMut, KvScales, LayerBuffers, LayerStrides, PlannerConfig, StepPlan as DevicePlan, StepPlanner,
 };
-use attention_backend::{AttentionMetadata, AttentionParams, Backend, CacheLayout, Element};
+use attention_backend::{AttentionMetadata, AttentionParams, Backend, CacheLayout, Element, KvStorage};
 use attention_kernels::synthetic::{self, QkvDims, SampleDims};
 use model_runner::{BlockPool, ModelRunner, RequestId, RunnerConfig, TokenId};
 use ndarray::{Array3, Axis};
@@ -47,7 +47,7 @@ use crate::engine::{apply_to_runner, finish_summary, kv_read_bytes, progress_bar
 use crate::model::{Proj, SyntheticModel};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::summary::Summary;
-use crate::verify::{self, LayerCheck, Tolerance};
+use crate::verify::{self, KvStore, LayerCheck, Tolerance};
 use crate::workload::{RequestSpec, VOCAB_SIZE};
 use crate::ServeError;
 
@@ -80,18 +80,18 @@ fn too_large(what: &str) -> ServeError {
 ///
 /// # Errors
 /// As [`crate::run_config`].
-pub(crate) fn serve<T: Element>(
+pub(crate) fn serve<T: Element, C: KvStorage<T>>(
     cfg: &RunConfig,
     backend: Backend,
     requests: &[RequestSpec],
 ) -> Result<Summary, ServeError> {
-    let mut engine = Engine::<T>::new(cfg, &backend, requests)?;
+    let mut engine = Engine::<T, C>::new(cfg, &backend, requests)?;
     engine.run()?;
     Ok(engine.summary)
 }
 
 /// The device state: planner, buffers at fixed addresses (graphs read them), events and graphs.
-struct DeviceState<T: Element> {
+struct DeviceState<T: Element, C: KvStorage<T>> {
     dev: CudaDevice,
     planner: StepPlanner,
     params: Vec<AttentionParams>,
@@ -105,7 +105,10 @@ struct DeviceState<T: Element> {
     graphs_supported: bool,
     /// `[num_layers][max_tokens][fused_row]`.
     fused: CudaSlice<T>,
-    caches: Vec<(CudaSlice<T>, CudaSlice<T>)>,
+    caches: Vec<(CudaSlice<C>, CudaSlice<C>)>,
+    /// FP8 caches: the K and V scale of every layer (one float each, on the device so graphs
+    /// replay with the current value).
+    kv_scales: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// Output buffers `[max_tokens][num_heads][head_size]`: one per verified layer and the last
     /// layer, one shared by the others.
     outs: Vec<CudaSlice<T>>,
@@ -119,11 +122,11 @@ struct DeviceState<T: Element> {
     graphs: HashMap<usize, CudaGraph>,
 }
 
-struct Engine<'a, T: Element> {
+struct Engine<'a, T: Element, C: KvStorage<T>> {
     cfg: &'a RunConfig,
     model: SyntheticModel,
     device_name: String,
-    d: DeviceState<T>,
+    d: DeviceState<T, C>,
     runner: ModelRunner,
     sched: Scheduler,
     summary: Summary,
@@ -132,7 +135,7 @@ struct Engine<'a, T: Element> {
     verifier: Option<Verifier<T>>,
 }
 
-impl<'a, T: Element> Engine<'a, T> {
+impl<'a, T: Element, C: KvStorage<T>> Engine<'a, T, C> {
     fn new(cfg: &'a RunConfig, backend: &Backend, requests: &[RequestSpec]) -> Result<Self, ServeError> {
         let base =
             backend.cuda_device().ok_or_else(|| ServeError::Internal("the CUDA engine needs a CUDA backend".into()))?;
@@ -176,9 +179,16 @@ impl<'a, T: Element> Engine<'a, T> {
             stream.alloc_zeros::<T>(len.max(1)).map_err(cuda_err(what))
         };
         let cache_len = layout.num_elements().ok_or_else(|| too_large("a KV cache"))?;
+        let alloc_cache = |len: usize| stream.alloc_zeros::<C>(len.max(1)).map_err(cuda_err("KV cache"));
         let caches = (0..shape.num_layers)
-            .map(|_| Ok((alloc("KV cache", cache_len)?, alloc("KV cache", cache_len)?)))
+            .map(|_| Ok((alloc_cache(cache_len)?, alloc_cache(cache_len)?)))
             .collect::<Result<Vec<_>, ServeError>>()?;
+        let kv_scales = if C::QUANTISED {
+            let upload = || stream.clone_htod(&[cfg.kv_scale]).map_err(cuda_err("KV scales"));
+            Some((upload()?, upload()?))
+        } else {
+            None
+        };
         // Own output buffers for the layers whose output is read back (verified and last).
         let last = shape.num_layers - 1;
         let mut kept: Vec<usize> = cfg.verify.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
@@ -206,6 +216,7 @@ impl<'a, T: Element> Engine<'a, T> {
                 >= shape.num_heads / shape.num_kv_heads,
             fused: alloc("fused QKV", fused_len)?,
             caches,
+            kv_scales,
             outs,
             out_of_layer,
             inputs,
@@ -313,6 +324,7 @@ impl<'a, T: Element> Engine<'a, T> {
             max_tokens,
             fused,
             caches,
+            kv_scales,
             outs,
             out_of_layer,
             inputs: dev_inputs,
@@ -360,6 +372,7 @@ impl<'a, T: Element> Engine<'a, T> {
             stream: &stream,
             fused,
             caches,
+            kv_scales: kv_scales.as_ref(),
             outs,
             out_of_layer,
             inputs: dev_inputs,
@@ -487,6 +500,7 @@ impl<'a, T: Element> Engine<'a, T> {
                 self.cfg.verify_sample,
                 self.d.fused_row,
                 shape,
+                KvStore::new(self.cfg.kv_cache_dtype, self.cfg.kv_scale),
             )?),
         };
         verifier.send(job)
@@ -552,6 +566,7 @@ impl<T: Element> Verifier<T> {
         sample: crate::verify::Sample,
         fused_row: usize,
         shape: crate::model::ModelShape,
+        kv: KvStore,
     ) -> Result<Self, ServeError> {
         let (jobs, rx) = std::sync::mpsc::sync_channel::<VerifyJob<T>>(2);
         let (tx, results) = std::sync::mpsc::channel();
@@ -559,7 +574,7 @@ impl<T: Element> Verifier<T> {
             .name("verifier".into())
             .spawn(move || {
                 for job in rx {
-                    let r = check_job(&model, &params, sample, fused_row, shape, &job);
+                    let r = check_job(&model, &params, sample, (fused_row, shape, kv), &job);
                     if tx.send(r).is_err() {
                         return;
                     }
@@ -591,8 +606,7 @@ fn check_job<T: Element>(
     model: &SyntheticModel,
     params: &[AttentionParams],
     sample: crate::verify::Sample,
-    fused_row: usize,
-    shape: crate::model::ModelShape,
+    (fused_row, shape, kv): (usize, crate::model::ModelShape, KvStore),
     job: &VerifyJob<T>,
 ) -> VerifyResult {
     let (step, meta) = (job.step, &job.meta);
@@ -646,7 +660,7 @@ fn check_job<T: Element>(
                 }
             }
         }
-        let check = LayerCheck { step, layer, meta, req_ids: &job.req_ids, query: q.view(), out: lj.out.view() };
+        let check = LayerCheck { step, layer, meta, req_ids: &job.req_ids, query: q.view(), out: lj.out.view(), kv };
         let err = verify::check_layer(model, &params[layer], Tolerance::for_dtype(T::DTYPE), sample, &check, |id| {
             job.histories.get(&id).map_or(&[][..], |t| &t[..])
         })
@@ -658,10 +672,11 @@ fn check_job<T: Element>(
 }
 
 /// What one step's enqueue borrows from the device state.
-struct StepBuffers<'s, T: Element> {
+struct StepBuffers<'s, T: Element, C: KvStorage<T>> {
     stream: &'s std::sync::Arc<CudaStream>,
     fused: &'s mut CudaSlice<T>,
-    caches: &'s mut [(CudaSlice<T>, CudaSlice<T>)],
+    caches: &'s mut [(CudaSlice<C>, CudaSlice<C>)],
+    kv_scales: Option<&'s (CudaSlice<f32>, CudaSlice<f32>)>,
     outs: &'s mut [CudaSlice<T>],
     out_of_layer: &'s [usize],
     inputs: &'s CudaSlice<i64>,
@@ -675,7 +690,7 @@ struct StepBuffers<'s, T: Element> {
     seed: u64,
 }
 
-impl<T: Element> StepBuffers<'_, T> {
+impl<T: Element, C: KvStorage<T>> StepBuffers<'_, T, C> {
     /// Enqueues the whole step (see the module docs) for `rows` token rows and `reqs` requests
     /// (both padded in graph mode), without synchronising, so that it can be captured.
     fn enqueue(&mut self, plan: &mut DevicePlan<'_>, rows: usize, reqs: usize) -> Result<(), ServeError> {
@@ -709,7 +724,7 @@ impl<T: Element> StepBuffers<'_, T> {
                 query: fused.slice(..),
                 new_kv: Some((fused.slice(q_end..), fused.slice(k_end..))),
                 cache: KvCacheMut::Separate { key: key.as_view_mut(), value: value.as_view_mut() },
-                kv_scales: None,
+                kv_scales: self.kv_scales.map(|(k, v)| KvScales { key: k.as_view(), value: v.as_view() }),
                 out: out.try_slice_mut(..rows.max(1) * out_row).ok_or_else(|| range("out"))?,
                 lse: None,
                 strides: self.strides,

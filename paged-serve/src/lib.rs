@@ -39,7 +39,7 @@ pub mod summary;
 pub mod verify;
 pub mod workload;
 
-use attention_backend::{bf16, f16, AttentionError, Backend, DType};
+use attention_backend::{bf16, f16, AttentionError, Backend, DType, Fp8E4M3, Fp8E5M2};
 use model_runner::RunnerError;
 
 pub use cli::{Cli, RunConfig};
@@ -130,25 +130,31 @@ pub fn run_config(cfg: &RunConfig, backend: Backend) -> Result<Summary, ServeErr
     let plan = workload::plan(&cfg.workload, cfg.sharing, cfg.seed).map_err(|e| ServeError::Usage(e.to_string()))?;
     cli::check_fits(cfg, &plan.shapes)?;
     let requests = plan.build();
-    if cfg.kv_cache_dtype != cfg.dtype {
-        return Err(ServeError::Usage(format!(
-            "--kv-cache-dtype {} is not wired into the engines yet",
-            cfg.kv_cache_dtype
-        )));
-    }
     #[cfg(feature = "cuda")]
     if backend.device() == attention_backend::Device::Cuda {
-        return match cfg.dtype {
-            DType::F16 => engine_cuda::serve::<f16>(cfg, backend, &requests),
-            DType::BF16 => engine_cuda::serve::<bf16>(cfg, backend, &requests),
-            other => Err(ServeError::Usage(format!("--dtype {other} is not supported on cuda (use bf16 or f16)"))),
+        return match (cfg.dtype, cfg.kv_cache_dtype) {
+            (DType::F16, DType::F16) => engine_cuda::serve::<f16, f16>(cfg, backend, &requests),
+            (DType::F16, DType::Fp8E4M3) => engine_cuda::serve::<f16, Fp8E4M3>(cfg, backend, &requests),
+            (DType::F16, DType::Fp8E5M2) => engine_cuda::serve::<f16, Fp8E5M2>(cfg, backend, &requests),
+            (DType::BF16, DType::BF16) => engine_cuda::serve::<bf16, bf16>(cfg, backend, &requests),
+            (DType::BF16, DType::Fp8E4M3) => engine_cuda::serve::<bf16, Fp8E4M3>(cfg, backend, &requests),
+            (DType::BF16, DType::Fp8E5M2) => engine_cuda::serve::<bf16, Fp8E5M2>(cfg, backend, &requests),
+            (d, k) => Err(ServeError::Usage(format!(
+                "--dtype {d} with --kv-cache-dtype {k} is not supported on cuda (use bf16 or f16, with an FP8 cache or not)"
+            ))),
         };
     }
-    match cfg.dtype {
-        DType::F32 => engine::serve::<f32>(cfg, backend, &requests),
-        DType::F16 => engine::serve::<f16>(cfg, backend, &requests),
-        DType::BF16 => engine::serve::<bf16>(cfg, backend, &requests),
-        other => Err(ServeError::Usage(format!("--dtype {other} is not supported"))),
+    match (cfg.dtype, cfg.kv_cache_dtype) {
+        (DType::F32, DType::F32) => engine::serve::<f32, f32>(cfg, backend, &requests),
+        (DType::F32, DType::Fp8E4M3) => engine::serve::<f32, Fp8E4M3>(cfg, backend, &requests),
+        (DType::F32, DType::Fp8E5M2) => engine::serve::<f32, Fp8E5M2>(cfg, backend, &requests),
+        (DType::F16, DType::F16) => engine::serve::<f16, f16>(cfg, backend, &requests),
+        (DType::F16, DType::Fp8E4M3) => engine::serve::<f16, Fp8E4M3>(cfg, backend, &requests),
+        (DType::F16, DType::Fp8E5M2) => engine::serve::<f16, Fp8E5M2>(cfg, backend, &requests),
+        (DType::BF16, DType::BF16) => engine::serve::<bf16, bf16>(cfg, backend, &requests),
+        (DType::BF16, DType::Fp8E4M3) => engine::serve::<bf16, Fp8E4M3>(cfg, backend, &requests),
+        (DType::BF16, DType::Fp8E5M2) => engine::serve::<bf16, Fp8E5M2>(cfg, backend, &requests),
+        (d, k) => Err(ServeError::Usage(format!("--dtype {d} with --kv-cache-dtype {k} is not supported"))),
     }
 }
 

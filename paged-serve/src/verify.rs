@@ -3,7 +3,8 @@
 //!
 //! For each request of a checked step it rebuilds the request's whole K/V history from its token
 //! ids (the synthetic model's K/V are pure functions of layer, token and position, see
-//! [`crate::model`]), rounded to the storage dtype exactly as the cache stores them. It reads
+//! [`crate::model`]), rounded to the compute dtype and then stored as the cache stores them
+//! ([`KvStore`]: as is, or quantised to FP8 with the layer's scale and read back). It reads
 //! neither the paged cache nor the block table nor the slot mapping, so a wrong slot, a block
 //! shared by mistake, a stale prefix-cache block, a cache write that missed, or a wrong mask shows
 //! up as a mismatch. The queries are the ones the backend got.
@@ -13,11 +14,44 @@
 
 use std::fmt;
 
-use attention_backend::{AttentionMetadata, AttentionParams, DType, Element};
+use attention_backend::{AttentionMetadata, AttentionParams, DType, Element, Fp8E4M3, Fp8E5M2};
 use model_runner::{RequestId, TokenId};
 use ndarray::ArrayView3;
 
 use crate::model::{Proj, SyntheticModel};
+
+/// What the KV cache holds for a K/V element the model made: the reference attends over exactly
+/// that, so quantisation is part of the definition being checked, not an error the tolerance hides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvStore {
+    /// The compute-type value itself.
+    AsIs,
+    /// `fp8_e4m3(x / scale)`, read as `stored * scale`.
+    Fp8E4M3(f32),
+    /// `fp8_e5m2(x / scale)`, read as `stored * scale`.
+    Fp8E5M2(f32),
+}
+
+impl KvStore {
+    /// The rule for a cache of `dtype` written with `scale` (ignored for an unquantised cache).
+    pub fn new(dtype: DType, scale: f32) -> Self {
+        match dtype {
+            DType::Fp8E4M3 => KvStore::Fp8E4M3(scale),
+            DType::Fp8E5M2 => KvStore::Fp8E5M2(scale),
+            _ => KvStore::AsIs,
+        }
+    }
+
+    /// The value attention reads for the model's `x` in compute type `T`.
+    pub fn read_back<T: Element>(self, x: f32) -> f64 {
+        let t = T::from_f32(x).to_f32();
+        match self {
+            KvStore::AsIs => f64::from(t),
+            KvStore::Fp8E4M3(s) => f64::from(Fp8E4M3::from_f32(t / s).to_f32()) * f64::from(s),
+            KvStore::Fp8E5M2(s) => f64::from(Fp8E5M2::from_f32(t / s).to_f32()) * f64::from(s),
+        }
+    }
+}
 
 /// How far the backend's output may be from the `f64` reference: `|got - want| <= abs + rel * |want|`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,6 +138,8 @@ pub struct LayerCheck<'a, T: Element> {
     pub query: ArrayView3<'a, T>,
     /// `[num_tokens, num_heads, head_size]` outputs it returned.
     pub out: ArrayView3<'a, T>,
+    /// How the layer's cache stores K and V.
+    pub kv: KvStore,
 }
 
 /// How much of a checked layer-step to recompute: the f64 reference costs
@@ -195,7 +231,7 @@ fn check_request<T: Element>(
     let q_start = meta.query_start_loc[r] as usize;
     let q_len = meta.query_len(r);
     let seq_len = (meta.seq_lens[r] as usize).min(tokens.len());
-    // K/V history of the request, rounded through the storage type: [kv_head][pos * hs + d].
+    // K/V history of the request as the cache holds it: [kv_head][pos * hs + d].
     let history = |proj: Proj| -> Vec<Vec<f64>> {
         let mut buf = vec![0.0f32; hs];
         (0..nkv)
@@ -203,7 +239,7 @@ fn check_request<T: Element>(
                 let mut v = Vec::with_capacity(seq_len * hs);
                 for (pos, &tok) in tokens.iter().enumerate().take(seq_len) {
                     model.fill(proj, check.layer, h, tok, pos as i64, &mut buf);
-                    v.extend(buf.iter().map(|&x| f64::from(T::from_f32(x).to_f32())));
+                    v.extend(buf.iter().map(|&x| check.kv.read_back::<T>(x)));
                 }
                 v
             })
@@ -336,12 +372,28 @@ mod tests {
         let mut out = by_hand(&model, &q, &tokens);
         let ids = [RequestId(4)];
         let tol = Tolerance::for_dtype(DType::F32);
-        let check = LayerCheck { step: 3, layer: 0, meta: &meta, req_ids: &ids, query: q.view(), out: out.view() };
+        let check = LayerCheck {
+            step: 3,
+            layer: 0,
+            meta: &meta,
+            req_ids: &ids,
+            query: q.view(),
+            out: out.view(),
+            kv: KvStore::AsIs,
+        };
         let err = check_layer(&model, &params, tol, Sample::default(), &check, |_| &tokens[..]).unwrap();
         assert!(err < 1e-6, "{err}");
 
         out[[2, 1, 3]] += 1e-3;
-        let check = LayerCheck { step: 3, layer: 0, meta: &meta, req_ids: &ids, query: q.view(), out: out.view() };
+        let check = LayerCheck {
+            step: 3,
+            layer: 0,
+            meta: &meta,
+            req_ids: &ids,
+            query: q.view(),
+            out: out.view(),
+            kv: KvStore::AsIs,
+        };
         let bad = check_layer(&model, &params, tol, Sample::default(), &check, |_| &tokens[..]).unwrap_err();
         assert_eq!((bad.step, bad.req, bad.position, bad.head, bad.dim), (3, RequestId(4), 2, 1, 3));
         assert!((bad.max_abs_err - 1e-3).abs() < 1e-5);
