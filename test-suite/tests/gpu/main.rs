@@ -10,6 +10,7 @@ mod attention;
 mod cache_write;
 mod common;
 mod decode_variants;
+mod fp8;
 mod plan;
 mod prefill_sm90;
 mod raw;
