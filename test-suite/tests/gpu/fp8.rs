@@ -600,7 +600,7 @@ where
                         heads,
                         head_size: d,
                         block_size: bs,
-                        lens: if seed % 2 == 0 { lens_a.clone() } else { lens_b.clone() },
+                        lens: if seed.is_multiple_of(2) { lens_a.clone() } else { lens_b.clone() },
                         window_left: (k == 1 || k == 3).then_some(200),
                         softcap: (k == 2 || k == 3).then_some(12.0),
                         alibi: k == 3 || k == 1,
@@ -609,7 +609,7 @@ where
                         num_splits: splits,
                         split_keys: 0,
                         fold: seed % 4 < 2,
-                        q_amp: if seed % 5 == 0 { 300.0 } else { 2.0 },
+                        q_amp: if seed.is_multiple_of(5) { 300.0 } else { 2.0 },
                     };
                     check_decode::<T, Fp8E4M3>(&case, seed);
                     check_decode::<T, Fp8E5M2>(&case, seed + 500);
