@@ -92,17 +92,33 @@ constexpr int kFoldBit = 1 << 8;
 
 template <int D> constexpr int default_stages() { return D <= 128 ? PA_DECODE_STAGES : 2; }
 
-template <int D, int W = 4, int S = default_stages<D>()> struct DecodeCfg {
+// FP8 caches: a 64-key tile is half the bytes, so twice the stages (less one) keep as many bytes
+// in flight per block as the 16-bit pipeline, in about the same shared memory (the same blocks
+// per SM at head size 128: 2 on H100/H200).
+#ifndef PA_DECODE_FP8_STAGES
+#define PA_DECODE_FP8_STAGES 5
+#endif
+template <int D> constexpr int default_fp8_stages() { return D <= 128 ? PA_DECODE_FP8_STAGES : 3; }
+
+// KV: the cache's storage kind (pa::fp8::Kind): 0 = the compute type, else an FP8 format, whose
+// rows are staged in shared memory as bytes and widened to f16 in registers after ldmatrix.
+template <int D, int W = 4, int S = default_stages<D>(), int KV = 0> struct DecodeCfg {
   static constexpr int kWarps = W;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kKW = kKeysPerWarp;                // keys per warp per tile
   static constexpr int kTK = kKW * kWarps;                // keys per tile
   static constexpr int kStages = S;
-  static constexpr int kRS = D + 8;                       // padded row (elements): 16-byte skew
-  static constexpr int kChunks = D / 8;                   // 16-byte chunks per row
+  static constexpr bool kFp8 = KV != 0;
+  static constexpr int kRS = D + 8;                       // padded Q row (elements): 16-byte skew
+  static constexpr int kQChunks = D / 8;                  // 16-byte chunks per Q row
+  static constexpr int kEB = kFp8 ? 1 : 2;                // bytes per cache element
+  static constexpr int kChunks = D * kEB / 16;            // 16-byte chunks per K/V row
+  // Padded K/V row in shared memory (bytes): an odd number of 16-byte units, so the 8 rows of an
+  // ldmatrix 8x8 tile fall in 8 different bank groups.
+  static constexpr int kRSB = kFp8 ? D + 16 * ((D / 16) % 2 == 0 ? 1 : 2) : kRS * 2;
   static constexpr int kRows = 16;                        // query heads per block (one m16 tile)
   static constexpr bool kQInRegs = D <= 128;              // Q fragments in registers, else ldmatrix
-  static constexpr size_t kKvBytes = size_t(2) * kStages * kTK * kRS * 2;
+  static constexpr size_t kKvBytes = size_t(2) * kStages * kTK * kRSB;
   static constexpr size_t kRowOffBytes = size_t(kStages) * kTK * 8;
   static constexpr size_t kQBytes = size_t(kRows) * kRS * 2;
   static constexpr size_t kSmemBytes = kKvBytes + kRowOffBytes + kQBytes;
@@ -110,6 +126,7 @@ template <int D, int W = 4, int S = default_stages<D>()> struct DecodeCfg {
   static_assert(size_t(kWarps) * kRows * (D + 2) * 4 <= kKvBytes, "merge buffer does not fit");
   static_assert(kStages >= 2 && kTK <= kThreads && D % 16 == 0, "pipeline shape");
   static_assert(kSplitGranule % kTK == 0, "splits must be whole tiles");
+  static_assert((kRSB / 16) % 2 == 1 && kRSB % 16 == 0, "K/V rows: an odd number of 16-byte units");
 };
 
 // Largest GQA group the decode launcher takes (any group works: row chunks of 16 heads).
@@ -142,13 +159,45 @@ __device__ __forceinline__ float merge_elem(const float* acc, const float* ml, i
   return o;
 }
 
-template <typename T, int D, int W, int NS>
+__device__ __forceinline__ void ldsm_x2(uint32_t r[2], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t r[2], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+
+// FP8 caches (KV != 0). The MMAs run in f16 whatever the compute type: every FP8 value is exact
+// in f16, and bf16 queries are scaled by a power of two per row into f16's range (exact: bf16's 8
+// significant bits fit f16's 11; only elements below 2^-28 of the row's largest are rounded, far
+// below the product's own rounding). The scales fold into the f32 score scale (K scale, the row's
+// power of two) and the f32 output (V scale), so no per-element multiply is needed.
+//
+// K (S = Q K^T, B[k = dim][n = key]): an ldmatrix of FP8 bytes read as 16-bit pairs gives lane
+// (g, t4) the four bytes of key g at dims 4t4..4t4+3 of a 16-dim step; the step's k indices are
+// permuted so that those dims are k = {2t4, 2t4+1, 2t4+8, 2t4+9}: the low byte pair is the b0
+// operand and the high pair b1, and Q's A fragments take the same dims (a0/a1: dims 4t4, 4t4+1;
+// a2/a3: 4t4+2, 4t4+3). A dot product does not depend on the order of its terms.
+// V (O += P V, B[k = key][n = dim]): ldmatrix.trans of the bytes gives lane (g, t4) keys 2t4 and
+// 2t4+1 at dims 2g and 2g+1; one byte permute makes the key pairs of dim 2g and of dim 2g+1, the
+// b operands of two n8 tiles, one over the even dims of the 16-dim unit, one over the odd. The
+// accumulator of unit u therefore holds dims u*16 + 4t4 + {0, 2} (even tile) and {1, 3} (odd).
+template <int KV>
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t two) { return pa::fp8::to_half2_bits<KV>(two); }
+
+template <typename T, int D, int W, int NS, int KV = 0>
 __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams p) {
-  using Cfg = DecodeCfg<D, W, NS>;
+  using Cfg = DecodeCfg<D, W, NS, KV>;
   constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, S = Cfg::kStages;
   constexpr int KW = Cfg::kKW, KT = D / 16, DT = D / 8, NR = Cfg::kRows;
+  constexpr int QC = Cfg::kQChunks, RSB = Cfg::kRSB;
+  constexpr bool kFp8 = Cfg::kFp8;
+  using KvT = std::conditional_t<kFp8, uint8_t, T>;  // a cache element
+  using MT = std::conditional_t<kFp8, __half, T>;     // the MMA operand type
+  constexpr int EPC = 16 / Cfg::kEB;                  // cache elements per 16-byte chunk
   extern __shared__ __align__(16) unsigned char smem[];
-  T* kv_s = reinterpret_cast<T*>(smem);                                   // [S][K|V][TK][RS]
+  unsigned char* kv_s = smem;                                             // [S][K|V][TK][RSB bytes]
   int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kKvBytes);      // [S][TK]
   T* q_s = reinterpret_cast<T*>(smem + Cfg::kKvBytes + Cfg::kRowOffBytes);  // [16][RS]
 
@@ -199,12 +248,12 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   const int n_tiles = (k_end - k_begin + TK - 1) / TK;
 
   const T* q = static_cast<const T*>(p.query);
-  const T* kc = static_cast<const T*>(p.key_cache);
-  const T* vc = static_cast<const T*>(p.value_cache);
+  const KvT* kc = static_cast<const KvT*>(p.key_cache);
+  const KvT* vc = static_cast<const KvT*>(p.value_cache);
 
   // Query rows of the chunk (rows past it zero).
-  for (int idx = tid; idx < NR * C; idx += Cfg::kThreads) {
-    const int r = idx / C, c = idx % C;
+  for (int idx = tid; idx < NR * QC; idx += Cfg::kThreads) {
+    const int r = idx / QC, c = idx % QC;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (r < gc) v = *reinterpret_cast<const uint4*>(q + pa::q_row(p, token, head0 + r) + c * 8);
     *reinterpret_cast<uint4*>(q_s + r * RS + c * 8) = v;
@@ -220,17 +269,17 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
 
   auto issue_tile = [&](int t) {
     const int stage = t % S;
-    T* ks = kv_s + (stage * 2 + 0) * TK * RS;
-    T* vs = kv_s + (stage * 2 + 1) * TK * RS;
+    unsigned char* ks = kv_s + (stage * 2 + 0) * TK * RSB;
+    unsigned char* vs = kv_s + (stage * 2 + 1) * TK * RSB;
     const int64_t* ro = ro_s + stage * TK;
 #pragma unroll 4
     for (int idx = tid; idx < TK * C; idx += Cfg::kThreads) {
       const int r = idx / C, c = idx % C;
       const int64_t row = ro[r];
       const bool valid = row >= 0;
-      const int64_t off = valid ? row + c * 8 : 0;
-      pa::cp_async16(ks + r * RS + c * 8, kc + off, valid);
-      pa::cp_async16(vs + r * RS + c * 8, vc + off, valid);
+      const int64_t off = valid ? row + c * EPC : 0;
+      pa::cp_async16(ks + r * RSB + c * 16, kc + off, valid);
+      pa::cp_async16(vs + r * RSB + c * 16, vc + off, valid);
     }
   };
 
@@ -240,10 +289,72 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     pa::cp_async_commit();
   }
 
+  // FP8: the K scale of this KV head and each row's power of two (bf16 queries) fold into the
+  // score scale; the V scale multiplies the merged accumulator once, before any split partial or
+  // output is written.
+  float kq[2] = {1.f, 1.f};
+  float v_scale = 1.f;
+  if constexpr (kFp8) {
+    __shared__ int q_exp_s[NR];
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // Row maxima, 8 lanes per row (every lane of a warp takes part in each pass).
+      static_assert(NR % (Cfg::kThreads / 8) == 0, "rows per pass");
+      for (int r = tid / 8; r < NR; r += Cfg::kThreads / 8) {
+        float mx = 0.f;
+        for (int c = tid % 8; c < D / 2; c += 8) {
+          const float2 f = pa::Elem<T>::to_float2(*reinterpret_cast<const uint32_t*>(q_s + r * RS + 2 * c));
+          mx = fmaxf(mx, fmaxf(fabsf(f.x), fabsf(f.y)));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        // 2^e takes the row's largest magnitude into [2^14, 2^15); zero, subnormal, Inf or NaN
+        // maxima keep e = 0.
+        const int ex = static_cast<int>(__float_as_uint(mx) >> 23);
+        const int e = (ex == 0 || ex >= 255) ? 0 : max(-100, min(100, 141 - ex));
+        if (tid % 8 == 0) q_exp_s[r] = e;
+      }
+      __syncthreads();
+      // In place, one 16-byte chunk per thread at a time: bf16 * 2^e (exact in f32) -> f16.
+      for (int idx = tid; idx < NR * QC; idx += Cfg::kThreads) {
+        const int r = idx / QC, c = idx % QC;
+        const float f = __uint_as_float(static_cast<uint32_t>(127 + q_exp_s[r]) << 23);
+        uint4 v = *reinterpret_cast<const uint4*>(q_s + r * RS + c * 8);
+        uint32_t* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 x = pa::Elem<T>::to_float2(w[i]);
+          w[i] = pa::Elem<__half>::pack(x.x * f, x.y * f);
+        }
+        *reinterpret_cast<uint4*>(q_s + r * RS + c * 8) = v;
+      }
+    } else {
+      if (tid < NR) q_exp_s[tid] = 0;
+    }
+    __syncthreads();
+    const float ks = pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, kvh);
+    v_scale = pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, kvh);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      kq[rr] = ks * __uint_as_float(static_cast<uint32_t>(127 - q_exp_s[g + rr * 8]) << 23);
+    }
+  }
+
+  // A fragments of Q for the 16-dim step kk: the standard ldmatrix layout, or for FP8 caches the
+  // permuted dims described above (two 8-byte loads).
+  auto q_frag = [&](int kk, uint32_t a[4]) {
+    if constexpr (kFp8) {
+      const uint2 x = *reinterpret_cast<const uint2*>(q_s + g * RS + kk * 16 + 4 * t4);
+      const uint2 y = *reinterpret_cast<const uint2*>(q_s + (g + 8) * RS + kk * 16 + 4 * t4);
+      a[0] = x.x; a[1] = y.x; a[2] = x.y; a[3] = y.y;
+    } else {
+      pa::ldsm_x4(a, q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+    }
+  };
   uint32_t qf[Cfg::kQInRegs ? KT : 1][4];
   if constexpr (Cfg::kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) pa::ldsm_x4(qf[kk], q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+    for (int kk = 0; kk < KT; ++kk) q_frag(kk, qf[kk]);
   }
 
   float o[DT][4];
@@ -251,6 +362,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m2[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale2 = p.scale * pa::kLog2e;
+  const float sc2[2] = {scale2 * kq[0], scale2 * kq[1]};  // FP8: the folded score scales per row
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
   float slope[2];
 #pragma unroll
@@ -274,26 +386,55 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     if (prefetch && next_key < k_end) next_pg = pa::page_of(p, req, next_key);
 
     const int stage = n % S;
-    const T* ks = kv_s + (stage * 2 + 0) * TK * RS;
-    const T* vs = kv_s + (stage * 2 + 1) * TK * RS;
+    [[maybe_unused]] const T* ks = reinterpret_cast<const T*>(kv_s + (stage * 2 + 0) * TK * RSB);
+    [[maybe_unused]] const T* vs = reinterpret_cast<const T*>(kv_s + (stage * 2 + 1) * TK * RSB);
+    [[maybe_unused]] const unsigned char* ks8 = kv_s + (stage * 2 + 0) * TK * RSB;
+    [[maybe_unused]] const unsigned char* vs8 = kv_s + (stage * 2 + 1) * TK * RSB;
     const int tile_start = k_begin + n * TK;
     const int nk = min(TK, k_end - tile_start);
 
     if (kw0 < nk) {  // warp-uniform: the warp holds at least one visible key
       // S = Q K^T: 16 rows (heads) x 16 keys
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-      for (int kk = 0; kk < KT; ++kk) {
-        uint32_t a[4];
+      auto q_at = [&](int kk, uint32_t a[4]) {
         if constexpr (Cfg::kQInRegs) {
           a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
         } else {
-          pa::ldsm_x4(a, q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+          q_frag(kk, a);
         }
-        uint32_t b[4];
-        pa::ldsm_x4(b, ks + (kw0 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
-        pa::Mma<T>::run(s[0], a, b[0], b[1]);
-        pa::Mma<T>::run(s[1], a, b[2], b[3]);
+      };
+      if constexpr (kFp8) {
+        // Two 16-dim steps per ldmatrix.x4: r[0] / r[1] = keys 0-7 at steps 2c / 2c+1, r[2] / r[3]
+        // = keys 8-15.
+#pragma unroll
+        for (int c2 = 0; c2 < KT / 2; ++c2) {
+          uint32_t r[4];
+          pa::ldsm_x4(r, ks8 + (kw0 + (lane % 8) + (lane / 16) * 8) * RSB + c2 * 32 + ((lane / 8) % 2) * 16);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t a[4];
+            q_at(2 * c2 + h, a);
+            pa::Mma<MT>::run(s[0], a, fp8_pair<KV>(r[h]), fp8_pair<KV>(r[h] >> 16));
+            pa::Mma<MT>::run(s[1], a, fp8_pair<KV>(r[2 + h]), fp8_pair<KV>(r[2 + h] >> 16));
+          }
+        }
+        if constexpr (KT % 2 == 1) {
+          uint32_t r[2], a[4];
+          ldsm_x2(r, ks8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
+          q_at(KT - 1, a);
+          pa::Mma<MT>::run(s[0], a, fp8_pair<KV>(r[0]), fp8_pair<KV>(r[0] >> 16));
+          pa::Mma<MT>::run(s[1], a, fp8_pair<KV>(r[1]), fp8_pair<KV>(r[1] >> 16));
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+          uint32_t a[4];
+          q_at(kk, a);
+          uint32_t b[4];
+          pa::ldsm_x4(b, ks + (kw0 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
+          pa::Mma<T>::run(s[0], a, b[0], b[1]);
+          pa::Mma<T>::run(s[1], a, b[2], b[3]);
+        }
       }
       // Scores in the log2 domain; keys past the split's end are masked.
 #pragma unroll
@@ -303,8 +444,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           const int kl = kw0 + j * 8 + 2 * t4 + (e & 1);
           float x = s[j][e];
           if (kl >= nk) x = -INFINITY;
-          else if (elementwise) x = pa::score_log2(x, p, slope[e >> 1], pos, tile_start + kl);
-          else x *= scale2;
+          else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
+          else x *= kFp8 ? sc2[e >> 1] : scale2;
           s[j][e] = x;
         }
       // Online softmax for rows g and g + 8.
@@ -339,16 +480,39 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       }
       // O += P V: P's accumulator fragments are the A fragment of a 16-key step.
       uint32_t a[4];
-      a[0] = pa::Elem<T>::pack(s[0][0], s[0][1]);
-      a[1] = pa::Elem<T>::pack(s[0][2], s[0][3]);
-      a[2] = pa::Elem<T>::pack(s[1][0], s[1][1]);
-      a[3] = pa::Elem<T>::pack(s[1][2], s[1][3]);
+      a[0] = pa::Elem<MT>::pack(s[0][0], s[0][1]);
+      a[1] = pa::Elem<MT>::pack(s[0][2], s[0][3]);
+      a[2] = pa::Elem<MT>::pack(s[1][0], s[1][1]);
+      a[3] = pa::Elem<MT>::pack(s[1][2], s[1][3]);
+      if constexpr (kFp8) {
+        // Two 16-dim units per ldmatrix.x4.trans: r[0] / r[1] = keys 0-7 / 8-15 of unit 2c,
+        // r[2] / r[3] of unit 2c+1. o[2u] holds unit u's even dims, o[2u+1] its odd dims.
+        auto pv_unit = [&](int u, uint32_t r_lo, uint32_t r_hi) {
+          const uint32_t p0 = __byte_perm(r_lo, 0u, 0x3120);  // (key 2t4, 2t4+1) at dim 2g | at 2g+1
+          const uint32_t p1 = __byte_perm(r_hi, 0u, 0x3120);
+          pa::Mma<MT>::run(o[2 * u], a, fp8_pair<KV>(p0), fp8_pair<KV>(p1));
+          pa::Mma<MT>::run(o[2 * u + 1], a, fp8_pair<KV>(p0 >> 16), fp8_pair<KV>(p1 >> 16));
+        };
 #pragma unroll
-      for (int dn = 0; dn < KT; ++dn) {
-        uint32_t b[4];
-        pa::ldsm_x4_trans(b, vs + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
-        pa::Mma<T>::run(o[2 * dn], a, b[0], b[1]);
-        pa::Mma<T>::run(o[2 * dn + 1], a, b[2], b[3]);
+        for (int c2 = 0; c2 < KT / 2; ++c2) {
+          uint32_t r[4];
+          pa::ldsm_x4_trans(r, vs8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + c2 * 32 + (lane / 16) * 16);
+          pv_unit(2 * c2, r[0], r[1]);
+          pv_unit(2 * c2 + 1, r[2], r[3]);
+        }
+        if constexpr (KT % 2 == 1) {
+          uint32_t r[2];
+          ldsm_x2_trans(r, vs8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
+          pv_unit(KT - 1, r[0], r[1]);
+        }
+      } else {
+#pragma unroll
+        for (int dn = 0; dn < KT; ++dn) {
+          uint32_t b[4];
+          pa::ldsm_x4_trans(b, vs + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+          pa::Mma<T>::run(o[2 * dn], a, b[0], b[1]);
+          pa::Mma<T>::run(o[2 * dn + 1], a, b[2], b[3]);
+        }
       }
     }
     if (prefetch) ro_s[(n % S) * TK + tid] = next_key < k_end ? pa::cache_row(p, next_pg, next_key, kvh, D) : -1;
@@ -367,9 +531,19 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     const int r = g + rr * 8;
     if (r < gc) {
-      float* dst = red_o + (warp * NR + r) * D + 2 * t4;
+      if constexpr (kFp8) {
+        // Unit u's dims u*16 + 4t4 + {0, 1, 2, 3} = even tile, odd tile, even, odd.
+        float* dst = red_o + (warp * NR + r) * D + 4 * t4;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
+        for (int u = 0; u < KT; ++u) {
+          *reinterpret_cast<float4*>(dst + u * 16) =
+              make_float4(o[2 * u][2 * rr], o[2 * u + 1][2 * rr], o[2 * u][2 * rr + 1], o[2 * u + 1][2 * rr + 1]);
+        }
+      } else {
+        float* dst = red_o + (warp * NR + r) * D + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < DT; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
+      }
       if (t4 == 0) {
         red_m[warp * NR + r] = m2[rr];
         red_l[warp * NR + r] = lr;
@@ -396,6 +570,9 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       sum += wt * red_o[(w * NR + h) * D + d];
       l_sum += wt * red_l[w * NR + h];
     }
+    // FP8: the V scale, applied here once for every path (direct output, split partials, and so
+    // the combine kernel and the folded combine, which only merge partials).
+    if constexpr (kFp8) sum *= v_scale;
     const int qh = head0 + h;
     if (num_splits == 1) {
       const pa::Finalised f = pa::finalise(M, l_sum, p.has_sinks ? p.sinks[qh] : -INFINITY);
@@ -478,9 +655,9 @@ inline int64_t decode_workspace_need(int S, int n, int H, int D) {
   return S > 1 ? kDecodeCounters + static_cast<int64_t>(S) * n * H * (D + 2) : 0;
 }
 
-template <typename T, int D, int W, int NS>
+template <typename T, int D, int W, int NS, int KV>
 cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, cudaStream_t stream) {
-  using Cfg = DecodeCfg<D, W, NS>;
+  using Cfg = DecodeCfg<D, W, NS, KV>;
   const int G = a.num_heads / a.num_kv_heads;
   const int n = a.req_end - a.req_begin;
   const int S = a.num_splits;
@@ -490,8 +667,8 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   // combine (same merge arithmetic, same bits).
   kp.fold = (fold && S > 1 && gx <= kDecodeCounters) ? 1 : 0;
   const size_t smem = Cfg::kSmemBytes;
-  auto kernel = decode_split_kernel<T, D, W, NS>;
-  cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS>>(static_cast<int>(smem));
+  auto kernel = decode_split_kernel<T, D, W, NS, KV>;
+  cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS, KV>>(static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), 1, S);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
@@ -505,21 +682,27 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
 }
 
 // Calls f with the kernel configuration (warps, stages) of a variant: the non-default variants
-// exist for bf16 at head size 128; everything else runs the default.
-template <typename T, int D, typename F> cudaError_t with_variant(int variant, F&& f) {
-  if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
-    switch (variant & 0xff) {
-      case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{});
-      case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{});
-      case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{});
-      case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{});
-      default: break;
+// exist for bf16 at head size 128 with a bf16 cache; everything else runs the default (an FP8
+// cache: the default pipeline with the FP8 stage count, whatever the variant asks; the fold bit
+// is honoured everywhere).
+template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(int variant, F&& f) {
+  if constexpr (KV != 0) {
+    return f(pa::HeadDim<4>{}, pa::HeadDim<default_fp8_stages<D>()>{});
+  } else {
+    if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
+      switch (variant & 0xff) {
+        case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{});
+        case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{});
+        case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{});
+        case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{});
+        default: break;
+      }
     }
+    return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{});
   }
-  return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{});
 }
 
-template <typename T, int D>
+template <typename T, int D, int KV>
 cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
   const int G = a.num_heads / a.num_kv_heads;
   if (G > kDecodeMaxGroup) return cudaErrorNotSupported;
@@ -536,8 +719,8 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
   const bool fold = (a.decode_variant & kFoldBit) != 0;
-  return with_variant<T, D>(a.decode_variant, [&](auto w, auto ns) -> cudaError_t {
-    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value>(a, kp, fold, stream);
+  return with_variant<T, D, KV>(a.decode_variant, [&](auto w, auto ns) -> cudaError_t {
+    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV>(a, kp, fold, stream);
   });
 }
 
@@ -562,20 +745,23 @@ PA_EXPORT int32_t pa_paged_decode_heads_per_block(int32_t head_size) {
   return DecodeCfg<64>::kRows;  // the same for every head size
 }
 
-// Resident blocks per SM of the decode kernel for (head size, dtype) on the current device, as the
-// runtime's occupancy calculator reports it for the instantiation and dynamic shared memory that
-// pa_paged_decode launches. Needs a current CUDA context; writes *blocks only on success.
-PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t variant,
-                                                    int32_t* blocks) {
+// Resident blocks per SM of the decode kernel for (head size, dtype, KV-cache kind) on the current
+// device, as the runtime's occupancy calculator reports it for the instantiation and dynamic
+// shared memory that pa_paged_decode launches. Needs a current CUDA context; writes *blocks only
+// on success.
+PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_t dtype, int32_t kv_dtype,
+                                                       int32_t variant, int32_t* blocks) {
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  if (kv_dtype < 0 || kv_dtype > 2) return cudaErrorInvalidValue;
   if (variant < 0 || (variant & 0xff) >= kNumVariants) return cudaErrorInvalidValue;
   return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    auto occupancy = [&](auto t) -> cudaError_t {
+    auto occupancy = [&](auto t, auto kv) -> cudaError_t {
       using T = decltype(t);
-      return with_variant<T, D>(variant, [&](auto w, auto ns) -> cudaError_t {
-        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value>;
-        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value>;
+      constexpr int KV = decltype(kv)::value;
+      return with_variant<T, D, KV>(variant, [&](auto w, auto ns) -> cudaError_t {
+        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value, KV>;
+        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value, KV>;
         const int smem = static_cast<int>(Cfg::kSmemBytes);
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) return err;
@@ -585,8 +771,22 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t d
         return err;
       });
     };
-    return dtype == 0 ? occupancy(__half{}) : occupancy(__nv_bfloat16{});
+    using K0 = pa::HeadDim<pa::fp8::kSame>;
+    using K1 = pa::HeadDim<pa::fp8::kE4M3>;
+    using K2 = pa::HeadDim<pa::fp8::kE5M2>;
+    if (dtype == 0) {
+      return kv_dtype == 0 ? occupancy(__half{}, K0{}) : kv_dtype == 1 ? occupancy(__half{}, K1{}) : occupancy(__half{}, K2{});
+    }
+    return kv_dtype == 0   ? occupancy(__nv_bfloat16{}, K0{})
+           : kv_dtype == 1 ? occupancy(__nv_bfloat16{}, K1{})
+                           : occupancy(__nv_bfloat16{}, K2{});
   });
+}
+
+// pa_paged_decode_blocks_per_sm_kv for a cache of the compute type.
+PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t variant,
+                                                    int32_t* blocks) {
+  return pa_paged_decode_blocks_per_sm_kv(head_size, dtype, pa::fp8::kSame, variant, blocks);
 }
 
 // Counter slots at the front of the decode workspace (see kDecodeCounters).
@@ -602,9 +802,20 @@ PA_EXPORT cudaError_t pa_paged_decode(const PaAttnArgs* args, cudaStream_t strea
   if (err != cudaSuccess) return err;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
-  if (a.kv_dtype != pa::fp8::kSame) return cudaErrorNotSupported;  // FP8 caches: not on this kernel yet
+  // FP8 caches move 16 one-byte elements per copy: block strides in whole 16-byte units.
+  if (a.kv_dtype != pa::fp8::kSame && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
   return pa::dispatch_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    return a.dtype == 0 ? launch_decode<__half, D>(a, kp, stream) : launch_decode<__nv_bfloat16, D>(a, kp, stream);
+    switch (a.kv_dtype) {
+      case pa::fp8::kE4M3:
+        return a.dtype == 0 ? launch_decode<__half, D, pa::fp8::kE4M3>(a, kp, stream)
+                            : launch_decode<__nv_bfloat16, D, pa::fp8::kE4M3>(a, kp, stream);
+      case pa::fp8::kE5M2:
+        return a.dtype == 0 ? launch_decode<__half, D, pa::fp8::kE5M2>(a, kp, stream)
+                            : launch_decode<__nv_bfloat16, D, pa::fp8::kE5M2>(a, kp, stream);
+      default:
+        return a.dtype == 0 ? launch_decode<__half, D, pa::fp8::kSame>(a, kp, stream)
+                            : launch_decode<__nv_bfloat16, D, pa::fp8::kSame>(a, kp, stream);
+    }
   });
 }

@@ -529,11 +529,37 @@ pub fn blocks_per_sm_with_variant(
     head_size: usize,
     dtype: DType,
 ) -> Result<usize, KernelError> {
+    blocks_per_sm_for_cache(ctx, kernel, variant, head_size, dtype, dtype)
+}
+
+/// [`blocks_per_sm_with_variant`] for a KV cache stored as `cache_dtype`: `dtype` itself, or
+/// [`DType::Fp8E4M3`] / [`DType::Fp8E5M2`]. The decode kernel of an FP8 cache is its own
+/// instantiation (the default pipeline, whatever `variant` asks, with more stages of half-size
+/// tiles), so a wave model for FP8 caches must ask with the cache type. The prefill kernels'
+/// occupancy does not depend on the cache type here.
+///
+/// # Errors
+/// As [`blocks_per_sm`]; [`KernelError::InvalidArgument`] also for a cache type that is neither
+/// `dtype` nor FP8.
+pub fn blocks_per_sm_for_cache(
+    ctx: &CudaContext,
+    kernel: AttentionKernel,
+    variant: DecodeVariant,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+) -> Result<usize, KernelError> {
     const OCC: &str = "blocks_per_sm";
     let d = match dtype {
         DType::F16 => 0,
         DType::BF16 => 1,
         other => return Err(invalid(OCC, format!("element type {other} is not supported on the GPU"))),
+    };
+    let kv = match cache_dtype {
+        DType::Fp8E4M3 => 1,
+        DType::Fp8E5M2 => 2,
+        c if c == dtype => 0,
+        other => return Err(invalid(OCC, format!("a {other} cache cannot serve {dtype} attention"))),
     };
     if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
         return Err(invalid(OCC, format!("head size {head_size} is not supported")));
@@ -552,7 +578,7 @@ pub fn blocks_per_sm_with_variant(
     let status = unsafe {
         match kernel {
             AttentionKernel::Decode { .. } => {
-                ffi::pa_paged_decode_blocks_per_sm(h, d, variant.code() as i32, &mut blocks)
+                ffi::pa_paged_decode_blocks_per_sm_kv(h, d, kv, variant.code() as i32, &mut blocks)
             }
             AttentionKernel::Prefill { .. } => match prefill {
                 PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90_blocks_per_sm(h, d, &mut blocks),

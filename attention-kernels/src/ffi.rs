@@ -35,6 +35,35 @@ extern "C" {
         stream: *mut c_void,
     ) -> CudaStatus;
 
+    /// Quantising KV-cache write into FP8 caches (`csrc/cache_write.cu`): the layout of
+    /// [`pa_kv_cache_write`] with one-byte cache elements, storing `fp8(x / scale)` (IEEE f32
+    /// division, round to nearest even, saturating to the finite range, NaN -> `0x7f`).
+    ///
+    /// - `k_scale`, `v_scale`: device pointers to `num_scales` floats each, or null = 1.0;
+    ///   `num_scales` is 1 (one scale for the layer) or divides `row_elems` (one per KV head:
+    ///   element `e` of a row uses entry `e / (row_elems / num_scales)`).
+    /// - `in_dtype`: 0 = f16, 1 = bf16, 2 = f32; `kv_dtype`: 1 = E4M3, 2 = E5M2.
+    pub fn pa_kv_cache_write_fp8(
+        key: *const c_void,
+        value: *const c_void,
+        key_cache: *mut c_void,
+        value_cache: *mut c_void,
+        slot_mapping: *const i64,
+        k_scale: *const f32,
+        v_scale: *const f32,
+        num_scales: i64,
+        num_tokens: i64,
+        row_elems: i64,
+        key_stride: i64,
+        value_stride: i64,
+        num_blocks: i64,
+        block_size: i64,
+        cache_block_stride: i64,
+        in_dtype: i32,
+        kv_dtype: i32,
+        stream: *mut c_void,
+    ) -> CudaStatus;
+
     /// Split-KV decode for requests `[req_begin, req_end)` of `args`, each with exactly one query
     /// token or none (CUDA-graph padding, skipped: nothing is read or written for it)
     /// (`csrc/paged_decode.cu`); with `num_splits > 1` it also merges the splits (a combine
@@ -86,6 +115,17 @@ extern "C" {
     /// and `variant` (as in [`PaAttnArgs::decode_variant`]) on the current context's device,
     /// written to `*blocks` on success.
     pub fn pa_paged_decode_blocks_per_sm(head_size: i32, dtype: i32, variant: i32, blocks: *mut i32) -> CudaStatus;
+
+    /// [`pa_paged_decode_blocks_per_sm`] for a KV cache of kind `kv_dtype` (0 = the compute type,
+    /// 1 = FP8 E4M3, 2 = FP8 E5M2): FP8 caches run their own instantiation (more pipeline stages
+    /// of half-size tiles), whose occupancy may differ.
+    pub fn pa_paged_decode_blocks_per_sm_kv(
+        head_size: i32,
+        dtype: i32,
+        kv_dtype: i32,
+        variant: i32,
+        blocks: *mut i32,
+    ) -> CudaStatus;
 
     /// Floats at the front of the decode workspace that hold the folded combine's counters.
     pub fn pa_paged_decode_counter_slots() -> i32;

@@ -11,7 +11,7 @@ use std::ffi::CStr;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
-use crate::{Element, KernelError, KvStorage};
+use crate::{DType, Element, KernelError, KvStorage};
 
 /// The dequantisation scales of an FP8 KV cache, in device memory so that a CUDA-graph replay
 /// reads the values current at replay time: `[1]` (one per layer) or `[num_kv_heads]` floats each.
@@ -149,10 +149,19 @@ pub(crate) fn to_i64(kernel: &'static str, name: &str, v: usize) -> Result<i64, 
 /// `slot_mapping` (slot `s` is row `s % block_size` of block `s / block_size`; negative = padding,
 /// skipped), on `stream`, without synchronising.
 ///
+/// An FP8 cache (`C` = [`crate::Fp8E4M3`] / [`crate::Fp8E5M2`]) stores `fp8(x / scale)`: IEEE f32
+/// division, round to nearest even, saturating to the format's finite range (infinities too), NaN
+/// kept NaN (`0x7f`): bit for bit what `C::from_f32(x.to_f32() / scale)` gives on the host.
+/// `scales` holds 1 entry (the layer's) or one per KV head (the row's elements split into that
+/// many equal heads); `None` means 1.0. A cache of the compute type takes no scales.
+/// Dimensions and strides of the caches count elements of `C` (bytes for FP8).
+///
 /// # Errors
 /// [`KernelError::BufferTooSmall`] when a buffer is shorter than `dims` require,
 /// [`KernelError::InvalidArgument`] for a token stride shorter than a row, a block stride shorter
-/// than a block, interleaved K and V regions that overlap, or a buffer on another context,
+/// than a block, interleaved K and V regions that overlap, a buffer on another context, scales
+/// for an unquantised cache or scales whose length is neither 1 nor a divisor of the row (or
+/// differs between key and value),
 /// [`KernelError::Cuda`] when the runtime rejects the launch.
 ///
 /// Slots `>= num_blocks * block_size` are skipped by the kernel, never written; callers that must
@@ -170,12 +179,6 @@ pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
         return Err(KernelError::InvalidArgument {
             kernel: KV_WRITE,
             what: format!("KV scales given for a {} cache (only FP8 caches are scaled)", C::DTYPE),
-        });
-    }
-    if C::QUANTISED {
-        return Err(KernelError::InvalidArgument {
-            kernel: KV_WRITE,
-            what: format!("{} caches are not supported by this build's write kernel yet", C::DTYPE),
         });
     }
     let KvWriteDims { num_tokens, row_elems, key_stride, value_stride, num_blocks, block_size, cache_block_stride } =
@@ -226,6 +229,23 @@ pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
         _ => cache_span,
     };
     check_len(KV_WRITE, "key_cache", cache_len, need_cache)?;
+    // FP8: 1 scale for the layer, or one per KV head (a count that divides the row; the row's
+    // elements then split into that many heads of equal size).
+    let num_scales = match &scales {
+        Some(sc) => {
+            let (k, v) = (sc.key.len(), sc.value.len());
+            if k != v || k == 0 || !row_elems.is_multiple_of(k) {
+                return Err(invalid(format!(
+                    "KV scales have {k} (key) and {v} (value) entries; both must be 1 or num_kv_heads (a divisor \
+                     of row_elems = {row_elems})"
+                )));
+            }
+            same_context(KV_WRITE, "kv_scales.key", stream, sc.key.stream())?;
+            same_context(KV_WRITE, "kv_scales.value", stream, sc.value.stream())?;
+            k
+        }
+        None => 1,
+    };
     if num_tokens == 0 {
         return Ok(());
     }
@@ -262,6 +282,14 @@ pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
     let (k, _k_guard) = key.device_ptr(stream);
     let (v, _v_guard) = value.device_ptr(stream);
     let (slots, _s_guard) = slot_mapping.device_ptr(stream);
+    let (k_scale, v_scale, _scale_guards) = match &scales {
+        Some(sc) => {
+            let (k, kg) = sc.key.device_ptr(stream);
+            let (v, vg) = sc.value.device_ptr(stream);
+            (k as *const f32, v as *const f32, Some((kg, vg)))
+        }
+        None => (std::ptr::null(), std::ptr::null(), None),
+    };
     let (mut kc_view, mut vc_view, value_offset) = match cache {
         KvCacheMut::Separate { key, value } => (key, Some(value), 0),
         KvCacheMut::Interleaved { cache, value_offset } => (cache, None, value_offset),
@@ -275,6 +303,48 @@ pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
         // In bytes: value_offset elements, inside the view (its length was checked above).
         None => (kc + (value_offset * std::mem::size_of::<C>()) as u64, None),
     };
+    if C::QUANTISED {
+        let in_dtype = match T::DTYPE {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            _ => 2,
+        };
+        let kv_dtype = match C::DTYPE {
+            DType::Fp8E4M3 => 1,
+            _ => 2,
+        };
+        // SAFETY: as for the unquantised write below (same pointers, lengths, strides and
+        // disjointness checks, all counted in elements of `T` for key/value and of `C` for the
+        // caches), with one-byte cache elements: `C` is one of the two FP8 types (the only
+        // quantised `KvStorage` types), `repr(transparent)` over `u8`, as the kernel writes them.
+        // `T` is f16, bf16 or f32 (sealed), matching `in_dtype`. The scale pointers are null or
+        // point to `num_scales` live f32 of `stream`'s context (both views hold `num_scales`
+        // entries, checked above), borrowed for this call; the kernel reads entries below
+        // `row_elems / (row_elems / num_scales) = num_scales` only.
+        let status = unsafe {
+            ffi::pa_kv_cache_write_fp8(
+                k as *const _,
+                v as *const _,
+                kc as *mut _,
+                vc as *mut _,
+                slots as *const i64,
+                k_scale,
+                v_scale,
+                to_i64(KV_WRITE, "num_scales", num_scales)?,
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                args.5,
+                args.6,
+                in_dtype,
+                kv_dtype,
+                stream.cu_stream() as *mut _,
+            )
+        };
+        return status_to_result(KV_WRITE, status);
+    }
     // SAFETY: every pointer comes from a live cudarc view on `stream`'s context (checked above),
     // borrowed for the duration of this call, and the guards keep cudarc's event tracking ordered
     // around the launch. The kernel reads at most `span(stride)` elements of key/value and

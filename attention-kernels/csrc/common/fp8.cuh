@@ -31,6 +31,30 @@ __device__ __forceinline__ uint8_t quantize(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, interpretation<K>()));
 }
 
+// x / scale in IEEE f32 (round to nearest): the quantising write divides, never multiplies by a
+// reciprocal, so the stored bytes match the CPU backend's `fp8(x / scale)` bit for bit. A scale of
+// exactly 1 (no scale buffer) leaves x as it is, which the division would do too.
+__device__ __forceinline__ float divide(float x, float scale) { return scale == 1.f ? x : __fdiv_rn(x, scale); }
+
+// fp8(x[i] / scale) for four values, packed low byte first (x[0] in bits 0..7).
+template <int K>
+__device__ __forceinline__ uint32_t quantize4(const float x[4], float scale) {
+  const float2 a = make_float2(divide(x[0], scale), divide(x[1], scale));
+  const float2 b = make_float2(divide(x[2], scale), divide(x[3], scale));
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, interpretation<K>());
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, interpretation<K>());
+  return lo | (hi << 16);
+}
+
+// Two packed FP8 values (low byte first) widened exactly to an f16 pair, as the 32-bit register
+// an f16 mma operand takes (the first value in the low half). One cvt on sm_89 and later.
+template <int K>
+__device__ __forceinline__ uint32_t to_half2_bits(uint32_t two) {
+  const __half2_raw raw =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), interpretation<K>());
+  return static_cast<uint32_t>(raw.x) | (static_cast<uint32_t>(raw.y) << 16);
+}
+
 // Two packed FP8 values (low byte first) widened exactly to an f16 pair.
 template <int K>
 __device__ __forceinline__ __half2 to_half2(uint16_t two) {

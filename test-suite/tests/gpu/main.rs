@@ -10,6 +10,7 @@ mod attention;
 mod cache_write;
 mod common;
 mod decode_variants;
+mod fp8;
 mod fp8_backend;
 mod fp8_prefill;
 mod plan;
