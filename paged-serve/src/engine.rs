@@ -374,7 +374,7 @@ mod tests {
         let cfg =
             Cli::try_parse_from(args).unwrap().resolve(DeviceRequest::Cpu, attention_backend::Device::Cpu).unwrap();
         let requests = workload::build(&cfg.workload, cfg.sharing, cfg.seed).unwrap();
-        let mut engine = Engine::<f32>::new(&cfg, Backend::cpu(), &requests).unwrap();
+        let mut engine = Engine::<f32, f32>::new(&cfg, Backend::cpu(), &requests).unwrap();
         assert!(engine.run_step().unwrap(), "the first step prefills");
         // Overwrite the values of layer 1's first used block (request 0's first tokens).
         let block = engine.sched.request(RequestId(0)).unwrap().blocks[0] as usize;

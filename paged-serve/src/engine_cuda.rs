@@ -163,6 +163,7 @@ impl<'a, T: Element, C: KvStorage<T>> Engine<'a, T, C> {
             max_blocks_per_req: max_model_len.div_ceil(cfg.block_size).max(1),
         };
         let mut options = attention_backend::cuda::PlanOptions::from_env()?;
+        options.kv_cache_dtype = C::QUANTISED.then_some(C::DTYPE);
         options.batch_invariant |= cfg.batch_invariant;
         let planner = StepPlanner::with_options(&dev, planner_cfg, options)?;
         let fused_row =

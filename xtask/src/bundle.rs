@@ -294,7 +294,8 @@ pub(crate) const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   ./run.sh sanitize   memcheck and racecheck on the tests named *sanitizer_subset*
 #   ./run.sh serve      the main job on the GPU: issue 17's workload timed with and without CUDA
 #                       graphs (the ratio printed), then with --verify (attention checked against
-#                       float64), then a 32-layer llama3-8b-shaped run of 1000 requests, verified
+#                       float64), then a 32-layer llama3-8b-shaped run of 1000 requests, verified,
+#                       then the first workload on an FP8 KV cache, timed and verified
 #   ./run.sh soak       >= 10,000 steps under constant preemption, every step verified, every block
 #                       back in the pool at the end (about a minute on an H200)
 #   ./run.sh bench      our benchmark binaries and the peers (torch; FlashInfer when bundled or
@@ -358,6 +359,12 @@ run_serve() {
     # shellcheck disable=SC2086
     step serve_one verify $SERVE_WORKLOAD --verify
     step serve_one llama3-8b --model llama3-8b --requests 1000 --prompt-len 256 --output-len 64 --num-blocks 16384 --verify
+    # The FP8 KV cache: the same workload timed, then verified (the reference reads K/V as the
+    # cache stores them), with the scale that maps the model's [-1, 1] onto E4M3's range.
+    # shellcheck disable=SC2086
+    step serve_one fp8 $SERVE_WORKLOAD --kv-cache-dtype fp8_e4m3 --kv-scale 0.0022
+    # shellcheck disable=SC2086
+    step serve_one fp8-verify $SERVE_WORKLOAD --kv-cache-dtype fp8_e4m3 --kv-scale 0.0022 --verify
 }
 # The bundled FlashInfer (flashinfer/ here, present when the bundle was built beside a prebuilt
 # copy) goes into a temporary folder put on PYTHONPATH, installed offline; without it peers.py uses

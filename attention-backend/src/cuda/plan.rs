@@ -105,6 +105,11 @@ pub struct PlanOptions {
     /// speed from the batch. Single-token decodes must lead the batch, as the model runner orders
     /// it. Run-to-run determinism holds in both modes (no floating-point atomics anywhere).
     pub batch_invariant: bool,
+    /// The storage type of the caches the plans run over when it is not the compute type (an
+    /// FP8 type): the decode kernel's occupancy, and so the split count, depends on it. `None`
+    /// (the default) plans for a cache of the compute type; a plan still runs over any cache, only
+    /// its split count may be less well chosen.
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl PlanOptions {
@@ -138,7 +143,7 @@ impl PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { overlap_mixed: true, batch_invariant: false }
+        PlanOptions { overlap_mixed: true, batch_invariant: false, kv_cache_dtype: None }
     }
 }
 
@@ -247,10 +252,19 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
-        // Both element types use the same shared memory, so bf16's occupancy serves f16 too.
+        // Both element types use the same shared memory, so bf16's occupancy serves f16 too; an
+        // FP8 cache has kernels of its own.
         let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
-        let decode_per_sm = kernels::blocks_per_sm(dev.context(), probe, config.head_size, DType::BF16)
-            .ok()
+        let cache_dtype = options.kv_cache_dtype.unwrap_or(DType::BF16);
+        let decode_per_sm = kernels::blocks_per_sm_for_cache(
+            dev.context(),
+            probe,
+            kernels::decode_variant(),
+            config.head_size,
+            DType::BF16,
+            cache_dtype,
+        )
+        .ok()
             .filter(|&b| b > 0)
             .unwrap_or_else(|| decode_blocks_per_sm(config.head_size));
         let mut planner = StepPlanner {
