@@ -265,8 +265,8 @@ impl StepPlanner {
             cache_dtype,
         )
         .ok()
-            .filter(|&b| b > 0)
-            .unwrap_or_else(|| decode_blocks_per_sm(config.head_size));
+        .filter(|&b| b > 0)
+        .unwrap_or_else(|| decode_blocks_per_sm(config.head_size));
         let mut planner = StepPlanner {
             dev: dev.clone(),
             config,
