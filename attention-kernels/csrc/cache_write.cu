@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(256) kv_write_fp8_kernel(
     // head_vecs = 0: one scale for the layer; else the scales' index is the KV head of this vector
     // (a vector never straddles two heads: the launcher checks head_size % VE == 0).
     const int64_t head = head_vecs > 0 ? i / head_vecs : 0;
-    const float ks = k_scale == nullptr ? 1.f : __ldg(k_scale + head);
-    const float vs = v_scale == nullptr ? 1.f : __ldg(v_scale + head);
+    const pa::fp8::Divider ks(k_scale == nullptr ? 1.f : __ldg(k_scale + head));
+    const pa::fp8::Divider vs(v_scale == nullptr ? 1.f : __ldg(v_scale + head));
     if constexpr (VE == 8) {
       float kf[8], vf[8];
       Widen<T>::load8(k_src + i * 8, kf);
@@ -150,8 +150,8 @@ __global__ void __launch_bounds__(256) kv_write_fp8_kernel(
       *reinterpret_cast<uint2*>(k_dst + i * 8) = kq;
       *reinterpret_cast<uint2*>(v_dst + i * 8) = vq;
     } else {
-      k_dst[i] = pa::fp8::quantize<K>(pa::fp8::divide(Widen<T>::load1(k_src + i), ks));
-      v_dst[i] = pa::fp8::quantize<K>(pa::fp8::divide(Widen<T>::load1(v_src + i), vs));
+      k_dst[i] = pa::fp8::quantize<K>(ks(Widen<T>::load1(k_src + i)));
+      v_dst[i] = pa::fp8::quantize<K>(vs(Widen<T>::load1(v_src + i)));
     }
   }
 }

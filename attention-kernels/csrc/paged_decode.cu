@@ -184,7 +184,15 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t r[2], const void* smem) {
 // b operands of two n8 tiles, one over the even dims of the 16-dim unit, one over the odd. The
 // accumulator of unit u therefore holds dims u*16 + 4t4 + {0, 2} (even tile) and {1, 3} (odd).
 template <int KV>
-__device__ __forceinline__ uint32_t fp8_pair(uint32_t two) { return pa::fp8::to_half2_bits<KV>(two); }
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t two) {
+  if constexpr (KV == pa::fp8::kE5M2) {
+    // An E5M2 byte is the top byte of the f16 with the same value (infinities and NaN included):
+    // one byte permute places bytes 0 and 1 as the high bytes of the two halves.
+    return __byte_perm(two, 0u, 0x1404);
+  } else {
+    return pa::fp8::to_half2_bits<KV>(two);
+  }
+}
 
 template <typename T, int D, int W, int NS, int KV = 0>
 __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams p) {
@@ -687,6 +695,17 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
 // is honoured everywhere).
 template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(int variant, F&& f) {
   if constexpr (KV != 0) {
+    // EXPERIMENT (stage sweep, same 4-warp arithmetic so the same bits): w4s4 -> 3 stages,
+    // w4s2 -> 4, w2s6 -> 6, w2s4 -> 8.
+    if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
+      switch (variant & 0xff) {
+        case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<3>{});
+        case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{});
+        case kW2S6: return f(pa::HeadDim<4>{}, pa::HeadDim<6>{});
+        case kW2S4: return f(pa::HeadDim<4>{}, pa::HeadDim<8>{});
+        default: break;
+      }
+    }
     return f(pa::HeadDim<4>{}, pa::HeadDim<default_fp8_stages<D>()>{});
   } else {
     if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {

@@ -31,16 +31,38 @@ __device__ __forceinline__ uint8_t quantize(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, interpretation<K>()));
 }
 
-// x / scale in IEEE f32 (round to nearest): the quantising write divides, never multiplies by a
-// reciprocal, so the stored bytes match the CPU backend's `fp8(x / scale)` bit for bit. A scale of
-// exactly 1 (no scale buffer) leaves x as it is, which the division would do too.
-__device__ __forceinline__ float divide(float x, float scale) { return scale == 1.f ? x : __fdiv_rn(x, scale); }
+// x / scale for many x and one scale, rounded exactly as __fdiv_rn (IEEE division) rounds, at
+// three FMA-unit operations per quotient instead of a reciprocal each. With y = RN(1 / scale),
+// q = RN(x * y) is within one ulp of x / scale, the residual r = x - scale * q is exact in one
+// FMA, and RN(q + r * y) is then the correctly rounded quotient (Markstein's theorem; it is how
+// the division itself finishes), provided nothing under- or overflows: so the fast path takes
+// |x| and scale in [2^-60, 2^60] only, and everything else (zeros, whose sign the FMAs would not
+// keep, subnormals, infinities, NaN, extreme scales) goes through __fdiv_rn.
+struct Divider {
+  float scale, inv;
+  bool fast_scale;
+  __device__ __forceinline__ explicit Divider(float s) {
+    scale = s;
+    inv = __frcp_rn(s);
+    fast_scale = fabsf(s) >= 0x1p-60f && fabsf(s) <= 0x1p60f;
+  }
+  __device__ __forceinline__ float operator()(float x) const {
+    if (scale == 1.f) return x;
+    const float ax = fabsf(x);
+    if (fast_scale && ax >= 0x1p-60f && ax <= 0x1p60f) {
+      const float q = x * inv;
+      const float r = fmaf(-scale, q, x);
+      return fmaf(r, inv, q);
+    }
+    return __fdiv_rn(x, scale);
+  }
+};
 
 // fp8(x[i] / scale) for four values, packed low byte first (x[0] in bits 0..7).
 template <int K>
-__device__ __forceinline__ uint32_t quantize4(const float x[4], float scale) {
-  const float2 a = make_float2(divide(x[0], scale), divide(x[1], scale));
-  const float2 b = make_float2(divide(x[2], scale), divide(x[3], scale));
+__device__ __forceinline__ uint32_t quantize4(const float x[4], const Divider& div) {
+  const float2 a = make_float2(div(x[0]), div(x[1]));
+  const float2 b = make_float2(div(x[2]), div(x[3]));
   const uint32_t lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, interpretation<K>());
   const uint32_t hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, interpretation<K>());
   return lo | (hi << 16);

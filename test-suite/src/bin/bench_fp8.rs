@@ -15,7 +15,8 @@ use attention_backend::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use attention_backend::cuda::{CudaDevice, DeviceMetadata};
 use attention_backend::{bf16, AttentionMetadata, BlockTable, SlotMapping};
 use attention_kernels::attention::{
-    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides, PrefillPath,
+    self as kernels, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel, AttentionStrides,
+    DecodeVariant, PrefillPath,
 };
 use attention_kernels::launch::{self, KvCacheMut, KvScales, KvWriteDims};
 use attention_kernels::{DType, Fp8E4M3, Fp8E5M2, KvStorage};
@@ -130,7 +131,12 @@ fn fill<C: KvStorage<bf16>>(
 }
 
 /// Times one attention launch (decode or prefill, whichever the shape is) over a `C` cache.
-fn time_attention<C: KvStorage<bf16>>(dev: &CudaDevice, st: &mut Step, iters: usize, path: PrefillPath) -> Stats {
+fn time_attention<C: KvStorage<bf16>>(
+    dev: &CudaDevice,
+    st: &mut Step,
+    iters: usize,
+    (path, variant): (PrefillPath, DecodeVariant),
+) -> Stats {
     let stream = dev.stream().clone();
     let ks = stream.clone_htod(&[SCALE]).unwrap();
     let vs = stream.clone_htod(&[SCALE]).unwrap();
@@ -179,7 +185,7 @@ fn time_attention<C: KvStorage<bf16>>(dev: &CudaDevice, st: &mut Step, iters: us
                 workspace: Some(ws.as_view_mut()),
                 strides: AttentionStrides::contiguous(&dims),
             };
-            kernels::paged_attention(&stream, kernel, &dims, &features, bufs)
+            kernels::paged_attention_with_variant(&stream, kernel, variant, &dims, &features, bufs)
         })
     })
     .unwrap_or_else(|e| panic!("{:?} attention over a {} cache: {e:?}", kernel, C::DTYPE))
@@ -267,8 +273,9 @@ fn attention_row<C: KvStorage<bf16>>(
     out: &mut Out,
     st: &mut Step,
     (base, path, label): (Option<f64>, PrefillPath, &str),
+    variant: DecodeVariant,
 ) -> f64 {
-    let t = time_attention::<C>(dev, st, out.iters, path);
+    let t = time_attention::<C>(dev, st, out.iters, (path, variant));
     let bytes = attention_bytes(&st.seqs, C::DTYPE.size_in_bytes());
     let copy = time_copy(dev, bytes as usize, out.iters);
     out.row(label, C::DTYPE, &t, bytes, base, Some(copy.median_ms));
@@ -320,9 +327,18 @@ fn main() {
         };
         for &(path, suffix) in paths {
             let label = format!("{}{suffix}", s.name);
-            let base = attention_row::<bf16>(&dev, &mut out, &mut st, (None, path, &label));
-            attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label));
-            attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label));
+            let v = kernels::decode_variant();
+            let base = attention_row::<bf16>(&dev, &mut out, &mut st, (None, path, &label), v);
+            attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
+            attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
+            if s.name.starts_with("decode") && std::env::var_os("BENCH_FP8_SWEEP").is_some() {
+                for name in ["w4s4", "w4s2", "w2s6", "w2s4"] {
+                    let Ok(v) = name.parse::<DecodeVariant>() else { continue };
+                    let label = format!("{} [{name}]", s.name);
+                    attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
+                    attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
+                }
+            }
         }
     }
     if let Some(path) = arg("--json") {

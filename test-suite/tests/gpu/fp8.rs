@@ -953,3 +953,62 @@ fn fp8_decode_occupancy_known() {
     );
     is_invalid(r, "an f16 cache for bf16 attention");
 }
+
+/// The write's quotient `x / scale` must be the IEEE-rounded one (the kernel computes it with a
+/// reciprocal and a correction step, not a division per element): inputs are placed within a few
+/// f32 ulps of `midpoint * scale` for midpoints between adjacent FP8 codes, so the exact quotient
+/// lies within an ulp of a rounding boundary of the format and a quotient one ulp off stores the
+/// other code. Random non-power-of-two scales per KV head over six decades, f32 inputs.
+fn division_case<C: Fp8 + KvStorage<f32>>(seed: u64) {
+    let stream = common::stream();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (kvh, d, nt, bs) = (16usize, 64usize, 1024usize, 16usize);
+    let row = kvh * d;
+    let scales: Vec<f32> = (0..kvh).map(|_| 10f32.powf(rng.random_range(-3.0f32..3.0))).collect();
+    // Finite codes' values, ascending, and the midpoints between neighbours.
+    let mut vals: Vec<f32> =
+        (0..=255u8).map(|b| <C as CacheElement>::to_f32(C::of_bits(b))).filter(|v| v.is_finite()).collect();
+    vals.sort_by(f32::total_cmp);
+    vals.dedup();
+    let mids: Vec<f32> = vals.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let keys: Vec<f32> = (0..nt * row)
+        .map(|i| {
+            let s = scales[(i % row) / d];
+            let m = mids[rng.random_range(0..mids.len())];
+            let x = m * s;
+            // A few ulps either side (f32 steps), and the midpoint product itself.
+            let k = rng.random_range(-3i32..=3);
+            f32::from_bits((x.to_bits() as i64 + i64::from(k)).max(0) as u32)
+        })
+        .collect();
+    let num_blocks = nt / bs;
+    let slots: Vec<i64> = (0..nt as i64).collect();
+    let k_dev = stream.clone_htod(&keys).unwrap();
+    let sc = stream.clone_htod(&scales).unwrap();
+    let sc_v = stream.clone_htod(&scales).unwrap();
+    let slots_dev = stream.clone_htod(&slots).unwrap();
+    let mut kc = stream.alloc_zeros::<C>(num_blocks * bs * row).unwrap();
+    let mut vc = stream.alloc_zeros::<C>(num_blocks * bs * row).unwrap();
+    launch::kv_cache_write(
+        &stream,
+        k_dev.as_view(),
+        k_dev.as_view(),
+        KvCacheMut::Separate { key: kc.as_view_mut(), value: vc.as_view_mut() },
+        slots_dev.as_view(),
+        KvWriteDims::contiguous(nt, row, num_blocks, bs),
+        Some(KvScales { key: sc.as_view(), value: sc_v.as_view() }),
+    )
+    .unwrap();
+    let want: Vec<u8> = keys.iter().enumerate().map(|(i, &x)| quantise::<C>(x, Some(scales[(i % row) / d]))).collect();
+    let what = format!("{:?} division near midpoints", C::DTYPE);
+    compare_bytes(&stream.clone_dtoh(&kc).unwrap(), &want, &what, "key cache");
+    compare_bytes(&stream.clone_dtoh(&vc).unwrap(), &want, &what, "value cache");
+}
+
+#[test]
+fn fp8_write_division_is_ieee_near_every_rounding_boundary() {
+    for seed in 0..4 {
+        division_case::<Fp8E4M3>(170_000 + seed);
+        division_case::<Fp8E5M2>(171_000 + seed);
+    }
+}
