@@ -32,25 +32,10 @@
 // finalisation exactly (weights exactly 1 and 0, partial sums never -0), so a request's output
 // and LSE are the same bits in any batch.
 //
-// Measured on an H100 (batch 64 x 4096 context, 32/8 heads, head 128, bf16, block 16; ratio =
-// K/V bytes read per second over a device-to-device copy's read+write rate in the same run):
-//   CUDA-core QK/PV:
-//   128 threads, 4 barriers/tile, 3 blocks/SM ............................ 0.39
-//   256 threads, row offsets precomputed, 2 blocks/SM ..................... 0.55
-//   same, 3 stages / 2 blocks/SM 0.56; 4 stages of 32 keys / 3 blocks/SM .. 0.48
-//   same, 2 stages of 64 keys, 3 blocks/SM (4 barriers, softmax phase) .... 0.69
-//   softmax folded into PV, 2 barriers, 3 blocks/SM ....................... 0.65 (0.60 at 2/SM)
-//   (latency/issue-bound: the FMAs and conversions of CUDA-core QK/PV per byte of K/V)
-//   Tensor cores (this version): 4 warps x 16 keys of 64-key tiles, 3 stages, 2 blocks/SM,
-//   1 barrier/tile, grid ordered request-major, split count from the wave model (1 here);
-//   predicted >= 0.85 (bandwidth-bound) ....... 0.92 bf16, 0.92 f16 (old kernel in the same run:
-//   0.65 / 0.66; 0.386 ms vs 0.552 ms; two runs agree to 0.01).
-//   Same run, other shapes (bf16, new vs old): b16 x 16384 0.90 vs 0.66 (2 vs 9 splits),
-//   b256 x 1024 0.92 vs 0.63, MHA b32 x 4096 0.94 vs 0.77, b1 x 32768 0.64 vs 0.36, mixed
-//   64 decodes + 2 x 1024 prefills 0.377 ms vs 0.471 ms. b1 x 32768 (8 blocks before splitting)
-//   stayed at 0.63-0.65 with 25 or 32 splits: 72 us against 46 us of bytes, so fixed costs
-//   (pipeline fill, the combine launch) rather than wave quantisation; next: fold the combine
-//   into the last split to finish (a counter per row) and a deeper first fill.
+// Why tensor cores for a memory-bound kernel: the earlier CUDA-core QK/PV versions were latency /
+// issue-bound (the FMAs and conversions per byte of K/V), never reaching the copy's bandwidth; the
+// mma.sync form above is bandwidth-bound. The measured steps that led here, and every later bench
+// run, are in docs/PERFORMANCE.md ("Kernel design history (moved from the .cu headers)").
 
 #include "attention/common.cuh"
 

@@ -19,24 +19,14 @@
 // Handles any query length (chunked prefills, prefix-cached prompts, multi-token decodes) through
 // query_start_loc and seq_lens.
 //
-// Measured on an H100, causal 8 x 2048, 32/8 heads, head 128, bf16, block 16 (TFLOP/s with the
-// causal count 2 * 2 * seq^2 / 2 * heads * head_size per request):
-//   64 rows x 64 keys, 4 warps x 16 rows, Q in registers ........ 148
-//   128 rows, 8 warps x 16 rows, row offsets precomputed ........ 159
-//   128 rows, 4 warps x 32 rows, 32-key tiles ................... 165
-//   + warp-level tile skip / mask, fused scale, lazy rescale .... 181
-//   + flat longest-first grid, P packed to 16 bits at the exp ... 195 (predicted +3..5% from
-//     the causal tail; got +8%; head 64 alone, already on 64-key tiles: 144 -> 154)
-//   + 64-key tiles up to head 128 ............................... 205-208 (this version;
-//     predicted +8..10% from half the barriers and softmax bookkeeping per key, got +5%: head
-//     128 sits at 255 registers with ~100 bytes of spills, mostly loop-invariant addresses
-//     outside the mma body, so the gain is partly eaten). 2 x 8192: 225 -> 270.
-// Tried and dropped: one barrier per tile (issue tile n + 1 after the top barrier, wait_group 0)
-// predicted +1..3%, measured 193-195, i.e. -6% against two barriers with tile n + 1 in flight
-// before the wait on tile n. Three stages do not fit 2 blocks/SM in shared memory at head 128
-// (Q 34 KB + 6 x 17 KB). Bench lines are medians of 100 runs, two runs per binary, same H100.
-// Beside the 181 version in an earlier run: torch SDPA flash 307, cuDNN 485 (dense K/V). The
-// next step is wgmma (sm_90a): the mma.sync path is register-bound at 4 warps x 32 rows.
+// Design notes (the measured steps behind them are in docs/PERFORMANCE.md, "Kernel design history
+// (moved from the .cu headers)"): 32 rows per warp (two m16 tiles sharing every K/V fragment) and
+// 64-key tiles up to head 128 halve the barriers and softmax bookkeeping per key; head 128 then
+// sits at the 255-register limit with a few spills (loop-invariant addresses outside the mma body).
+// One barrier per tile (issue tile n + 1 after the top barrier, wait_group 0) was slower than two
+// barriers with tile n + 1 in flight before the wait on tile n. Three stages do not fit 2 blocks/SM
+// in shared memory at head 128 (Q 34 KB + 6 x 17 KB). The mma.sync path is register-bound at 4 warps
+// x 32 rows; the sm_90a kernel (paged_prefill_sm90.cu) moves to wgmma.
 
 #include <climits>
 
