@@ -32,6 +32,7 @@
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
+#include "attention/softmax_state.cuh"
 
 namespace {
 
@@ -161,9 +162,9 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int j = 0; j < DT; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
-  float m2[MT][2], l[MT][2];
+  pa::SoftmaxState st[MT][2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) m2[mt][0] = m2[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) st[mt][0].reset(), st[mt][1].reset();
   // Rows that can see a key whose V row held a NaN / Inf zeroed by the sanitising below (this
   // thread's keys only; OR-ed across the quad in the epilogue).
   bool v_bad[MT][2];
@@ -342,10 +343,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
         for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m2[mt][rr], mx * sc);  // sc > 0; mx = -inf only when exact
-        mu[rr] = m_new == -INFINITY ? 0.f : m_new;
-        al[rr] = pa::fast_exp2(m2[mt][rr] - mu[rr]);
-        m2[mt][rr] = m_new;
+        mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
       }
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
@@ -359,8 +357,8 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
         pk[mt][j][0] = pa::Elem<T>::pack(e0, e1);
         pk[mt][j][1] = pa::Elem<T>::pack(e2, e3);
       }
-      l[mt][0] = l[mt][0] * al[0] + sum0;
-      l[mt][1] = l[mt][1] * al[1] + sum1;
+      st[mt][0].add(al[0], sum0);
+      st[mt][1].add(al[1], sum1);
       // Once the row maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
       if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
 #pragma unroll
@@ -421,7 +419,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      float lr = l[mt][rr];
+      float lr = st[mt][rr].l;
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
       int bad = v_bad[mt][rr];
@@ -430,7 +428,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
       const int r = (warp * MT + mt) * 16 + g + rr * 8;
       if (r < rows) {
         const int64_t token = q_start + m0 + r;
-        const pa::Finalised f = pa::finalise(m2[mt][rr], lr, sink2);
+        const pa::Finalised f = pa::finalise(st[mt][rr].m2, lr, sink2);
         // A row that saw a non-finite V element the sanitising zeroed gets NaN, as the plain
         // product would have given it.
         // An FP8 cache's V scale is applied here, once, in f32.
