@@ -27,6 +27,7 @@ const CU_HEADERS: &[&str] = &[
     "csrc/common/vec.cuh",
     "csrc/common/check.cuh",
     "csrc/attention/common.cuh",
+    "csrc/attention/softmax_state.cuh",
     "csrc/attention/wgmma_sm90.cuh",
     "csrc/attention/fp8_tile.cuh",
 ];

@@ -32,27 +32,13 @@
 // finalisation exactly (weights exactly 1 and 0, partial sums never -0), so a request's output
 // and LSE are the same bits in any batch.
 //
-// Measured on an H100 (batch 64 x 4096 context, 32/8 heads, head 128, bf16, block 16; ratio =
-// K/V bytes read per second over a device-to-device copy's read+write rate in the same run):
-//   CUDA-core QK/PV:
-//   128 threads, 4 barriers/tile, 3 blocks/SM ............................ 0.39
-//   256 threads, row offsets precomputed, 2 blocks/SM ..................... 0.55
-//   same, 3 stages / 2 blocks/SM 0.56; 4 stages of 32 keys / 3 blocks/SM .. 0.48
-//   same, 2 stages of 64 keys, 3 blocks/SM (4 barriers, softmax phase) .... 0.69
-//   softmax folded into PV, 2 barriers, 3 blocks/SM ....................... 0.65 (0.60 at 2/SM)
-//   (latency/issue-bound: the FMAs and conversions of CUDA-core QK/PV per byte of K/V)
-//   Tensor cores (this version): 4 warps x 16 keys of 64-key tiles, 3 stages, 2 blocks/SM,
-//   1 barrier/tile, grid ordered request-major, split count from the wave model (1 here);
-//   predicted >= 0.85 (bandwidth-bound) ....... 0.92 bf16, 0.92 f16 (old kernel in the same run:
-//   0.65 / 0.66; 0.386 ms vs 0.552 ms; two runs agree to 0.01).
-//   Same run, other shapes (bf16, new vs old): b16 x 16384 0.90 vs 0.66 (2 vs 9 splits),
-//   b256 x 1024 0.92 vs 0.63, MHA b32 x 4096 0.94 vs 0.77, b1 x 32768 0.64 vs 0.36, mixed
-//   64 decodes + 2 x 1024 prefills 0.377 ms vs 0.471 ms. b1 x 32768 (8 blocks before splitting)
-//   stayed at 0.63-0.65 with 25 or 32 splits: 72 us against 46 us of bytes, so fixed costs
-//   (pipeline fill, the combine launch) rather than wave quantisation; next: fold the combine
-//   into the last split to finish (a counter per row) and a deeper first fill.
+// Why tensor cores for a memory-bound kernel: the earlier CUDA-core QK/PV versions were latency /
+// issue-bound (the FMAs and conversions per byte of K/V), never reaching the copy's bandwidth; the
+// mma.sync form above is bandwidth-bound. The measured steps that led here, and every later bench
+// run, are in docs/PERFORMANCE.md ("Kernel design history (moved from the .cu headers)").
 
 #include "attention/common.cuh"
+#include "attention/softmax_state.cuh"
 
 #include <type_traits>
 
@@ -141,19 +127,19 @@ constexpr int kDecodeMaxGroup = 65535;
 __device__ __forceinline__ void merge_stats(const float* ml, int S, int64_t stride, int64_t row, float& M, float& L) {
   M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(ml + (s * stride + row) * 2));
-  const float mu = M == -INFINITY ? 0.f : M;
+  const float mu = pa::exp_base(M);
   L = 0.f;
   for (int s = 0; s < S; ++s) {
-    const float w = exp2f(__ldcg(ml + (s * stride + row) * 2) - mu);
+    const float w = pa::merge_weight_exact(__ldcg(ml + (s * stride + row) * 2), mu);
     L = __fmaf_rn(__ldcg(ml + (s * stride + row) * 2 + 1), w, L);
   }
 }
 __device__ __forceinline__ float merge_elem(const float* acc, const float* ml, int S, int64_t stride, int64_t row,
                                             int D, int d, float M) {
-  const float mu = M == -INFINITY ? 0.f : M;
+  const float mu = pa::exp_base(M);
   float o = 0.f;
   for (int s = 0; s < S; ++s) {
-    const float w = exp2f(__ldcg(ml + (s * stride + row) * 2) - mu);
+    const float w = pa::merge_weight_exact(__ldcg(ml + (s * stride + row) * 2), mu);
     o = __fmaf_rn(w, __ldcg(acc + (s * stride + row) * D + d), o);
   }
   return o;
@@ -368,7 +354,9 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   float o[DT][4];
 #pragma unroll
   for (int j = 0; j < DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m2[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  pa::SoftmaxState st[2];
+  st[0].reset();
+  st[1].reset();
   const float scale2 = p.scale * pa::kLog2e;
   const float sc2[2] = {scale2 * kq[0], scale2 * kq[1]};  // FP8: the folded score scales per row
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
@@ -463,9 +451,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
         float mx = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m2[rr], mx);
-        const float mu = m_new == -INFINITY ? 0.f : m_new;
-        alpha[rr] = pa::fast_exp2(m2[rr] - mu);
+        const float mu = st[rr].advance(mx, alpha[rr]);
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -473,8 +459,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           s[j][2 * rr + 1] = pa::fast_exp2(s[j][2 * rr + 1] - mu);
           sum += s[j][2 * rr] + s[j][2 * rr + 1];
         }
-        l[rr] = l[rr] * alpha[rr] + sum;
-        m2[rr] = m_new;
+        st[rr].add(alpha[rr], sum);
       }
       // Once the maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
@@ -534,7 +519,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   float* red_l = red_m + W * NR;                  // [W][16]
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    float lr = l[rr];
+    float lr = st[rr].l;
     lr += __shfl_xor_sync(0xffffffffu, lr, 1);
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     const int r = g + rr * 8;
@@ -553,7 +538,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
         for (int j = 0; j < DT; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
       }
       if (t4 == 0) {
-        red_m[warp * NR + r] = m2[rr];
+        red_m[warp * NR + r] = st[rr].m2;
         red_l[warp * NR + r] = lr;
       }
     }
@@ -570,11 +555,11 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < W; ++w) M = fmaxf(M, red_m[w * NR + h]);
-    const float mu = M == -INFINITY ? 0.f : M;
+    const float mu = pa::exp_base(M);
     float sum = 0.f, l_sum = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) {
-      const float wt = pa::fast_exp2(red_m[w * NR + h] - mu);  // 0 for a warp that saw nothing
+      const float wt = pa::merge_weight_fast(red_m[w * NR + h], mu);  // 0 for a warp that saw nothing
       sum += wt * red_o[(w * NR + h) * D + d];
       l_sum += wt * red_l[w * NR + h];
     }

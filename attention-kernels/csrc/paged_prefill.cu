@@ -19,29 +19,20 @@
 // Handles any query length (chunked prefills, prefix-cached prompts, multi-token decodes) through
 // query_start_loc and seq_lens.
 //
-// Measured on an H100, causal 8 x 2048, 32/8 heads, head 128, bf16, block 16 (TFLOP/s with the
-// causal count 2 * 2 * seq^2 / 2 * heads * head_size per request):
-//   64 rows x 64 keys, 4 warps x 16 rows, Q in registers ........ 148
-//   128 rows, 8 warps x 16 rows, row offsets precomputed ........ 159
-//   128 rows, 4 warps x 32 rows, 32-key tiles ................... 165
-//   + warp-level tile skip / mask, fused scale, lazy rescale .... 181
-//   + flat longest-first grid, P packed to 16 bits at the exp ... 195 (predicted +3..5% from
-//     the causal tail; got +8%; head 64 alone, already on 64-key tiles: 144 -> 154)
-//   + 64-key tiles up to head 128 ............................... 205-208 (this version;
-//     predicted +8..10% from half the barriers and softmax bookkeeping per key, got +5%: head
-//     128 sits at 255 registers with ~100 bytes of spills, mostly loop-invariant addresses
-//     outside the mma body, so the gain is partly eaten). 2 x 8192: 225 -> 270.
-// Tried and dropped: one barrier per tile (issue tile n + 1 after the top barrier, wait_group 0)
-// predicted +1..3%, measured 193-195, i.e. -6% against two barriers with tile n + 1 in flight
-// before the wait on tile n. Three stages do not fit 2 blocks/SM in shared memory at head 128
-// (Q 34 KB + 6 x 17 KB). Bench lines are medians of 100 runs, two runs per binary, same H100.
-// Beside the 181 version in an earlier run: torch SDPA flash 307, cuDNN 485 (dense K/V). The
-// next step is wgmma (sm_90a): the mma.sync path is register-bound at 4 warps x 32 rows.
+// Design notes (the measured steps behind them are in docs/PERFORMANCE.md, "Kernel design history
+// (moved from the .cu headers)"): 32 rows per warp (two m16 tiles sharing every K/V fragment) and
+// 64-key tiles up to head 128 halve the barriers and softmax bookkeeping per key; head 128 then
+// sits at the 255-register limit with a few spills (loop-invariant addresses outside the mma body).
+// One barrier per tile (issue tile n + 1 after the top barrier, wait_group 0) was slower than two
+// barriers with tile n + 1 in flight before the wait on tile n. Three stages do not fit 2 blocks/SM
+// in shared memory at head 128 (Q 34 KB + 6 x 17 KB). The mma.sync path is register-bound at 4 warps
+// x 32 rows; the sm_90a kernel (paged_prefill_sm90.cu) moves to wgmma.
 
 #include <climits>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
+#include "attention/softmax_state.cuh"
 
 namespace {
 
@@ -171,9 +162,9 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int j = 0; j < DT; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
-  float m2[MT][2], l[MT][2];
+  pa::SoftmaxState st[MT][2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) m2[mt][0] = m2[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) st[mt][0].reset(), st[mt][1].reset();
   // Rows that can see a key whose V row held a NaN / Inf zeroed by the sanitising below (this
   // thread's keys only; OR-ed across the quad in the epilogue).
   bool v_bad[MT][2];
@@ -352,10 +343,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
         for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m2[mt][rr], mx * sc);  // sc > 0; mx = -inf only when exact
-        mu[rr] = m_new == -INFINITY ? 0.f : m_new;
-        al[rr] = pa::fast_exp2(m2[mt][rr] - mu[rr]);
-        m2[mt][rr] = m_new;
+        mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
       }
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
@@ -369,8 +357,8 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
         pk[mt][j][0] = pa::Elem<T>::pack(e0, e1);
         pk[mt][j][1] = pa::Elem<T>::pack(e2, e3);
       }
-      l[mt][0] = l[mt][0] * al[0] + sum0;
-      l[mt][1] = l[mt][1] * al[1] + sum1;
+      st[mt][0].add(al[0], sum0);
+      st[mt][1].add(al[1], sum1);
       // Once the row maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
       if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
 #pragma unroll
@@ -431,7 +419,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      float lr = l[mt][rr];
+      float lr = st[mt][rr].l;
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
       int bad = v_bad[mt][rr];
@@ -440,7 +428,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
       const int r = (warp * MT + mt) * 16 + g + rr * 8;
       if (r < rows) {
         const int64_t token = q_start + m0 + r;
-        const pa::Finalised f = pa::finalise(m2[mt][rr], lr, sink2);
+        const pa::Finalised f = pa::finalise(st[mt][rr].m2, lr, sink2);
         // A row that saw a non-finite V element the sanitising zeroed gets NaN, as the plain
         // product would have given it.
         // An FP8 cache's V scale is applied here, once, in f32.

@@ -46,6 +46,7 @@
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
+#include "attention/softmax_state.cuh"
 #include "attention/wgmma_sm90.cuh"
 
 namespace {
@@ -149,7 +150,9 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
   float o[NO];
 #pragma unroll
   for (int i = 0; i < NO; ++i) o[i] = 0.f;
-  float m2[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  pa::SoftmaxState st[2];
+  st[0].reset();
+  st[1].reset();
   bool v_bad[2] = {false, false};  // this thread's rows saw a sanitised non-finite V element
   const float slope = p.has_alibi ? p.alibi[h] : 0.f;
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
@@ -319,10 +322,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
           for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m2[rr], mx * sc);  // sc > 0; mx = -inf only when exact
-          mu[rr] = m_new == -INFINITY ? 0.f : m_new;
-          al[rr] = pa::fast_exp2(m2[rr] - mu[rr]);
-          m2[rr] = m_new;
+          mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
         }
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
@@ -336,8 +336,8 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
           pk[j * 2 + 0] = pa::Elem<T>::pack(e0, e1);
           pk[j * 2 + 1] = pa::Elem<T>::pack(e2, e3);
         }
-        l[0] = l[0] * al[0] + sum0;
-        l[1] = l[1] * al[1] + sum1;
+        st[0].add(al[0], sum0);
+        st[1].add(al[1], sum1);
         if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
 #pragma unroll
           for (int j = 0; j < D / 8; ++j) {
@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
   const float sink2 = p.has_sinks ? p.sinks[h] : -INFINITY;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    float lr = l[rr];
+    float lr = st[rr].l;
     lr += __shfl_xor_sync(0xffffffffu, lr, 1);
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     int bad = v_bad[rr];
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
     const int r = r_thr + rr * 8;
     if (r < rows) {
       const int64_t token = q_start + m0 + r;
-      const pa::Finalised f = pa::finalise(m2[rr], lr, sink2);
+      const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
       const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
       uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll

@@ -1,5 +1,6 @@
 // Shared pieces of the paged attention kernels: the argument block, element conversions,
-// cp.async / ldmatrix / mma.sync wrappers, the score transform and the final normalisation.
+// cp.async / ldmatrix / mma.sync wrappers and the score transform (the softmax state and the final
+// normalisation: softmax_state.cuh).
 //
 // Semantics (attention-backend's params.rs): for request r with q_len new tokens and seq_len keys,
 // query row i sits at position p = seq_len - q_len + i; key j gets
@@ -307,19 +308,7 @@ __device__ __forceinline__ void key_range(int p_first, int p_last, int seq_len, 
   if (p.window_left >= 0) lo = max(lo, p_first - p.window_left);
 }
 
-struct Finalised {
-  float out_scale;  // multiply the unnormalised accumulator by this
-  float lse;        // natural log of the softmax denominator
-};
-
-// m2: running max (log2 domain), l: sum of exp2(s - m2), sink2: sink * log2(e) or -inf.
-__device__ __forceinline__ Finalised finalise(float m2, float l, float sink2) {
-  const float M = fmaxf(m2, sink2);
-  if (M == -INFINITY) return {0.f, -INFINITY};
-  const float sc = exp2f(m2 - M);  // 0 when m2 = -inf
-  const float denom = l * sc + exp2f(sink2 - M);
-  return {sc / denom, (M + log2f(denom)) * kLn2};
-}
+// The online-softmax state, its merge weights and the finalisation: attention/softmax_state.cuh.
 
 // Reads a device-side metadata value with clamping, so that inconsistent device data can never
 // make a kernel touch memory outside the buffers the launcher checked.
