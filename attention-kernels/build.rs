@@ -26,6 +26,7 @@ const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
 const CU_HEADERS: &[&str] = &[
     "csrc/common/vec.cuh",
     "csrc/common/check.cuh",
+    "csrc/common/fp8.cuh",
     "csrc/attention/common.cuh",
     "csrc/attention/softmax_state.cuh",
     "csrc/attention/wgmma_sm90.cuh",
