@@ -261,6 +261,34 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   }
   __syncthreads();
 
+  // The block-table entries of the keys ahead, in shared memory, a chunk of kPageChunk pages at
+  // a time (covering `tiles_per_chunk` whole tiles). The loop used to read the entry of tile n+S
+  // from global memory at the start of iteration n and needed it at the end: one load latency of
+  // a memory system saturated by the K/V stream (thousands of cycles) every tile, whatever the
+  // stage count, which capped the tile rate. A chunk costs one exposed load per
+  // `tiles_per_chunk` tiles (about 65 at block size 16).
+  constexpr int kPageChunk = 256;
+  __shared__ int pages_s[kPageChunk];
+  const int tiles_per_chunk = max(1, ((kPageChunk - 1) * p.block_size) / TK);
+  int chunk = -1;      // chunk index held in pages_s (tiles chunk * tiles_per_chunk ...)
+  int chunk_page0 = 0;  // block-table column of pages_s[0]
+  // Block-uniform: every thread calls it with the same tile, and it holds two barriers.
+  auto load_pages = [&](int t) {
+    const int c = t / tiles_per_chunk;
+    if (c == chunk) return;
+    __syncthreads();  // every read of the previous chunk is done
+    chunk = c;
+    chunk_page0 = (k_begin + c * tiles_per_chunk * TK) / p.block_size;
+    const int64_t base = static_cast<int64_t>(req) * p.max_blocks_per_req;
+    for (int i = tid; i < kPageChunk; i += Cfg::kThreads) {
+      const int col = chunk_page0 + i;
+      int b = col < p.max_blocks_per_req ? p.block_table[base + col] : 0;
+      if (b < 0 || b >= p.num_blocks) b = 0;  // as pa::page_of: a bad id never reaches an address
+      pages_s[i] = b;
+    }
+    __syncthreads();
+  };
+
   auto issue_tile = [&](int t) {
     const int stage = t % S;
     unsigned char* ks = kv_s + (stage * 2 + 0) * TK * RSB;
@@ -379,7 +407,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     int64_t next_pg = 0;
     const int next_key = k_begin + (n + S) * TK + tid;
     const bool prefetch = n + S < n_tiles && tid < TK;
-    if (prefetch && next_key < k_end) next_pg = pa::page_of(p, req, next_key);
+    if (n + S < n_tiles) load_pages(n + S);
+    if (prefetch && next_key < k_end) next_pg = pages_s[next_key / p.block_size - chunk_page0];
 
     const int stage = n % S;
     [[maybe_unused]] const T* ks = reinterpret_cast<const T*>(kv_s + (stage * 2 + 0) * TK * RSB);
