@@ -331,14 +331,6 @@ fn main() {
             let base = attention_row::<bf16>(&dev, &mut out, &mut st, (None, path, &label), v);
             attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
             attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
-            if s.name.starts_with("decode") && std::env::var_os("BENCH_FP8_SWEEP").is_some() {
-                for name in ["w4s4", "w4s2", "w2s6", "w2s4"] {
-                    let Ok(v) = name.parse::<DecodeVariant>() else { continue };
-                    let label = format!("{} [{name}]", s.name);
-                    attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
-                    attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
-                }
-            }
         }
     }
     if let Some(path) = arg("--json") {
