@@ -190,21 +190,10 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
   auto issue_tile = [&](int t) {
     const int stage = t & 1;
     if constexpr (kFp8) {
-      constexpr int C16 = D / 16;
-      unsigned char* ks8 = stg_s + (stage * 2 + 0) * Cfg::kStageBytes;
-      unsigned char* vs8 = stg_s + (stage * 2 + 1) * Cfg::kStageBytes;
-      const unsigned char* kc8 = static_cast<const unsigned char*>(p.key_cache);
-      const unsigned char* vc8 = static_cast<const unsigned char*>(p.value_cache);
-      const int64_t* ro = ro_s + stage * BN;
-#pragma unroll 4
-      for (int idx = tid; idx < BN * C16; idx += Cfg::kThreads) {
-        const int r = idx / C16, c = idx % C16;
-        const int64_t row = ro[r];
-        const bool valid = row >= 0;
-        const int64_t off = valid ? row + c * 16 : 0;
-        pa::cp_async16(ks8 + idx * 16, kc8 + off, valid);
-        pa::cp_async16(vs8 + idx * 16, vc8 + off, valid);
-      }
+      // Raw FP8 rows, D bytes each, into the staging buffer of this stage.
+      pa::fp8tile::stage_rows<BN, D, Cfg::kThreads>(stg_s + (stage * 2 + 0) * Cfg::kStageBytes,
+                                                    stg_s + (stage * 2 + 1) * Cfg::kStageBytes, p.key_cache,
+                                                    p.value_cache, ro_s + stage * BN, tid);
       return;
     }
     unsigned char* ks = kv_s + (stage * 2 + 0) * Cfg::kTileBytes;

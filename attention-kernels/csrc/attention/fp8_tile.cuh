@@ -24,6 +24,25 @@
 namespace pa {
 namespace fp8tile {
 
+// Issues the cp.async copies of one FP8 K/V tile (BN rows of D bytes, row `r` at element offset
+// ro[r] of each cache, -1 = zero-fill) into packed [BN][D]-byte staging buffers, NT threads.
+template <int BN, int D, int NT>
+__device__ __forceinline__ void stage_rows(unsigned char* ks8, unsigned char* vs8, const void* key_cache,
+                                           const void* value_cache, const int64_t* ro, int tid) {
+  constexpr int C16 = D / 16;
+  const unsigned char* kc8 = static_cast<const unsigned char*>(key_cache);
+  const unsigned char* vc8 = static_cast<const unsigned char*>(value_cache);
+#pragma unroll 4
+  for (int idx = tid; idx < BN * C16; idx += NT) {
+    const int r = idx / C16, c = idx % C16;
+    const int64_t row = ro[r];
+    const bool valid = row >= 0;
+    const int64_t off = valid ? row + c * 16 : 0;
+    cp_async16(ks8 + idx * 16, kc8 + off, valid);
+    cp_async16(vs8 + idx * 16, vc8 + off, valid);
+  }
+}
+
 // Two packed FP8 values (low byte first) widened to a packed pair of T, exactly.
 template <typename T> struct Widen;
 template <> struct Widen<__half> {
