@@ -52,20 +52,31 @@ __global__ void __launch_bounds__(256) kv_write_kernel(
   }
 }
 
+// The grid of a row scatter: blockDim.x lanes walk a row's `row_vecs` vectors (the count rounded
+// up to a warp, at most 256), blockDim.y rows share a 256-thread block. `ok` is false when the
+// token count needs more blocks than a grid holds.
+struct RowGrid {
+  dim3 block;
+  unsigned blocks;
+  bool ok;
+};
+inline RowGrid row_grid(int64_t row_vecs, int64_t num_tokens) {
+  int lanes = static_cast<int>(row_vecs < 256 ? row_vecs : 256);
+  lanes = ((lanes + 31) / 32) * 32;
+  const int rows_per_block = 256 / lanes;
+  const int64_t blocks = (num_tokens + rows_per_block - 1) / rows_per_block;
+  return RowGrid{dim3(lanes, rows_per_block), static_cast<unsigned>(blocks), blocks <= 0x7fffffff};
+}
+
 template <int VecBytes>
 cudaError_t launch(const void* key, const void* value, void* key_cache, void* value_cache,
                    const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes,
                    int64_t key_stride_bytes, int64_t value_stride_bytes, int64_t block_stride_bytes,
                    int64_t block_size, int64_t num_slots, cudaStream_t stream) {
   const int64_t row_vecs = row_bytes / VecBytes;
-  // Lanes per row: the row's vector count rounded up to a warp, at most 256.
-  int lanes = static_cast<int>(row_vecs < 256 ? row_vecs : 256);
-  lanes = ((lanes + 31) / 32) * 32;
-  const int rows_per_block = 256 / lanes;
-  const dim3 block(lanes, rows_per_block);
-  const int64_t blocks = (num_tokens + rows_per_block - 1) / rows_per_block;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kv_write_kernel<VecBytes><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+  const RowGrid g = row_grid(row_vecs, num_tokens);
+  if (!g.ok) return cudaErrorInvalidConfiguration;
+  kv_write_kernel<VecBytes><<<g.blocks, g.block, 0, stream>>>(
       static_cast<const char*>(key), static_cast<const char*>(value), static_cast<char*>(key_cache),
       static_cast<char*>(value_cache), slot_mapping, num_tokens, row_vecs,
       key_stride_bytes / VecBytes, value_stride_bytes / VecBytes, block_stride_bytes / VecBytes, block_size,
@@ -163,13 +174,9 @@ cudaError_t launch_fp8(const void* key, const void* value, void* key_cache, void
                        int64_t value_stride, int64_t block_stride, int64_t block_size, int64_t num_slots,
                        cudaStream_t stream) {
   const int64_t row_vecs = row_elems / VE;
-  int lanes = static_cast<int>(row_vecs < 256 ? row_vecs : 256);
-  lanes = ((lanes + 31) / 32) * 32;
-  const int rows_per_block = 256 / lanes;
-  const dim3 block(lanes, rows_per_block);
-  const int64_t blocks = (num_tokens + rows_per_block - 1) / rows_per_block;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kv_write_fp8_kernel<T, K, VE><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+  const RowGrid g = row_grid(row_vecs, num_tokens);
+  if (!g.ok) return cudaErrorInvalidConfiguration;
+  kv_write_fp8_kernel<T, K, VE><<<g.blocks, g.block, 0, stream>>>(
       static_cast<const T*>(key), static_cast<const T*>(value), static_cast<uint8_t*>(key_cache),
       static_cast<uint8_t*>(value_cache), slot_mapping, k_scale, v_scale, head_elems / VE, num_tokens, row_vecs,
       key_stride, value_stride, block_stride, block_size, num_slots);
