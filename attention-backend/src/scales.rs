@@ -12,8 +12,9 @@ use crate::error::{AttentionError, Result};
 
 /// One layer's FP8 dequantisation scales, on the host: `key` and `value` each hold 1 entry (per
 /// layer) or `num_kv_heads` entries (per KV head), the same count for both (the kernels take one
-/// layout for the pair). Every entry must be finite and positive; that is checked against the
-/// cache's layout wherever the scales are used ([`KvScaleValues::check`]).
+/// layout for the pair). Every entry must be finite and positive ([`KvScaleValues::check`]): an
+/// owned cache checks its scales when it takes them (`with_scales` / `set_scales`, and its layout
+/// never changes, so they stay valid), a plan's `run` checks the borrowed ones on every call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvScaleValues {
     key: Vec<f32>,

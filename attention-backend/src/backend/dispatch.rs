@@ -54,7 +54,6 @@ impl Backend {
         )?;
         // A step's slots obey the whole step contract, not just the cache's bounds.
         slot_mapping.check_slots(OP, cache.layout())?;
-        crate::scales::check_for::<C>(OP, cache.scales(), cache.layout().num_kv_heads)?;
         match (&self.inner, key, value, cache) {
             (Inner::Cpu, Tensor::Cpu(k), Tensor::Cpu(v), KvCache::Cpu(c)) => {
                 let k = k.view().into_dimensionality::<Ix3>().map_err(|_| dims_error(OP, "key", 3, k.shape()))?;
@@ -206,7 +205,6 @@ impl Backend {
                 crate::cuda::attention::check_layer::<T>(op, step.meta.num_tokens(), params, layout, specs)?
             }
         }
-        crate::scales::check_for::<C>(op, t.cache.scales(), layout.num_kv_heads)?;
         step.check_contract(op, layout)
     }
 }

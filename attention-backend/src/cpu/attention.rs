@@ -27,7 +27,7 @@ use crate::cache::CpuKvCache;
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
 use crate::params::AttentionParams;
-use crate::scales::{self, KvScaleValues};
+use crate::scales::KvScaleValues;
 use crate::validate::{self, AttentionSpecs};
 
 use super::plan::LayerViews;
@@ -123,7 +123,6 @@ pub fn paged_attention<T: Element, C: KvStorage<T>>(
     let layout = *cache.layout();
     let specs = AttentionSpecs::of::<T>(query.shape(), out.shape(), lse.as_ref().map(|l| l.shape()));
     validate::paged_attention_typed::<T>(OP, params, &layout, specs, meta)?;
-    scales::check_for::<C>(OP, cache.scales(), layout.num_kv_heads)?;
     let _span = tracing::debug_span!(
         "paged_attention",
         backend = "cpu",

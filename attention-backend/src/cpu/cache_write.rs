@@ -7,7 +7,7 @@ use ndarray::{ArrayView3, ArrayViewMut4, Axis};
 
 use crate::cache::CpuKvCache;
 use crate::error::Result;
-use crate::scales::{self, KvScaleValues};
+use crate::scales::KvScaleValues;
 use crate::slot_mapping::SlotMapping;
 use crate::validate;
 
@@ -32,9 +32,8 @@ pub fn kv_cache_update<T: Element, C: KvStorage<T>>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cpu", tokens = slot_mapping.len()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping)?;
+    // The cache checked its scales against its layout when they were set.
     let (key_cache, value_cache, scales) = cache.parts_mut();
-    // The cache checked its scales when they were set; checked again as it is cheap (H entries).
-    scales::check_for::<C>(OP, scales, layout.num_kv_heads)?;
     write_rows(key, value, key_cache, value_cache, scales, slot_mapping);
     Ok(())
 }

@@ -197,7 +197,6 @@ impl<'m> StepPlan<'m> {
                 lse: lse.as_ref().map(|l| l.shape()),
             },
         )?;
-        scales::check_for::<C>(op, cache.scales(), self.layout.num_kv_heads)?;
         attend(
             self.meta,
             params,

@@ -181,7 +181,6 @@ pub fn paged_attention<T: Element, C: KvStorage<T>>(
     let _span = tracing::debug_span!("paged_attention", backend = "cuda", reqs = meta.host.num_reqs()).entered();
     check_layer::<T>(OP, meta.host.num_tokens(), params, io.cache.layout(), specs(&io))?;
     meta.host.check_against(OP, io.cache.layout())?;
-    crate::scales::check_for::<C>(OP, io.cache.scales(), io.cache.layout().num_kv_heads)?;
     launch(dev, meta, params, io, workspace)
 }
 
@@ -288,7 +287,6 @@ pub fn forward<T: Element, C: KvStorage<T>>(
     check_layer::<T>(OP, meta.host.num_tokens(), params, &layout, shapes)?;
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), meta.slot_mapping().host())?;
     meta.host.check_against(OP, &layout)?;
-    crate::scales::check_for::<C>(OP, cache.scales(), layout.num_kv_heads)?;
     forward_checked(dev, meta, params, ForwardIo { query, key, value, cache, out, lse }, workspace)
 }
 

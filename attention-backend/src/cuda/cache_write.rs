@@ -5,7 +5,6 @@ use attention_kernels::{Element, KvStorage};
 
 use super::{kernel_error, CudaDevice, CudaKvCache, DeviceSlotMapping, DeviceTensor};
 use crate::error::Result;
-use crate::scales;
 use crate::validate;
 
 /// Writes `key[t]` / `value[t]` (`[num_tokens, num_kv_heads, head_size]`) into the cache row
@@ -27,7 +26,6 @@ pub fn kv_cache_update<T: Element, C: KvStorage<T>>(
     let layout = *cache.layout();
     let _span = tracing::debug_span!("kv_cache_update", backend = "cuda", tokens = slot_mapping.len()).entered();
     validate::kv_cache_update_typed::<T>(OP, &layout, key.shape(), value.shape(), slot_mapping.host())?;
-    scales::check_for::<C>(OP, cache.scales(), layout.num_kv_heads)?;
     write(dev, key, value, cache, slot_mapping)
 }
 
