@@ -1,4 +1,5 @@
-//! Compiles the CUDA sources under `csrc/` into one static library when the `cuda` feature is on.
+//! Compiles the CUDA sources under `csrc/` into static libraries (one per file) when the `cuda`
+//! feature is on.
 //!
 //! Without the feature nothing is compiled and no CUDA toolkit is needed, so the crate still builds
 //! for documentation and for CPU-only users. With it, nvcc is looked up (see [`find_cuda_root`]) and
@@ -16,10 +17,8 @@ const CU_SOURCES: &[&str] = &[
     "csrc/side_stream.cu",
 ];
 
-/// Translation units that only hold Hopper code, each compiled alone for sm_90a in its own
-/// library. Alone, because cc compiles a multi-file CUDA library with relocatable device code,
-/// and under it ptxas serialises every wgmma ("extern calls" may touch the accumulators); sm_90a
-/// only, because the launchers never run them elsewhere.
+/// Translation units that only hold Hopper code, compiled for sm_90a only (the launchers never run
+/// them elsewhere). Like the others, each is compiled alone: see `main`.
 const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
@@ -89,16 +88,21 @@ fn main() {
             .warnings(false);
         build
     };
-    let mut build = base();
-    build.flag("-gencode=arch=compute_80,code=[sm_80,compute_80]");
-    if let Ok(jobs) = env::var("NUM_JOBS") {
-        // nvcc compiles the two architectures of one file in parallel when told it may.
-        build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
-    }
+    // Every translation unit is compiled alone, into its own library: cc compiles a CUDA library of
+    // several files with relocatable device code (`--device-c`), under which ptxas cannot see the
+    // whole kernel (the decode kernel took 184-190 registers instead of 168, too many for three
+    // blocks per SM, and Hopper code serialises every wgmma). No kernel calls device code of
+    // another file, so nothing needs device linking.
     for src in CU_SOURCES {
-        build.file(src);
+        let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("kernels");
+        let mut build = base();
+        build.flag("-gencode=arch=compute_80,code=[sm_80,compute_80]");
+        if let Ok(jobs) = env::var("NUM_JOBS") {
+            // nvcc compiles the two architectures of one file in parallel when told it may.
+            build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
+        }
+        build.file(src).compile(&format!("attention_kernels_{stem}"));
     }
-    build.compile("attention_kernels_cuda");
     for src in CU_SOURCES_SM90 {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
         base().file(src).compile(&format!("attention_kernels_{stem}"));

@@ -270,14 +270,15 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   constexpr int kPageChunk = 256;
   __shared__ int pages_s[kPageChunk];
   const int tiles_per_chunk = max(1, ((kPageChunk - 1) * p.block_size) / TK);
-  int chunk = -1;      // chunk index held in pages_s (tiles chunk * tiles_per_chunk ...)
+  int chunk_end = 0;    // first tile past the chunk held in pages_s (0: none held yet)
   int chunk_page0 = 0;  // block-table column of pages_s[0]
-  // Block-uniform: every thread calls it with the same tile, and it holds two barriers.
+  // Block-uniform: every thread calls it with the same tile, tiles in increasing order, and it
+  // holds two barriers. The common case (the tile's chunk is already held) is one comparison.
   auto load_pages = [&](int t) {
+    if (t < chunk_end) return;
     const int c = t / tiles_per_chunk;
-    if (c == chunk) return;
     __syncthreads();  // every read of the previous chunk is done
-    chunk = c;
+    chunk_end = (c + 1) * tiles_per_chunk;
     chunk_page0 = (k_begin + c * tiles_per_chunk * TK) / p.block_size;
     const int64_t base = static_cast<int64_t>(req) * p.max_blocks_per_req;
     for (int i = tid; i < kPageChunk; i += Cfg::kThreads) {
@@ -288,20 +289,43 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     }
     __syncthreads();
   };
+  // The key whose cache row offset this thread (tid < TK) prefetches for tile n + S, kept as a
+  // block-table column and an offset in its page, advanced by one tile per iteration without a
+  // division (the kernel was bound by instruction issue, not bytes: see PERFORMANCE.md).
+  const int tile_cols = TK / p.block_size, tile_rem = TK % p.block_size;
+  int pf_key = k_begin + S * TK + tid;
+  int pf_col = pf_key / p.block_size, pf_in = pf_key % p.block_size;
+  const int64_t key_stride = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between keys of a page
+  const int64_t head_off = static_cast<int64_t>(kvh) * D;
 
+  // Each thread copies fixed 16-byte columns of the tile's rows: with the thread count a multiple
+  // of the chunks per row, a thread's column is the same in every row it copies, so the shared
+  // addresses are one base plus constants and only the rows' cache offsets are read per copy.
   auto issue_tile = [&](int t) {
     const int stage = t % S;
     unsigned char* ks = kv_s + (stage * 2 + 0) * TK * RSB;
     unsigned char* vs = kv_s + (stage * 2 + 1) * TK * RSB;
     const int64_t* ro = ro_s + stage * TK;
+    if constexpr (Cfg::kThreads % C == 0 && TK % (Cfg::kThreads / C) == 0) {
+      constexpr int kRowStep = Cfg::kThreads / C;
+      const int c = tid % C, r0 = tid / C;
+#pragma unroll
+      for (int i = 0; i < TK / kRowStep; ++i) {
+        const int r = r0 + i * kRowStep;
+        const int64_t row = ro[r];
+        pa::cp_async16_row(ks + r * RSB + c * 16, kc, row, c * EPC);
+        pa::cp_async16_row(vs + r * RSB + c * 16, vc, row, c * EPC);
+      }
+    } else {
 #pragma unroll 4
-    for (int idx = tid; idx < TK * C; idx += Cfg::kThreads) {
-      const int r = idx / C, c = idx % C;
-      const int64_t row = ro[r];
-      const bool valid = row >= 0;
-      const int64_t off = valid ? row + c * EPC : 0;
-      pa::cp_async16(ks + r * RSB + c * 16, kc + off, valid);
-      pa::cp_async16(vs + r * RSB + c * 16, vc + off, valid);
+      for (int idx = tid; idx < TK * C; idx += Cfg::kThreads) {
+        const int r = idx / C, c = idx % C;
+        const int64_t row = ro[r];
+        const bool valid = row >= 0;
+        const int64_t off = valid ? row + c * EPC : 0;
+        pa::cp_async16(ks + r * RSB + c * 16, kc + off, valid);
+        pa::cp_async16(vs + r * RSB + c * 16, vc + off, valid);
+      }
     }
   };
 
@@ -405,10 +429,9 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     if (n + S - 1 < n_tiles) issue_tile(n + S - 1);
     pa::cp_async_commit();
     int64_t next_pg = 0;
-    const int next_key = k_begin + (n + S) * TK + tid;
     const bool prefetch = n + S < n_tiles && tid < TK;
     if (n + S < n_tiles) load_pages(n + S);
-    if (prefetch && next_key < k_end) next_pg = pages_s[next_key / p.block_size - chunk_page0];
+    if (prefetch && pf_key < k_end) next_pg = pages_s[pf_col - chunk_page0];
 
     const int stage = n % S;
     [[maybe_unused]] const T* ks = reinterpret_cast<const T*>(kv_s + (stage * 2 + 0) * TK * RSB);
@@ -419,8 +442,11 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     const int nk = min(TK, k_end - tile_start);
 
     if (kw0 < nk) {  // warp-uniform: the warp holds at least one visible key
-      // S = Q K^T: 16 rows (heads) x 16 keys
+      // S = Q K^T: 16 rows (heads) x 16 keys. Even and odd 16-dim steps accumulate into separate
+      // fragments (summed below): two dependent chains of KT / 2 MMAs instead of one of KT, which
+      // halves the latency the online softmax waits for (the loop is latency-bound, not MMA-bound).
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float s_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       auto q_at = [&](int kk, uint32_t a[4]) {
         if constexpr (Cfg::kQInRegs) {
           a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
@@ -439,8 +465,9 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           for (int h = 0; h < 2; ++h) {
             uint32_t a[4];
             q_at(2 * c2 + h, a);
-            pa::Mma<MT>::run(s[0], a, fp8_pair<KV>(r[h]), fp8_pair<KV>(r[h] >> 16));
-            pa::Mma<MT>::run(s[1], a, fp8_pair<KV>(r[2 + h]), fp8_pair<KV>(r[2 + h] >> 16));
+            float(&acc)[2][4] = h == 0 ? s : s_odd;
+            pa::Mma<MT>::run(acc[0], a, fp8_pair<KV>(r[h]), fp8_pair<KV>(r[h] >> 16));
+            pa::Mma<MT>::run(acc[1], a, fp8_pair<KV>(r[2 + h]), fp8_pair<KV>(r[2 + h] >> 16));
           }
         }
         if constexpr (KT % 2 == 1) {
@@ -457,22 +484,35 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           q_at(kk, a);
           uint32_t b[4];
           pa::ldsm_x4(b, ks + (kw0 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
-          pa::Mma<T>::run(s[0], a, b[0], b[1]);
-          pa::Mma<T>::run(s[1], a, b[2], b[3]);
+          float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+          pa::Mma<T>::run(acc[0], a, b[0], b[1]);
+          pa::Mma<T>::run(acc[1], a, b[2], b[3]);
         }
       }
-      // Scores in the log2 domain; keys past the split's end are masked.
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kl = kw0 + j * 8 + 2 * t4 + (e & 1);
-          float x = s[j][e];
-          if (kl >= nk) x = -INFINITY;
-          else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
-          else x *= kFp8 ? sc2[e >> 1] : scale2;
-          s[j][e] = x;
-        }
+        for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
+      // Scores in the log2 domain; keys past the split's end are masked. Warp-uniform fast path:
+      // all 16 keys visible and no element-wise term (every tile but a split's last).
+      if (kw0 + KW <= nk && !elementwise) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] *= kFp8 ? sc2[e >> 1] : scale2;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int kl = kw0 + j * 8 + 2 * t4 + (e & 1);
+            float x = s[j][e];
+            if (kl >= nk) x = -INFINITY;
+            else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
+            else x *= kFp8 ? sc2[e >> 1] : scale2;
+            s[j][e] = x;
+          }
+      }
       // Online softmax for rows g and g + 8.
       float alpha[2];
 #pragma unroll
@@ -537,7 +577,16 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
         }
       }
     }
-    if (prefetch) ro_s[(n % S) * TK + tid] = next_key < k_end ? pa::cache_row(p, next_pg, next_key, kvh, D) : -1;
+    if (prefetch) {
+      ro_s[(n % S) * TK + tid] = pf_key < k_end ? next_pg * p.kv_bs + pf_in * key_stride + head_off : -1;
+    }
+    pf_key += TK;
+    pf_col += tile_cols;
+    pf_in += tile_rem;
+    if (pf_in >= p.block_size) {
+      pf_in -= p.block_size;
+      ++pf_col;
+    }
   }
   pa::cp_async_wait<0>();
   __syncthreads();
@@ -710,8 +759,9 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
 template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(int variant, F&& f) {
   if constexpr (KV != 0) {
     // Measured (bench_fp8, H200, b64 x 4096 and b16 x 16384): 3, 4 and 5 stages of the 4-warp
-    // pipeline within 0.5% of each other, 6 and 8 (one block per SM) 1.7x slower: the stage count
-    // does not limit the FP8 decode (see docs/PERFORMANCE.md).
+    // pipeline within a few percent where the wave shape allows (3 stages fit 3 blocks per SM,
+    // whose waves quantise worse on b64 x 4096), 2 warps x 4 stages faster on one shape and slower
+    // on the other: the default stays (see docs/PERFORMANCE.md).
     return f(pa::HeadDim<4>{}, pa::HeadDim<default_fp8_stages<D>()>{});
   } else {
     if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {

@@ -236,10 +236,34 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
 // ---- async copies, ldmatrix, mma -----------------------------------------------------------
 
 // 16-byte global -> shared copy; when !pred the destination is zero-filled and nothing is read.
+// The predicate goes to the instruction's ignore-src operand as is (a source size of `pred ? 16 :
+// 0` made the compiler rebuild the predicate from the size: five integer instructions per copy,
+// in loops that issue-rate bounds).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  asm volatile(
+      "{\n"
+      "  .reg .pred skip;\n"
+      "  setp.eq.u32 skip, %2, 0;\n"
+      "  cp.async.cg.shared.global [%0], [%1], 16, skip;\n"
+      "}\n" ::"r"(s),
+      "l"(gmem), "r"(static_cast<unsigned>(pred)));
+}
+// The same for a paged row: zero-fill when `row` (an element offset, -1 for a key that must not be
+// loaded) is negative; the source is `base + max(row, 0) + col`, so no address outside the
+// buffer is ever formed. Taking the sign bit as the predicate keeps it one shift and one compare.
+template <typename E>
+__device__ __forceinline__ void cp_async16_row(void* smem, const E* base, int64_t row, int col) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int64_t neg = row >> 63;  // -1 when the row is not to be loaded, else 0
+  const E* src = base + ((row & ~neg) + col);
+  asm volatile(
+      "{\n"
+      "  .reg .pred skip;\n"
+      "  setp.ne.s32 skip, %2, 0;\n"
+      "  cp.async.cg.shared.global [%0], [%1], 16, skip;\n"
+      "}\n" ::"r"(s),
+      "l"(src), "r"(static_cast<int>(neg)));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
