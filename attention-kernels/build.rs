@@ -20,7 +20,7 @@ const CU_SOURCES: &[&str] = &[
 /// library. Alone, because cc compiles a multi-file CUDA library with relocatable device code,
 /// and under it ptxas serialises every wgmma ("extern calls" may touch the accumulators); sm_90a
 /// only, because the launchers never run them elsewhere.
-const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
+const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu", "csrc/paged_prefill_sm90ws.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
 const CU_HEADERS: &[&str] = &[
