@@ -182,8 +182,7 @@ fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32, kv_dtype: i32)
 
 /// The prefill kernel a launch of `head_size` / `dtype` over a cache of the compute type on
 /// `ctx`'s device runs under the [`PrefillPath`] in force on this thread (tests and benchmarks
-/// check it before timing or comparing). An FP8 cache can run another kernel: under
-/// [`PrefillPath::Sm90Ws`] it takes [`PrefillKernel::Sm90`].
+/// check it before timing or comparing); [`prefill_kernel_for_cache`] for other caches.
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] for a bad [`PREFILL_PATH_ENV`], an element type other than
@@ -191,10 +190,32 @@ fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32, kv_dtype: i32)
 /// capability 9.0;
 /// [`KernelError::Cuda`] when the context cannot be bound.
 pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Result<PrefillKernel, KernelError> {
+    prefill_kernel_for_cache(ctx, head_size, dtype, dtype)
+}
+
+/// As [`prefill_kernel`], for a cache stored as `cache_dtype` (`dtype` itself or an FP8 format):
+/// the paths do not all cover every cache (under [`PrefillPath::Sm90Ws`] an FP8 cache runs
+/// [`PrefillKernel::Sm90`]).
+///
+/// # Errors
+/// As [`prefill_kernel`]; [`KernelError::InvalidArgument`] also for a cache type that is neither
+/// `dtype` nor FP8.
+pub fn prefill_kernel_for_cache(
+    ctx: &CudaContext,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+) -> Result<PrefillKernel, KernelError> {
     let d = match dtype {
         DType::F16 => 0,
         DType::BF16 => 1,
         other => return Err(invalid(PREFILL, format!("element type {other} is not supported on the GPU"))),
+    };
+    let kv = match cache_dtype {
+        DType::Fp8E4M3 => 1,
+        DType::Fp8E5M2 => 2,
+        c if c == dtype => 0,
+        other => return Err(invalid(PREFILL, format!("a {other} cache cannot serve {dtype} attention"))),
     };
     let path = prefill_path()?;
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda {
@@ -202,7 +223,7 @@ pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Resu
         code: e.0 as i32,
         message: format!("{e:?}"),
     })?;
-    resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d, 0)
+    resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d, kv)
 }
 
 /// The dimensions of one attention launch.
