@@ -1160,6 +1160,15 @@ mod tests {
     }
 
     #[test]
+    fn prefill_paths_parse() {
+        assert_eq!(PrefillPath::parse(" SM90WS "), Some(PrefillPath::Sm90Ws));
+        assert_eq!(PrefillPath::parse("sm90"), Some(PrefillPath::Sm90));
+        assert_eq!(PrefillPath::parse("sm80"), Some(PrefillPath::Sm80));
+        assert_eq!(PrefillPath::parse(""), Some(PrefillPath::Auto));
+        assert_eq!(PrefillPath::parse("sm90-ws"), None);
+    }
+
+    #[test]
     fn workspace_holds_counters_and_partials() {
         assert_eq!(decode_workspace_len(1, 64, 32, 128), 0);
         assert_eq!(decode_workspace_len(2, 1, 1, 64), DECODE_COUNTER_SLOTS + 2 * 66);
