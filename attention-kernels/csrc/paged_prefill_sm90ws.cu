@@ -52,6 +52,9 @@
 // V tile, which comes after every other release, so no copy or barrier arrival of this block is
 // still pending when its warps retire.
 //
+// Hang guard: the producer's waits trap after 30 s (see mbar_wait_guarded), so a protocol error
+// shows up as a failed launch instead of a hung process.
+//
 // Proxies: cp.async writes shared memory through the generic proxy and wgmma reads it through the
 // async proxy, so each consumer thread executes `fence.proxy.async` after every FULL wait.
 //
@@ -123,16 +126,41 @@ constexpr int kBarProducer = 3;
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-// Spins until the phase of `bar` with parity `parity` has completed (acquire).
+// Whether the phase of `bar` with parity `parity` has completed (acquire when it has); the
+// instruction itself may suspend the thread for a while before answering no.
+__device__ __forceinline__ bool mbar_try(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Waits until the phase of `bar` with parity `parity` has completed (acquire).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
+  while (!mbar_try(bar, parity)) {
+  }
+}
+// The producer's wait, with a deadlock guard: no wait of a correct block lasts anywhere near
+// kHangNs (a block's whole work takes milliseconds, even under compute-sanitizer), so a barrier
+// protocol error traps -- a launch failure the caller sees -- instead of hanging the process. Only
+// the producer carries it: in the consumers its two live registers make ptxas spill and serialise
+// the wgmma pipeline. Any stall of the consumers still reaches a guarded wait, because the
+// producer ends every block (n_tiles > 0) waiting for the consumers' last release.
+constexpr uint64_t kHangNs = 30ull * 1000 * 1000 * 1000;
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void mbar_wait_guarded(uint32_t bar, uint32_t parity) {
+  if (mbar_try(bar, parity)) return;
+  const uint64_t t0 = global_ns();
+  uint32_t n = 0;
+  while (!mbar_try(bar, parity)) {
+    if ((++n & 255u) == 0u && global_ns() - t0 > kHangNs) __trap();
+  }
 }
 // One arrival (release: this thread's earlier shared-memory writes are visible to the waiters).
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
@@ -276,13 +304,13 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       named_sync(kBarProducer, 128);
       if (j < n_tiles) {
         const int s = j % S;
-        if (j >= S) mbar_wait(empty_k(s), ((j / S) - 1) & 1);
+        if (j >= S) mbar_wait_guarded(empty_k(s), ((j / S) - 1) & 1);
         issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (j % 3) * BN);
         mbar_arrive_cp_async(full_k(s));
       }
       if (j >= 1) {
         const int t = j - 1, s = t % S;
-        if (t >= S) mbar_wait(empty_v(s), ((t / S) - 1) & 1);
+        if (t >= S) mbar_wait_guarded(empty_v(s), ((t / S) - 1) & 1);
         const uint32_t vs = v_base + s * Cfg::kTileBytes;
         issue(vs, vc, ro_s + (t % 3) * BN);
         if (block_mask(t)) {
@@ -310,7 +338,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       }
     }
     // Retire only after the consumers released the last V stage (their last release of all).
-    mbar_wait(empty_v((n_tiles - 1) % S), ((n_tiles - 1) / S) & 1);
+    mbar_wait_guarded(empty_v((n_tiles - 1) % S), ((n_tiles - 1) / S) & 1);
     return;
   }
 
