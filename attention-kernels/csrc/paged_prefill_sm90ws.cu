@@ -44,7 +44,11 @@
 // on FULL before releasing keeps each barrier's phase in step with the producer (a release without
 // the wait could complete an EMPTY phase while copies of that stage are still in flight); taking
 // the turn keeps the alternation balanced. The producer only waits for stages it is about to reuse,
-// and every stage it fills is one both consumers will wait on and release.
+// and every stage it fills is one both consumers will wait on and release. The tiles a consumer
+// does see form one contiguous run (its rows' key interval), so its loop is: skip the tiles before
+// the run, the run itself with the first (S only) and last (PV only) tiles peeled off so that
+// every wgmma inside the steady-state loop is unconditional (conditional issue makes ptxas
+// serialise the wgmma pipeline), then skip the tiles after it.
 //
 // Barrier phases: stage s of a pipeline serves tiles s, s + S, s + 2S...; use k = tile / S waits
 // FULL with parity k & 1, and the producer waits EMPTY with parity (k - 1) & 1 before use k >= 1
