@@ -19,7 +19,7 @@ const CU_SOURCES: &[&str] = &[
 
 /// Translation units that only hold Hopper code, compiled for sm_90a only (the launchers never run
 /// them elsewhere). Like the others, each is compiled alone: see `main`.
-const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu"];
+const CU_SOURCES_SM90: &[&str] = &["csrc/paged_prefill_sm90.cu", "csrc/paged_prefill_sm90ws.cu"];
 
 /// Headers the sources include; a change to any of them triggers a rebuild.
 const CU_HEADERS: &[&str] = &[

@@ -73,19 +73,27 @@ pub enum PrefillPath {
     /// measure the other one. Shapes the Hopper kernel is not compiled for (other head sizes)
     /// still run the sm80 kernel.
     Sm90,
+    /// Like `Sm90` (the same device check), but the warp-specialised Hopper kernel
+    /// (`csrc/paged_prefill_sm90ws.cu`: a producer warpgroup gathering K/V pages, two ping-ponged
+    /// wgmma consumer warpgroups) for the shapes it is compiled for: head sizes 64 and 128 with a
+    /// cache of the compute type. An FP8 cache falls back to the `Sm90` kernel (same results), other
+    /// head sizes to the sm80 one. Not chosen by `Auto` until it has been measured against `Sm90`.
+    Sm90Ws,
     /// Always the FlashAttention-2 class `mma.sync` kernel.
     Sm80,
 }
 
-/// The environment variable holding the process-wide [`PrefillPath`]: `auto`, `sm90` or `sm80`.
+/// The environment variable holding the process-wide [`PrefillPath`]: `auto`, `sm90`, `sm90ws` or
+/// `sm80`.
 pub const PREFILL_PATH_ENV: &str = "PAGED_ATTN_PREFILL";
 
 impl PrefillPath {
-    /// Parses `auto`, `sm90` or `sm80` (ASCII case ignored, surrounding blanks trimmed).
+    /// Parses `auto`, `sm90`, `sm90ws` or `sm80` (ASCII case ignored, surrounding blanks trimmed).
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" | "" => Some(PrefillPath::Auto),
             "sm90" => Some(PrefillPath::Sm90),
+            "sm90ws" => Some(PrefillPath::Sm90Ws),
             "sm80" => Some(PrefillPath::Sm80),
             _ => None,
         }
@@ -97,6 +105,8 @@ impl PrefillPath {
 pub enum PrefillKernel {
     /// `csrc/paged_prefill_sm90.cu`: wgmma, sm_90a.
     Sm90,
+    /// `csrc/paged_prefill_sm90ws.cu`: wgmma, sm_90a, warp-specialised.
+    Sm90Ws,
     /// `csrc/paged_prefill.cu`: mma.sync, every GPU from sm_80.
     Sm80,
 }
@@ -125,7 +135,7 @@ pub fn with_prefill_path<R>(path: PrefillPath, f: impl FnOnce() -> R) -> R {
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] when [`PREFILL_PATH_ENV`] holds something other than `auto`,
-/// `sm90` or `sm80` (and no override is active).
+/// `sm90`, `sm90ws` or `sm80` (and no override is active).
 pub fn prefill_path() -> Result<PrefillPath, KernelError> {
     if let Some(p) = PREFILL_OVERRIDE.with(Cell::get) {
         return Ok(p);
@@ -137,43 +147,75 @@ pub fn prefill_path() -> Result<PrefillPath, KernelError> {
         Ok(v) => PrefillPath::parse(&v).ok_or(v),
     })
     .clone()
-    .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90 or sm80")))
+    .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90, sm90ws or sm80")))
 }
 
-/// Chooses the prefill kernel for `head_size` / `dtype` (0 = f16, 1 = bf16) under `path`; the
-/// device is the one whose context is current on this thread.
-fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32) -> Result<PrefillKernel, KernelError> {
+/// Chooses the prefill kernel for `head_size` / `dtype` (0 = f16, 1 = bf16) and a cache of storage
+/// `kv_dtype` (0 = the compute type, 1 / 2 = FP8) under `path`; the device is the one whose context
+/// is current on this thread.
+fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32, kv_dtype: i32) -> Result<PrefillKernel, KernelError> {
     if path == PrefillPath::Sm80 {
         return Ok(PrefillKernel::Sm80);
     }
     // SAFETY: pure queries of the current device's compute capability (cached per device by the
-    // C side) and of two integers; no memory of the caller is touched.
+    // C side) and of three integers; no memory of the caller is touched.
     let (supported, device) =
         unsafe { (ffi::pa_paged_prefill_sm90_supported(head_size, dtype), ffi::pa_paged_prefill_sm90_device()) };
-    if path == PrefillPath::Sm90 && device == 0 {
+    if matches!(path, PrefillPath::Sm90 | PrefillPath::Sm90Ws) && device == 0 {
+        let name = if path == PrefillPath::Sm90 { "sm90" } else { "sm90ws" };
         return Err(invalid(
             PREFILL,
             format!(
-                "{PREFILL_PATH_ENV}=sm90 asks for the Hopper prefill, but the device is not compute capability 9.0"
+                "{PREFILL_PATH_ENV}={name} asks for the Hopper prefill, but the device is not compute capability 9.0"
             ),
         ));
+    }
+    if path == PrefillPath::Sm90Ws {
+        // SAFETY: as above, a pure query of integers and the cached device capability.
+        let ws = unsafe { ffi::pa_paged_prefill_sm90ws_supported(head_size, dtype, kv_dtype) };
+        if ws == 1 {
+            return Ok(PrefillKernel::Sm90Ws);
+        }
     }
     Ok(if supported == 1 { PrefillKernel::Sm90 } else { PrefillKernel::Sm80 })
 }
 
-/// The prefill kernel a launch of `head_size` / `dtype` on `ctx`'s device runs under the
-/// [`PrefillPath`] in force on this thread (tests and benchmarks check it before timing or
-/// comparing).
+/// The prefill kernel a launch of `head_size` / `dtype` over a cache of the compute type on
+/// `ctx`'s device runs under the [`PrefillPath`] in force on this thread (tests and benchmarks
+/// check it before timing or comparing); [`prefill_kernel_for_cache`] for other caches.
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] for a bad [`PREFILL_PATH_ENV`], an element type other than
-/// f16 / bf16, or [`PrefillPath::Sm90`] on a device that is not compute capability 9.0;
+/// f16 / bf16, or [`PrefillPath::Sm90`] / [`PrefillPath::Sm90Ws`] on a device that is not compute
+/// capability 9.0;
 /// [`KernelError::Cuda`] when the context cannot be bound.
 pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Result<PrefillKernel, KernelError> {
+    prefill_kernel_for_cache(ctx, head_size, dtype, dtype)
+}
+
+/// As [`prefill_kernel`], for a cache stored as `cache_dtype` (`dtype` itself or an FP8 format):
+/// the paths do not all cover every cache (under [`PrefillPath::Sm90Ws`] an FP8 cache runs
+/// [`PrefillKernel::Sm90`]).
+///
+/// # Errors
+/// As [`prefill_kernel`]; [`KernelError::InvalidArgument`] also for a cache type that is neither
+/// `dtype` nor FP8.
+pub fn prefill_kernel_for_cache(
+    ctx: &CudaContext,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+) -> Result<PrefillKernel, KernelError> {
     let d = match dtype {
         DType::F16 => 0,
         DType::BF16 => 1,
         other => return Err(invalid(PREFILL, format!("element type {other} is not supported on the GPU"))),
+    };
+    let kv = match cache_dtype {
+        DType::Fp8E4M3 => 1,
+        DType::Fp8E5M2 => 2,
+        c if c == dtype => 0,
+        other => return Err(invalid(PREFILL, format!("a {other} cache cannot serve {dtype} attention"))),
     };
     let path = prefill_path()?;
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda {
@@ -181,7 +223,7 @@ pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Resu
         code: e.0 as i32,
         message: format!("{e:?}"),
     })?;
-    resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d)
+    resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d, kv)
 }
 
 /// The dimensions of one attention launch.
@@ -568,7 +610,7 @@ pub fn blocks_per_sm_for_cache(
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel: OCC, code: e.0 as i32, message: format!("{e:?}") })?;
     // The prefill kernel the launches on this thread would run.
     let prefill = match kernel {
-        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, h, d)?,
+        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, h, d, kv)?,
         AttentionKernel::Decode { .. } => PrefillKernel::Sm80,
     };
     let mut blocks: i32 = 0;
@@ -582,6 +624,7 @@ pub fn blocks_per_sm_for_cache(
             }
             AttentionKernel::Prefill { .. } => match prefill {
                 PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90_blocks_per_sm(h, d, &mut blocks),
+                PrefillKernel::Sm90Ws => ffi::pa_paged_prefill_sm90ws_blocks_per_sm(h, d, &mut blocks),
                 PrefillKernel::Sm80 => ffi::pa_paged_prefill_blocks_per_sm(h, d, &mut blocks),
             },
         }
@@ -1064,7 +1107,7 @@ fn launch<T: Element, C: KvStorage<T>>(
         v_scale,
     };
     let prefill = match kernel {
-        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype)?,
+        AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype, args.kv_dtype)?,
         AttentionKernel::Decode { .. } => PrefillKernel::Sm80,
     };
     let cu_stream = match side {
@@ -1093,6 +1136,7 @@ fn launch<T: Element, C: KvStorage<T>>(
             AttentionKernel::Decode { .. } => ffi::pa_paged_decode(&args, cu_stream),
             AttentionKernel::Prefill { .. } => match prefill {
                 PrefillKernel::Sm90 => ffi::pa_paged_prefill_sm90(&args, cu_stream),
+                PrefillKernel::Sm90Ws => ffi::pa_paged_prefill_sm90ws(&args, cu_stream),
                 PrefillKernel::Sm80 => ffi::pa_paged_prefill(&args, cu_stream),
             },
         }
@@ -1113,6 +1157,15 @@ mod tests {
         assert_eq!(DecodeVariant::ALL[0], DecodeVariant::default());
         assert_eq!("W2S4-Fold".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(true));
         assert!("w9s9".parse::<DecodeVariant>().is_err());
+    }
+
+    #[test]
+    fn prefill_paths_parse() {
+        assert_eq!(PrefillPath::parse(" SM90WS "), Some(PrefillPath::Sm90Ws));
+        assert_eq!(PrefillPath::parse("sm90"), Some(PrefillPath::Sm90));
+        assert_eq!(PrefillPath::parse("sm80"), Some(PrefillPath::Sm80));
+        assert_eq!(PrefillPath::parse(""), Some(PrefillPath::Auto));
+        assert_eq!(PrefillPath::parse("sm90-ws"), None);
     }
 
     #[test]

@@ -99,6 +99,23 @@ extern "C" {
     /// Resident blocks per SM of the sm90 prefill kernel, like [`pa_paged_prefill_blocks_per_sm`].
     pub fn pa_paged_prefill_sm90_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
 
+    /// The warp-specialised Hopper prefill (`csrc/paged_prefill_sm90ws.cu`: a cp.async producer
+    /// warpgroup and two ping-ponged wgmma consumer warpgroups) for requests `[req_begin,
+    /// req_end)`: the same contract and clamping as [`pa_paged_prefill`]; `cudaErrorNotSupported`
+    /// for a shape off this path (see [`pa_paged_prefill_sm90ws_supported`]).
+    pub fn pa_paged_prefill_sm90ws(args: *const PaAttnArgs, stream: *mut c_void) -> CudaStatus;
+
+    /// 1 when [`pa_paged_prefill_sm90ws`] runs `head_size` / `dtype` (0 = f16, 1 = bf16) with a
+    /// cache of storage `kv_dtype` (0 = the compute type; FP8 caches are not on this path) on the
+    /// current device, else 0. Needs a current CUDA context.
+    pub fn pa_paged_prefill_sm90ws_supported(head_size: i32, dtype: i32, kv_dtype: i32) -> i32;
+
+    /// Query rows one block of [`pa_paged_prefill_sm90ws`] computes (0: head size not on that path).
+    pub fn pa_paged_prefill_sm90ws_rows_per_block(head_size: i32) -> i32;
+
+    /// Resident blocks per SM of the warp-specialised prefill, like [`pa_paged_prefill_blocks_per_sm`].
+    pub fn pa_paged_prefill_sm90ws_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
+
     /// Largest GQA group the decode kernel takes for a head size (0: head size unsupported).
     pub fn pa_paged_decode_max_group(head_size: i32) -> i32;
 

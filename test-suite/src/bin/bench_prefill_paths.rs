@@ -1,9 +1,10 @@
-//! The two prefill kernels side by side in one run: the sm80 `mma.sync` kernel and the Hopper
-//! `wgmma` kernel, each on a shuffled block table (blocks drawn at random from a larger pool, as a
-//! serving run leaves them) and on a contiguous one (request blocks in order), on the prefill shapes
-//! of the Hopper issue. Prints TFLOP/s of the causal work per kernel and table, the paging cost
-//! (shuffled time over contiguous time), and the largest difference between the two kernels'
-//! outputs as a sanity check.
+//! The prefill kernels side by side in one run: the sm80 `mma.sync` kernel, the lockstep Hopper
+//! `wgmma` kernel (sm90) and the warp-specialised Hopper kernel (sm90ws), each on a shuffled block
+//! table (blocks drawn at random from a larger pool, as a serving run leaves them) and on a
+//! contiguous one (request blocks in order), on the prefill shapes of the Hopper issue. Prints
+//! TFLOP/s of the causal work per kernel and table, the paging cost (shuffled time over contiguous
+//! time), and the largest difference between each kernel's output and the sm80 kernel's as a
+//! sanity check.
 //!
 //! `bench_prefill_paths [--iters N] [--only SUBSTRING]`
 
@@ -114,7 +115,11 @@ fn main() {
     for shape in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let seed = inputs::rng(shape.name).random::<u64>();
         let mut outs: Vec<(PrefillKernel, Vec<bf16>)> = Vec::new();
-        for (path, want) in [(PrefillPath::Sm80, PrefillKernel::Sm80), (PrefillPath::Sm90, PrefillKernel::Sm90)] {
+        for (path, want) in [
+            (PrefillPath::Sm80, PrefillKernel::Sm80),
+            (PrefillPath::Sm90, PrefillKernel::Sm90),
+            (PrefillPath::Sm90Ws, PrefillKernel::Sm90Ws),
+        ] {
             let ok = with_prefill_path(path, || prefill_kernel(dev.context(), shape.head_size, DType::BF16));
             match ok {
                 Ok(k) if k == want => {}
@@ -162,10 +167,12 @@ fn main() {
                 (ms[0] / ms[1] - 1.0) * 100.0
             );
         }
-        if let [(_, a), (_, b)] = outs.as_slice() {
-            let max_diff = a.iter().zip(b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
-            let non_finite = b.iter().filter(|x| !x.to_f32().is_finite()).count();
-            println!("{:<32} sm90 vs sm80: max |diff| {max_diff:.2e}, {non_finite} non-finite sm90 outputs", "");
+        if let Some(((_, a), rest)) = outs.split_first() {
+            for (k, b) in rest {
+                let max_diff = a.iter().zip(b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
+                let non_finite = b.iter().filter(|x| !x.to_f32().is_finite()).count();
+                println!("{:<32} {k:?} vs sm80: max |diff| {max_diff:.2e}, {non_finite} non-finite {k:?} outputs", "");
+            }
         }
     }
 }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use attention_backend::{bf16, f16, DType, Element};
 use attention_kernels::attention::{
-    self, prefill_kernel, with_prefill_path, AttentionBuffers, AttentionFeatures, AttentionKernel, PrefillKernel,
-    PrefillPath,
+    self, prefill_kernel_for_cache, with_prefill_path, AttentionBuffers, AttentionFeatures, AttentionKernel,
+    PrefillKernel, PrefillPath,
 };
 use attention_kernels::cudarc::driver::CudaStream;
 use attention_kernels::launch::KvScales;
@@ -121,18 +121,22 @@ impl Spec {
     }
 }
 
-/// The prefill kernel `path` selects for `head_size`, checked to be that kernel for both compute
-/// types.
+/// The prefill kernel `path` selects for `head_size` with an FP8 cache, checked to be the expected
+/// one for both compute types and both FP8 formats (the warp-specialised path keeps FP8 caches on
+/// the lockstep Hopper kernel).
 fn on_path<R>(path: PrefillPath, head_size: usize, f: impl FnOnce() -> R) -> R {
     with_prefill_path(path, || {
         let ctx = common::device().context();
         let want = match path {
-            PrefillPath::Sm90 => PrefillKernel::Sm90,
+            PrefillPath::Sm90 | PrefillPath::Sm90Ws => PrefillKernel::Sm90,
             _ => PrefillKernel::Sm80,
         };
         for dt in [DType::F16, DType::BF16] {
-            let k = prefill_kernel(ctx, head_size, dt).unwrap_or_else(|e| panic!("{path:?} prefill unavailable: {e}"));
-            assert_eq!(k, want, "head size {head_size} {dt} does not run the {path:?} prefill");
+            for cache in [DType::Fp8E4M3, DType::Fp8E5M2] {
+                let k = prefill_kernel_for_cache(ctx, head_size, dt, cache)
+                    .unwrap_or_else(|e| panic!("{path:?} prefill unavailable: {e}"));
+                assert_eq!(k, want, "head size {head_size} {dt} {cache} cache does not run the {want:?} prefill");
+            }
         }
         f()
     })
@@ -524,6 +528,13 @@ fn fp8_prefill_sm80_features() {
 #[test]
 fn fp8_prefill_sm90_features() {
     features(PrefillPath::Sm90, &SM90_HEADS, 35_000);
+}
+
+/// PAGED_ATTN_PREFILL=sm90ws with an FP8 cache: the launcher falls back to the lockstep Hopper
+/// kernel, and the features grid still matches the reference.
+#[test]
+fn fp8_prefill_sm90ws_path_falls_back_features() {
+    features(PrefillPath::Sm90Ws, &SM90_HEADS, 35_500);
 }
 
 #[test]

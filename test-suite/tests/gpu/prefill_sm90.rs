@@ -1,11 +1,13 @@
-//! The Hopper prefill (`csrc/paged_prefill_sm90.cu`, wgmma) forced on this thread through
-//! `with_prefill_path`, against the CPU backend and the float64 recomputation of `attention.rs`,
-//! on ACCEPTANCE.md's varlen grids for the shapes it is compiled for (head sizes 64 and 128): both
-//! dtypes, blocks 16/32/64, soft-cap, sliding window, causal and not, GQA 8/2 and 16/2, ALiBi and
-//! sinks, and the long batch. Inputs, shuffled block tables and NaN-poisoned outputs come from
-//! `attention.rs`'s harness. Every test first checks that the launcher really picks the Hopper
-//! kernel, so on a device that is not compute capability 9.0 these tests fail instead of silently
-//! testing the sm80 kernel.
+//! The Hopper prefills forced on this thread through `with_prefill_path`: the lockstep kernel
+//! (`csrc/paged_prefill_sm90.cu`, tests `sm90_*`) and the warp-specialised one
+//! (`csrc/paged_prefill_sm90ws.cu`, tests `sm90ws_*`), each against the CPU backend and the
+//! float64 recomputation of `attention.rs`, on ACCEPTANCE.md's varlen grids for the shapes they are
+//! compiled for (head sizes 64 and 128): both dtypes, blocks 16/32/64, soft-cap, sliding window,
+//! causal and not, GQA 8/2 and 16/2, ALiBi and sinks, the long batch, and non-finite V at keys a
+//! row cannot see. Inputs, shuffled block tables and NaN-poisoned outputs come from
+//! `attention.rs`'s harness. Every test first checks that the launcher really picks the kernel it
+//! means to test, so on a device that is not compute capability 9.0 these tests fail instead of
+//! silently testing the sm80 kernel.
 
 use attention_backend::cuda::{self, AttentionWorkspace, CudaKvCache, DeviceMetadata, DeviceTensor};
 use attention_backend::ndarray::{Array3, ArrayView3};
@@ -24,14 +26,20 @@ use crate::common;
 /// Head sizes the Hopper kernel is compiled for.
 const SM90_HEAD_SIZES: [usize; 2] = [64, 128];
 
-/// Runs `f` with the Hopper prefill forced on this thread, after checking that the launcher takes
-/// it for `head_size` in both dtypes.
-fn on_sm90<R>(head_size: usize, f: impl FnOnce() -> R) -> R {
-    with_prefill_path(PrefillPath::Sm90, || {
+/// The two Hopper kernels: the path forcing each, and the kernel that path must resolve to for a
+/// 16-bit cache at head sizes 64 and 128.
+const SM90: (PrefillPath, PrefillKernel) = (PrefillPath::Sm90, PrefillKernel::Sm90);
+const SM90WS: (PrefillPath, PrefillKernel) = (PrefillPath::Sm90Ws, PrefillKernel::Sm90Ws);
+
+/// Runs `f` with `path.0` forced on this thread, after checking that the launcher takes kernel
+/// `path.1` for `head_size` in both dtypes.
+fn on_path<R>(path: (PrefillPath, PrefillKernel), head_size: usize, f: impl FnOnce() -> R) -> R {
+    with_prefill_path(path.0, || {
         let ctx = common::device().context();
         for dt in [DType::F16, DType::BF16] {
-            let k = prefill_kernel(ctx, head_size, dt).unwrap_or_else(|e| panic!("sm90 prefill unavailable: {e}"));
-            assert_eq!(k, PrefillKernel::Sm90, "head size {head_size} {dt} does not run the Hopper prefill");
+            let k =
+                prefill_kernel(ctx, head_size, dt).unwrap_or_else(|e| panic!("{:?} prefill unavailable: {e}", path.0));
+            assert_eq!(k, path.1, "head size {head_size} {dt} does not run the {:?} prefill", path.1);
         }
         f()
     })
@@ -39,11 +47,11 @@ fn on_sm90<R>(head_size: usize, f: impl FnOnce() -> R) -> R {
 
 /// The varlen grid for one head configuration: head 64/128 x block 16/32/64 x dtype x both varlen
 /// batches, soft-cap and window cycled, every third case non-causal.
-fn sm90_grid(heads: (usize, usize), seed0: u64) {
+fn sm90_grid(path: (PrefillPath, PrefillKernel), heads: (usize, usize), seed0: u64) {
     let mut seed = seed0;
     let mut n = 0usize;
     for d in SM90_HEAD_SIZES {
-        on_sm90(d, || {
+        on_path(path, d, || {
             for bs in [16, 32, 64] {
                 for bf in [false, true] {
                     for batch in VARLEN_BATCHES {
@@ -60,26 +68,35 @@ fn sm90_grid(heads: (usize, usize), seed0: u64) {
             }
         });
     }
-    eprintln!("sm90 prefill heads {heads:?}: {n} cases passed");
+    eprintln!("{:?} prefill heads {heads:?}: {n} cases passed", path.1);
 }
 
 #[test]
 fn sm90_grid_varlen_heads_8_2() {
-    sm90_grid((8, 2), 12_100);
+    sm90_grid(SM90, (8, 2), 12_100);
 }
 
 #[test]
 fn sm90_grid_varlen_heads_16_2() {
-    sm90_grid((16, 2), 12_200);
+    sm90_grid(SM90, (16, 2), 12_200);
+}
+
+#[test]
+fn sm90ws_grid_varlen_heads_8_2() {
+    sm90_grid(SM90WS, (8, 2), 12_100);
+}
+
+#[test]
+fn sm90ws_grid_varlen_heads_16_2() {
+    sm90_grid(SM90WS, (16, 2), 12_200);
 }
 
 /// The long batch [(2048, 2048), (1, 8192), (300, 4000)] for both head sizes and dtypes, with and
 /// without a window, GQA 16/2.
-#[test]
-fn sm90_grid_long_batch() {
+fn long_batch(path: (PrefillPath, PrefillKernel)) {
     let mut seed = 13_000;
     for d in SM90_HEAD_SIZES {
-        on_sm90(d, || {
+        on_path(path, d, || {
             for bf in [false, true] {
                 for (i, win) in WINDOWS.into_iter().enumerate() {
                     seed += 1;
@@ -91,15 +108,23 @@ fn sm90_grid_long_batch() {
     }
 }
 
-/// ALiBi, sinks, MQA, non-causal windows, padding rows and forward() with the cache write, on the
-/// Hopper kernel.
 #[test]
-fn sm90_features() {
+fn sm90_grid_long_batch() {
+    long_batch(SM90);
+}
+
+#[test]
+fn sm90ws_grid_long_batch() {
+    long_batch(SM90WS);
+}
+
+/// ALiBi, sinks, MQA, non-causal windows, padding rows and forward() with the cache write.
+fn features(path: (PrefillPath, PrefillKernel)) {
     let mut rng = StdRng::seed_from_u64(1414);
     let mixed: &[(usize, usize)] = &[(1, 700), (17, 17), (64, 1000), (200, 260), (129, 129)];
     let mut seed = 14_000;
     for d in SM90_HEAD_SIZES {
-        on_sm90(d, || {
+        on_path(path, d, || {
             for bf in [false, true] {
                 for heads in [(8, 2), (32, 1), (16, 16)] {
                     let h = heads.0;
@@ -127,11 +152,21 @@ fn sm90_features() {
 }
 
 #[test]
-fn sanitizer_subset_sm90_prefill() {
+fn sm90_features() {
+    features(SM90);
+}
+
+#[test]
+fn sm90ws_features() {
+    features(SM90WS);
+}
+
+/// A small varlen batch with padding rows on a large cache pool: the set compute-sanitizer runs.
+fn sanitizer_subset(path: (PrefillPath, PrefillKernel)) {
     let batch: &[(usize, usize)] = &[(70, 150), (1, 9), (33, 97), (130, 130)];
     let mut seed = 15_000;
     for (i, d) in SM90_HEAD_SIZES.into_iter().enumerate() {
-        on_sm90(d, || {
+        on_path(path, d, || {
             for bf in [false, true] {
                 seed += 1;
                 let bs = [16, 64][usize::from(bf)];
@@ -144,6 +179,16 @@ fn sanitizer_subset_sm90_prefill() {
             }
         });
     }
+}
+
+#[test]
+fn sanitizer_subset_sm90_prefill() {
+    sanitizer_subset(SM90);
+}
+
+#[test]
+fn sanitizer_subset_sm90ws_prefill() {
+    sanitizer_subset(SM90WS);
 }
 
 // ---- non-finite V at keys a row cannot see ------------------------------------------------------
@@ -270,10 +315,11 @@ fn unseen_case<T: Element>(params: AttentionParams, block_size: usize, q_len: us
     assert!(hidden_rows > 0 && seen_rows > 0, "the case must have rows on both sides ({hidden_rows} / {seen_rows})");
 }
 
-#[test]
-fn sm90_unseen_non_finite_v_never_reaches_a_row() {
+/// Causal diagonal tiles, a sliding window over a prefix and a non-causal right window, each with a
+/// NaN and an Inf V row, for both head sizes and block sizes 16 / 64.
+fn unseen_all(path: (PrefillPath, PrefillKernel)) {
     for d in SM90_HEAD_SIZES {
-        on_sm90(d, || {
+        on_path(path, d, || {
             for bs in [16, 64] {
                 // Causal: the NaN / Inf keys sit in the middle of a 128-row block, on a diagonal tile.
                 let p = AttentionParams::new(8, 2, d);
@@ -288,4 +334,14 @@ fn sm90_unseen_non_finite_v_never_reaches_a_row() {
             }
         });
     }
+}
+
+#[test]
+fn sm90_unseen_non_finite_v_never_reaches_a_row() {
+    unseen_all(SM90);
+}
+
+#[test]
+fn sm90ws_unseen_non_finite_v_never_reaches_a_row() {
+    unseen_all(SM90WS);
 }

@@ -1,0 +1,680 @@
+// Paged prefill on Hopper (sm_90a), warp-specialised: one warpgroup gathers K/V pages, two
+// warpgroups run the matrix products, and neither waits for the other except through shared-memory
+// barriers. Selected with PAGED_ATTN_PREFILL=sm90ws; paged_prefill_sm90.cu (every thread loads,
+// then computes, in lockstep) stays the default until this one is measured.
+//
+// Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
+// block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its
+// own softmax with its next QK^T, and the two consumers take turns on the tensor cores so that one
+// group's softmax runs while the other's products do.
+//
+// Block: 384 threads, one block per SM (shared memory and registers), 128 query rows of one
+// request and one query head (BM = 128), keys in tiles of BN = 128.
+//
+// Warpgroup 0, the producer (40 registers after `setmaxnreg.dec`): loads the Q tile once, then
+// walks the block's key tiles. For each tile one producer thread per key row reads the block table
+// (the page of the tile after the current one is fetched a tile early, into a register) and writes
+// the row's cache offset to a three-slot ring in shared memory; after a producer-only named barrier
+// every producer thread issues its share of 16-byte cp.async copies into the 128-byte swizzled
+// tile and then `cp.async.mbarrier.arrive.noinc` on the stage's FULL barrier (count 128: one
+// arrival per producer thread, each fired when that thread's copies have landed). K and V have
+// separate stages and barriers, issued in the order the consumers need them: K0, then K(n+1)
+// before V(n), so the next QK^T never waits for a V. Before overwriting a stage the producer waits
+// on its EMPTY barrier (count 256: every consumer thread arrives once per use).
+// TMA is not used: a tile spans several pages at arbitrary places and the cache row stride is
+// not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
+// Hopper paged prefill does the same).
+//
+// Warpgroups 1 and 2, the consumers (232 registers after `setmaxnreg.inc`), own 64 query rows each.
+// Per key tile n, a consumer (both go through every tile in the same order, see "skipped tiles"):
+//   wait FULL_K(n); [turn] issue S(n) = Q K(n)^T; wait FULL_V(n-1); rescale O by the factor
+//   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
+//   (wgmma.wait_group 1 while the PV product still runs); release K(n); mask + softmax of
+//   S(n) in place; wait for the PV product; release V(n-1); pack P(n) to 16-bit pairs.
+// So the exponentials of tile n overlap the PV product of tile n-1 inside one warpgroup. [turn]
+// is a named barrier per consumer (`bar.sync 1 + c, 256` waits for the other consumer's
+// `bar.arrive`): consumer 0 gets the first turn, and each consumer hands the turn over right after
+// issuing its two products, so their issue phases alternate and one group's softmax runs while the
+// other's products fill the tensor cores (FlashAttention-3's "ping-pong"). Every consumer takes
+// exactly one turn per tile; consumer 0 takes one extra sync at the end to consume the last
+// hand-over, so no named barrier is left half-arrived when the block exits.
+//
+// Skipped tiles: a consumer whose rows see no key of a tile issues no product for it, but still
+// waits on the tile's FULL barriers, arrives on its EMPTY barriers and takes its turn. Waiting
+// on FULL before releasing keeps each barrier's phase in step with the producer (a release without
+// the wait could complete an EMPTY phase while copies of that stage are still in flight); taking
+// the turn keeps the alternation balanced. The producer only waits for stages it is about to reuse,
+// and every stage it fills is one both consumers will wait on and release. The tiles a consumer
+// does see form one contiguous run (its rows' key interval), so its loop is: skip the tiles before
+// the run, the run itself with the first (S only) and last (PV only) tiles peeled off so that
+// every wgmma inside the steady-state loop is unconditional (conditional issue makes ptxas
+// serialise the wgmma pipeline), then skip the tiles after it.
+//
+// Barrier phases: stage s of a pipeline serves tiles s, s + S, s + 2S...; use k = tile / S waits
+// FULL with parity k & 1, and the producer waits EMPTY with parity (k - 1) & 1 before use k >= 1
+// (a fresh stage needs no wait). Before exiting, the producer waits for the release of the last
+// V tile, which comes after every other release, so no copy or barrier arrival of this block is
+// still pending when its warps retire.
+//
+// Hang guard: the producer's waits trap after 30 s (see mbar_wait_guarded), so a protocol error
+// shows up as a failed launch instead of a hung process.
+//
+// Proxies: cp.async writes shared memory through the generic proxy and wgmma reads it through the
+// async proxy, so each consumer thread executes `fence.proxy.async` after every FULL wait.
+//
+// Masks and features are the lockstep kernel's, computed the same way (identical arithmetic, so
+// the two Hopper kernels agree to rounding of the same operations): the key range of the block is
+// cut by the causal / window bounds and only its tiles are loaded; a consumer skips tiles none of
+// its rows sees; the element-wise mask runs only on tiles straddling a bound of its rows or when
+// soft-cap / ALiBi need the element-wise pass; sinks and LSE in the epilogue; GQA through the KV
+// head of the query head. Unseen non-finite V: on a tile that straddles a mask bound of any row of
+// the block the PRODUCER waits for its own V copies (cp.async.wait_all + a producer barrier), zeroes
+// every non-finite V element in shared memory, records the keys that had one in a per-stage bit set,
+// and arrives on FULL_V with a plain release arrive instead of the cp.async one; a consumer row
+// that can see such a key outputs NaN (same rule as paged_prefill_sm90.cu's header).
+//
+// Shared memory (BN = 128): Q BM x D, then S stages of K and S of V, BN x D each, as 64-column
+// swizzled panels; head 128: 32 KB + 2 x 2 x 32 KB = 160 KB (S = 2, as FlashAttention-3 at head
+// 128: a third stage would fit in 227 KB but leaves almost no L1, and one tile of compute per
+// block is about 2 us, longer than a gather's latency); head 64: 16 KB + 4 x 2 x 16 KB = 144 KB
+// (S = 4: a tile of head 64 is half the compute, so twice the depth covers the same latency).
+//
+// Not on this path (the Rust launcher runs paged_prefill_sm90.cu instead, with identical results):
+// FP8 caches, head sizes other than 64 and 128. Device code exists only in the sm_90a image, and
+// the launcher refuses devices that are not compute capability 9.0.
+
+#include <climits>
+
+#include "attention/common.cuh"
+#include "attention/fp8_tile.cuh"
+#include "attention/softmax_state.cuh"
+#include "attention/wgmma_sm90.cuh"
+
+namespace {
+
+using pa::KernelParams;
+
+template <int D> struct WsCfg {
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kBM = 64 * kConsumers;
+  static constexpr int kBN = 128;
+  static constexpr int kStages = D <= 64 ? 4 : 2;
+  static constexpr int kChunks = D / 8;  // 16-byte units per row
+  static constexpr int kQBytes = kBM * D * 2;
+  static constexpr int kTileBytes = kBN * D * 2;
+  static constexpr int kBadWords = kBN / 32;
+  // Register split: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the launch allocation.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  // Byte offsets from the 1024-aligned base.
+  static constexpr int kOffK = kQBytes;
+  static constexpr int kOffV = kOffK + kStages * kTileBytes;
+  static constexpr int kOffBar = kOffV + kStages * kTileBytes;  // full_k, full_v, empty_k, empty_v, q
+  static constexpr int kNumBars = 4 * kStages + 1;
+  static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
+  static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
+  static constexpr int kAlignSlack = 1024;
+  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffBad + kStages * kBadWords * 4;
+  static_assert(D % 64 == 0, "tiles are stored as 64-column swizzled panels");
+  static_assert(kBN <= 128, "one producer thread computes one key row's offset");
+  static_assert((kBN * kChunks) % 128 == 0, "producer copies divide evenly");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
+
+// Named barrier ids (0 is __syncthreads): the two consumers' turns, and the producer's own.
+constexpr int kBarTurn0 = 1;
+constexpr int kBarProducer = 3;
+
+#if PA_SM90_ENABLED
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Whether the phase of `bar` with parity `parity` has completed (acquire when it has); the
+// instruction itself may suspend the thread for a while before answering no.
+__device__ __forceinline__ bool mbar_try(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Waits until the phase of `bar` with parity `parity` has completed (acquire).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  while (!mbar_try(bar, parity)) {
+  }
+}
+// The producer's wait, with a deadlock guard: no wait of a correct block lasts anywhere near
+// kHangNs (a block's whole work takes milliseconds, even under compute-sanitizer), so a barrier
+// protocol error traps -- a launch failure the caller sees -- instead of hanging the process. Only
+// the producer carries it: in the consumers its two live registers make ptxas spill and serialise
+// the wgmma pipeline. Any stall of the consumers still reaches a guarded wait, because the
+// producer ends every block (n_tiles > 0) waiting for the consumers' last release.
+constexpr uint64_t kHangNs = 30ull * 1000 * 1000 * 1000;
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void mbar_wait_guarded(uint32_t bar, uint32_t parity) {
+  if (mbar_try(bar, parity)) return;
+  const uint64_t t0 = global_ns();
+  uint32_t n = 0;
+  while (!mbar_try(bar, parity)) {
+    if ((++n & 255u) == 0u && global_ns() - t0 > kHangNs) __trap();
+  }
+}
+// One arrival (release: this thread's earlier shared-memory writes are visible to the waiters).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// One arrival, fired once every cp.async this thread issued before it has completed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
+               : "memory");
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
+
+template <typename T, int D>
+__global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p) {
+#if PA_SM90_ENABLED
+  using Cfg = WsCfg<D>;
+  namespace w = pa::sm90;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks, S = Cfg::kStages;
+  constexpr int NS = BN / 2;  // S accumulator floats per thread
+  constexpr int NO = D / 2;   // O accumulator floats per thread
+  constexpr int NJ = BN / 8;  // n8 column groups of S
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t pad = (1024u - (raw_addr & 1023u)) & 1023u;
+  unsigned char* smem = smem_raw + pad;
+  const uint32_t base = raw_addr + pad;  // Q tile
+  const uint32_t k_base = base + Cfg::kOffK, v_base = base + Cfg::kOffV, bars = base + Cfg::kOffBar;
+  int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kOffRo);  // [3][BN]
+  uint32_t* bad_s = reinterpret_cast<uint32_t*>(smem + Cfg::kOffBad);  // [S][BN / 32]
+  auto full_k = [&](int s) { return bars + 8u * s; };
+  auto full_v = [&](int s) { return bars + 8u * (S + s); };
+  auto empty_k = [&](int s) { return bars + 8u * (2 * S + s); };
+  auto empty_v = [&](int s) { return bars + 8u * (3 * S + s); };
+  const uint32_t q_full = bars + 8u * (4 * S);
+
+  const int tid = threadIdx.x;
+  // Flat grid, heaviest row blocks first (as paged_prefill_sm90.cu).
+  const int H = p.num_heads;
+  const int hr = p.num_launch_reqs * H;
+  const int mb_rev = blockIdx.x / hr;
+  const int req = p.req_begin + (blockIdx.x % hr) / H;
+  const int h = blockIdx.x % H;
+  const int kvh = h / (H / p.num_kv_heads);
+
+  const int q_start = pa::clamp_int(p.qsl[req], 0, static_cast<int>(p.num_tokens));
+  const int q_end = pa::clamp_int(p.qsl[req + 1], q_start, static_cast<int>(p.num_tokens));
+  const int q_len = q_end - q_start;
+  const int m0 = (gridDim.x / hr - 1 - mb_rev) * BM;
+  if (m0 >= q_len) return;  // block-uniform, before any barrier exists
+  const int rows = min(BM, q_len - m0);
+  const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
+  const int ctx = seq_len - q_len;
+  const int p_first = ctx + m0, p_last = ctx + m0 + rows - 1;
+  int lo, hi;
+  pa::key_range(p_first, p_last, seq_len, p, lo, hi);
+  // Tiles holding keys above mask_above_b or below mask_below_b are hidden from some row of the
+  // block: their V gets sanitised (producer and consumers evaluate this identically).
+  int mask_above_b = seq_len - 1;
+  if (p.causal) mask_above_b = min(mask_above_b, p_first);
+  if (p.window_right >= 0) mask_above_b = min(mask_above_b, p_first + p.window_right);
+  const int mask_below_b = p.window_left >= 0 ? p_last - p.window_left : INT_MIN;
+  const int n_first = hi >= lo ? lo / BN : 0;
+  const int n_tiles = hi >= lo ? hi / BN - n_first + 1 : 0;
+  auto block_mask = [&](int t) {
+    const int n0 = (n_first + t) * BN;
+    return n0 + BN - 1 > mask_above_b || n0 < mask_below_b;
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_k(s), 128);
+      mbar_init(full_v(s), 128);
+      mbar_init(empty_k(s), 256);
+      mbar_init(empty_v(s), 256);
+    }
+    mbar_init(q_full, 128);
+  }
+  __syncthreads();  // the only block-wide barrier: the roles below never meet in bar 0 again
+
+  const int wg = tid / 128;
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (n_tiles == 0) return;
+    const int pt = tid;
+    const T* q = static_cast<const T*>(p.query);
+    const T* kc = static_cast<const T*>(p.key_cache);
+    const T* vc = static_cast<const T*>(p.value_cache);
+    for (int idx = pt; idx < BM * C; idx += 128) {
+      const int r = idx / C, c = idx % C;
+      const bool valid = r < rows;
+      const int64_t off = valid ? pa::q_row(p, q_start + m0 + r, h) + c * 8 : 0;
+      cp_async16(base + w::swizzled_offset(BM, r, c * 8), q + off, valid);
+    }
+    mbar_arrive_cp_async(q_full);
+
+    // This thread copies 16-byte unit c of rows r0, r0 + RPI, r0 + 2 RPI...: RPI is a multiple of 8,
+    // so every one of its rows has the same swizzle phase and its destinations are RPI rows apart.
+    constexpr int RPI = 128 / C;
+    static_assert(RPI % 8 == 0, "rows per pass must keep the swizzle phase");
+    const int c_thr = pt % C, r0 = pt / C;
+    const uint32_t dst0 = w::swizzled_offset(BN, r0, c_thr * 8);
+    auto issue = [&](uint32_t dst, const T* src, const int64_t* ro) {
+      const T* src_c = src + c_thr * 8;
+#pragma unroll 4
+      for (int i = 0; i < BN / RPI; ++i) {
+        const int64_t row = ro[r0 + i * RPI];
+        const bool valid = row >= 0;
+        cp_async16(dst + dst0 + i * RPI * 128, valid ? src_c + row : src, valid);
+      }
+    };
+    int64_t pg = 0;  // page of this thread's key row in the next tile to stage
+    if (pt < BN && n_first * BN + pt < seq_len) pg = pa::page_of(p, req, n_first * BN + pt);
+    // Step j issues K(j) (j < n_tiles) and V(j - 1) (j >= 1).
+#pragma unroll 1
+    for (int j = 0; j <= n_tiles; ++j) {
+      if (j < n_tiles && pt < BN) {
+        const int key = (n_first + j) * BN + pt;
+        ro_s[(j % 3) * BN + pt] = key < seq_len ? pa::cache_row(p, pg, key, kvh, D) : -1;
+        const int nkey = key + BN;
+        pg = (j + 1 < n_tiles && nkey < seq_len) ? pa::page_of(p, req, nkey) : 0;
+      }
+      // Row offsets of tile j visible to every producer thread; every producer thread is past step
+      // j - 1, so the slot step j + 1 overwrites ((j - 2) % 3) has no reader left.
+      named_sync(kBarProducer, 128);
+      if (j < n_tiles) {
+        const int s = j % S;
+        if (j >= S) mbar_wait_guarded(empty_k(s), ((j / S) - 1) & 1);
+        issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (j % 3) * BN);
+        mbar_arrive_cp_async(full_k(s));
+      }
+      if (j >= 1) {
+        const int t = j - 1, s = t % S;
+        if (t >= S) mbar_wait_guarded(empty_v(s), ((t / S) - 1) & 1);
+        const uint32_t vs = v_base + s * Cfg::kTileBytes;
+        issue(vs, vc, ro_s + (t % 3) * BN);
+        if (block_mask(t)) {
+          // Zero the tile's non-finite V elements once they have landed; note their keys.
+          uint32_t* bad = bad_s + s * Cfg::kBadWords;
+          if (pt < Cfg::kBadWords) bad[pt] = 0u;
+          cp_async_wait_all();
+          named_sync(kBarProducer, 128);
+          unsigned char* vp = smem + (vs - base);
+          for (int idx = pt; idx < BN * C; idx += 128) {
+            const int r = idx / C, c = idx % C;
+            uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
+            uint4 v = *ptr;
+            const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) | pa::sanitize_pair<T>(v.z) |
+                               pa::sanitize_pair<T>(v.w);
+            if (f != 0u) {
+              *ptr = v;
+              atomicOr(&bad[r >> 5], 1u << (r & 31));
+            }
+          }
+          mbar_arrive(full_v(s));
+        } else {
+          mbar_arrive_cp_async(full_v(s));
+        }
+      }
+    }
+    // Retire only after the consumers released the last V stage (their last release of all).
+    mbar_wait_guarded(empty_v((n_tiles - 1) % S), ((n_tiles - 1) / S) & 1);
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int cw = wg - 1;  // consumer 0 / 1
+  const int ct = tid - 128 * wg;
+  const int warp = ct / 32, lane = ct % 32;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int rw0 = cw * 64;
+  int lo_w, hi_w, mask_above, mask_below;
+  {
+    const int rows_w = min(64, rows - rw0);  // <= 0: the warpgroup holds no query row
+    const int pw_first = ctx + m0 + rw0;
+    const int pw_last = pw_first + max(rows_w, 1) - 1;
+    pa::key_range(pw_first, pw_last, seq_len, p, lo_w, hi_w);
+    if (rows_w <= 0) hi_w = -1;
+    mask_above = seq_len - 1;
+    if (p.causal) mask_above = min(mask_above, pw_first);
+    if (p.window_right >= 0) mask_above = min(mask_above, pw_first + p.window_right);
+    mask_below = p.window_left >= 0 ? pw_last - p.window_left : INT_MIN;
+  }
+  const int r_thr = rw0 + warp * 16 + g;  // this thread's rows r_thr and r_thr + 8 of the block
+
+  float o[NO];
+#pragma unroll
+  for (int i = 0; i < NO; ++i) o[i] = 0.f;
+  pa::SoftmaxState st[2];
+  st[0].reset();
+  st[1].reset();
+  bool v_bad[2] = {false, false};
+  const float slope = p.has_alibi ? p.alibi[h] : 0.f;
+  const bool elementwise = p.softcap > 0.f || p.has_alibi;
+  const float qk_scale = p.scale;
+  const float scale2 = qk_scale * pa::kLog2e;
+
+  if (n_tiles > 0) {
+    const int bar_self = kBarTurn0 + cw, bar_other = kBarTurn0 + 1 - cw;
+    // The tiles this warpgroup's rows see: one contiguous run [wa, wb] of the block's tiles (the
+    // condition n0 <= hi_w && n0 + BN - 1 >= lo_w is an interval in n0); wa > wb: none.
+    int wa = n_tiles, wb = n_tiles - 1;
+    if (hi_w >= lo_w) {
+      wa = max(lo_w / BN - n_first, 0);
+      wb = min(hi_w / BN - n_first, n_tiles - 1);
+      if (wa > wb) {
+        wa = n_tiles;
+        wb = n_tiles - 1;
+      }
+    }
+    // A tile none of this warpgroup's rows sees: keep the barrier phases and the turns in step.
+    auto skip_tile = [&](int t) {
+      mbar_wait(full_k(t % S), (t / S) & 1);
+      named_sync(bar_self, 256);
+      named_arrive(bar_other, 256);
+      mbar_arrive(empty_k(t % S));
+      mbar_wait(full_v(t % S), (t / S) & 1);
+      mbar_arrive(empty_v(t % S));
+    };
+    if (cw == 0) named_arrive(kBarTurn0, 256);  // consumer 0 has the first turn
+#pragma unroll 1
+    for (int t = 0; t < wa; ++t) skip_tile(t);
+
+    if (wa <= wb) {
+      mbar_wait(q_full, 0);
+      float s[NS];
+      uint32_t pk[BN / 4];
+      float alpha[2];
+      const uint32_t q_wg = base + rw0 * 128;
+      // S = Q K(n)^T into s (issued and committed, not waited for).
+      auto issue_s = [&](int n) {
+        const uint32_t k_addr = k_base + (n % S) * Cfg::kTileBytes;
+        w::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t pan = kk >> 2, sub = (kk & 3) * 32;
+          const uint64_t da = w::smem_desc(q_wg + pan * (BM * 128) + sub, 1, 64);
+          const uint64_t db = w::smem_desc(k_addr + pan * (BN * 128) + sub, 1, 64);
+          w::WgmmaSS<T, BN>::run(s, da, db, kk > 0 ? 1 : 0);
+        }
+        w::wgmma_commit();
+      };
+      // O = alpha O + P V(t) (issued and committed, not waited for). V is MN-major: 64-column
+      // panels BN * 128 bytes apart (LBO), 8-key groups 1024 bytes apart (SBO); k-step kk takes
+      // keys 16 kk.., whose A fragment is pk[4 kk..]. Multiplying by an alpha of exactly 1 changes
+      // no bit, so the rescale is unconditional.
+      auto issue_pv = [&](int t) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          o[j * 4 + 0] *= alpha[0];
+          o[j * 4 + 1] *= alpha[0];
+          o[j * 4 + 2] *= alpha[1];
+          o[j * 4 + 3] *= alpha[1];
+        }
+        const uint32_t v_addr = v_base + (t % S) * Cfg::kTileBytes;
+        w::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          const uint32_t a[4] = {pk[4 * kk + 0], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+          const uint64_t dv = w::smem_desc(v_addr + kk * 16 * 128, BN * 128 / 16, 64);
+          w::WgmmaRS<T, D>::run(o, a, dv);
+        }
+        w::wgmma_commit();
+      };
+      // Mask and online softmax of tile n in place: s becomes exp2(s - base) (unpacked), the
+      // row sums join st, al gets the factor O owes before P(n) V(n) is added.
+      auto softmax = [&](int n, float (&al)[2]) {
+        const int n0 = (n_first + n) * BN;
+        const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
+        const bool exact = need_mask || elementwise;
+        if (exact) {
+#pragma unroll
+          for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int pos = ctx + m0 + r_thr + (e >= 2 ? 8 : 0);
+              const int key = n0 + j * 8 + 2 * t4 + (e & 1);
+              float x = pa::fp8tile::score_log2_scaled(s[j * 4 + e], qk_scale, p, slope, pos, key);
+              if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
+              s[j * 4 + e] = x;
+            }
+        }
+        const float sc = exact ? 1.f : scale2;
+        float mu[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
+        }
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          const float e0 = pa::fast_exp2(fmaf(s[j * 4 + 0], sc, -mu[0]));
+          const float e1 = pa::fast_exp2(fmaf(s[j * 4 + 1], sc, -mu[0]));
+          const float e2 = pa::fast_exp2(fmaf(s[j * 4 + 2], sc, -mu[1]));
+          const float e3 = pa::fast_exp2(fmaf(s[j * 4 + 3], sc, -mu[1]));
+          sum0 += e0 + e1;
+          sum1 += e2 + e3;
+          s[j * 4 + 0] = e0;
+          s[j * 4 + 1] = e1;
+          s[j * 4 + 2] = e2;
+          s[j * 4 + 3] = e3;
+        }
+        st[0].add(al[0], sum0);
+        st[1].add(al[1], sum1);
+      };
+      auto pack_p = [&]() {
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          pk[j * 2 + 0] = pa::Elem<T>::pack(s[j * 4 + 0], s[j * 4 + 1]);
+          pk[j * 2 + 1] = pa::Elem<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
+        }
+      };
+      // After the PV product of tile t: rows that see a key whose V the producer sanitised.
+      auto note_bad_v = [&](int t) {
+        if (!block_mask(t)) return;
+        const uint32_t* bad = bad_s + (t % S) * Cfg::kBadWords;
+        const int t0 = (n_first + t) * BN;
+#pragma unroll 1
+        for (int wd = 0; wd < Cfg::kBadWords; ++wd) {
+          uint32_t word = bad[wd];
+          while (word != 0u) {
+            const int b = __ffs(word) - 1;
+            word &= word - 1u;
+            const int key = t0 + wd * 32 + b;
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+              if (pa::key_visible(ctx + m0 + r_thr + rr * 8, key, seq_len, p)) v_bad[rr] = true;
+          }
+        }
+      };
+
+      // First tile of the run: S only.
+      mbar_wait(full_k(wa % S), (wa / S) & 1);
+      w::fence_proxy_async_smem();
+      named_sync(bar_self, 256);
+      issue_s(wa);
+      named_arrive(bar_other, 256);
+      w::wgmma_wait<0>();
+      w::fence_regs(s);
+      mbar_arrive(empty_k(wa % S));
+      softmax(wa, alpha);
+      pack_p();
+      // Steady state: S(n) runs while O catches up with tile n - 1, then the softmax of tile n
+      // runs while P(n - 1) V(n - 1) does.
+#pragma unroll 1
+      for (int n = wa + 1; n <= wb; ++n) {
+        mbar_wait(full_k(n % S), (n / S) & 1);
+        w::fence_proxy_async_smem();
+        named_sync(bar_self, 256);
+        issue_s(n);
+        mbar_wait(full_v((n - 1) % S), ((n - 1) / S) & 1);
+        w::fence_proxy_async_smem();
+        issue_pv(n - 1);
+        named_arrive(bar_other, 256);
+        w::wgmma_wait<1>();  // S(n) done; PV(n - 1) may still run
+        w::fence_regs(s);
+        mbar_arrive(empty_k(n % S));
+        float al[2];
+        softmax(n, al);
+        w::wgmma_wait<0>();
+        w::fence_regs(o);
+        w::fence_regs(pk);
+        note_bad_v(n - 1);
+        mbar_arrive(empty_v((n - 1) % S));
+        pack_p();
+        alpha[0] = al[0];
+        alpha[1] = al[1];
+      }
+      // Last tile of the run: PV only.
+      mbar_wait(full_v(wb % S), (wb / S) & 1);
+      w::fence_proxy_async_smem();
+      issue_pv(wb);
+      w::wgmma_wait<0>();
+      w::fence_regs(o);
+      note_bad_v(wb);
+      mbar_arrive(empty_v(wb % S));
+    }
+
+#pragma unroll 1
+    for (int t = max(wb + 1, wa); t < n_tiles; ++t) skip_tile(t);
+    // Consume consumer 1's last hand-over so both turn barriers end complete.
+    if (cw == 0) named_sync(kBarTurn0, 256);
+  }
+  // Epilogue: finish the row sums across the quad, normalise, write.
+  T* out = static_cast<T*>(p.out);
+  const float sink2 = p.has_sinks ? p.sinks[h] : -INFINITY;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float lr = st[rr].l;
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    int bad = v_bad[rr];
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+    const int r = r_thr + rr * 8;
+    if (r < rows) {
+      const int64_t token = q_start + m0 + r;
+      const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
+      const float os = bad ? __int_as_float(0x7fffffff) : f.out_scale;
+      uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
+      if (t4 == 0 && p.lse) p.lse[token * H + h] = f.lse;
+    }
+  }
+#endif  // PA_SM90_ENABLED
+}
+
+template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
+  switch (head_size) {
+    case 64: return f(pa::HeadDim<64>{});
+    case 128: return f(pa::HeadDim<128>{});
+    default: return cudaErrorNotSupported;
+  }
+}
+
+template <typename T, int D> cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
+  using Cfg = WsCfg<D>;
+  const int n = a.req_end - a.req_begin;
+  if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
+  const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t n_blocks = m_blocks * a.num_heads * n;
+  if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
+  cudaError_t err =
+      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D>>(static_cast<int>(Cfg::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  prefill_sm90ws_kernel<T, D><<<dim3(static_cast<unsigned>(n_blocks)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
+  return pa_last_launch_status();
+}
+
+}  // namespace
+
+// From paged_prefill_sm90.cu: 1 when the current device is compute capability 9.0.
+extern "C" int32_t pa_paged_prefill_sm90_device(void);
+
+// 1 when pa_paged_prefill_sm90ws runs (head_size, dtype, kv_dtype) on the current device: head
+// 64 or 128, f16 (0) or bf16 (1), a cache of the compute type (kv_dtype 0; FP8 caches stay on
+// pa_paged_prefill_sm90), and a compute capability 9.0 device; else 0.
+PA_EXPORT int32_t pa_paged_prefill_sm90ws_supported(int32_t head_size, int32_t dtype, int32_t kv_dtype) {
+  if (head_size != 64 && head_size != 128) return 0;
+  if (dtype != 0 && dtype != 1) return 0;
+  if (kv_dtype != 0) return 0;
+  return pa_paged_prefill_sm90_device();
+}
+
+// Query rows one block of the warp-specialised kernel computes (0 off this path).
+PA_EXPORT int32_t pa_paged_prefill_sm90ws_rows_per_block(int32_t head_size) {
+  int32_t rows = 0;
+  dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
+    rows = WsCfg<decltype(tag)::value>::kBM;
+    return cudaSuccess;
+  });
+  return rows;
+}
+
+// Resident blocks per SM of the warp-specialised kernel for (head size, dtype) on the current
+// device (1 where it fits at all: it is built for one block per SM).
+PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
+  if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+  return dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
+    constexpr int D = decltype(tag)::value;
+    using Cfg = WsCfg<D>;
+    auto occupancy = [&](auto kernel) -> cudaError_t {
+      const int smem = static_cast<int>(Cfg::kSmemBytes);
+      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+      int nb = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, Cfg::kThreads, smem);
+      if (err == cudaSuccess) *blocks = nb;
+      return err;
+    };
+    return dtype == 0 ? occupancy(prefill_sm90ws_kernel<__half, D>) : occupancy(prefill_sm90ws_kernel<__nv_bfloat16, D>);
+  });
+}
+
+// Varlen attention for requests [req_begin, req_end) on the warp-specialised Hopper kernel; same
+// contract and clamping as pa_paged_prefill. cudaErrorNotSupported for a shape off this path (see
+// pa_paged_prefill_sm90ws_supported): the caller runs pa_paged_prefill_sm90 instead.
+PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const PaAttnArgs& a = *args;
+  cudaError_t err = pa::check_args(a);
+  if (err != cudaSuccess) return err;
+  if (pa_paged_prefill_sm90ws_supported(a.head_size, a.dtype, a.kv_dtype) != 1) return cudaErrorNotSupported;
+  pa::KernelParams kp;
+  if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
+  return dispatch_ws_head_size(a.head_size, [&](auto tag) -> cudaError_t {
+    constexpr int D = decltype(tag)::value;
+    return a.dtype == 0 ? launch_ws<__half, D>(a, kp, stream) : launch_ws<__nv_bfloat16, D>(a, kp, stream);
+  });
+}
