@@ -126,9 +126,11 @@ constexpr int kDecodeMaxGroup = 65535;
 // result equals that split's own finalisation bit for bit (empty splits add exact zeros).
 __device__ __forceinline__ void merge_stats(const float* ml, int S, int64_t stride, int64_t row, float& M, float& L) {
   M = -INFINITY;
+#pragma unroll 8
   for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(ml + (s * stride + row) * 2));
   const float mu = pa::exp_base(M);
   L = 0.f;
+#pragma unroll 8
   for (int s = 0; s < S; ++s) {
     const float w = pa::merge_weight_exact(__ldcg(ml + (s * stride + row) * 2), mu);
     L = __fmaf_rn(__ldcg(ml + (s * stride + row) * 2 + 1), w, L);
@@ -138,6 +140,9 @@ __device__ __forceinline__ float merge_elem(const float* acc, const float* ml, i
                                             int D, int d, float M) {
   const float mu = pa::exp_base(M);
   float o = 0.f;
+  // Unrolled so that several splits' loads are in flight at once (a small batch's combine is a
+  // chain of L2 round trips otherwise); the additions stay in split order.
+#pragma unroll 8
   for (int s = 0; s < S; ++s) {
     const float w = pa::merge_weight_exact(__ldcg(ml + (s * stride + row) * 2), mu);
     o = __fmaf_rn(w, __ldcg(acc + (s * stride + row) * D + d), o);
