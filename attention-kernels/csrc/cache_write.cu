@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(256) kv_write_kernel(
   // token's row is read for nothing: it lies inside the key and value tensors.
   const V* k_src = reinterpret_cast<const V*>(key) + token * key_stride_vecs;
   const V* v_src = reinterpret_cast<const V*>(value) + token * value_stride_vecs;
-  V k = __ldg(k_src + i);
-  V v = __ldg(v_src + i);
+  V k = pa::ldg_now(k_src + i);
+  V v = pa::ldg_now(v_src + i);
   // Padding tokens (negative slots) leave the cache untouched. Slots past the cache are rejected on
   // the host before the launch; the second test keeps a bad device-side value from ever writing
   // out of bounds.
@@ -137,24 +137,30 @@ cudaError_t launch(const void* key, const void* value, void* key_cache, void* va
 // branch-free fast quotient for all of them (the common case) or the exact division for all.
 
 // Loading (`Raw8` / `load8`: 16 or 32 bytes in 16-byte loads, kept raw so the registers in flight
-// hold the input bytes, not their f32 widening) and widening to f32 (`widen8`, exact).
+// hold the input bytes, not their f32 widening; `pa::ldg_now`, so they stay ahead of the slot
+// test) and widening to f32 (`widen8`, exact).
 template <typename T> struct Widen;
 template <> struct Widen<float> {
   struct Raw8 {
     float4 a, b;
   };
   static __device__ __forceinline__ Raw8 load8(const float* p) {
-    return Raw8{__ldg(reinterpret_cast<const float4*>(p)), __ldg(reinterpret_cast<const float4*>(p) + 1)};
+    const uint4 a = pa::ldg_now(reinterpret_cast<const uint4*>(p));
+    const uint4 b = pa::ldg_now(reinterpret_cast<const uint4*>(p) + 1);
+    return Raw8{make_float4(__uint_as_float(a.x), __uint_as_float(a.y), __uint_as_float(a.z), __uint_as_float(a.w)),
+                make_float4(__uint_as_float(b.x), __uint_as_float(b.y), __uint_as_float(b.z), __uint_as_float(b.w))};
   }
   static __device__ __forceinline__ void widen8(const Raw8& r, float* f) {
     f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w;
     f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
   }
-  static __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ float load1(const float* p) { return pa::ldg_now(p); }
 };
 template <> struct Widen<__half> {
   using Raw8 = uint4;
-  static __device__ __forceinline__ Raw8 load8(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  static __device__ __forceinline__ Raw8 load8(const __half* p) {
+    return pa::ldg_now(reinterpret_cast<const uint4*>(p));
+  }
   static __device__ __forceinline__ void widen8(const Raw8& r, float* f) {
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
@@ -164,12 +170,14 @@ template <> struct Widen<__half> {
       f[2 * i + 1] = x.y;
     }
   }
-  static __device__ __forceinline__ float load1(const __half* p) { return __half2float(p[0]); }
+  static __device__ __forceinline__ float load1(const __half* p) {
+    return __half2float(__ushort_as_half(pa::ldg_now(reinterpret_cast<const uint16_t*>(p))));
+  }
 };
 template <> struct Widen<__nv_bfloat16> {
   using Raw8 = uint4;
   static __device__ __forceinline__ Raw8 load8(const __nv_bfloat16* p) {
-    return __ldg(reinterpret_cast<const uint4*>(p));
+    return pa::ldg_now(reinterpret_cast<const uint4*>(p));
   }
   static __device__ __forceinline__ void widen8(const Raw8& r, float* f) {
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
@@ -180,7 +188,9 @@ template <> struct Widen<__nv_bfloat16> {
       f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
   }
-  static __device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(p[0]); }
+  static __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
+    return __uint_as_float(static_cast<uint32_t>(pa::ldg_now(reinterpret_cast<const uint16_t*>(p))) << 16);
+  }
 };
 
 // One thread's VE source elements of one tensor, as loaded.
@@ -205,7 +215,7 @@ template <typename T> struct Src<T, 1> {
 
 // The scale at `head` (0 for the layer's one scale); 1 without a scale buffer.
 __device__ __forceinline__ float scale_at(const float* __restrict__ scales, unsigned head) {
-  return scales == nullptr ? 1.f : __ldg(scales + head);
+  return scales == nullptr ? 1.f : pa::ldg_now(scales + head);
 }
 
 // fp8 of VE (16 or 8) quotients, packed low byte first, stored in one 16- or 8-byte store.
