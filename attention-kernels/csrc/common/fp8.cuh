@@ -9,6 +9,7 @@
 // score scale for K, into the output for V).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -38,34 +39,102 @@ __device__ __forceinline__ uint8_t quantize(float x) {
 // the division itself finishes), provided nothing under- or overflows: so the fast path takes
 // |x| and scale in [2^-60, 2^60] only, and everything else (zeros, whose sign the FMAs would not
 // keep, subnormals, infinities, NaN, extreme scales) goes through __fdiv_rn.
+//
+// The per-scale work (the reciprocal, the range test of the scale) is done once, when the Divider
+// is made. A vector kernel tests its whole vector once (`FastRange`) and then runs either `fast`
+// or `exact` on every element, so the common case has no branch per element.
 struct Divider {
   float scale, inv;
   bool fast_scale;
   __device__ __forceinline__ explicit Divider(float s) {
     scale = s;
     inv = __frcp_rn(s);
-    fast_scale = fabsf(s) >= 0x1p-60f && fabsf(s) <= 0x1p60f;
+    fast_scale = fabsf(s) >= 0x1p-60f && fabsf(s) <= 0x1p60f;  // false for NaN
   }
+  // x / scale, correctly rounded when fast_scale and |x| in [2^-60, 2^60] (see above).
+  __device__ __forceinline__ float fast(float x) const {
+    const float q = x * inv;
+    const float r = fmaf(-scale, q, x);
+    return fmaf(r, inv, q);
+  }
+  // x / scale, correctly rounded for every x and scale.
+  __device__ __forceinline__ float exact(float x) const { return __fdiv_rn(x, scale); }
+  // x / scale, correctly rounded, choosing the path per element.
   __device__ __forceinline__ float operator()(float x) const {
-    if (scale == 1.f) return x;
     const float ax = fabsf(x);
-    if (fast_scale && ax >= 0x1p-60f && ax <= 0x1p60f) {
-      const float q = x * inv;
-      const float r = fmaf(-scale, q, x);
-      return fmaf(r, inv, q);
-    }
-    return __fdiv_rn(x, scale);
+    return fast_scale && ax >= 0x1p-60f && ax <= 0x1p60f ? fast(x) : exact(x);
   }
 };
 
-// fp8(x[i] / scale) for four values, packed low byte first (x[0] in bits 0..7).
+// The largest of |a| and |b|, NaN when either is NaN (fmaxf would drop the NaN). sm_80 and later.
+__device__ __forceinline__ float abs_max_nan(float a, float b) {
+  float m;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(fabsf(a)), "f"(fabsf(b)));
+  return m;
+}
+
+// Whether every one of N values (N a power of two) is in the Divider's fast range [2^-60, 2^60]:
+// the smallest and largest magnitude, reduced as a tree (depth log2 N, N - 1 min and max each),
+// then two compares. A NaN makes the largest magnitude NaN and fails the test; a zero, a
+// subnormal or an infinity fails it through the bounds.
+template <int N>
+__device__ __forceinline__ bool in_fast_range(const float (&x)[N]) {
+  static_assert(N >= 2 && (N & (N - 1)) == 0, "N must be a power of two");
+  float lo[N / 2], hi[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    lo[i] = fminf(fabsf(x[2 * i]), fabsf(x[2 * i + 1]));
+    hi[i] = abs_max_nan(x[2 * i], x[2 * i + 1]);
+  }
+#pragma unroll
+  for (int n = N / 4; n >= 1; n /= 2) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      lo[i] = fminf(lo[i], lo[i + n]);
+      hi[i] = abs_max_nan(hi[i], hi[i + n]);
+    }
+  }
+  return lo[0] >= 0x1p-60f && hi[0] <= 0x1p60f;
+}
+
+// The same test for N f16 or bf16 values packed in pairs (T2 = __half2 or __nv_bfloat162) in W
+// 32-bit words, made on the packed values before they are widened (half the min/max
+// instructions, and no f32 copies live yet): widening is exact, so the magnitudes compare the
+// same. __hmax2_nan keeps a NaN, and __hmin2 drops it only where the max already carries it.
+template <typename T2, int W>
+__device__ __forceinline__ bool in_fast_range_packed(const uint32_t (&w)[W]) {
+  static_assert(W >= 2 && (W & (W - 1)) == 0, "W must be a power of two");
+  T2 lo[W / 2], hi[W / 2];
+#pragma unroll
+  for (int i = 0; i < W / 2; ++i) {
+    const T2 a = __habs2(*reinterpret_cast<const T2*>(&w[2 * i]));
+    const T2 b = __habs2(*reinterpret_cast<const T2*>(&w[2 * i + 1]));
+    lo[i] = __hmin2(a, b);
+    hi[i] = __hmax2_nan(a, b);
+  }
+#pragma unroll
+  for (int n = W / 4; n >= 1; n /= 2) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      lo[i] = __hmin2(lo[i], lo[i + n]);
+      hi[i] = __hmax2_nan(hi[i], hi[i + n]);
+    }
+  }
+  const float l = fminf(__low2float(lo[0]), __high2float(lo[0]));
+  const float h = abs_max_nan(__low2float(hi[0]), __high2float(hi[0]));
+  return l >= 0x1p-60f && h <= 0x1p60f;
+}
+
+// fp8(y[i]) for eight f32 values, packed low byte first (y[0] in bits 0..7 of .x): four cvts of
+// two values each.
 template <int K>
-__device__ __forceinline__ uint32_t quantize4(const float x[4], const Divider& div) {
-  const float2 a = make_float2(div(x[0]), div(x[1]));
-  const float2 b = make_float2(div(x[2]), div(x[3]));
-  const uint32_t lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, interpretation<K>());
-  const uint32_t hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, interpretation<K>());
-  return lo | (hi << 16);
+__device__ __forceinline__ uint2 pack8(const float (&y)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = __nv_cvt_float2_to_fp8x2(make_float2(y[2 * i], y[2 * i + 1]), __NV_SATFINITE, interpretation<K>());
+  }
+  return make_uint2(w[0] | (w[1] << 16), w[2] | (w[3] << 16));
 }
 
 // Two packed FP8 values (low byte first) widened exactly to an f16 pair, as the 32-bit register

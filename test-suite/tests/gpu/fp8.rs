@@ -73,8 +73,12 @@ fn quantise<C: Fp8>(x: f32, scale: Option<f32>) -> u8 {
 
 /// Input values for the write: random magnitudes over many binades, and with probability 1/4 one
 /// of the hard cases for `scale` (NaN, infinities, out of range, subnormal range, exact ties of
-/// both formats when `scale` is a power of two, the saturation boundaries).
-fn write_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+/// both formats when `scale` is a power of two, the saturation boundaries). Without `specials`
+/// only the random magnitudes, so nearly every thread's elements all take the kernel's fast
+/// quotient (one NaN, zero or infinity among them sends all of them to the exact division: with
+/// specials most threads of 16 or more elements test that path instead).
+fn write_values(rng: &mut StdRng, n: usize, scale: f32, specials: bool) -> Vec<f32> {
+    let with_specials = specials;
     let specials = [
         f32::NAN,
         -f32::NAN,
@@ -101,7 +105,7 @@ fn write_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     ];
     (0..n)
         .map(|_| {
-            if rng.random_range(0..4) == 0 {
+            if with_specials && rng.random_range(0..4) == 0 {
                 specials[rng.random_range(0..specials.len())]
             } else {
                 let mag = 2f32.powi(rng.random_range(-18..18));
@@ -133,6 +137,7 @@ fn write_case<T: Element, C: Fp8 + KvStorage<T>>(
     head_size: usize,
     layout: WriteLayout,
     scales: Scales,
+    specials: bool,
     seed: u64,
 ) {
     let stream = common::stream();
@@ -140,7 +145,11 @@ fn write_case<T: Element, C: Fp8 + KvStorage<T>>(
     let (nt, bs, num_blocks, q_heads) = (45usize, 16usize, 5usize, 2usize);
     let row = kv_heads * head_size;
     let block = bs * row;
-    let what = format!("{:?} -> {:?} kvh {kv_heads} d {head_size} {layout:?} {scales:?}", T::DTYPE, C::DTYPE);
+    let what = format!(
+        "{:?} -> {:?} kvh {kv_heads} d {head_size} {layout:?} {scales:?} specials {specials}",
+        T::DTYPE,
+        C::DTYPE
+    );
     // Power-of-two scales make the tie cases exact ties; the others exercise the division.
     let pool = [0.5f32, 2.0, 0.037, 3.7, 1.0, 0.25, 0.0123, 16.0];
     let (ks, vs): (Vec<f32>, Vec<f32>) = match scales {
@@ -159,7 +168,7 @@ fn write_case<T: Element, C: Fp8 + KvStorage<T>>(
     };
     // Input rows (as T), one scale per element for the generator.
     let gen_row = |rng: &mut StdRng, s: &[f32]| -> Vec<T> {
-        (0..row).map(|e| te::<T>(write_values(rng, 1, scale_of(s, e).unwrap_or(1.0))[0])).collect()
+        (0..row).map(|e| te::<T>(write_values(rng, 1, scale_of(s, e).unwrap_or(1.0), specials)[0])).collect()
     };
     let keys: Vec<Vec<T>> = (0..nt).map(|_| gen_row(&mut rng, &ks)).collect();
     let values: Vec<Vec<T>> = (0..nt).map(|_| gen_row(&mut rng, &vs)).collect();
@@ -276,14 +285,18 @@ where
     Fp8E5M2: KvStorage<T>,
 {
     let mut seed = seed;
-    // (kv heads, head size): 8-element vectors, and a row of 3 x 6 (the scalar path, per-head
-    // scales over 6-element heads).
-    for (kvh, d) in [(4, 64), (2, 128), (3, 6)] {
+    // (kv heads, head size): 16-element vectors (64, 128), 8-element vectors (a row of 3 x 8: not
+    // a multiple of 16), and a row of 3 x 6 (the scalar path, per-head scales over 6-element
+    // heads). Each with the hard cases mixed in, and without them (the fast quotient nearly
+    // throughout).
+    for (kvh, d) in [(4, 64), (2, 128), (3, 8), (3, 6)] {
         for layout in [WriteLayout::Separate, WriteLayout::FusedInterleaved] {
             for scales in [Scales::Unit, Scales::Layer, Scales::PerHead] {
-                seed += 1;
-                write_case::<T, Fp8E4M3>(kvh, d, layout, scales, seed);
-                write_case::<T, Fp8E5M2>(kvh, d, layout, scales, seed + 1000);
+                for specials in [true, false] {
+                    seed += 1;
+                    write_case::<T, Fp8E4M3>(kvh, d, layout, scales, specials, seed);
+                    write_case::<T, Fp8E5M2>(kvh, d, layout, scales, specials, seed + 1000);
+                }
             }
         }
     }
