@@ -92,8 +92,8 @@ fn main() {
     // several files with relocatable device code (`--device-c`), under which ptxas cannot see the
     // whole kernel (the decode kernel took 184-190 registers instead of 168, too many for three
     // blocks per SM; the KV writes kept 40-60 registers live across the division slow paths, which
-    // are real calls there, instead of 28-48; Hopper code serialises every wgmma). No kernel calls device code of
-    // another file, so nothing needs device linking.
+    // are real calls there, instead of 28-48; Hopper code serialises every wgmma). No kernel
+    // calls device code of another file, so nothing needs device linking.
     for src in CU_SOURCES {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("kernels");
         let mut build = base();
