@@ -1,20 +1,23 @@
 // Split-KV paged decode ("flash decoding") for single-token queries, plus the combine step.
 //
-// One block (4 warps) = one (decode request, kv head, row chunk of up to 16 query heads of its GQA
-// group, split); the blocks of one request are adjacent in the grid. The chunk's query heads are
-// the 16 rows of the A operand of mma.sync m16n8k16 (f16/bf16 in, f32 accumulate; rows past the
-// chunk are zero), so QK and PV run on tensor cores: a group of 4 uses 4 of 16 rows, which costs
-// nothing since the kernel is bound by K/V bytes, and groups above 16 take several row chunks
-// (adjacent blocks), their K/V re-reads served by L2.
+// One block (4 warps; 2 for FP8 caches up to head 128, see fp8_pipeline) = one (decode request,
+// kv head, row chunk of up to 16 query heads of its GQA group, split); the blocks of one request
+// are adjacent in the grid. The chunk's query heads are the 16 rows of the A operand of mma.sync
+// m16n8k16 (f16/bf16 in, f32 accumulate; rows past the chunk are zero), so QK and PV run on tensor
+// cores: a group of 4 uses 4 of 16 rows, which costs nothing since the kernel is bound by K/V
+// bytes, and groups above 16 take several row chunks (adjacent blocks), their K/V re-reads served
+// by L2.
 // Tiles of 64 keys are gathered through the block table into padded shared rows with 16-byte
 // cp.async copies, PA_DECODE_STAGES deep, the cache row offsets of upcoming tiles computed from
-// block-table entries read a tile ahead. Each warp owns 16 keys of every tile and keeps its own
-// online softmax (rows = heads, in the log2 domain) and output accumulator in registers: S = Q K^T
-// (ldmatrix K), P packed to 16-bit straight from the accumulator fragments, O += P V (ldmatrix.trans
-// V). No shared-memory traffic between warps during the loop, one barrier per tile. At the end
-// the four warps' (m, l, O) are merged through shared memory; each split writes an unnormalised
-// partial (acc, max, sum) to the workspace and the combine kernel merges them by log-sum-exp, adds
-// the sink, normalises and writes out / lse. With one split the decode kernel finalises directly.
+// block-table entries read a tile ahead. Each warp owns 16 keys of every tile (two groups of 16
+// in the FP8 pipeline) and keeps its own online softmax (rows = heads, in the log2 domain) and
+// output accumulator in registers: S = Q K^T (ldmatrix K), P packed to 16-bit straight from the
+// accumulator fragments, O += P V (ldmatrix.trans V). No shared-memory traffic between warps
+// during the loop, one barrier per tile. At the end the warps' (m, l, O) are merged through
+// shared memory; each split writes an unnormalised partial (acc, max, sum) to the workspace and
+// the last split of each group to finish merges them by log-sum-exp (the folded combine, the
+// default) or the combine kernel does; either adds the sink, normalises and writes out / lse.
+// With one split the decode kernel finalises directly.
 //
 // The split count is chosen on the host (attention-backend's split_plan, from the batch shape
 // only: CUDA-graph friendly) with a wave-quantisation cost model.
@@ -78,20 +81,27 @@ constexpr int kFoldBit = 1 << 8;
 
 template <int D> constexpr int default_stages() { return D <= 128 ? PA_DECODE_STAGES : 2; }
 
-// FP8 caches: a 64-key tile is half the bytes, so twice the stages (less one) keep as many bytes
-// in flight per block as the 16-bit pipeline, in about the same shared memory (the same blocks
-// per SM at head size 128: 2 on H100/H200).
-#ifndef PA_DECODE_FP8_STAGES
-#define PA_DECODE_FP8_STAGES 5
-#endif
-template <int D> constexpr int default_fp8_stages() { return D <= 128 ? PA_DECODE_FP8_STAGES : 3; }
+// FP8 caches: a tile is half the bytes of a 16-bit one, so the per-key work (conversions,
+// MMAs, the softmax) is twice as large per byte, and the 16-bit pipeline with two warps per
+// scheduler left the kernel latency-bound (0.78 of the copy's bandwidth). Up to head size 128 the
+// FP8 pipeline runs 2 warps per block, each with two independent 16-key groups per 64-key tile
+// (twice the instruction-level parallelism of one group, and half the barriers and softmax
+// reductions per key), 2 stages: 4 blocks (8 warps) per SM on H100/H200. Measured on the H200
+// (bench_fp8 --sweep): b64 x 4096 0.1444 ms against 0.1661 for 4 warps x 5 stages of one group,
+// b16 x 16384 0.1478 against 0.1653, b256 x 1024 0.1574 against 0.2120. Larger heads keep 4 warps
+// of one group and 3 stages.
+struct Fp8Pipe {
+  int warps, stages, groups;
+};
+template <int D> constexpr Fp8Pipe fp8_pipeline() { return D <= 128 ? Fp8Pipe{2, 2, 2} : Fp8Pipe{4, 3, 1}; }
 
 // KV: the cache's storage kind (pa::fp8::Kind): 0 = the compute type, else an FP8 format, whose
 // rows are staged in shared memory as bytes and widened to f16 in registers after ldmatrix.
-template <int D, int W = 4, int S = default_stages<D>(), int KV = 0> struct DecodeCfg {
+// KG: 16-key groups per warp per tile (independent QK^T chains a warp keeps in flight).
+template <int D, int W = 4, int S = default_stages<D>(), int KV = 0, int KG = 1> struct DecodeCfg {
   static constexpr int kWarps = W;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kKW = kKeysPerWarp;                // keys per warp per tile
+  static constexpr int kKW = kKeysPerWarp * KG;           // keys per warp per tile
   static constexpr int kTK = kKW * kWarps;                // keys per tile
   static constexpr int kStages = S;
   static constexpr bool kFp8 = KV != 0;
@@ -150,6 +160,81 @@ __device__ __forceinline__ float merge_elem(const float* acc, const float* ml, i
   return o;
 }
 
+// The folded combine's merge for the last block of a group, when the group's statistics fit in
+// the (now free) shared memory `sm`: the row statistics once per row, not once per element. Every
+// split's (max, sum) of the group's rows is staged in shared memory in one round of loads, one
+// thread per row turns the maxima into merge weights and finalises, then each thread sums its
+// elements' splits with several elements' loads in flight. The operations and their order are
+// merge_stats' and merge_elem's (the combine kernel's), so the result is the same bits. Not
+// inlined: the decode loop's register allocation stays as it was without this tail.
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void fold_merge(const KernelParams& p, float* sm, const float* acc_ws, const float* ml_ws,
+                                        int64_t stride, int local, int head0, int gc, int token) {
+  constexpr int NR = 16;
+  const int tid = threadIdx.x;
+  const int H = p.num_heads;
+  const int SP = p.num_splits;
+  float* m_sm = sm;              // [gc][SP]: maxima, then weights
+  float* l_sm = m_sm + NR * SP;  // [gc][SP]: sums
+  float* f_sm = l_sm + NR * SP;  // [gc][2]: out_scale, lse
+  for (int idx = tid; idx < gc * SP; idx += kThreads) {
+    const int h = idx / SP, sp = idx % SP;
+    const int64_t row = static_cast<int64_t>(local) * H + head0 + h;
+    m_sm[idx] = __ldcg(ml_ws + (sp * stride + row) * 2);
+    l_sm[idx] = __ldcg(ml_ws + (sp * stride + row) * 2 + 1);
+  }
+  __syncthreads();
+  if (tid < gc) {
+    float* m_row = m_sm + tid * SP;
+    const float* l_row = l_sm + tid * SP;
+    float M = -INFINITY;
+    for (int sp = 0; sp < SP; ++sp) M = fmaxf(M, m_row[sp]);
+    const float mu = pa::exp_base(M);
+    float L = 0.f;
+    for (int sp = 0; sp < SP; ++sp) {
+      const float w = pa::merge_weight_exact(m_row[sp], mu);
+      m_row[sp] = w;
+      L = __fmaf_rn(l_row[sp], w, L);
+    }
+    const int qh = head0 + tid;
+    const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
+    f_sm[2 * tid] = f.out_scale;
+    f_sm[2 * tid + 1] = f.lse;
+  }
+  __syncthreads();
+  constexpr int E = 4;  // elements per thread in flight
+  T* out = static_cast<T*>(p.out);
+  for (int i0 = tid; i0 < gc * D; i0 += E * kThreads) {
+    float o[E];
+    int h[E], d[E];
+    bool ok[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int idx = i0 + e * kThreads;
+      ok[e] = idx < gc * D;
+      h[e] = ok[e] ? idx / D : 0;
+      d[e] = ok[e] ? idx % D : 0;
+      o[e] = 0.f;
+    }
+#pragma unroll 4
+    for (int sp = 0; sp < SP; ++sp) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        if (!ok[e]) continue;
+        const int64_t row = static_cast<int64_t>(local) * H + head0 + h[e];
+        o[e] = __fmaf_rn(m_sm[h[e] * SP + sp], __ldcg(acc_ws + (sp * stride + row) * D + d[e]), o[e]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if (!ok[e]) continue;
+      const int qh = head0 + h[e];
+      out[pa::o_row(p, token, qh) + d[e]] = static_cast<T>(o[e] * f_sm[2 * h[e]]);
+      if (d[e] == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f_sm[2 * h[e] + 1];
+    }
+  }
+}
+
 __device__ __forceinline__ void ldsm_x2(uint32_t r[2], const void* smem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
@@ -185,9 +270,9 @@ __device__ __forceinline__ uint32_t fp8_pair(uint32_t two) {
   }
 }
 
-template <typename T, int D, int W, int NS, int KV = 0>
+template <typename T, int D, int W, int NS, int KV = 0, int KG = 1>
 __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams p) {
-  using Cfg = DecodeCfg<D, W, NS, KV>;
+  using Cfg = DecodeCfg<D, W, NS, KV, KG>;
   constexpr int TK = Cfg::kTK, RS = Cfg::kRS, C = Cfg::kChunks, S = Cfg::kStages;
   constexpr int KW = Cfg::kKW, KT = D / 16, DT = D / 8, NR = Cfg::kRows;
   constexpr int QC = Cfg::kQChunks, RSB = Cfg::kRSB;
@@ -450,8 +535,13 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       // S = Q K^T: 16 rows (heads) x 16 keys. Even and odd 16-dim steps accumulate into separate
       // fragments (summed below): two dependent chains of KT / 2 MMAs instead of one of KT, which
       // halves the latency the online softmax waits for (the loop is latency-bound, not MMA-bound).
-      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      float s_odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      float s[KG][2][4], s_odd[KG][2][4];
+#pragma unroll
+      for (int kg = 0; kg < KG; ++kg)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[kg][j][e] = s_odd[kg][j][e] = 0.f;
       auto q_at = [&](int kk, uint32_t a[4]) {
         if constexpr (Cfg::kQInRegs) {
           a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
@@ -461,78 +551,103 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       };
       if constexpr (kFp8) {
         // Two 16-dim steps per ldmatrix.x4: r[0] / r[1] = keys 0-7 at steps 2c / 2c+1, r[2] / r[3]
-        // = keys 8-15.
+        // = keys 8-15 (of each 16-key group).
 #pragma unroll
         for (int c2 = 0; c2 < KT / 2; ++c2) {
-          uint32_t r[4];
-          pa::ldsm_x4(r, ks8 + (kw0 + (lane % 8) + (lane / 16) * 8) * RSB + c2 * 32 + ((lane / 8) % 2) * 16);
+          uint32_t r[KG][4];
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            pa::ldsm_x4(r[kg], ks8 + (kw0 + kg * 16 + (lane % 8) + (lane / 16) * 8) * RSB + c2 * 32 + ((lane / 8) % 2) * 16);
+          }
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t a[4];
             q_at(2 * c2 + h, a);
-            float(&acc)[2][4] = h == 0 ? s : s_odd;
-            pa::Mma<MT>::run(acc[0], a, fp8_pair<KV>(r[h]), fp8_pair<KV>(r[h] >> 16));
-            pa::Mma<MT>::run(acc[1], a, fp8_pair<KV>(r[2 + h]), fp8_pair<KV>(r[2 + h] >> 16));
+#pragma unroll
+            for (int kg = 0; kg < KG; ++kg) {
+              float(&acc)[2][4] = h == 0 ? s[kg] : s_odd[kg];
+              pa::Mma<MT>::run(acc[0], a, fp8_pair<KV>(r[kg][h]), fp8_pair<KV>(r[kg][h] >> 16));
+              pa::Mma<MT>::run(acc[1], a, fp8_pair<KV>(r[kg][2 + h]), fp8_pair<KV>(r[kg][2 + h] >> 16));
+            }
           }
         }
         if constexpr (KT % 2 == 1) {
-          uint32_t r[2], a[4];
-          ldsm_x2(r, ks8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
+          uint32_t a[4];
           q_at(KT - 1, a);
-          pa::Mma<MT>::run(s[0], a, fp8_pair<KV>(r[0]), fp8_pair<KV>(r[0] >> 16));
-          pa::Mma<MT>::run(s[1], a, fp8_pair<KV>(r[1]), fp8_pair<KV>(r[1] >> 16));
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            uint32_t r[2];
+            ldsm_x2(r, ks8 + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
+            pa::Mma<MT>::run(s[kg][0], a, fp8_pair<KV>(r[0]), fp8_pair<KV>(r[0] >> 16));
+            pa::Mma<MT>::run(s[kg][1], a, fp8_pair<KV>(r[1]), fp8_pair<KV>(r[1] >> 16));
+          }
         }
       } else {
 #pragma unroll
         for (int kk = 0; kk < KT; ++kk) {
           uint32_t a[4];
           q_at(kk, a);
-          uint32_t b[4];
-          pa::ldsm_x4(b, ks + (kw0 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
-          float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
-          pa::Mma<T>::run(acc[0], a, b[0], b[1]);
-          pa::Mma<T>::run(acc[1], a, b[2], b[3]);
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            uint32_t b[4];
+            pa::ldsm_x4(b, ks + (kw0 + kg * 16 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
+            float(&acc)[2][4] = kk % 2 == 0 ? s[kg] : s_odd[kg];
+            pa::Mma<T>::run(acc[0], a, b[0], b[1]);
+            pa::Mma<T>::run(acc[1], a, b[2], b[3]);
+          }
         }
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int kg = 0; kg < KG; ++kg)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[kg][j][e] += s_odd[kg][j][e];
       // Scores in the log2 domain; keys past the split's end are masked. Warp-uniform fast path:
       // all 16 keys visible and no element-wise term (every tile but a split's last).
       if (kw0 + KW <= nk && !elementwise) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int kg = 0; kg < KG; ++kg)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] *= kFp8 ? sc2[e >> 1] : scale2;
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[kg][j][e] *= kFp8 ? sc2[e >> 1] : scale2;
       } else {
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int kg = 0; kg < KG; ++kg)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int kl = kw0 + j * 8 + 2 * t4 + (e & 1);
-            float x = s[j][e];
-            if (kl >= nk) x = -INFINITY;
-            else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
-            else x *= kFp8 ? sc2[e >> 1] : scale2;
-            s[j][e] = x;
-          }
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int kl = kw0 + kg * 16 + j * 8 + 2 * t4 + (e & 1);
+              float x = s[kg][j][e];
+              if (kl >= nk) x = -INFINITY;
+              else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
+              else x *= kFp8 ? sc2[e >> 1] : scale2;
+              s[kg][j][e] = x;
+            }
       }
       // Online softmax for rows g and g + 8.
       float alpha[2];
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        float mx = fmaxf(fmaxf(s[0][2 * rr], s[0][2 * rr + 1]), fmaxf(s[1][2 * rr], s[1][2 * rr + 1]));
+        float mx = fmaxf(fmaxf(s[0][0][2 * rr], s[0][0][2 * rr + 1]), fmaxf(s[0][1][2 * rr], s[0][1][2 * rr + 1]));
+#pragma unroll
+        for (int kg = 1; kg < KG; ++kg) {
+          mx = fmaxf(mx, fmaxf(fmaxf(s[kg][0][2 * rr], s[kg][0][2 * rr + 1]), fmaxf(s[kg][1][2 * rr], s[kg][1][2 * rr + 1])));
+        }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mu = st[rr].advance(mx, alpha[rr]);
         float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s[j][2 * rr] = pa::fast_exp2(s[j][2 * rr] - mu);
-          s[j][2 * rr + 1] = pa::fast_exp2(s[j][2 * rr + 1] - mu);
-          sum += s[j][2 * rr] + s[j][2 * rr + 1];
-        }
+        for (int kg = 0; kg < KG; ++kg)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            s[kg][j][2 * rr] = pa::fast_exp2(s[kg][j][2 * rr] - mu);
+            s[kg][j][2 * rr + 1] = pa::fast_exp2(s[kg][j][2 * rr + 1] - mu);
+            sum += s[kg][j][2 * rr] + s[kg][j][2 * rr + 1];
+          }
         st[rr].add(alpha[rr], sum);
       }
       // Once the maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
@@ -545,40 +660,52 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           o[j][3] *= alpha[1];
         }
       }
-      // O += P V: P's accumulator fragments are the A fragment of a 16-key step.
-      uint32_t a[4];
-      a[0] = pa::Elem<MT>::pack(s[0][0], s[0][1]);
-      a[1] = pa::Elem<MT>::pack(s[0][2], s[0][3]);
-      a[2] = pa::Elem<MT>::pack(s[1][0], s[1][1]);
-      a[3] = pa::Elem<MT>::pack(s[1][2], s[1][3]);
+      // O += P V: P's accumulator fragments are the A fragment of a 16-key step (one per group).
+      uint32_t a[KG][4];
+#pragma unroll
+      for (int kg = 0; kg < KG; ++kg) {
+        a[kg][0] = pa::Elem<MT>::pack(s[kg][0][0], s[kg][0][1]);
+        a[kg][1] = pa::Elem<MT>::pack(s[kg][0][2], s[kg][0][3]);
+        a[kg][2] = pa::Elem<MT>::pack(s[kg][1][0], s[kg][1][1]);
+        a[kg][3] = pa::Elem<MT>::pack(s[kg][1][2], s[kg][1][3]);
+      }
       if constexpr (kFp8) {
         // Two 16-dim units per ldmatrix.x4.trans: r[0] / r[1] = keys 0-7 / 8-15 of unit 2c,
         // r[2] / r[3] of unit 2c+1. o[2u] holds unit u's even dims, o[2u+1] its odd dims.
-        auto pv_unit = [&](int u, uint32_t r_lo, uint32_t r_hi) {
+        auto pv_unit = [&](const uint32_t (&pa_)[4], int u, uint32_t r_lo, uint32_t r_hi) {
           const uint32_t p0 = __byte_perm(r_lo, 0u, 0x3120);  // (key 2t4, 2t4+1) at dim 2g | at 2g+1
           const uint32_t p1 = __byte_perm(r_hi, 0u, 0x3120);
-          pa::Mma<MT>::run(o[2 * u], a, fp8_pair<KV>(p0), fp8_pair<KV>(p1));
-          pa::Mma<MT>::run(o[2 * u + 1], a, fp8_pair<KV>(p0 >> 16), fp8_pair<KV>(p1 >> 16));
+          pa::Mma<MT>::run(o[2 * u], pa_, fp8_pair<KV>(p0), fp8_pair<KV>(p1));
+          pa::Mma<MT>::run(o[2 * u + 1], pa_, fp8_pair<KV>(p0 >> 16), fp8_pair<KV>(p1 >> 16));
         };
 #pragma unroll
         for (int c2 = 0; c2 < KT / 2; ++c2) {
-          uint32_t r[4];
-          pa::ldsm_x4_trans(r, vs8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + c2 * 32 + (lane / 16) * 16);
-          pv_unit(2 * c2, r[0], r[1]);
-          pv_unit(2 * c2 + 1, r[2], r[3]);
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            uint32_t r[4];
+            pa::ldsm_x4_trans(r, vs8 + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + c2 * 32 + (lane / 16) * 16);
+            pv_unit(a[kg], 2 * c2, r[0], r[1]);
+            pv_unit(a[kg], 2 * c2 + 1, r[2], r[3]);
+          }
         }
         if constexpr (KT % 2 == 1) {
-          uint32_t r[2];
-          ldsm_x2_trans(r, vs8 + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
-          pv_unit(KT - 1, r[0], r[1]);
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            uint32_t r[2];
+            ldsm_x2_trans(r, vs8 + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + (KT - 1) * 16);
+            pv_unit(a[kg], KT - 1, r[0], r[1]);
+          }
         }
       } else {
 #pragma unroll
         for (int dn = 0; dn < KT; ++dn) {
-          uint32_t b[4];
-          pa::ldsm_x4_trans(b, vs + (kw0 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
-          pa::Mma<T>::run(o[2 * dn], a, b[0], b[1]);
-          pa::Mma<T>::run(o[2 * dn + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int kg = 0; kg < KG; ++kg) {
+            uint32_t b[4];
+            pa::ldsm_x4_trans(b, vs + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+            pa::Mma<T>::run(o[2 * dn], a[kg], b[0], b[1]);
+            pa::Mma<T>::run(o[2 * dn + 1], a[kg], b[2], b[3]);
+          }
         }
       }
     }
@@ -684,6 +811,10 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  if (static_cast<size_t>(NR) * (2 * num_splits + 2) * sizeof(float) <= Cfg::kKvBytes) {
+    fold_merge<T, D, Cfg::kThreads>(p, reinterpret_cast<float*>(smem), acc_ws, ml_ws, stride, local, head0, gc, token);
+    return;
+  }
   for (int idx = tid; idx < gc * D; idx += Cfg::kThreads) {
     const int h = idx / D, d = idx % D;
     const int qh = head0 + h;
@@ -715,10 +846,53 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams 
   const float* acc = p.workspace + kDecodeCounters;
   const float* ml = acc + static_cast<int64_t>(S) * n_local * H * D;
   const int64_t stride = static_cast<int64_t>(n_local) * H;  // rows per split
+  T* out = static_cast<T*>(p.out);
+  if (S <= 64 && D <= 256) {
+    // Each lane loads the (max, sum) of splits lane and lane + 32 once; the row's maximum, the
+    // weights and the sum are then taken in split order through shuffles, and each lane sums its
+    // (at most 8) elements with all their loads of a split in flight. The operations and their
+    // order are merge_stats' and merge_elem's: the same bits.
+    float m_r[2], l_r[2], w_r[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int sp = lane + 32 * k;
+      m_r[k] = sp < S ? __ldcg(ml + (sp * stride + row) * 2) : -INFINITY;
+      l_r[k] = sp < S ? __ldcg(ml + (sp * stride + row) * 2 + 1) : 0.f;
+    }
+    float M = -INFINITY;
+    for (int sp = 0; sp < S; ++sp) M = fmaxf(M, __shfl_sync(0xffffffffu, sp < 32 ? m_r[0] : m_r[1], sp & 31));
+    const float mu = pa::exp_base(M);
+    w_r[0] = pa::merge_weight_exact(m_r[0], mu);
+    w_r[1] = pa::merge_weight_exact(m_r[1], mu);
+    float L = 0.f;
+    for (int sp = 0; sp < S; ++sp) {
+      const float l = __shfl_sync(0xffffffffu, sp < 32 ? l_r[0] : l_r[1], sp & 31);
+      const float w = __shfl_sync(0xffffffffu, sp < 32 ? w_r[0] : w_r[1], sp & 31);
+      L = __fmaf_rn(l, w, L);
+    }
+    const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = 0.f;
+#pragma unroll 2
+    for (int sp = 0; sp < S; ++sp) {
+      const float w = __shfl_sync(0xffffffffu, sp < 32 ? w_r[0] : w_r[1], sp & 31);
+      const float* a = acc + (sp * stride + row) * D;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (lane + 32 * j < D) o[j] = __fmaf_rn(w, __ldcg(a + lane + 32 * j), o[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (lane + 32 * j < D) out[pa::o_row(p, token, qh) + lane + 32 * j] = static_cast<T>(o[j] * f.out_scale);
+    }
+    if (lane == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
+    return;
+  }
   float M, L;
   merge_stats(ml, S, stride, row, M, L);
   const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
-  T* out = static_cast<T*>(p.out);
   for (int d = lane; d < D; d += 32) {
     const float o = merge_elem(acc, ml, S, stride, row, D, d, M);
     out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f.out_scale);
@@ -731,9 +905,9 @@ inline int64_t decode_workspace_need(int S, int n, int H, int D) {
   return S > 1 ? kDecodeCounters + static_cast<int64_t>(S) * n * H * (D + 2) : 0;
 }
 
-template <typename T, int D, int W, int NS, int KV>
+template <typename T, int D, int W, int NS, int KV, int KG>
 cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, cudaStream_t stream) {
-  using Cfg = DecodeCfg<D, W, NS, KV>;
+  using Cfg = DecodeCfg<D, W, NS, KV, KG>;
   const int G = a.num_heads / a.num_kv_heads;
   const int n = a.req_end - a.req_begin;
   const int S = a.num_splits;
@@ -743,8 +917,8 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   // combine (same merge arithmetic, same bits).
   kp.fold = (fold && S > 1 && gx <= kDecodeCounters) ? 1 : 0;
   const size_t smem = Cfg::kSmemBytes;
-  auto kernel = decode_split_kernel<T, D, W, NS, KV>;
-  cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS, KV>>(static_cast<int>(smem));
+  auto kernel = decode_split_kernel<T, D, W, NS, KV, KG>;
+  cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS, KV, KG>>(static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), 1, S);
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
@@ -757,28 +931,25 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   return pa_last_launch_status();
 }
 
-// Calls f with the kernel configuration (warps, stages) of a variant: the non-default variants
-// exist for bf16 at head size 128 with a bf16 cache; everything else runs the default (an FP8
-// cache: the default pipeline with the FP8 stage count, whatever the variant asks; the fold bit
-// is honoured everywhere).
+// Calls f with the kernel configuration (warps, stages, key groups per warp) of a variant: the
+// non-default variants exist for bf16 at head size 128 with a bf16 cache; everything else runs
+// the default (an FP8 cache runs fp8_pipeline whatever the variant asks; the fold bit is honoured
+// everywhere).
 template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(int variant, F&& f) {
   if constexpr (KV != 0) {
-    // Measured (bench_fp8, H200, b64 x 4096 and b16 x 16384): 3, 4 and 5 stages of the 4-warp
-    // pipeline within a few percent where the wave shape allows (3 stages fit 3 blocks per SM,
-    // whose waves quantise worse on b64 x 4096), 2 warps x 4 stages faster on one shape and slower
-    // on the other: the default stays (see docs/PERFORMANCE.md).
-    return f(pa::HeadDim<4>{}, pa::HeadDim<default_fp8_stages<D>()>{});
+    constexpr Fp8Pipe pipe = fp8_pipeline<D>();
+    return f(pa::HeadDim<pipe.warps>{}, pa::HeadDim<pipe.stages>{}, pa::HeadDim<pipe.groups>{});
   } else {
     if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
       switch (variant & 0xff) {
-        case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{});
-        case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{});
-        case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{});
-        case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{});
+        case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
+        case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{}, pa::HeadDim<1>{});
+        case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{}, pa::HeadDim<1>{});
+        case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
         default: break;
       }
     }
-    return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{});
+    return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{}, pa::HeadDim<1>{});
   }
 }
 
@@ -799,8 +970,9 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
   const bool fold = (a.decode_variant & kFoldBit) != 0;
-  return with_variant<T, D, KV>(a.decode_variant, [&](auto w, auto ns) -> cudaError_t {
-    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV>(a, kp, fold, stream);
+  return with_variant<T, D, KV>(a.decode_variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
+    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold,
+                                                                                                   stream);
   });
 }
 
@@ -839,9 +1011,9 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_
     auto occupancy = [&](auto t, auto kv) -> cudaError_t {
       using T = decltype(t);
       constexpr int KV = decltype(kv)::value;
-      return with_variant<T, D, KV>(variant, [&](auto w, auto ns) -> cudaError_t {
-        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value, KV>;
-        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value, KV>;
+      return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
+        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>;
+        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>;
         const int smem = static_cast<int>(Cfg::kSmemBytes);
         cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) return err;

@@ -200,7 +200,7 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
     if num_reqs == 0 {
         return Ok(());
     }
-    let plan = meta.split_plan(params.num_heads, params.num_kv_heads, params.head_size);
+    let plan = meta.split_plan_for_cache(params.num_heads, params.num_kv_heads, params.head_size, C::DTYPE);
     workspace.reserve(dev, plan.workspace_len)?;
     let features = features(params);
     let dims = |req_begin: usize, req_end: usize| AttentionDims {

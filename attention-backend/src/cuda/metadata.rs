@@ -1,6 +1,9 @@
 //! One step's attention metadata on the device, uploaded once and shared by every layer.
 
-use attention_kernels::attention::{decode_heads_per_block, decode_max_group, decode_tile_keys, decode_workspace_len};
+use attention_kernels::attention::{
+    self as kernels, decode_heads_per_block, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionKernel,
+};
+use attention_kernels::DType;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaSlice;
 
@@ -111,14 +114,28 @@ impl DeviceMetadata {
         self.num_sms
     }
 
-    /// The launch plan for a layer with these heads.
+    /// The launch plan for a layer with these heads over a cache of the compute type (bf16 /
+    /// f16: both have the same decode occupancy); [`Self::split_plan_for_cache`] for FP8 caches.
+    pub fn split_plan(&self, num_heads: usize, num_kv_heads: usize, head_size: usize) -> SplitPlan {
+        self.split_plan_for_cache(num_heads, num_kv_heads, head_size, DType::BF16)
+    }
+
+    /// The launch plan for a layer with these heads over a cache of `cache_dtype` elements (the
+    /// compute type's, or an FP8 format).
     ///
     /// Single-token decodes at the front of the batch go to the split-KV kernel when it supports
     /// the head size and GQA group. The decode kernel runs one block per (request, kv head, chunk
     /// of up to 16 query heads, split); the split count (at most 64, at least four key tiles per
-    /// split) minimises a wave-quantisation cost model of that grid, see [`decode_split_count`].
-    /// Everything else goes to the prefill kernel.
-    pub fn split_plan(&self, num_heads: usize, num_kv_heads: usize, head_size: usize) -> SplitPlan {
+    /// split) minimises a wave-quantisation cost model of that grid, see [`decode_split_count`],
+    /// with the blocks per SM the runtime reports for the decode kernel that will run (the process
+    /// variant, the cache type). Everything else goes to the prefill kernel.
+    pub fn split_plan_for_cache(
+        &self,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_size: usize,
+        cache_dtype: DType,
+    ) -> SplitPlan {
         let group = num_heads / num_kv_heads.max(1);
         let decode_ok = group >= 1 && group <= decode_max_group(head_size);
         let num_reqs = self.host.num_reqs();
@@ -133,7 +150,21 @@ impl DeviceMetadata {
         let n = self.single_token_decodes;
         let blocks = n * num_kv_heads.max(1) * group.div_ceil(decode_heads_per_block(head_size).max(1));
         let tile = decode_tile_keys(head_size).max(1);
-        let per_sm = decode_blocks_per_sm(head_size);
+        // The compute type does not change the decode kernel's occupancy (f16 and bf16 share
+        // their shapes); an FP8 cache runs a pipeline of its own.
+        let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+        let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
+        let per_sm = kernels::blocks_per_sm_for_cache(
+            self.seq_lens.context(),
+            probe,
+            kernels::decode_variant(),
+            head_size,
+            compute,
+            cache_dtype,
+        )
+        .ok()
+        .filter(|&b| b > 0)
+        .unwrap_or_else(|| decode_blocks_per_sm(head_size));
         let num_splits = decode_split_count(blocks, self.num_sms, per_sm, self.decode_max_seq_len, tile);
         SplitPlan {
             decode_reqs: n,
@@ -160,8 +191,10 @@ pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
 ///
 /// The blocks spread evenly, so the busiest SM runs `L = ceil(blocks * s / num_sms)` of them in
 /// `L / per_sm` waves; cost of `s` splits = waves x (keys per block + one tile of start-up), where
-/// a partial last wave costs at least three quarters of a full one (the kernel is bandwidth-bound:
-/// an SM mostly full still moves bytes at nearly its full rate, a sparse one does not). A split
+/// a partial last wave costs at least nine tenths of a full one: an SM's byte rate grows with the
+/// blocks it holds (more loads in flight, more warps to hide the latency of each), so an SM
+/// holding three of four blocks is not 25% faster per block (FP8 b16 x 16384 on the H200: 3
+/// splits filling 73% of the slots took 2.8% longer than 4 filling 97%). A split
 /// must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best wins
 /// (fewer splits: less combine work).
 pub fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
@@ -173,7 +206,7 @@ pub fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len:
         let load = (blocks * s).div_ceil(num_sms);
         let full = (load / per_sm) as f64;
         let rem = (load % per_sm) as f64 / per_sm as f64;
-        let waves = full + if rem > 0.0 { rem.max(0.75) } else { 0.0 };
+        let waves = full + if rem > 0.0 { rem.max(0.9) } else { 0.0 };
         let keys = max_len.div_ceil(s).div_ceil(tile) * tile + tile;
         waves * keys as f64
     };
@@ -193,6 +226,8 @@ mod tests {
         assert_eq!(decode_split_count(128, 132, 2, 16384, 64), 2);
         // One request: split until every SM holds two blocks.
         assert_eq!(decode_split_count(8, 132, 2, 32768, 64), 32);
+        // FP8's 4 blocks per SM: four splits fill the slots, three would leave a quarter empty.
+        assert_eq!(decode_split_count(128, 132, 4, 16384, 64), 4);
         // Short contexts are not split below four tiles.
         assert_eq!(decode_split_count(8, 132, 2, 200, 64), 1);
         assert!(decode_split_count(1, 132, 2, 1 << 20, 64) <= 64);

@@ -6,6 +6,11 @@
 //!
 //! `bench_fp8 [--iters N] [--only SUBSTRING] [--json FILE]`
 //!
+//! `bench_fp8 --sweep [--iters N] [--only SUBSTRING]` instead times every decode variant over a
+//! bf16 and an E4M3 cache at a range of split counts (b64 x 4096, b16 x 16384, b256 x 1024, b1 x
+//! 32768), beside the split count the planner's wave model picks from that variant's occupancy:
+//! the data behind the FP8 pipeline and the wave model's constants.
+//!
 //! It uses the kernels crate's launchers directly (borrowed cudarc views), as an engine would.
 
 use std::io::Write;
@@ -141,7 +146,24 @@ fn time_attention<C: KvStorage<bf16>>(
     let ks = stream.clone_htod(&[SCALE]).unwrap();
     let vs = stream.clone_htod(&[SCALE]).unwrap();
     let (kc, vc) = fill::<C>(&stream, st, &ks, &vs);
-    let plan = st.meta.split_plan(HEADS, KV_HEADS, D);
+    time_filled::<C>(dev, st, iters, (path, variant), (&kc, &vc, &ks, &vs), None)
+}
+
+/// Times attention over filled caches; `splits` overrides the planner's split count (decode).
+fn time_filled<C: KvStorage<bf16>>(
+    dev: &CudaDevice,
+    st: &mut Step,
+    iters: usize,
+    (path, variant): (PrefillPath, DecodeVariant),
+    (kc, vc, ks, vs): (&CudaSlice<C>, &CudaSlice<C>, &CudaSlice<f32>, &CudaSlice<f32>),
+    splits: Option<usize>,
+) -> Stats {
+    let stream = dev.stream().clone();
+    let mut plan = st.meta.split_plan_for_cache(HEADS, KV_HEADS, D, C::DTYPE);
+    if let Some(s) = splits {
+        plan.num_splits = s;
+        plan.workspace_len = kernels::decode_workspace_len(s, plan.decode_reqs, HEADS, D);
+    }
     let num_reqs = st.host.num_reqs();
     let mut ws = stream.alloc_zeros::<f32>(plan.workspace_len.max(1)).unwrap();
     let dims = AttentionDims {
@@ -176,7 +198,7 @@ fn time_attention<C: KvStorage<bf16>>(
                 query: st.query.as_view(),
                 key_cache: kc.as_view(),
                 value_cache: vc.as_view(),
-                kv_scales: scales::<C>(&ks, &vs),
+                kv_scales: scales::<C>(ks, vs),
                 query_start_loc: st.meta.query_start_loc().as_view(),
                 seq_lens: st.meta.seq_lens().as_view(),
                 block_table: st.meta.block_table().as_view(),
@@ -313,6 +335,11 @@ fn main() {
         }
     }
 
+    if args.iter().any(|a| a == "--sweep") {
+        sweep(&dev, iters, &only);
+        return;
+    }
+
     let shapes = [
         Shape { name: "decode b64 x 4096", seqs: vec![(1, 4096); 64] },
         Shape { name: "decode b16 x 16384", seqs: vec![(1, 16384); 16] },
@@ -340,5 +367,57 @@ fn main() {
             std::process::exit(1);
         }
         println!("wrote {path}");
+    }
+}
+
+/// `--sweep`: every decode variant over bf16 and E4M3 caches at several split counts, beside the
+/// split count the planner's wave model picks from that variant's occupancy.
+fn sweep(dev: &CudaDevice, iters: usize, only: &Option<String>) {
+    let shapes = [
+        Shape { name: "decode b64 x 4096", seqs: vec![(1, 4096); 64] },
+        Shape { name: "decode b16 x 16384", seqs: vec![(1, 16384); 16] },
+        Shape { name: "decode b256 x 1024", seqs: vec![(1, 1024); 256] },
+        Shape { name: "decode b1 x 32768", seqs: vec![(1, 32768); 1] },
+    ];
+    for s in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
+        let mut st = step(dev, s);
+        sweep_cache::<bf16>(dev, s, &mut st, iters);
+        sweep_cache::<Fp8E4M3>(dev, s, &mut st, iters);
+    }
+}
+
+fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, iters: usize) {
+    const SPLITS: [usize; 10] = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16];
+    let ctx = s.seqs[0].1;
+    let stream = dev.stream().clone();
+    let ks = stream.clone_htod(&[SCALE]).unwrap();
+    let vs = stream.clone_htod(&[SCALE]).unwrap();
+    let (kc, vc) = fill::<C>(&stream, st, &ks, &vs);
+    let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+    for v in DecodeVariant::ALL {
+        let per_sm = kernels::blocks_per_sm_for_cache(dev.context(), probe, v, D, DType::BF16, C::DTYPE).unwrap_or(0);
+        let blocks = s.seqs.len() * KV_HEADS;
+        let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), per_sm, ctx, 64);
+        let mut cands: Vec<usize> = if ctx >= 32768 {
+            vec![8, 16, 24, 32, 48, 64]
+        } else {
+            SPLITS.iter().copied().filter(|&x| x * 256 <= ctx).collect()
+        };
+        if !cands.contains(&planned) {
+            cands.push(planned);
+        }
+        let mut line =
+            format!("{:<20} {:>9} {:<10} per_sm {per_sm} planned {planned:>2}:", s.name, C::DTYPE.as_str(), v);
+        let mut best = (f64::INFINITY, 0);
+        for &sp in &cands {
+            let t = time_filled::<C>(dev, st, iters, (PrefillPath::Auto, v), (&kc, &vc, &ks, &vs), Some(sp));
+            if t.median_ms < best.0 {
+                best = (t.median_ms, sp);
+            }
+            line += &format!(" s{sp}={:.4}", t.median_ms);
+        }
+        line += &format!(" | best s{} {:.4}", best.1, best.0);
+        println!("{line}");
+        let _ = std::io::stdout().flush();
     }
 }

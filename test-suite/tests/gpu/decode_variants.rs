@@ -318,7 +318,7 @@ fn decode_variants_against_cpu_bf16() {
 #[test]
 fn decode_variants_against_cpu_f16() {
     // f16 runs the default pipeline in every variant; the fold is what differs.
-    let v = [DecodeVariant::default(), DecodeVariant { fold_combine: true, ..DecodeVariant::default() }];
+    let v = [DecodeVariant::default(), DecodeVariant { fold_combine: false, ..DecodeVariant::default() }];
     variant_grid::<f16>(&v, 21_000);
 }
 
@@ -357,6 +357,24 @@ fn folded_combine_replays_bf16() {
 #[test]
 fn folded_combine_replays_f16() {
     fold_replays::<f16>(DecodePipeline::W4S3, 22_100);
+}
+
+/// The merges have a fast form (statistics once per row: the combine kernel up to 64 splits, the
+/// fold while the row statistics fit in shared memory) and a general one (per element); all give
+/// the same bits. 7 splits: both fast; 70: the combine's general form against the fold's fast
+/// one; 1700: both general (the fold's statistics no longer fit). Each checked against the CPU.
+#[test]
+fn merge_forms_agree_bf16() {
+    let dev = common::device();
+    let a = random_batch::<bf16>(AttentionParams::new(8, 2, 128), 16, &[1328, 18, 463, 2000], 22_200);
+    for splits in [7, 70, 1700] {
+        let mut ws = workspace(dev, decode_workspace_len(splits, 4, 8, 128));
+        let fold = launch(&a, DecodeVariant::default(), splits, 0, &mut ws);
+        let separate =
+            launch(&a, DecodeVariant { fold_combine: false, ..DecodeVariant::default() }, splits, 0, &mut ws);
+        check_cpu(&a, &fold, &format!("fold, {splits} splits"));
+        assert!(bits(&fold) == bits(&separate), "{splits} splits: folded and separate combine differ");
+    }
 }
 
 /// Splits of a fixed key count for the invariance test (a multiple of the tile).
@@ -440,7 +458,7 @@ fn batch_invariant_decode() {
     let long = AttentionParams::new(16, 2, 128);
     let variants = [
         DecodeVariant::default(),
-        DecodeVariant { fold_combine: true, ..DecodeVariant::default() },
+        DecodeVariant { fold_combine: false, ..DecodeVariant::default() },
         DecodeVariant { pipeline: DecodePipeline::W2S4, fold_combine: true },
     ];
     for (i, v) in variants.into_iter().enumerate() {
@@ -469,7 +487,7 @@ fn sanitizer_subset_decode_variants() {
         assert!(bits(&first) == bits(&again), "sanitizer {v}: replay differs");
     }
     // split_keys with empty splits (the grid needs 11 for 700 keys at 64 per split; give 12).
-    let fold = DecodeVariant { fold_combine: true, ..DecodeVariant::default() };
+    let fold = DecodeVariant::default();
     let mut ws = workspace(dev, decode_workspace_len(12, 3, 8, 128));
     let got = launch(&b, fold, 12, 64, &mut ws);
     check_cpu(&b, &got, "sanitizer split_keys");
