@@ -50,11 +50,14 @@
 // every wgmma inside the steady-state loop is unconditional (conditional issue makes ptxas
 // serialise the wgmma pipeline), then skip the tiles after it.
 //
-// Barrier phases: stage s of a pipeline serves tiles s, s + S, s + 2S...; use k = tile / S waits
-// FULL with parity k & 1, and the producer waits EMPTY with parity (k - 1) & 1 before use k >= 1
-// (a fresh stage needs no wait). Before exiting, the producer waits for the release of the last
-// V tile, which comes after every other release, so no copy or barrier arrival of this block is
-// still pending when its warps retire.
+// Barrier phases: K and V are two pipelines with their own stage counts, SK and SV (see "Shared
+// memory"), and no barrier in common. Stage s of the K pipeline serves K tiles s, s + SK,
+// s + 2 SK...; use k = tile / SK waits FULL_K(tile % SK) with parity k & 1, and the producer waits
+// EMPTY_K with parity (k - 1) & 1 before use k >= 1 (a fresh stage needs no wait). The V pipeline
+// is the same with SV: stage tile % SV, use tile / SV. Before exiting, the producer waits for the
+// release of the last V tile (stage (n_tiles - 1) % SV, parity ((n_tiles - 1) / SV) & 1), which
+// comes after every other release, so no copy or barrier arrival of this block is still pending
+// when its warps retire.
 //
 // Hang guard: the producer's waits trap after 30 s (see mbar_wait_guarded), so a protocol error
 // shows up as a failed launch instead of a hung process.
@@ -69,15 +72,22 @@
 // soft-cap / ALiBi need the element-wise pass; sinks and LSE in the epilogue; GQA through the KV
 // head of the query head. Unseen non-finite V: on a tile that straddles a mask bound of any row of
 // the block the PRODUCER waits for its own V copies (cp.async.wait_all + a producer barrier), zeroes
-// every non-finite V element in shared memory, records the keys that had one in a per-stage bit set,
+// every non-finite V element in shared memory, records the keys that had one in a per-V-stage bit set,
 // and arrives on FULL_V with a plain release arrive instead of the cp.async one; a consumer row
 // that can see such a key outputs NaN (same rule as paged_prefill_sm90.cu's header).
 //
-// Shared memory (BN = 128): Q BM x D, then S stages of K and S of V, BN x D each, as 64-column
-// swizzled panels; head 128: 32 KB + 2 x 2 x 32 KB = 160 KB (S = 2, as FlashAttention-3 at head
-// 128: a third stage would fit in 227 KB but leaves almost no L1, and one tile of compute per
-// block is about 2 us, longer than a gather's latency); head 64: 16 KB + 4 x 2 x 16 KB = 144 KB
-// (S = 4: a tile of head 64 is half the compute, so twice the depth covers the same latency).
+// Shared memory (BN = 128): Q BM x D, then SK stages of K and SV of V, BN x D each, as 64-column
+// swizzled panels, then the barriers, the row-offset ring (3 x BN int64) and a BN-bit set of
+// sanitised keys per V stage. Head 128: SK = 3, SV = 2, 32 KB + 3 x 32 KB + 2 x 32 KB = 192 KB
+// of tiles, about 196 KB with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first
+// version) Nsight Compute on an H200 (causal, 8 requests x 2048 tokens) showed the consumer
+// warpgroups stalled on their FULL_K and FULL_V waits (about 14% of their stall samples) while the
+// producer waited on EMPTY barriers: the pipeline was too shallow to cover the gather latency.
+// Three stages of both do not fit in 227 KB (32 KB + 6 x 32 KB + barriers + ring + slack is just
+// over), so K gets the third stage: the producer already runs K a tile ahead of V (K(n + 1) before
+// V(n)) and every step of a consumer starts with a FULL_K wait, while its FULL_V wait comes after
+// the QK^T issue and has that much slack. Head 64: SK = SV = 4, 16 KB + 8 x 16 KB = 144 KB of tiles
+// (a tile of head 64 is half the compute, so twice the depth covers the same latency).
 //
 // Not on this path (the Rust launcher runs paged_prefill_sm90.cu instead, with identical results):
 // FP8 caches, head sizes other than 64 and 128. Device code exists only in the sm_90a image, and
@@ -99,7 +109,9 @@ template <int D> struct WsCfg {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kBN = 128;
-  static constexpr int kStages = D <= 64 ? 4 : 2;
+  // K and V stage counts (see "Shared memory" in the header for why they differ at head 128).
+  static constexpr int kStagesK = D <= 64 ? 4 : 3;
+  static constexpr int kStagesV = D <= 64 ? 4 : 2;
   static constexpr int kChunks = D / 8;  // 16-byte units per row
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;
@@ -109,13 +121,14 @@ template <int D> struct WsCfg {
   static constexpr int kConsumerRegs = 232;
   // Byte offsets from the 1024-aligned base.
   static constexpr int kOffK = kQBytes;
-  static constexpr int kOffV = kOffK + kStages * kTileBytes;
-  static constexpr int kOffBar = kOffV + kStages * kTileBytes;  // full_k, full_v, empty_k, empty_v, q
-  static constexpr int kNumBars = 4 * kStages + 1;
+  static constexpr int kOffV = kOffK + kStagesK * kTileBytes;
+  static constexpr int kOffBar = kOffV + kStagesV * kTileBytes;  // full_k, full_v, empty_k, empty_v, q
+  static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 1;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
   static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
   static constexpr int kAlignSlack = 1024;
-  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffBad + kStages * kBadWords * 4;
+  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffBad + kStagesV * kBadWords * 4;
+  static_assert(kStagesK >= 1 && kStagesV >= 1, "each pipeline needs a stage");
   static_assert(D % 64 == 0, "tiles are stored as 64-column swizzled panels");
   static_assert(kBN <= 128, "one producer thread computes one key row's offset");
   static_assert((kBN * kChunks) % 128 == 0, "producer copies divide evenly");
@@ -198,7 +211,8 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D>;
   namespace w = pa::sm90;
-  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks, S = Cfg::kStages;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
+  constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV;
   constexpr int NS = BN / 2;  // S accumulator floats per thread
   constexpr int NO = D / 2;   // O accumulator floats per thread
   constexpr int NJ = BN / 8;  // n8 column groups of S
@@ -209,12 +223,14 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
   const uint32_t base = raw_addr + pad;  // Q tile
   const uint32_t k_base = base + Cfg::kOffK, v_base = base + Cfg::kOffV, bars = base + Cfg::kOffBar;
   int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kOffRo);  // [3][BN]
-  uint32_t* bad_s = reinterpret_cast<uint32_t*>(smem + Cfg::kOffBad);  // [S][BN / 32]
+  uint32_t* bad_s = reinterpret_cast<uint32_t*>(smem + Cfg::kOffBad);  // [SV][BN / 32]
+  // Barriers: full_k[SK], full_v[SV], empty_k[SK], empty_v[SV], q_full (kNumBars in all).
   auto full_k = [&](int s) { return bars + 8u * s; };
-  auto full_v = [&](int s) { return bars + 8u * (S + s); };
-  auto empty_k = [&](int s) { return bars + 8u * (2 * S + s); };
-  auto empty_v = [&](int s) { return bars + 8u * (3 * S + s); };
-  const uint32_t q_full = bars + 8u * (4 * S);
+  auto full_v = [&](int s) { return bars + 8u * (SK + s); };
+  auto empty_k = [&](int s) { return bars + 8u * (SK + SV + s); };
+  auto empty_v = [&](int s) { return bars + 8u * (2 * SK + SV + s); };
+  const uint32_t q_full = bars + 8u * (2 * SK + 2 * SV);
+  static_assert(2 * SK + 2 * SV + 1 == Cfg::kNumBars, "barrier layout");
 
   const int tid = threadIdx.x;
   // Flat grid, heaviest row blocks first (as paged_prefill_sm90.cu).
@@ -250,10 +266,12 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
   };
 
   if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < SK; ++s) {
       mbar_init(full_k(s), 128);
-      mbar_init(full_v(s), 128);
       mbar_init(empty_k(s), 256);
+    }
+    for (int s = 0; s < SV; ++s) {
+      mbar_init(full_v(s), 128);
       mbar_init(empty_v(s), 256);
     }
     mbar_init(q_full, 128);
@@ -307,14 +325,14 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       // j - 1, so the slot step j + 1 overwrites ((j - 2) % 3) has no reader left.
       named_sync(kBarProducer, 128);
       if (j < n_tiles) {
-        const int s = j % S;
-        if (j >= S) mbar_wait_guarded(empty_k(s), ((j / S) - 1) & 1);
+        const int s = j % SK;
+        if (j >= SK) mbar_wait_guarded(empty_k(s), ((j / SK) - 1) & 1);
         issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (j % 3) * BN);
         mbar_arrive_cp_async(full_k(s));
       }
       if (j >= 1) {
-        const int t = j - 1, s = t % S;
-        if (t >= S) mbar_wait_guarded(empty_v(s), ((t / S) - 1) & 1);
+        const int t = j - 1, s = t % SV;
+        if (t >= SV) mbar_wait_guarded(empty_v(s), ((t / SV) - 1) & 1);
         const uint32_t vs = v_base + s * Cfg::kTileBytes;
         issue(vs, vc, ro_s + (t % 3) * BN);
         if (block_mask(t)) {
@@ -342,7 +360,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       }
     }
     // Retire only after the consumers released the last V stage (their last release of all).
-    mbar_wait_guarded(empty_v((n_tiles - 1) % S), ((n_tiles - 1) / S) & 1);
+    mbar_wait_guarded(empty_v((n_tiles - 1) % SV), ((n_tiles - 1) / SV) & 1);
     return;
   }
 
@@ -394,12 +412,12 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
     }
     // A tile none of this warpgroup's rows sees: keep the barrier phases and the turns in step.
     auto skip_tile = [&](int t) {
-      mbar_wait(full_k(t % S), (t / S) & 1);
+      mbar_wait(full_k(t % SK), (t / SK) & 1);
       named_sync(bar_self, 256);
       named_arrive(bar_other, 256);
-      mbar_arrive(empty_k(t % S));
-      mbar_wait(full_v(t % S), (t / S) & 1);
-      mbar_arrive(empty_v(t % S));
+      mbar_arrive(empty_k(t % SK));
+      mbar_wait(full_v(t % SV), (t / SV) & 1);
+      mbar_arrive(empty_v(t % SV));
     };
     if (cw == 0) named_arrive(kBarTurn0, 256);  // consumer 0 has the first turn
 #pragma unroll 1
@@ -413,7 +431,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       const uint32_t q_wg = base + rw0 * 128;
       // S = Q K(n)^T into s (issued and committed, not waited for).
       auto issue_s = [&](int n) {
-        const uint32_t k_addr = k_base + (n % S) * Cfg::kTileBytes;
+        const uint32_t k_addr = k_base + (n % SK) * Cfg::kTileBytes;
         w::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -436,7 +454,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
           o[j * 4 + 2] *= alpha[1];
           o[j * 4 + 3] *= alpha[1];
         }
-        const uint32_t v_addr = v_base + (t % S) * Cfg::kTileBytes;
+        const uint32_t v_addr = v_base + (t % SV) * Cfg::kTileBytes;
         w::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -502,7 +520,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       // After the PV product of tile t: rows that see a key whose V the producer sanitised.
       auto note_bad_v = [&](int t) {
         if (!block_mask(t)) return;
-        const uint32_t* bad = bad_s + (t % S) * Cfg::kBadWords;
+        const uint32_t* bad = bad_s + (t % SV) * Cfg::kBadWords;
         const int t0 = (n_first + t) * BN;
 #pragma unroll 1
         for (int wd = 0; wd < Cfg::kBadWords; ++wd) {
@@ -519,50 +537,50 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       };
 
       // First tile of the run: S only.
-      mbar_wait(full_k(wa % S), (wa / S) & 1);
+      mbar_wait(full_k(wa % SK), (wa / SK) & 1);
       w::fence_proxy_async_smem();
       named_sync(bar_self, 256);
       issue_s(wa);
       named_arrive(bar_other, 256);
       w::wgmma_wait<0>();
       w::fence_regs(s);
-      mbar_arrive(empty_k(wa % S));
+      mbar_arrive(empty_k(wa % SK));
       softmax(wa, alpha);
       pack_p();
       // Steady state: S(n) runs while O catches up with tile n - 1, then the softmax of tile n
       // runs while P(n - 1) V(n - 1) does.
 #pragma unroll 1
       for (int n = wa + 1; n <= wb; ++n) {
-        mbar_wait(full_k(n % S), (n / S) & 1);
+        mbar_wait(full_k(n % SK), (n / SK) & 1);
         w::fence_proxy_async_smem();
         named_sync(bar_self, 256);
         issue_s(n);
-        mbar_wait(full_v((n - 1) % S), ((n - 1) / S) & 1);
+        mbar_wait(full_v((n - 1) % SV), ((n - 1) / SV) & 1);
         w::fence_proxy_async_smem();
         issue_pv(n - 1);
         named_arrive(bar_other, 256);
         w::wgmma_wait<1>();  // S(n) done; PV(n - 1) may still run
         w::fence_regs(s);
-        mbar_arrive(empty_k(n % S));
+        mbar_arrive(empty_k(n % SK));
         float al[2];
         softmax(n, al);
         w::wgmma_wait<0>();
         w::fence_regs(o);
         w::fence_regs(pk);
         note_bad_v(n - 1);
-        mbar_arrive(empty_v((n - 1) % S));
+        mbar_arrive(empty_v((n - 1) % SV));
         pack_p();
         alpha[0] = al[0];
         alpha[1] = al[1];
       }
       // Last tile of the run: PV only.
-      mbar_wait(full_v(wb % S), (wb / S) & 1);
+      mbar_wait(full_v(wb % SV), (wb / SV) & 1);
       w::fence_proxy_async_smem();
       issue_pv(wb);
       w::wgmma_wait<0>();
       w::fence_regs(o);
       note_bad_v(wb);
-      mbar_arrive(empty_v(wb % S));
+      mbar_arrive(empty_v(wb % SV));
     }
 
 #pragma unroll 1
