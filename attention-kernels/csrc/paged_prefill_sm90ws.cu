@@ -82,12 +82,14 @@
 // of tiles, about 196 KB with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first
 // version) Nsight Compute on an H200 (causal, 8 requests x 2048 tokens) showed the consumer
 // warpgroups stalled on their FULL_K and FULL_V waits (about 14% of their stall samples) while the
-// producer waited on EMPTY barriers: the pipeline was too shallow to cover the gather latency.
-// Three stages of both do not fit in 227 KB (32 KB + 6 x 32 KB + barriers + ring + slack is just
-// over), so K gets the third stage: the producer already runs K a tile ahead of V (K(n + 1) before
-// V(n)) and every step of a consumer starts with a FULL_K wait, while its FULL_V wait comes after
-// the QK^T issue and has that much slack. Head 64: SK = SV = 4, 16 KB + 8 x 16 KB = 144 KB of tiles
-// (a tile of head 64 is half the compute, so twice the depth covers the same latency).
+// producer waited on EMPTY barriers, which looked like a pipeline too shallow for the gather's
+// latency. Three stages of both do not fit in 227 KB, so K got the third stage (every consumer
+// step starts with a FULL_K wait; its FULL_V wait has the QK^T product as slack). Measured: no
+// change (229 / 330 TFLOP/s on causal 8 x 2048 / 2 x 8192 against 230 / 332 with two stages), so
+// depth was not what the consumers waited for; both configurations are correct, this one stays
+// (docs/PERFORMANCE.md, fourth H200 session, lists what to look at next). Head 64: SK = SV = 4,
+// 16 KB + 8 x 16 KB = 144 KB of tiles (a tile of head 64 is half the compute, so twice the depth
+// covers the same latency).
 //
 // Not on this path (the Rust launcher runs paged_prefill_sm90.cu instead, with identical results):
 // FP8 caches, head sizes other than 64 and 128. Device code exists only in the sm_90a image, and
