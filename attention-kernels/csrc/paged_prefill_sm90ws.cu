@@ -200,6 +200,20 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
                : "memory");
 }
+// 16 bytes from base + row (element offset), or zeros when row < 0 (a key that must not be
+// loaded; the source is then base itself): the sign is the ignore-source predicate.
+template <typename E>
+__device__ __forceinline__ void cp_async16_row(uint32_t dst, const E* base, int64_t row) {
+  const int64_t neg = row >> 63;  // -1 when the row is not to be loaded, else 0
+  asm volatile(
+      "{\n"
+      "  .reg .pred skip;\n"
+      "  setp.ne.s32 skip, %2, 0;\n"
+      "  cp.async.cg.shared.global [%0], [%1], 16, skip;\n"
+      "}\n" ::"r"(dst),
+      "l"(base + (row & ~neg)), "r"(static_cast<int>(neg))
+      : "memory");
+}
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
@@ -303,13 +317,15 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
     static_assert(RPI % 8 == 0, "rows per pass must keep the swizzle phase");
     const int c_thr = pt % C, r0 = pt / C;
     const uint32_t dst0 = w::swizzled_offset(BN, r0, c_thr * 8);
+    // Nsight Compute counted 19 instructions per copy in the first version (the zero-fill size
+    // rebuilt from the row's validity, a select between two 64-bit sources); the row's sign now
+    // drives cp.async's ignore-source predicate directly, and the row is clamped to 0 with a mask,
+    // so no address outside the cache is ever formed.
     auto issue = [&](uint32_t dst, const T* src, const int64_t* ro) {
       const T* src_c = src + c_thr * 8;
 #pragma unroll 4
       for (int i = 0; i < BN / RPI; ++i) {
-        const int64_t row = ro[r0 + i * RPI];
-        const bool valid = row >= 0;
-        cp_async16(dst + dst0 + i * RPI * 128, valid ? src_c + row : src, valid);
+        cp_async16_row(dst + dst0 + i * RPI * 128, src_c, ro[r0 + i * RPI]);
       }
     };
     int64_t pg = 0;  // page of this thread's key row in the next tile to stage
