@@ -429,9 +429,10 @@ impl DecodePipeline {
 /// size) in the order of the in-split reduction, so outputs of two variants may differ in the
 /// last bits while each is deterministic run to run.
 ///
-/// The default is [`DecodePipeline::W4S3`] with the folded combine: measured on the H200, the
-/// fold is never slower than the second launch and saves 4-14 us where a request is split many
-/// ways (b1 x 32768: 0.0515 ms against 0.0584).
+/// The default is [`DecodePipeline::W4S3`] with the folded combine: on the H200 the default
+/// pipeline with the fold was never slower than with the second launch on the benchmarked
+/// shapes, and up to 8 us faster where a request is split many ways (b1 x 32768: 0.0515 ms
+/// against 0.0597).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeVariant {
     /// Warps and stages.
