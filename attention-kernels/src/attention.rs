@@ -1179,6 +1179,9 @@ mod tests {
             assert_eq!(DecodeVariant::from_code(v.code()), Some(v));
         }
         assert_eq!(DecodeVariant::ALL[0], DecodeVariant::default());
+        // The default folds the combine; the bare pipeline name is the second launch.
+        assert_eq!(DecodeVariant::default().to_string(), "w4s3-fold");
+        assert_eq!("w4s3".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(false));
         assert_eq!("W2S4-Fold".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(true));
         assert!("w9s9".parse::<DecodeVariant>().is_err());
     }
