@@ -997,41 +997,66 @@ PA_EXPORT int32_t pa_paged_decode_heads_per_block(int32_t head_size) {
   return DecodeCfg<64>::kRows;  // the same for every head size
 }
 
-// Resident blocks per SM of the decode kernel for (head size, dtype, KV-cache kind) on the current
-// device, as the runtime's occupancy calculator reports it for the instantiation and dynamic
-// shared memory that pa_paged_decode launches. Needs a current CUDA context; writes *blocks only
-// on success.
-PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_t dtype, int32_t kv_dtype,
-                                                       int32_t variant, int32_t* blocks) {
-  if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
+// Calls f(Cfg{}, kernel) for the decode instantiation that pa_paged_decode runs for (head size,
+// dtype, KV-cache kind, variant); cudaErrorInvalidValue for arguments it would refuse.
+template <typename F>
+cudaError_t with_decode_instance(int32_t head_size, int32_t dtype, int32_t kv_dtype, int32_t variant, F&& f) {
+  if (dtype != 0 && dtype != 1) return cudaErrorInvalidValue;
   if (kv_dtype < 0 || kv_dtype > 2) return cudaErrorInvalidValue;
   if (variant < 0 || (variant & 0xff) >= kNumVariants) return cudaErrorInvalidValue;
   return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    auto occupancy = [&](auto t, auto kv) -> cudaError_t {
+    auto one = [&](auto t, auto kv) -> cudaError_t {
       using T = decltype(t);
       constexpr int KV = decltype(kv)::value;
       return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
-        using Cfg = DecodeCfg<D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>;
-        auto kernel = decode_split_kernel<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>;
-        const int smem = static_cast<int>(Cfg::kSmemBytes);
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (err != cudaSuccess) return err;
-        int n = 0;
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
-        if (err == cudaSuccess) *blocks = n;
-        return err;
+        constexpr int W = decltype(w)::value, S = decltype(ns)::value, G = decltype(kg)::value;
+        return f(DecodeCfg<D, W, S, KV, G>{}, decode_split_kernel<T, D, W, S, KV, G>);
       });
     };
     using K0 = pa::HeadDim<pa::fp8::kSame>;
     using K1 = pa::HeadDim<pa::fp8::kE4M3>;
     using K2 = pa::HeadDim<pa::fp8::kE5M2>;
     if (dtype == 0) {
-      return kv_dtype == 0 ? occupancy(__half{}, K0{}) : kv_dtype == 1 ? occupancy(__half{}, K1{}) : occupancy(__half{}, K2{});
+      return kv_dtype == 0 ? one(__half{}, K0{}) : kv_dtype == 1 ? one(__half{}, K1{}) : one(__half{}, K2{});
     }
-    return kv_dtype == 0   ? occupancy(__nv_bfloat16{}, K0{})
-           : kv_dtype == 1 ? occupancy(__nv_bfloat16{}, K1{})
-                           : occupancy(__nv_bfloat16{}, K2{});
+    return kv_dtype == 0   ? one(__nv_bfloat16{}, K0{})
+           : kv_dtype == 1 ? one(__nv_bfloat16{}, K1{})
+                           : one(__nv_bfloat16{}, K2{});
+  });
+}
+
+// Resident blocks per SM of the decode kernel for (head size, dtype, KV-cache kind) on the current
+// device, as the runtime's occupancy calculator reports it for the instantiation and dynamic
+// shared memory that pa_paged_decode launches. Needs a current CUDA context; writes *blocks only
+// on success.
+PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_t dtype, int32_t kv_dtype,
+                                                       int32_t variant, int32_t* blocks) {
+  if (blocks == nullptr) return cudaErrorInvalidValue;
+  return with_decode_instance(head_size, dtype, kv_dtype, variant, [&](auto cfg, auto kernel) -> cudaError_t {
+    using Cfg = decltype(cfg);
+    const int smem = static_cast<int>(Cfg::kSmemBytes);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
+    if (err == cudaSuccess) *blocks = n;
+    return err;
+  });
+}
+
+// K/V bytes one decode block keeps in flight: the tiles of every pipeline stage but the one being
+// computed, K and V, at the cache's element size. The split planner divides the bytes an SM needs
+// in flight to reach its share of the memory bandwidth by this. No CUDA context needed; writes
+// *bytes only on success.
+PA_EXPORT cudaError_t pa_paged_decode_bytes_in_flight(int32_t head_size, int32_t dtype, int32_t kv_dtype,
+                                                      int32_t variant, int64_t* bytes) {
+  if (bytes == nullptr) return cudaErrorInvalidValue;
+  return with_decode_instance(head_size, dtype, kv_dtype, variant, [&](auto cfg, auto) -> cudaError_t {
+    using Cfg = decltype(cfg);
+    const int64_t elem = Cfg::kFp8 ? 1 : 2;
+    *bytes = int64_t{2} * (Cfg::kStages - 1) * Cfg::kTK * head_size * elem;
+    return cudaSuccess;
   });
 }
 

@@ -604,21 +604,7 @@ pub fn blocks_per_sm_for_cache(
     cache_dtype: DType,
 ) -> Result<usize, KernelError> {
     const OCC: &str = "blocks_per_sm";
-    let d = match dtype {
-        DType::F16 => 0,
-        DType::BF16 => 1,
-        other => return Err(invalid(OCC, format!("element type {other} is not supported on the GPU"))),
-    };
-    let kv = match cache_dtype {
-        DType::Fp8E4M3 => 1,
-        DType::Fp8E5M2 => 2,
-        c if c == dtype => 0,
-        other => return Err(invalid(OCC, format!("a {other} cache cannot serve {dtype} attention"))),
-    };
-    if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
-        return Err(invalid(OCC, format!("head size {head_size} is not supported")));
-    }
-    let h = to_i32(OCC, "head_size", head_size)?;
+    let (h, d, kv) = instance_codes(OCC, head_size, dtype, cache_dtype)?;
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel: OCC, code: e.0 as i32, message: format!("{e:?}") })?;
     // The prefill kernel the launches on this thread would run.
     let prefill = match kernel {
@@ -655,6 +641,55 @@ pub fn blocks_per_sm_for_cache(
     let n = blocks.max(0) as usize;
     memo.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
     Ok(n)
+}
+
+/// K/V bytes one decode block keeps in flight (the tiles of every pipeline stage but the one being
+/// computed) for this variant, head size, compute type and cache type: what an SM holding `n`
+/// such blocks has outstanding towards memory. A split planner compares it with the bytes an SM
+/// needs in flight to reach its share of the bandwidth: beyond that, more resident blocks do not
+/// make an SM read faster. Needs no CUDA context.
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] for what [`blocks_per_sm_for_cache`] refuses.
+pub fn decode_bytes_in_flight(
+    variant: DecodeVariant,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+) -> Result<usize, KernelError> {
+    const WHAT: &str = "decode_bytes_in_flight";
+    let (h, d, kv) = instance_codes(WHAT, head_size, dtype, cache_dtype)?;
+    let mut bytes: i64 = 0;
+    // SAFETY: `bytes` is a live local the function writes one i64 to; it reads compile-time
+    // constants only (no CUDA call, no context needed) and touches no other memory.
+    let status = unsafe { ffi::pa_paged_decode_bytes_in_flight(h, d, kv, variant.code() as i32, &mut bytes) };
+    status_to_result(WHAT, status)?;
+    Ok(bytes.max(0) as usize)
+}
+
+/// The FFI codes of (head size, compute type, cache type), checked: `(head_size, dtype, kv_dtype)`
+/// as the occupancy and in-flight queries take them.
+fn instance_codes(
+    what: &'static str,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+) -> Result<(i32, i32, i32), KernelError> {
+    let d = match dtype {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        other => return Err(invalid(what, format!("element type {other} is not supported on the GPU"))),
+    };
+    let kv = match cache_dtype {
+        DType::Fp8E4M3 => 1,
+        DType::Fp8E5M2 => 2,
+        c if c == dtype => 0,
+        other => return Err(invalid(what, format!("a {other} cache cannot serve {dtype} attention"))),
+    };
+    if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
+        return Err(invalid(what, format!("head size {head_size} is not supported")));
+    }
+    Ok((to_i32(what, "head_size", head_size)?, d, kv))
 }
 
 fn invalid(kernel: &'static str, what: String) -> KernelError {
@@ -1171,6 +1206,31 @@ fn launch<T: Element, C: KvStorage<T>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_bytes_in_flight_follow_the_pipelines() {
+        let bytes = |v: DecodeVariant, head: usize, cache: DType| decode_bytes_in_flight(v, head, DType::BF16, cache);
+        let w4s3 = DecodeVariant::default();
+        // Two of three stages of 64-key K and V tiles in flight, two bytes an element.
+        assert_eq!(bytes(w4s3, 128, DType::BF16), Ok(2 * 64 * 128 * 2 * 2));
+        assert_eq!(bytes(w4s3, 64, DType::BF16), Ok(2 * 64 * 64 * 2 * 2));
+        // Above head 128: two stages, one tile in flight.
+        assert_eq!(bytes(w4s3, 256, DType::BF16), Ok(64 * 256 * 2 * 2));
+        // FP8 up to head 128: two stages of 64-key tiles (2 warps x 2 groups of 16 keys), one byte.
+        assert_eq!(bytes(w4s3, 128, DType::Fp8E4M3), Ok(64 * 128 * 2));
+        assert_eq!(bytes(w4s3, 128, DType::Fp8E5M2), Ok(64 * 128 * 2));
+        // FP8 above head 128: 4 warps, 3 stages.
+        assert_eq!(bytes(w4s3, 256, DType::Fp8E4M3), Ok(2 * 64 * 256 * 2));
+        // The other pipelines (bf16, head 128): W2S6 keeps five 32-key tiles in flight.
+        let w2s6 = DecodeVariant { pipeline: DecodePipeline::W2S6, fold_combine: false };
+        assert_eq!(bytes(w2s6, 128, DType::BF16), Ok(5 * 32 * 128 * 2 * 2));
+        // Refused as the occupancy query refuses.
+        assert!(matches!(bytes(w4s3, 100, DType::BF16), Err(KernelError::InvalidArgument { .. })));
+        assert!(matches!(
+            decode_bytes_in_flight(w4s3, 128, DType::F32, DType::F32),
+            Err(KernelError::InvalidArgument { .. })
+        ));
+    }
 
     #[test]
     fn variant_names_round_trip() {

@@ -144,6 +144,16 @@ extern "C" {
         blocks: *mut i32,
     ) -> CudaStatus;
 
+    /// K/V bytes one block of the decode instantiation for these arguments keeps in flight (the
+    /// tiles of every pipeline stage but the one being computed). Needs no CUDA context.
+    pub fn pa_paged_decode_bytes_in_flight(
+        head_size: i32,
+        dtype: i32,
+        kv_dtype: i32,
+        variant: i32,
+        bytes: *mut i64,
+    ) -> CudaStatus;
+
     /// Floats at the front of the decode workspace that hold the folded combine's counters.
     pub fn pa_paged_decode_counter_slots() -> i32;
 

@@ -5,7 +5,8 @@ use attention_kernels::attention::{
 };
 use attention_kernels::DType;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaContext, CudaSlice};
+use std::sync::Arc;
 
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
@@ -128,7 +129,8 @@ impl DeviceMetadata {
     /// of up to 16 query heads, split); the split count (at most 64, at least four key tiles per
     /// split) minimises a wave-quantisation cost model of that grid, see [`decode_split_count`],
     /// with the blocks per SM the runtime reports for the decode kernel that will run (the process
-    /// variant, the cache type). Everything else goes to the prefill kernel.
+    /// variant, the cache type), of which only as many count as add bandwidth (see
+    /// [`decode_slots_per_sm`]). Everything else goes to the prefill kernel.
     pub fn split_plan_for_cache(
         &self,
         num_heads: usize,
@@ -152,20 +154,8 @@ impl DeviceMetadata {
         let tile = decode_tile_keys(head_size).max(1);
         // The compute type does not change the decode kernel's occupancy (f16 and bf16 share
         // their shapes); an FP8 cache runs a pipeline of its own.
-        let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
-        let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
-        let per_sm = kernels::blocks_per_sm_for_cache(
-            self.seq_lens.context(),
-            probe,
-            kernels::decode_variant(),
-            head_size,
-            compute,
-            cache_dtype,
-        )
-        .ok()
-        .filter(|&b| b > 0)
-        .unwrap_or_else(|| decode_blocks_per_sm(head_size));
-        let num_splits = decode_split_count(blocks, self.num_sms, per_sm, self.decode_max_seq_len, tile);
+        let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype);
+        let num_splits = decode_split_count(blocks, self.num_sms, slots, self.decode_max_seq_len, tile);
         SplitPlan {
             decode_reqs: n,
             num_splits,
@@ -173,6 +163,22 @@ impl DeviceMetadata {
             workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
         }
     }
+}
+
+/// The decode blocks per SM that add bandwidth ([`decode_slots_per_sm`]) for the decode kernel that
+/// will run on `ctx`'s device: the process's [`kernels::decode_variant`] over a cache of
+/// `cache_dtype` (f16 and bf16 share their kernels' shapes; FP8 caches have a pipeline of their
+/// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked.
+pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType) -> usize {
+    let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+    let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
+    let variant = kernels::decode_variant();
+    let per_sm = kernels::blocks_per_sm_for_cache(ctx, probe, variant, head_size, compute, cache_dtype)
+        .ok()
+        .filter(|&b| b > 0)
+        .unwrap_or_else(|| decode_blocks_per_sm(head_size));
+    kernels::decode_bytes_in_flight(variant, head_size, compute, cache_dtype)
+        .map_or(per_sm, |bytes| decode_slots_per_sm(per_sm, bytes))
 }
 
 /// Decode blocks resident on one SM (shared memory bound: 3 stages of 64-key K/V tiles up to head
@@ -186,29 +192,58 @@ pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
     }
 }
 
-/// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each hold
-/// `per_sm` blocks at once, the longest context `max_len` and `tile` keys per tile.
+/// K/V bytes an SM needs outstanding to read at its share of the memory bandwidth. Measured on the
+/// H200: one bf16 block of the default pipeline (64 KiB in flight at head size 128) per SM read as
+/// fast as two (b16 x 16384: 0.2731 ms with one split, 0.2743 with two; b1 x 32768: 16 splits,
+/// one block on each of 128 SMs, 0.0488 ms against 0.0518 for 32), while the FP8 pipeline's blocks
+/// (16 KiB each) needed all four slots (b16 x 16384: 0.1509 ms with 4 splits, 0.1530 with 3).
+/// By Little's law 64 KiB covers about 2 us of latency at an SM's 1/132 share of 4.3 TB/s.
+pub const DECODE_SATURATION_BYTES: usize = 64 * 1024;
+
+/// Of `per_sm` resident decode blocks that each keep `bytes_in_flight` bytes of K/V outstanding,
+/// the number that add bandwidth: enough to reach [`DECODE_SATURATION_BYTES`], at least one, at
+/// most `per_sm`. Blocks past that share the SM's bytes per second, so they finish no sooner
+/// together than one after another: the split planner's waves count these slots, not `per_sm`.
+pub fn decode_slots_per_sm(per_sm: usize, bytes_in_flight: usize) -> usize {
+    let per_sm = per_sm.max(1);
+    if bytes_in_flight == 0 {
+        return per_sm;
+    }
+    DECODE_SATURATION_BYTES.div_ceil(bytes_in_flight).clamp(1, per_sm)
+}
+
+/// Key-equivalents of time one more split adds to a (request, kv head) group: its partial (one f32
+/// row of head size + 2 per query row) is written, then read back and merged by the group's last
+/// block, at the tail of the launch where nothing overlaps it. Fitted on the H200 (b1 x 32768, FP8:
+/// 24 splits 0.0456 ms, 32 0.0436, 48 0.0464, 64 0.0508, where a pure wave model prefers 64):
+/// values from 19 to 43 order those four as measured, and the low end keeps the 2% rule below
+/// from settling on fewer splits than the measured best (26 at 32 key-equivalents).
+const SPLIT_MERGE_KEYS: f64 = 20.0;
+
+/// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each run
+/// `slots` blocks at full speed at once (see [`decode_slots_per_sm`]), the longest context
+/// `max_len` and `tile` keys per tile.
 ///
 /// The blocks spread evenly, so the busiest SM runs `L = ceil(blocks * s / num_sms)` of them in
-/// `L / per_sm` waves; cost of `s` splits = waves x (keys per block + one tile of start-up), where
-/// a partial last wave costs at least nine tenths of a full one: an SM's byte rate grows with the
-/// blocks it holds (more loads in flight, more warps to hide the latency of each), so an SM
-/// holding three of four blocks is not 25% faster per block (FP8 b16 x 16384 on the H200: 3
-/// splits filling 73% of the slots took 2.8% longer than 4 filling 97%). A split
-/// must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best wins
-/// (fewer splits: less combine work).
-pub fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len: usize, tile: usize) -> usize {
+/// `L / slots` waves; cost of `s` splits = waves x (keys per block + one tile of start-up) + `s` x
+/// [`SPLIT_MERGE_KEYS`], where a partial last wave costs at least nine tenths of a full one: an
+/// SM's byte rate grows with the blocks it holds (more loads in flight, more warps to hide the
+/// latency of each), so an SM holding three of four blocks is not 25% faster per block (FP8 b16 x
+/// 16384 on the H200: 3 splits filling 73% of the slots took 2.8% longer than 4 filling 97%). A
+/// split must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best
+/// wins (fewer splits: less combine work).
+pub fn decode_split_count(blocks: usize, num_sms: usize, slots: usize, max_len: usize, tile: usize) -> usize {
     let blocks = blocks.max(1);
     let num_sms = num_sms.max(1);
-    let per_sm = per_sm.max(1);
+    let slots = slots.max(1);
     let max_splits = max_len.div_ceil(tile * 4).clamp(1, 64);
     let cost = |s: usize| -> f64 {
         let load = (blocks * s).div_ceil(num_sms);
-        let full = (load / per_sm) as f64;
-        let rem = (load % per_sm) as f64 / per_sm as f64;
+        let full = (load / slots) as f64;
+        let rem = (load % slots) as f64 / slots as f64;
         let waves = full + if rem > 0.0 { rem.max(0.9) } else { 0.0 };
         let keys = max_len.div_ceil(s).div_ceil(tile) * tile + tile;
-        waves * keys as f64
+        waves * keys as f64 + if s > 1 { s as f64 * SPLIT_MERGE_KEYS } else { 0.0 }
     };
     let best = (1..=max_splits).map(cost).fold(f64::INFINITY, f64::min);
     (1..=max_splits).find(|&s| cost(s) <= best * 1.02).unwrap_or(1)
@@ -216,16 +251,34 @@ pub fn decode_split_count(blocks: usize, num_sms: usize, per_sm: usize, max_len:
 
 #[cfg(test)]
 mod tests {
-    use super::decode_split_count;
+    use super::{decode_slots_per_sm, decode_split_count};
+
+    #[test]
+    fn slots_count_the_blocks_that_add_bandwidth() {
+        // bf16, default pipeline, head 128: 64 KiB in flight, one block saturates an SM.
+        assert_eq!(decode_slots_per_sm(2, 64 * 1024), 1);
+        // FP8 pipeline: 16 KiB a block, all four resident blocks count.
+        assert_eq!(decode_slots_per_sm(4, 16 * 1024), 4);
+        // 48 KiB a block: two; never more than resident, never fewer than one.
+        assert_eq!(decode_slots_per_sm(3, 48 * 1024), 2);
+        assert_eq!(decode_slots_per_sm(2, 1024), 2);
+        assert_eq!(decode_slots_per_sm(0, 1 << 20), 1);
+        assert_eq!(decode_slots_per_sm(3, 0), 3);
+    }
 
     #[test]
     fn split_count_fills_the_device() {
         // 64 decodes x 8 kv heads on 132 SMs x 2: two near-full waves without splitting.
         assert_eq!(decode_split_count(512, 132, 2, 4096, 64), 1);
-        // 16 x 8 blocks: two splits give every SM two blocks.
+        // 16 x 8 blocks, two slots per SM: two splits give every SM two blocks.
         assert_eq!(decode_split_count(128, 132, 2, 16384, 64), 2);
-        // One request: split until every SM holds two blocks.
-        assert_eq!(decode_split_count(8, 132, 2, 32768, 64), 32);
+        // ... but with one slot (bf16: one block saturates an SM) one split already fills it.
+        assert_eq!(decode_split_count(128, 132, 1, 16384, 64), 1);
+        // One request, one slot: one block on each of 128 SMs (measured best on the H200).
+        assert_eq!(decode_split_count(8, 132, 1, 32768, 64), 16);
+        // One request on FP8's four slots: 32 splits, not the 64 that would fill every slot,
+        // whose merge tail costs more than the fuller wave saves (measured best on the H200).
+        assert_eq!(decode_split_count(8, 132, 4, 32768, 64), 32);
         // FP8's 4 blocks per SM: four splits fill the slots, three would leave a quarter empty.
         assert_eq!(decode_split_count(128, 132, 4, 16384, 64), 4);
         // Short contexts are not split below four tiles.

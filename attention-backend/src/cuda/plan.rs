@@ -22,7 +22,7 @@ use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{decode_blocks_per_sm, decode_split_count};
+use super::metadata::{decode_slots, decode_split_count};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -185,9 +185,9 @@ pub struct StepPlanner {
     dev: CudaDevice,
     config: PlannerConfig,
     num_sms: usize,
-    /// Resident decode blocks per SM of the selected decode variant, from the runtime's occupancy
-    /// calculator (the table in `metadata.rs` when the query fails).
-    decode_per_sm: usize,
+    /// Decode blocks per SM that add bandwidth for the selected decode variant and cache type
+    /// (`metadata::decode_slots`): the split planner's slots.
+    decode_slots: usize,
     options: PlanOptions,
     /// The stream the decode part of a mixed step runs on (`None` without `overlap_mixed`).
     side: Option<SideStream>,
@@ -252,26 +252,12 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
-        // Both element types use the same shared memory, so bf16's occupancy serves f16 too; an
-        // FP8 cache has kernels of its own.
-        let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
-        let cache_dtype = options.kv_cache_dtype.unwrap_or(DType::BF16);
-        let decode_per_sm = kernels::blocks_per_sm_for_cache(
-            dev.context(),
-            probe,
-            kernels::decode_variant(),
-            config.head_size,
-            DType::BF16,
-            cache_dtype,
-        )
-        .ok()
-        .filter(|&b| b > 0)
-        .unwrap_or_else(|| decode_blocks_per_sm(config.head_size));
+        let decode_slots = decode_slots(dev.context(), config.head_size, options.kv_cache_dtype.unwrap_or(DType::BF16));
         let mut planner = StepPlanner {
             dev: dev.clone(),
             config,
             num_sms,
-            decode_per_sm,
+            decode_slots,
             options,
             side: if options.overlap_mixed {
                 Some(SideStream::new(dev.context()).map_err(|e| kernel_error("StepPlanner::new", e))?)
@@ -342,7 +328,7 @@ impl StepPlanner {
         let group = c.num_heads / c.num_kv_heads;
         let blocks = n * c.num_kv_heads * group.div_ceil(kernels::decode_heads_per_block(c.head_size).max(1));
         let tile = decode_tile_keys(c.head_size).max(1);
-        decode_split_count(blocks, self.num_sms, self.decode_per_sm, max_len, tile)
+        decode_split_count(blocks, self.num_sms, self.decode_slots, max_len, tile)
     }
 
     /// Checks the step against the step contract and the planner's capacities, uploads its
