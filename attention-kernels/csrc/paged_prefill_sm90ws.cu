@@ -1,7 +1,9 @@
 // Paged prefill on Hopper (sm_90a), warp-specialised: one warpgroup gathers K/V pages, two
 // warpgroups run the matrix products, and neither waits for the other except through shared-memory
-// barriers. Selected with PAGED_ATTN_PREFILL=sm90ws; paged_prefill_sm90.cu (every thread loads,
-// then computes, in lockstep) stays the default until this one is measured.
+// barriers. The default prefill at head size 128 over a 16-bit cache (the Rust launcher's Auto
+// path; PAGED_ATTN_PREFILL=sm90ws forces it at head 64 too); paged_prefill_sm90.cu (every thread
+// loads, then computes, in lockstep) stays the default at head 64, where it measured faster, and
+// for FP8 caches, which this kernel does not take.
 //
 // Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
 // block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its

@@ -1,13 +1,13 @@
 //! FP8 KV caches against bf16 on the same shapes, in one run: the KV-cache write beside a device
 //! copy of the same bytes, split-KV decode (b64 x 4096, b16 x 16384) and causal prefill (8 x
-//! 2048, both prefill paths), bf16 compute, 32 q / 8 kv heads, head 128, block 16, shuffled block
+//! 2048: the default path, the lockstep Hopper kernel, the sm80 kernel), bf16 compute, 32 q / 8 kv heads, head 128, block 16, shuffled block
 //! tables, per-layer scales. The targets: FP8 decode <= 0.55x the bf16 time, FP8 write
 //! >= 0.90 of the copy of its bytes, FP8 prefill within 10% of bf16.
 //!
 //! `bench_fp8 [--iters N] [--only SUBSTRING] [--json FILE]`
 //!
-//! `bench_fp8 --sweep [--iters N] [--only SUBSTRING]` instead times every decode variant over a
-//! bf16 and an E4M3 cache at a range of split counts (b64 x 4096, b16 x 16384, b256 x 1024, b1 x
+//! `bench_fp8 --sweep [--iters N] [--only SUBSTRING] [--variant NAME]` instead times every decode
+//! variant (or the one named) over a bf16 and an E4M3 cache at a range of split counts (b64 x 4096, b16 x 16384, b256 x 1024, b1 x
 //! 32768), beside the split count the planner's wave model picks from that variant's occupancy:
 //! the data behind the FP8 pipeline and the wave model's constants.
 //!
@@ -336,7 +336,7 @@ fn main() {
     }
 
     if args.iter().any(|a| a == "--sweep") {
-        sweep(&dev, iters, &only);
+        sweep(&dev, iters, &only, arg("--variant").as_deref());
         return;
     }
 
@@ -348,7 +348,10 @@ fn main() {
     for s in shapes.iter().filter(|s| wanted(s.name)) {
         let mut st = step(&dev, s);
         let paths: &[(PrefillPath, &str)] = if s.name.starts_with("prefill") {
-            &[(PrefillPath::Auto, ""), (PrefillPath::Sm80, " (sm80 path)")]
+            // Auto runs 16-bit caches on the warp-specialised Hopper kernel at head 128 and FP8
+            // caches on the lockstep one: the first rows compare the defaults, the sm90 rows the
+            // two caches on one kernel.
+            &[(PrefillPath::Auto, ""), (PrefillPath::Sm90, " (sm90 path)"), (PrefillPath::Sm80, " (sm80 path)")]
         } else {
             &[(PrefillPath::Auto, "")]
         };
@@ -372,7 +375,7 @@ fn main() {
 
 /// `--sweep`: every decode variant over bf16 and E4M3 caches at several split counts, beside the
 /// split count the planner's wave model picks from that variant's occupancy.
-fn sweep(dev: &CudaDevice, iters: usize, only: &Option<String>) {
+fn sweep(dev: &CudaDevice, iters: usize, only: &Option<String>, variant: Option<&str>) {
     let shapes = [
         Shape { name: "decode b64 x 4096", seqs: vec![(1, 4096); 64] },
         Shape { name: "decode b16 x 16384", seqs: vec![(1, 16384); 16] },
@@ -381,12 +384,12 @@ fn sweep(dev: &CudaDevice, iters: usize, only: &Option<String>) {
     ];
     for s in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let mut st = step(dev, s);
-        sweep_cache::<bf16>(dev, s, &mut st, iters);
-        sweep_cache::<Fp8E4M3>(dev, s, &mut st, iters);
+        sweep_cache::<bf16>(dev, s, &mut st, iters, variant);
+        sweep_cache::<Fp8E4M3>(dev, s, &mut st, iters, variant);
     }
 }
 
-fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, iters: usize) {
+fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, iters: usize, variant: Option<&str>) {
     const SPLITS: [usize; 10] = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16];
     let ctx = s.seqs[0].1;
     let stream = dev.stream().clone();
@@ -394,10 +397,12 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
     let vs = stream.clone_htod(&[SCALE]).unwrap();
     let (kc, vc) = fill::<C>(&stream, st, &ks, &vs);
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
-    for v in DecodeVariant::ALL {
+    for v in DecodeVariant::ALL.into_iter().filter(|v| variant.is_none_or(|n| v.to_string() == n)) {
         let per_sm = kernels::blocks_per_sm_for_cache(dev.context(), probe, v, D, DType::BF16, C::DTYPE).unwrap_or(0);
         let blocks = s.seqs.len() * KV_HEADS;
-        let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), per_sm, ctx, 64);
+        let slots = kernels::decode_bytes_in_flight(v, D, DType::BF16, C::DTYPE)
+            .map_or(per_sm, |b| attention_backend::cuda::decode_slots_per_sm(per_sm, b));
+        let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), slots, ctx, 64);
         let mut cands: Vec<usize> = if ctx >= 32768 {
             vec![8, 16, 24, 32, 48, 64]
         } else {
@@ -406,8 +411,12 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
         if !cands.contains(&planned) {
             cands.push(planned);
         }
-        let mut line =
-            format!("{:<20} {:>9} {:<10} per_sm {per_sm} planned {planned:>2}:", s.name, C::DTYPE.as_str(), v);
+        let mut line = format!(
+            "{:<20} {:>9} {:<10} per_sm {per_sm} slots {slots} planned {planned:>2}:",
+            s.name,
+            C::DTYPE.as_str(),
+            v
+        );
         let mut best = (f64::INFINITY, 0);
         for &sp in &cands {
             let t = time_filled::<C>(dev, st, iters, (PrefillPath::Auto, v), (&kc, &vc, &ks, &vs), Some(sp));

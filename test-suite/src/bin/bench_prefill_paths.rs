@@ -1,7 +1,8 @@
 //! The prefill kernels side by side in one run: the sm80 `mma.sync` kernel, the lockstep Hopper
 //! `wgmma` kernel (sm90) and the warp-specialised Hopper kernel (sm90ws), each on a shuffled block
 //! table (blocks drawn at random from a larger pool, as a serving run leaves them) and on a
-//! contiguous one (request blocks in order), on the prefill shapes of the Hopper issue. Prints
+//! contiguous one (request blocks in order), on the prefill shapes of the Hopper issue and two
+//! short-prompt shapes. Prints
 //! TFLOP/s of the causal work per kernel and table, the paging cost (shuffled time over contiguous
 //! time), and the largest difference between each kernel's output and the sm80 kernel's as a
 //! sanity check.
@@ -107,6 +108,10 @@ fn main() {
         Shape { name: "prefill causal 2 x 8192", seqs: vec![(8192, 8192); 2], head_size: 128 },
         Shape { name: "prefill causal 8 x 2048 d64", seqs: vec![(2048, 2048); 8], head_size: 64 },
         Shape { name: "chunked q512 on 7.5k prefix x 4", seqs: vec![(512, 8192); 4], head_size: 128 },
+        // Short prompts: the prefill part of the mixed bench shape, and a batch of short prompts,
+        // where a block has few key tiles to amortise its start over.
+        Shape { name: "prefill causal 2 x 1024", seqs: vec![(1024, 1024); 2], head_size: 128 },
+        Shape { name: "prefill causal 32 x 512", seqs: vec![(512, 512); 32], head_size: 128 },
     ];
     println!(
         "\n{:<32} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12}",
