@@ -1,9 +1,9 @@
 // Paged prefill on Hopper (sm_90a), warp-specialised: one warpgroup gathers K/V pages, two
 // warpgroups run the matrix products, and neither waits for the other except through shared-memory
 // barriers. The default prefill at head size 128 over a 16-bit cache (the Rust launcher's Auto
-// path; PAGED_ATTN_PREFILL=sm90ws forces it at head 64 too); paged_prefill_sm90.cu (every thread
-// loads, then computes, in lockstep) stays the default at head 64, where it measured faster, and
-// for FP8 caches, which this kernel does not take.
+// path; PAGED_ATTN_PREFILL=sm90ws forces it at head 64 and for FP8 caches too);
+// paged_prefill_sm90.cu (every thread loads, then computes, in lockstep) stays the default at head
+// 64 and for FP8 caches, where it measured faster.
 //
 // Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
 // block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its
@@ -93,9 +93,22 @@
 // 16 KB + 8 x 16 KB = 144 KB of tiles (a tile of head 64 is half the compute, so twice the depth
 // covers the same latency).
 //
-// Not on this path (the Rust launcher runs paged_prefill_sm90.cu instead, with identical results):
-// FP8 caches, head sizes other than 64 and 128. Device code exists only in the sm_90a image, and
-// the launcher refuses devices that are not compute capability 9.0.
+// FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
+// branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
+// K and one for V while the consumers work, and at its next step widens them exactly into the
+// swizzled compute stages (attention/fp8_tile.cuh), sanitising V on mask-straddling tiles as it
+// goes, then arrives on FULL with a plain release arrive (see produce_fp8). The consumers are
+// unchanged but for the scales: k_scale joins the score scale, v_scale multiplies the output. The
+// staging buffers cost the third K stage at head 128 (2 + 2 stages, 192 KB of tiles and staging),
+// and the producer gets 56 registers (224 for the consumers) for the widening. Measured on the
+// H200 (causal 8 x 2048, head 128): 1.52 / 1.55 ms (E4M3 / E5M2) against 1.40 / 1.41 on the
+// lockstep kernel, so the Rust launcher's Auto path keeps FP8 caches there: one warpgroup widening
+// every tile, a step behind its own copies, is the critical path (PAGED_ATTN_PREFILL=sm90ws
+// selects this one).
+//
+// Not on this path (the Rust launcher runs paged_prefill.cu instead): head sizes other than 64 and
+// 128. Device code exists only in the sm_90a image, and the launcher refuses devices that are not
+// compute capability 9.0.
 
 #include <climits>
 
@@ -108,25 +121,30 @@ namespace {
 
 using pa::KernelParams;
 
-template <int D> struct WsCfg {
+template <int D, bool kFp8 = false> struct WsCfg {
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kBN = 128;
-  // K and V stage counts (see "Shared memory" in the header for why they differ at head 128).
-  static constexpr int kStagesK = D <= 64 ? 4 : 3;
+  // K and V stage counts (see "Shared memory" in the header for why they differ at head 128; an
+  // FP8 cache gives the third K stage up for its staging buffers).
+  static constexpr int kStagesK = D <= 64 ? 4 : (kFp8 ? 2 : 3);
   static constexpr int kStagesV = D <= 64 ? 4 : 2;
   static constexpr int kChunks = D / 8;  // 16-byte units per row
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;
+  static constexpr int kStageBytes8 = kFp8 ? kBN * D : 0;  // one staged FP8 K or V tile, [BN][D] bytes
   static constexpr int kBadWords = kBN / 32;
-  // Register split: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the launch allocation.
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  // Register split: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the launch allocation. With an FP8
+  // cache the producer also widens the tiles (16 live values per 16-byte vector): 56 + 224.
+  static constexpr int kProducerRegs = kFp8 ? 56 : 40;
+  static constexpr int kConsumerRegs = kFp8 ? 224 : 232;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 64512, "register split");
   // Byte offsets from the 1024-aligned base.
   static constexpr int kOffK = kQBytes;
   static constexpr int kOffV = kOffK + kStagesK * kTileBytes;
-  static constexpr int kOffBar = kOffV + kStagesV * kTileBytes;  // full_k, full_v, empty_k, empty_v, q
+  static constexpr int kOffStg = kOffV + kStagesV * kTileBytes;  // FP8 only: staged K, then V
+  static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;      // full_k, full_v, empty_k, empty_v, q
   static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 1;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
   static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
@@ -224,10 +242,10 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 }
 #endif
 
-template <typename T, int D>
-__global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p) {
+template <typename T, int D, bool kFp8>
+__global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p) {
 #if PA_SM90_ENABLED
-  using Cfg = WsCfg<D>;
+  using Cfg = WsCfg<D, kFp8>;
   namespace w = pa::sm90;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
   constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV;
@@ -283,6 +301,84 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
     return n0 + BN - 1 > mask_above_b || n0 < mask_below_b;
   };
 
+  // The producer's loop for an FP8 cache. Each step j copies the raw bytes of K(j + 1) and V(j)
+  // into one staging buffer each (cp.async, half a 16-bit tile's traffic) while the consumers
+  // work, and at the next step, once they have landed (cp.async.wait_all: every copy of this
+  // thread; then the producer barrier: every producer thread's), widens K(j + 1) into its K stage
+  // and V(j) into its V stage, each as soon as the consumers released that stage, and arrives on
+  // the stage's FULL barrier with a plain release arrive. V is sanitised while it is widened on
+  // tiles that straddle a mask bound (the same rule as the 16-bit path). The staging buffers are
+  // refilled only after every producer thread has read them (the barrier before the copies).
+  auto produce_fp8 = [&](int tile0, int tiles) {
+    if constexpr (kFp8) {
+      const int pt = tid;
+      constexpr int C16 = D / 16;  // 16-byte FP8 units per row
+      const uint32_t stg_k = base + Cfg::kOffStg, stg_v = stg_k + Cfg::kStageBytes8;
+      const unsigned char* stg_k_ptr = smem + Cfg::kOffStg;
+      const unsigned char* stg_v_ptr = stg_k_ptr + Cfg::kStageBytes8;
+      const unsigned char* kc8 = static_cast<const unsigned char*>(p.key_cache);
+      const unsigned char* vc8 = static_cast<const unsigned char*>(p.value_cache);
+      auto stage_tile = [&](uint32_t dst, const unsigned char* src, const int64_t* ro) {
+#pragma unroll 4
+        for (int idx = pt; idx < BN * C16; idx += 128) cp_async16_row(dst + idx * 16, src + (idx % C16) * 16, ro[idx / C16]);
+      };
+      auto row_offset = [&](int t, int64_t page) {
+        const int key = (tile0 + t) * BN + pt;
+        return key < seq_len ? pa::cache_row(p, page, key, kvh, D) : int64_t{-1};
+      };
+      auto page_for = [&](int t) {
+        const int key = (tile0 + t) * BN + pt;
+        return t < tiles && key < seq_len ? pa::page_of(p, req, key) : int64_t{0};
+      };
+      int64_t pg = pt < BN ? page_for(0) : 0;
+      if (pt < BN) {
+        ro_s[pt] = row_offset(0, pg);
+        pg = page_for(1);
+      }
+      named_sync(kBarProducer, 128);
+      stage_tile(stg_k, kc8, ro_s);  // K(0)
+#pragma unroll 1
+      for (int j = 0; j <= tiles; ++j) {
+        if (j + 1 < tiles && pt < BN) {
+          ro_s[((j + 1) % 3) * BN + pt] = row_offset(j + 1, pg);
+          pg = page_for(j + 2);
+        }
+        cp_async_wait_all();
+        named_sync(kBarProducer, 128);  // staged K(j) / V(j - 1) and the offsets of tile j + 1 visible
+        if (j < tiles) {
+          const int s = j % SK;
+          if (j >= SK) mbar_wait_guarded(empty_k(s), ((j / SK) - 1) & 1);
+          unsigned char* kd = smem + Cfg::kOffK + s * Cfg::kTileBytes;
+          pa::fp8tile::widen_tile<T, BN, D, 128>(
+              p.kv_dtype, stg_k_ptr, [&](int r, int col) { return kd + w::swizzled_offset(BN, r, col); }, pt);
+          w::fence_proxy_async_smem();
+          mbar_arrive(full_k(s));
+        }
+        if (j >= 1) {
+          const int t = j - 1, s = t % SV;
+          if (t >= SV) mbar_wait_guarded(empty_v(s), ((t / SV) - 1) & 1);
+          uint32_t* bad = bad_s + s * Cfg::kBadWords;
+          const bool sanitize = block_mask(t);
+          if (sanitize) {
+            if (pt < Cfg::kBadWords) bad[pt] = 0u;
+            named_sync(kBarProducer, 128);  // cleared before any thread sets a bit
+          }
+          unsigned char* vd = smem + Cfg::kOffV + s * Cfg::kTileBytes;
+          pa::fp8tile::widen_tile<T, BN, D, 128>(
+              p.kv_dtype, stg_v_ptr, [&](int r, int col) { return vd + w::swizzled_offset(BN, r, col); }, pt,
+              sanitize, bad);
+          w::fence_proxy_async_smem();
+          mbar_arrive(full_v(s));
+        }
+        named_sync(kBarProducer, 128);  // both staging buffers read by every producer thread
+        if (j + 1 < tiles) stage_tile(stg_k, kc8, ro_s + ((j + 1) % 3) * BN);
+        if (j < tiles) stage_tile(stg_v, vc8, ro_s + (j % 3) * BN);
+      }
+      // Retire only after the consumers released the last V stage (their last release of all).
+      mbar_wait_guarded(empty_v((tiles - 1) % SV), ((tiles - 1) / SV) & 1);
+    }
+  };
+
   if (tid == 0) {
     for (int s = 0; s < SK; ++s) {
       mbar_init(full_k(s), 128);
@@ -312,6 +408,10 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
       cp_async16(base + w::swizzled_offset(BM, r, c * 8), q + off, valid);
     }
     mbar_arrive_cp_async(q_full);
+    if constexpr (kFp8) {
+      produce_fp8(n_first, n_tiles);
+      return;
+    }
 
     // This thread copies 16-byte unit c of rows r0, r0 + RPI, r0 + 2 RPI...: RPI is a multiple of 8,
     // so every one of its rows has the same swizzle phase and its destinations are RPI rows apart.
@@ -414,7 +514,10 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
   bool v_bad[2] = {false, false};
   const float slope = p.has_alibi ? p.alibi[h] : 0.f;
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
-  const float qk_scale = p.scale;
+  // FP8: k_scale joins the score scale, v_scale multiplies the output once (both 1 otherwise).
+  const float k_scale = kFp8 ? pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float v_scale = kFp8 ? pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, kvh) : 1.f;
+  const float qk_scale = kFp8 ? p.scale * k_scale : p.scale;
   const float scale2 = qk_scale * pa::kLog2e;
 
   if (n_tiles > 0) {
@@ -623,7 +726,7 @@ __global__ void __launch_bounds__(WsCfg<D>::kThreads, 1) prefill_sm90ws_kernel(c
     if (r < rows) {
       const int64_t token = q_start + m0 + r;
       const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
-      const float os = bad ? __int_as_float(0x7fffffff) : f.out_scale;
+      const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
       uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
@@ -641,17 +744,19 @@ template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
   }
 }
 
-template <typename T, int D> cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
-  using Cfg = WsCfg<D>;
+template <typename T, int D, bool kFp8>
+cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
+  using Cfg = WsCfg<D, kFp8>;
   const int n = a.req_end - a.req_begin;
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   cudaError_t err =
-      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D>>(static_cast<int>(Cfg::kSmemBytes));
+      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  prefill_sm90ws_kernel<T, D><<<dim3(static_cast<unsigned>(n_blocks)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
+  prefill_sm90ws_kernel<T, D, kFp8>
+      <<<dim3(static_cast<unsigned>(n_blocks)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
   return pa_last_launch_status();
 }
 
@@ -661,12 +766,12 @@ template <typename T, int D> cudaError_t launch_ws(const PaAttnArgs& a, const Ke
 extern "C" int32_t pa_paged_prefill_sm90_device(void);
 
 // 1 when pa_paged_prefill_sm90ws runs (head_size, dtype, kv_dtype) on the current device: head
-// 64 or 128, f16 (0) or bf16 (1), a cache of the compute type (kv_dtype 0; FP8 caches stay on
-// pa_paged_prefill_sm90), and a compute capability 9.0 device; else 0.
+// 64 or 128, f16 (0) or bf16 (1), a cache of the compute type or FP8 (kv_dtype 0, 1 or 2), and a
+// compute capability 9.0 device; else 0.
 PA_EXPORT int32_t pa_paged_prefill_sm90ws_supported(int32_t head_size, int32_t dtype, int32_t kv_dtype) {
   if (head_size != 64 && head_size != 128) return 0;
   if (dtype != 0 && dtype != 1) return 0;
-  if (kv_dtype != 0) return 0;
+  if (kv_dtype < 0 || kv_dtype > 2) return 0;
   return pa_paged_prefill_sm90_device();
 }
 
@@ -674,7 +779,7 @@ PA_EXPORT int32_t pa_paged_prefill_sm90ws_supported(int32_t head_size, int32_t d
 PA_EXPORT int32_t pa_paged_prefill_sm90ws_rows_per_block(int32_t head_size) {
   int32_t rows = 0;
   dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
-    rows = WsCfg<decltype(tag)::value>::kBM;
+    rows = WsCfg<decltype(tag)::value, false>::kBM;
     return cudaSuccess;
   });
   return rows;
@@ -686,7 +791,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, i
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
   return dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    using Cfg = WsCfg<D>;
+    using Cfg = WsCfg<D, false>;
     auto occupancy = [&](auto kernel) -> cudaError_t {
       const int smem = static_cast<int>(Cfg::kSmemBytes);
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -696,7 +801,8 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, i
       if (err == cudaSuccess) *blocks = nb;
       return err;
     };
-    return dtype == 0 ? occupancy(prefill_sm90ws_kernel<__half, D>) : occupancy(prefill_sm90ws_kernel<__nv_bfloat16, D>);
+    return dtype == 0 ? occupancy(prefill_sm90ws_kernel<__half, D, false>)
+                      : occupancy(prefill_sm90ws_kernel<__nv_bfloat16, D, false>);
   });
 }
 
@@ -711,8 +817,14 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
   if (pa_paged_prefill_sm90ws_supported(a.head_size, a.dtype, a.kv_dtype) != 1) return cudaErrorNotSupported;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
+  const bool fp8 = a.kv_dtype != pa::fp8::kSame;
+  // FP8 rows move as 16-byte vectors of 16 elements: the block stride must be a multiple of 16.
+  if (fp8 && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
   return dispatch_ws_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    return a.dtype == 0 ? launch_ws<__half, D>(a, kp, stream) : launch_ws<__nv_bfloat16, D>(a, kp, stream);
+    if (fp8) {
+      return a.dtype == 0 ? launch_ws<__half, D, true>(a, kp, stream) : launch_ws<__nv_bfloat16, D, true>(a, kp, stream);
+    }
+    return a.dtype == 0 ? launch_ws<__half, D, false>(a, kp, stream) : launch_ws<__nv_bfloat16, D, false>(a, kp, stream);
   });
 }

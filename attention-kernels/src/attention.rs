@@ -67,22 +67,23 @@ pub enum AttentionKernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillPath {
     /// The kernel measured fastest for the head size and cache: on compute capability 9.0 the
-    /// warp-specialised Hopper kernel at head size 128 over a cache of the compute type (on the
-    /// H200 11% to 23% faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512
-    /// on a 7.5k prefix, 2% on 32 x 512, but 12% slower on 2 x 1024: the choice does not see the
-    /// batch's lengths yet), the lockstep Hopper kernel at head size 64 (11% faster there) and for
-    /// FP8 caches, the sm80 kernel elsewhere. The default.
+    /// warp-specialised Hopper kernel at head size 128 over a 16-bit cache (on the H200 11% to 23%
+    /// faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512 on a 7.5k
+    /// prefix, 2% on 32 x 512, but 12% slower on 2 x 1024: the choice does not see the batch's
+    /// lengths yet), the lockstep Hopper kernel at head size 64 (11% faster there) and for FP8
+    /// caches (9% faster than the warp-specialised kernel's FP8 path, whose producer widens
+    /// every tile alone), the sm80 kernel elsewhere. The default.
     Auto,
-    /// Like `Auto`, but a launch on a device that is not compute capability 9.0 is an error
-    /// instead of a silent fallback, so a benchmark or test meant for the Hopper kernel cannot
-    /// measure the other one. Shapes the Hopper kernel is not compiled for (other head sizes)
-    /// still run the sm80 kernel.
+    /// The lockstep Hopper kernel (`csrc/paged_prefill_sm90.cu`) for the head sizes it is compiled
+    /// for (64 and 128), the sm80 kernel for the others; a launch on a device that is not compute
+    /// capability 9.0 is an error instead of a silent fallback, so a benchmark or test meant for
+    /// the Hopper kernel cannot measure the other one.
     Sm90,
     /// Like `Sm90` (the same device check), but the warp-specialised Hopper kernel
     /// (`csrc/paged_prefill_sm90ws.cu`: a producer warpgroup gathering K/V pages, two ping-ponged
-    /// wgmma consumer warpgroups) for the shapes it is compiled for: head sizes 64 and 128 with a
-    /// cache of the compute type. An FP8 cache falls back to the `Sm90` kernel (same results), other
-    /// head sizes to the sm80 one. `Auto` chooses it at head size 128.
+    /// wgmma consumer warpgroups) for head sizes 64 and 128, with 16-bit or FP8 caches (the
+    /// producer widens FP8 tiles); other head sizes run the sm80 kernel. `Auto` chooses it for
+    /// 16-bit caches at head size 128.
     Sm90Ws,
     /// Always the FlashAttention-2 class `mma.sync` kernel.
     Sm80,
@@ -179,7 +180,8 @@ fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32, kv_dtype: i32)
         ));
     }
     // Auto takes the warp-specialised kernel where it was measured faster (see PrefillPath::Auto).
-    let ws_wanted = path == PrefillPath::Sm90Ws || (path == PrefillPath::Auto && head_size == AUTO_WS_HEAD_SIZE);
+    let ws_wanted =
+        path == PrefillPath::Sm90Ws || (path == PrefillPath::Auto && head_size == AUTO_WS_HEAD_SIZE && kv_dtype == 0);
     if ws_wanted {
         // SAFETY: as above, a pure query of integers and the cached device capability.
         let ws = unsafe { ffi::pa_paged_prefill_sm90ws_supported(head_size, dtype, kv_dtype) };
@@ -203,9 +205,7 @@ pub fn prefill_kernel(ctx: &CudaContext, head_size: usize, dtype: DType) -> Resu
     prefill_kernel_for_cache(ctx, head_size, dtype, dtype)
 }
 
-/// As [`prefill_kernel`], for a cache stored as `cache_dtype` (`dtype` itself or an FP8 format):
-/// the paths do not all cover every cache (under [`PrefillPath::Sm90Ws`] an FP8 cache runs
-/// [`PrefillKernel::Sm90`]).
+/// As [`prefill_kernel`], for a cache stored as `cache_dtype` (`dtype` itself or an FP8 format).
 ///
 /// # Errors
 /// As [`prefill_kernel`]; [`KernelError::InvalidArgument`] also for a cache type that is neither

@@ -74,11 +74,26 @@ __device__ __forceinline__ void widen16(const uint4 v, uint4& a, uint4& b) {
   b.w = Widen<T>::template pair<K>(v.w >> 16);
 }
 
-// Widens one staged K tile and one staged V tile ([BN][D] bytes each) into the compute tiles;
-// `dst_k(r, col)` / `dst_v(r, col)` return the address of the 8 T elements of row r from column col
-// (a multiple of 8) in the kernel's layout. With `sanitize`, non-finite widened V elements are
-// zeroed and each key that had one sets its bit in `bad` (bit r of the tile; see
-// sanitize_pair in common.cuh): the sm90 kernel's unseen-V rule, fused into the conversion.
+// Widens one 16-byte vector of 16 FP8 values, `v`, of row r of a tile into the compute tile at
+// columns 16 c ..; `dst(r, col)` returns the address of the 8 T elements of row r from column col
+// (a multiple of 8) in the kernel's layout. With `sanitize`, non-finite widened elements are
+// zeroed and a key that had one sets its bit in `bad` (bit r of the tile; see sanitize_pair in
+// common.cuh): the Hopper kernels' unseen-V rule, fused into the conversion.
+template <typename T, int K, typename Dst>
+__device__ __forceinline__ void widen_store(const uint4 v, int r, int c, Dst dst, bool sanitize, uint32_t* bad) {
+  uint4 a, b;
+  widen16<T, K>(v, a, b);
+  if (sanitize) {
+    const uint32_t f = sanitize_pair<T>(a.x) | sanitize_pair<T>(a.y) | sanitize_pair<T>(a.z) | sanitize_pair<T>(a.w) |
+                       sanitize_pair<T>(b.x) | sanitize_pair<T>(b.y) | sanitize_pair<T>(b.z) | sanitize_pair<T>(b.w);
+    if (f != 0u) atomicOr(&bad[r >> 5], 1u << (r & 31));
+  }
+  *reinterpret_cast<uint4*>(dst(r, c * 16)) = a;
+  *reinterpret_cast<uint4*>(dst(r, c * 16 + 8)) = b;
+}
+
+// Widens one staged K tile and one staged V tile ([BN][D] bytes each) into the compute tiles
+// (see widen_store), V sanitised when `sanitize` (the sm90 kernel's unseen-V rule), NT threads.
 template <typename T, int K, int BN, int D, int NT, typename DstK, typename DstV>
 __device__ __forceinline__ void widen_kv_kind(const unsigned char* src_k, const unsigned char* src_v, DstK dst_k,
                                               DstV dst_v, int tid, bool sanitize, uint32_t* bad) {
@@ -90,19 +105,30 @@ __device__ __forceinline__ void widen_kv_kind(const unsigned char* src_k, const 
     // idx * 16 == r * D + c * 16: consecutive threads read consecutive vectors (no bank conflict).
     const uint4 kv = *reinterpret_cast<const uint4*>(src_k + idx * 16);
     const uint4 vv = *reinterpret_cast<const uint4*>(src_v + idx * 16);
-    uint4 ka, kb, va, vb;
-    widen16<T, K>(kv, ka, kb);
-    widen16<T, K>(vv, va, vb);
-    *reinterpret_cast<uint4*>(dst_k(r, c * 16)) = ka;
-    *reinterpret_cast<uint4*>(dst_k(r, c * 16 + 8)) = kb;
-    if (sanitize) {
-      const uint32_t f = sanitize_pair<T>(va.x) | sanitize_pair<T>(va.y) | sanitize_pair<T>(va.z) |
-                         sanitize_pair<T>(va.w) | sanitize_pair<T>(vb.x) | sanitize_pair<T>(vb.y) |
-                         sanitize_pair<T>(vb.z) | sanitize_pair<T>(vb.w);
-      if (f != 0u) atomicOr(&bad[r >> 5], 1u << (r & 31));
-    }
-    *reinterpret_cast<uint4*>(dst_v(r, c * 16)) = va;
-    *reinterpret_cast<uint4*>(dst_v(r, c * 16 + 8)) = vb;
+    widen_store<T, K>(kv, r, c, dst_k, false, nullptr);
+    widen_store<T, K>(vv, r, c, dst_v, sanitize, bad);
+  }
+}
+
+// One staged tile widened (see widen_store), NT threads: for a kernel that publishes K before V.
+template <typename T, int K, int BN, int D, int NT, typename Dst>
+__device__ __forceinline__ void widen_tile_kind(const unsigned char* src, Dst dst, int tid, bool sanitize,
+                                                uint32_t* bad) {
+  constexpr int C16 = D / 16;
+#pragma unroll 2
+  for (int idx = tid; idx < BN * C16; idx += NT) {
+    widen_store<T, K>(*reinterpret_cast<const uint4*>(src + idx * 16), idx / C16, idx % C16, dst, sanitize, bad);
+  }
+}
+
+// widen_tile_kind for the run-time format `kind` (fp8::kE4M3 or fp8::kE5M2; block-uniform).
+template <typename T, int BN, int D, int NT, typename Dst>
+__device__ __forceinline__ void widen_tile(int kind, const unsigned char* src, Dst dst, int tid, bool sanitize = false,
+                                           uint32_t* bad = nullptr) {
+  if (kind == fp8::kE5M2) {
+    widen_tile_kind<T, fp8::kE5M2, BN, D, NT>(src, dst, tid, sanitize, bad);
+  } else {
+    widen_tile_kind<T, fp8::kE4M3, BN, D, NT>(src, dst, tid, sanitize, bad);
   }
 }
 

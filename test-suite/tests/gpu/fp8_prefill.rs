@@ -1,6 +1,7 @@
-//! FP8 KV caches (E4M3, E5M2) on both prefill kernels: the sm80 mma.sync kernel and the Hopper
-//! wgmma kernel, each forced on this thread with `with_prefill_path` (and checked to be the one
-//! the launcher picks, so a device without the Hopper path fails instead of testing sm80 twice).
+//! FP8 KV caches (E4M3, E5M2) on every prefill kernel: the sm80 mma.sync kernel, the lockstep
+//! Hopper wgmma kernel and the warp-specialised one (whose producer widens the staged FP8 tiles),
+//! each forced on this thread with `with_prefill_path` (and checked to be the one the launcher
+//! picks, so a device without the Hopper paths fails instead of testing sm80 twice).
 //!
 //! The cache bytes are built here: stored = fp8(x / scale) with x uniform in [-1, 1], so the
 //! dequantised cache (to_f32(stored) * scale, what the kernels must read) is close to x whatever
@@ -122,13 +123,13 @@ impl Spec {
 }
 
 /// The prefill kernel `path` selects for `head_size` with an FP8 cache, checked to be the expected
-/// one for both compute types and both FP8 formats (the warp-specialised path keeps FP8 caches on
-/// the lockstep Hopper kernel).
+/// one for both compute types and both FP8 formats.
 fn on_path<R>(path: PrefillPath, head_size: usize, f: impl FnOnce() -> R) -> R {
     with_prefill_path(path, || {
         let ctx = common::device().context();
         let want = match path {
-            PrefillPath::Sm90 | PrefillPath::Sm90Ws => PrefillKernel::Sm90,
+            PrefillPath::Sm90 => PrefillKernel::Sm90,
+            PrefillPath::Sm90Ws => PrefillKernel::Sm90Ws,
             _ => PrefillKernel::Sm80,
         };
         for dt in [DType::F16, DType::BF16] {
@@ -530,11 +531,32 @@ fn fp8_prefill_sm90_features() {
     features(PrefillPath::Sm90, &SM90_HEADS, 35_000);
 }
 
-/// PAGED_ATTN_PREFILL=sm90ws with an FP8 cache: the launcher falls back to the lockstep Hopper
-/// kernel, and the features grid still matches the reference.
 #[test]
-fn fp8_prefill_sm90ws_path_falls_back_features() {
+fn fp8_prefill_sm90ws_grid() {
+    grid(PrefillPath::Sm90Ws, &SM90_HEADS, 32_500);
+}
+
+#[test]
+fn fp8_prefill_sm90ws_features() {
     features(PrefillPath::Sm90Ws, &SM90_HEADS, 35_500);
+}
+
+#[test]
+fn fp8_prefill_sm90ws_unseen_positions() {
+    unseen_all(PrefillPath::Sm90Ws, &SM90_HEADS, 37_500);
+}
+
+/// The warp-specialised kernel's FP8 producer (staging, widening, sanitising, barrier phases over
+/// several stage reuses) under compute-sanitizer: one GQA case per head size, both formats.
+#[test]
+fn sanitizer_subset_fp8_sm90ws_prefill() {
+    for (i, d) in SM90_HEADS.into_iter().enumerate() {
+        on_path(PrefillPath::Sm90Ws, d, || {
+            let mut s = Spec::new((8, 2), d, 16, &[(129, 700), (64, 64)], 38_000 + i as u64);
+            s.per_head = i == 1;
+            check_all(&s);
+        });
+    }
 }
 
 #[test]
