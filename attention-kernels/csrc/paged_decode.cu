@@ -1035,13 +1035,7 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_
   if (blocks == nullptr) return cudaErrorInvalidValue;
   return with_decode_instance(head_size, dtype, kv_dtype, variant, [&](auto cfg, auto kernel) -> cudaError_t {
     using Cfg = decltype(cfg);
-    const int smem = static_cast<int>(Cfg::kSmemBytes);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
-    if (err == cudaSuccess) *blocks = n;
-    return err;
+    return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
   });
 }
 

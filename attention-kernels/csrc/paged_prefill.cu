@@ -468,13 +468,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_blocks_per_sm(int32_t head_size, int32_t 
     constexpr int D = decltype(tag)::value;
     using Cfg = PrefillCfg<D>;
     auto occupancy = [&](auto kernel) -> cudaError_t {
-      const int smem = static_cast<int>(Cfg::kSmemBytes);
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (err != cudaSuccess) return err;
-      int n = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::kThreads, smem);
-      if (err == cudaSuccess) *blocks = n;
-      return err;
+      return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
     };
     return dtype == 0 ? occupancy(prefill_kernel<__half, D, false>) : occupancy(prefill_kernel<__nv_bfloat16, D, false>);
   });

@@ -480,13 +480,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90_blocks_per_sm(int32_t head_size, int
     constexpr int D = decltype(tag)::value;
     using Cfg = Sm90Cfg<D>;
     auto occupancy = [&](auto kernel) -> cudaError_t {
-      const int smem = static_cast<int>(Cfg::kSmemBytes);
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (err != cudaSuccess) return err;
-      int nb = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, Cfg::kThreads, smem);
-      if (err == cudaSuccess) *blocks = nb;
-      return err;
+      return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
     };
     return dtype == 0 ? occupancy(prefill_sm90_kernel<__half, D, false>)
                       : occupancy(prefill_sm90_kernel<__nv_bfloat16, D, false>);

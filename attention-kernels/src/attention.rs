@@ -216,17 +216,7 @@ pub fn prefill_kernel_for_cache(
     dtype: DType,
     cache_dtype: DType,
 ) -> Result<PrefillKernel, KernelError> {
-    let d = match dtype {
-        DType::F16 => 0,
-        DType::BF16 => 1,
-        other => return Err(invalid(PREFILL, format!("element type {other} is not supported on the GPU"))),
-    };
-    let kv = match cache_dtype {
-        DType::Fp8E4M3 => 1,
-        DType::Fp8E5M2 => 2,
-        c if c == dtype => 0,
-        other => return Err(invalid(PREFILL, format!("a {other} cache cannot serve {dtype} attention"))),
-    };
+    let (d, kv) = type_codes(PREFILL, dtype, cache_dtype)?;
     let path = prefill_path()?;
     ctx.bind_to_thread().map_err(|e| KernelError::Cuda {
         kernel: PREFILL,
@@ -684,6 +674,16 @@ fn instance_codes(
     dtype: DType,
     cache_dtype: DType,
 ) -> Result<(i32, i32, i32), KernelError> {
+    let (d, kv) = type_codes(what, dtype, cache_dtype)?;
+    if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
+        return Err(invalid(what, format!("head size {head_size} is not supported")));
+    }
+    Ok((to_i32(what, "head_size", head_size)?, d, kv))
+}
+
+/// The FFI codes of a compute type (0 = f16, 1 = bf16) and of a cache type for it (0 = the compute
+/// type, 1 = FP8 E4M3, 2 = FP8 E5M2), checked.
+fn type_codes(what: &'static str, dtype: DType, cache_dtype: DType) -> Result<(i32, i32), KernelError> {
     let d = match dtype {
         DType::F16 => 0,
         DType::BF16 => 1,
@@ -695,10 +695,7 @@ fn instance_codes(
         c if c == dtype => 0,
         other => return Err(invalid(what, format!("a {other} cache cannot serve {dtype} attention"))),
     };
-    if !SUPPORTED_HEAD_SIZES.contains(&head_size) {
-        return Err(invalid(what, format!("head size {head_size} is not supported")));
-    }
-    Ok((to_i32(what, "head_size", head_size)?, d, kv))
+    Ok((d, kv))
 }
 
 fn invalid(kernel: &'static str, what: String) -> KernelError {

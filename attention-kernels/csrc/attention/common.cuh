@@ -40,6 +40,19 @@ inline cudaError_t set_max_dynamic_smem_once(int bytes) {
   return err;
 }
 
+// Resident blocks per SM of `kernel` launched with `threads` threads and `smem` bytes of dynamic
+// shared memory, as the runtime's occupancy calculator reports it (after allowing that much
+// shared memory, as the launch does). Needs a current CUDA context; writes *blocks only on success.
+template <typename K>
+inline cudaError_t occupancy_blocks_per_sm(K kernel, int threads, int smem, int32_t* blocks) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+  if (err == cudaSuccess) *blocks = n;
+  return err;
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Per-head feature vectors (ALiBi slopes, sinks) travel by value in the kernel parameters.
