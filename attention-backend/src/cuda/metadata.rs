@@ -218,7 +218,7 @@ pub fn decode_slots_per_sm(per_sm: usize, bytes_in_flight: usize) -> usize {
 /// 24 splits 0.0456 ms, 32 0.0436, 48 0.0464, 64 0.0508, where a pure wave model prefers 64):
 /// values from 19 to 43 order those four as measured, and the low end keeps the 2% rule below
 /// from settling on fewer splits than the measured best (26 at 32 key-equivalents).
-const SPLIT_MERGE_KEYS: f64 = 20.0;
+pub const SPLIT_MERGE_KEYS: f64 = 20.0;
 
 /// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each run
 /// `slots` blocks at full speed at once (see [`decode_slots_per_sm`]), the longest context

@@ -11,7 +11,9 @@ mod tensor;
 pub use attention::{forward, paged_attention, AttentionIo, AttentionWorkspace, ForwardIo};
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
-pub use metadata::{decode_slots_per_sm, decode_split_count, DeviceMetadata, SplitPlan, DECODE_SATURATION_BYTES};
+pub use metadata::{
+    decode_slots_per_sm, decode_split_count, DeviceMetadata, SplitPlan, DECODE_SATURATION_BYTES, SPLIT_MERGE_KEYS,
+};
 pub use plan::{
     LaunchPlan, LayerBuffers, LayerStrides, PlanOptions, PlannerConfig, StepPlan, StepPlanner, BATCH_INVARIANT_ENV,
 };
