@@ -643,10 +643,10 @@ pub fn blocks_per_sm_for_cache(
 }
 
 /// K/V bytes one decode block keeps in flight (the tiles of every pipeline stage but the one being
-/// computed) for this variant, head size, compute type and cache type: what an SM holding `n`
-/// such blocks has outstanding towards memory. A split planner compares it with the bytes an SM
-/// needs in flight to reach its share of the bandwidth: beyond that, more resident blocks do not
-/// make an SM read faster. Needs no CUDA context.
+/// computed) for this variant, head size, compute type and cache type; an SM holding `n` such
+/// blocks has `n` times this outstanding towards memory. A split planner compares that with the
+/// bytes an SM needs in flight to reach its share of the bandwidth: beyond it, more resident
+/// blocks do not make an SM read faster. Needs no CUDA context.
 ///
 /// # Errors
 /// [`KernelError::InvalidArgument`] for what [`blocks_per_sm_for_cache`] refuses.

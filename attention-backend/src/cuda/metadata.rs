@@ -2,6 +2,7 @@
 
 use attention_kernels::attention::{
     self as kernels, decode_heads_per_block, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionKernel,
+    DecodeVariant,
 };
 use attention_kernels::DType;
 use cudarc::driver::sys::CUdevice_attribute;
@@ -152,8 +153,6 @@ impl DeviceMetadata {
         let n = self.single_token_decodes;
         let blocks = n * num_kv_heads.max(1) * group.div_ceil(decode_heads_per_block(head_size).max(1));
         let tile = decode_tile_keys(head_size).max(1);
-        // The compute type does not change the decode kernel's occupancy (f16 and bf16 share
-        // their shapes); an FP8 cache runs a pipeline of its own.
         let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype);
         let num_splits = decode_split_count(blocks, self.num_sms, slots, self.decode_max_seq_len, tile);
         SplitPlan {
@@ -177,6 +176,19 @@ pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype
         .ok()
         .filter(|&b| b > 0)
         .unwrap_or_else(|| decode_blocks_per_sm(head_size));
+    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype)
+}
+
+/// [`decode_slots_per_sm`] for the decode kernel of `variant` over a `cache_dtype` cache with
+/// `compute` elements, `per_sm` of whose blocks are resident: the planner's slots for that kernel
+/// (`per_sm` itself where the kernel's bytes in flight cannot be asked).
+pub fn decode_variant_slots(
+    per_sm: usize,
+    variant: DecodeVariant,
+    head_size: usize,
+    compute: DType,
+    cache_dtype: DType,
+) -> usize {
     kernels::decode_bytes_in_flight(variant, head_size, compute, cache_dtype)
         .map_or(per_sm, |bytes| decode_slots_per_sm(per_sm, bytes))
 }

@@ -229,8 +229,7 @@ fn main() {
             )
             .unwrap_or(2)
             .max(1);
-            let slots = kernels::decode_bytes_in_flight(v, D, DType::BF16, DType::BF16)
-                .map_or(per_sm, |b| cuda::decode_slots_per_sm(per_sm, b));
+            let slots = cuda::decode_variant_slots(per_sm, v, D, DType::BF16, DType::BF16);
             let splits = decode_split_count(blocks, sms, slots, s.ctx, decode_tile_keys(D));
             let ms = row(v.to_string(), v, splits, 0, per_sm);
             times.push((v, ms, per_sm));
