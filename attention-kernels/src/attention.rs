@@ -69,8 +69,9 @@ pub enum PrefillPath {
     /// The kernel measured fastest for the head size and cache: on compute capability 9.0 the
     /// warp-specialised Hopper kernel at head size 128 over a 16-bit cache (on the H200 11% to 23%
     /// faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512 on a 7.5k
-    /// prefix, 2% on 32 x 512, but 12% slower on 2 x 1024: the choice does not see the batch's
-    /// lengths yet), the lockstep Hopper kernel at head size 64 (11% faster there) and for FP8
+    /// prefix, 2% on 32 x 512, but 10% slower on 1 x 1024 and 2 x 1024: this choice does not see
+    /// the batch, so `attention-backend`'s planners, which do, run prefill parts with little work
+    /// on the lockstep kernel), the lockstep Hopper kernel at head size 64 (11% faster there) and for FP8
     /// caches (9% faster than the warp-specialised kernel's FP8 path, whose producer widens
     /// every tile alone), the sm80 kernel elsewhere. The default.
     Auto,

@@ -9,6 +9,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice};
 use std::sync::Arc;
 
+use super::prefill_choice::{prefill_is_small, prefill_tile_work};
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
@@ -23,6 +24,10 @@ pub struct SplitPlan {
     pub num_splits: usize,
     /// Longest query among requests `decode_reqs..num_reqs` (they run on the prefill kernel).
     pub prefill_max_query_len: usize,
+    /// The prefill part is too small for the warp-specialised Hopper prefill
+    /// ([`super::prefill_is_small`]): where `PrefillPath::Auto` would pick that kernel, the
+    /// lockstep Hopper kernel runs it.
+    pub prefill_small: bool,
     /// Floats of workspace the decode partials need.
     pub workspace_len: usize,
 }
@@ -48,6 +53,10 @@ pub struct DeviceMetadata {
     decode_max_seq_len: usize,
     /// Longest query after them.
     rest_max_query_len: usize,
+    /// Prefill tile work per query head ([`prefill_tile_work`]) of all requests, and of those after
+    /// the single-token decodes.
+    all_tile_work: usize,
+    rest_tile_work: usize,
 }
 
 fn upload_i32(dev: &CudaDevice, data: &[i32]) -> Result<CudaSlice<i32>> {
@@ -73,6 +82,9 @@ impl DeviceMetadata {
         let decode_max_seq_len =
             meta.seq_lens[..single_token_decodes].iter().copied().max().unwrap_or(0).max(0) as usize;
         let rest_max_query_len = (single_token_decodes..meta.num_reqs()).map(|r| meta.query_len(r)).max().unwrap_or(0);
+        let work = |from: usize| {
+            prefill_tile_work((from..meta.num_reqs()).map(|r| (meta.query_len(r), meta.seq_lens[r].max(0) as usize)), 1)
+        };
         Ok(DeviceMetadata {
             query_start_loc: upload_i32(dev, &meta.query_start_loc)?,
             seq_lens: upload_i32(dev, &meta.seq_lens)?,
@@ -83,6 +95,8 @@ impl DeviceMetadata {
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
+            all_tile_work: work(0),
+            rest_tile_work: work(single_token_decodes),
         })
     }
 
@@ -147,6 +161,7 @@ impl DeviceMetadata {
                 decode_reqs: 0,
                 num_splits: 1,
                 prefill_max_query_len: self.host.max_query_len,
+                prefill_small: prefill_is_small(self.all_tile_work.saturating_mul(num_heads), self.num_sms),
                 workspace_len: 0,
             };
         }
@@ -159,6 +174,7 @@ impl DeviceMetadata {
             decode_reqs: n,
             num_splits,
             prefill_max_query_len: if n < num_reqs { self.rest_max_query_len } else { 0 },
+            prefill_small: prefill_is_small(self.rest_tile_work.saturating_mul(num_heads), self.num_sms),
             workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
         }
     }

@@ -112,6 +112,14 @@ fn main() {
         // where a block has few key tiles to amortise its start over.
         Shape { name: "prefill causal 2 x 1024", seqs: vec![(1024, 1024); 2], head_size: 128 },
         Shape { name: "prefill causal 32 x 512", seqs: vec![(512, 512); 32], head_size: 128 },
+        // Few row blocks for the chip (the warp-specialised kernel runs one 128-row block per
+        // SM): where the Auto path's choice between the two Hopper kernels turns.
+        Shape { name: "prefill causal 1 x 1024", seqs: vec![(1024, 1024); 1], head_size: 128 },
+        Shape { name: "prefill causal 4 x 1024", seqs: vec![(1024, 1024); 4], head_size: 128 },
+        Shape { name: "prefill causal 1 x 2048", seqs: vec![(2048, 2048); 1], head_size: 128 },
+        Shape { name: "prefill causal 2 x 2048", seqs: vec![(2048, 2048); 2], head_size: 128 },
+        Shape { name: "prefill causal 1 x 4096", seqs: vec![(4096, 4096); 1], head_size: 128 },
+        Shape { name: "prefill causal 1 x 8192", seqs: vec![(8192, 8192); 1], head_size: 128 },
     ];
     println!(
         "\n{:<32} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12}",

@@ -40,11 +40,14 @@ const RTOL: f64 = 1e-2;
 trait Fp8: KvStorage<f16> + KvStorage<bf16> {
     /// Every NaN / Inf encoding the format has (E4M3: NaN only; E5M2: +-Inf and a NaN).
     const NON_FINITE: &'static [u8];
+    /// The smallest positive normal value (2^-6 for E4M3, 2^-14 for E5M2).
+    const MIN_NORMAL: f32;
     fn bits(b: u8) -> Self;
 }
 
 impl Fp8 for Fp8E4M3 {
     const NON_FINITE: &'static [u8] = &[0x7f, 0xff];
+    const MIN_NORMAL: f32 = 1.0 / 64.0;
     fn bits(b: u8) -> Self {
         Fp8E4M3::from_bits(b)
     }
@@ -52,6 +55,7 @@ impl Fp8 for Fp8E4M3 {
 
 impl Fp8 for Fp8E5M2 {
     const NON_FINITE: &'static [u8] = &[0x7c, 0xfc, 0x7f, 0xff];
+    const MIN_NORMAL: f32 = 1.0 / 16384.0;
     fn bits(b: u8) -> Self {
         Fp8E5M2::from_bits(b)
     }
@@ -298,9 +302,14 @@ fn close(x: f64, r: f64) -> bool {
 
 /// One case against the float64 recomputation over the dequantised cache.
 fn check<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec) {
-    let stream = common::stream();
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let inp = inputs::<T, C>(spec, &mut rng);
+    check_inputs(spec, &inp);
+}
+
+/// The launch of `inp` against the float64 recomputation over its dequantised cache.
+fn check_inputs<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec, inp: &Inputs<T, C>) {
+    let stream = common::stream();
     let got = launch::<T, C>(
         &stream,
         &inp.step,
@@ -316,7 +325,7 @@ fn check<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec) {
     let what = format!("{} cache, {} compute: {spec:?}", C::DTYPE, T::DTYPE);
     for t in 0..inp.step.num_tokens {
         for hh in 0..h {
-            let (want, lse) = reference(spec, &inp, t, hh);
+            let (want, lse) = reference(spec, inp, t, hh);
             let got_lse = f64::from(got.lse[t * h + hh]);
             assert!(close(got_lse, lse), "token {t} head {hh}: lse {got_lse}, want {lse} ({what})");
             for (e, &w) in want.iter().enumerate() {
@@ -333,6 +342,60 @@ fn check_all(spec: &Spec) {
     check::<bf16, Fp8E4M3>(spec);
     check::<f16, Fp8E5M2>(spec);
     check::<bf16, Fp8E5M2>(spec);
+}
+
+/// Which FP8 codes fill the cache in [`every_code`].
+#[derive(Clone, Copy, Debug)]
+enum Codes {
+    /// The subnormal codes of both signs (exponent field zero, mantissa not).
+    Subnormal,
+    /// Every finite code.
+    Finite,
+}
+
+/// The kernels widen FP8 tiles by moving bits where they can (bf16 pairs, E5M2 into f16) and by
+/// converting where a vector holds a non-finite code: here every K and V byte is drawn from one
+/// class of codes, with scales that map the class's largest magnitude to 8 (K: scores spread
+/// widely, so a wrong key moves the softmax) and 4 (V), so a code widened wrong -- a subnormal
+/// flushed to zero, a wrong exponent offset at either end of the range -- moves outputs far past
+/// the tolerance. Subnormal codes are rare in the other tests' caches (a few in a thousand) and
+/// their weight there is below the tolerance.
+fn every_code<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec, codes: Codes) {
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut inp = inputs::<T, C>(spec, &mut rng);
+    let class: Vec<C> = (0..=255u8)
+        .map(C::bits)
+        .filter(|c| {
+            let x = c.to_f32();
+            match codes {
+                Codes::Subnormal => x != 0.0 && x.abs() < C::MIN_NORMAL,
+                Codes::Finite => x.is_finite(),
+            }
+        })
+        .collect();
+    let max = class.iter().map(|c| c.to_f32().abs()).fold(0.0f32, f32::max);
+    assert!(class.len() > 4 && max > 0.0, "{codes:?}: {} codes", class.len());
+    for x in inp.keys.iter_mut().chain(inp.values.iter_mut()) {
+        *x = class[rng.random_range(0..class.len())];
+    }
+    inp.scales = (vec![8.0 / max], vec![4.0 / max]);
+    check_inputs(spec, &inp);
+}
+
+fn every_code_all(path: PrefillPath, head_sizes: &[usize], seed0: u64) {
+    let mut seed = seed0;
+    for &d in head_sizes {
+        on_path(path, d, || {
+            for codes in [Codes::Subnormal, Codes::Finite] {
+                seed += 1;
+                let s = Spec::new((8, 2), d, 16, &[(37, 37), (129, 300), (64, 200)], seed);
+                every_code::<f16, Fp8E4M3>(&s, codes);
+                every_code::<bf16, Fp8E4M3>(&s, codes);
+                every_code::<f16, Fp8E5M2>(&s, codes);
+                every_code::<bf16, Fp8E5M2>(&s, codes);
+            }
+        });
+    }
 }
 
 /// Causal prefill of several requests of different lengths, including chunked prefills over a
@@ -567,4 +630,19 @@ fn fp8_prefill_sm80_unseen_positions() {
 #[test]
 fn fp8_prefill_sm90_unseen_positions() {
     unseen_all(PrefillPath::Sm90, &SM90_HEADS, 37_000);
+}
+
+#[test]
+fn fp8_prefill_sm80_every_code() {
+    every_code_all(PrefillPath::Sm80, &[64, 128], 39_000);
+}
+
+#[test]
+fn fp8_prefill_sm90_every_code() {
+    every_code_all(PrefillPath::Sm90, &SM90_HEADS, 39_100);
+}
+
+#[test]
+fn fp8_prefill_sm90ws_every_code() {
+    every_code_all(PrefillPath::Sm90Ws, &SM90_HEADS, 39_200);
 }

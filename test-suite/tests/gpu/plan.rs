@@ -624,3 +624,46 @@ fn mixed_step_overlap_matches_back_to_back() {
     assert!(side == serial, "overlapped and back-to-back mixed steps differ");
     assert!(side.iter().all(|(o, _)| o.iter().all(|&b| f32::from_bits(b).is_finite())));
 }
+
+/// The planners mark a step's prefill part small (for the lockstep Hopper prefill) from that part
+/// alone: the decodes in front of it do not count, every query head does, and the same step gives
+/// the same answer through the step planner and through `DeviceMetadata`'s split plan. One step
+/// of each kind, so the wiring cannot pass by always answering the same.
+#[test]
+fn small_prefill_parts_are_planned_from_their_own_work() {
+    use attention_backend::cuda::{prefill_is_small, prefill_tile_work, DeviceMetadata};
+    let dev = common::device();
+    let mut rng = StdRng::seed_from_u64(43);
+    let mut pool = Pool::new(&mut rng);
+    // Eight decodes of 400 tokens in front of `prefills` fresh prompts of 512 tokens.
+    let step = |pool: &mut Pool, prefills: usize| {
+        let mut reqs = Vec::new();
+        let mut q_lens = Vec::new();
+        for i in 0..8 + prefills {
+            let mut r = Req { blocks: Vec::new(), len: 0 };
+            let decode = i < 8;
+            pool.grow(&mut r, if decode { 400 } else { 512 });
+            q_lens.push(if decode { 1 } else { 512 });
+            reqs.push(r);
+        }
+        let meta = step_meta(&reqs, &q_lens);
+        for r in reqs {
+            pool.free(r);
+        }
+        meta
+    };
+    let mut planner = StepPlanner::new(dev, config(64 * 512 + 8, 72)).unwrap();
+    let mut seen = [false; 2];
+    for prefills in [2, 64] {
+        let meta = step(&mut pool, prefills);
+        let dm = DeviceMetadata::upload(dev, &meta).unwrap();
+        let work = prefill_tile_work((8..8 + prefills).map(|_| (512, 512)), H);
+        assert_eq!(work, prefills * 10 * H, "a 512-token prompt reaches 1 + 2 + 3 + 4 tiles per head");
+        let want = prefill_is_small(work, dm.num_sms());
+        seen[usize::from(want)] = true;
+        assert_eq!(dm.split_plan(H, KVH, D).prefill_small, want, "{prefills} prefills: DeviceMetadata");
+        planner.plan(&meta).unwrap();
+        assert_eq!(planner.launch_plan().unwrap().prefill_small, want, "{prefills} prefills: StepPlanner");
+    }
+    assert!(seen == [true, true], "one small and one large prefill part (on this device's SM count)");
+}
