@@ -9,7 +9,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice};
 use std::sync::Arc;
 
-use super::prefill_choice::{prefill_is_small, prefill_tile_work};
+use super::prefill_choice::{metadata_tile_work, prefill_is_small};
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
@@ -53,7 +53,7 @@ pub struct DeviceMetadata {
     decode_max_seq_len: usize,
     /// Longest query after them.
     rest_max_query_len: usize,
-    /// Prefill tile work per query head ([`prefill_tile_work`]) of all requests, and of those after
+    /// Prefill tile work per query head ([`super::prefill_tile_work`]) of all requests, and of those after
     /// the single-token decodes.
     all_tile_work: usize,
     rest_tile_work: usize,
@@ -82,9 +82,6 @@ impl DeviceMetadata {
         let decode_max_seq_len =
             meta.seq_lens[..single_token_decodes].iter().copied().max().unwrap_or(0).max(0) as usize;
         let rest_max_query_len = (single_token_decodes..meta.num_reqs()).map(|r| meta.query_len(r)).max().unwrap_or(0);
-        let work = |from: usize| {
-            prefill_tile_work((from..meta.num_reqs()).map(|r| (meta.query_len(r), meta.seq_lens[r].max(0) as usize)), 1)
-        };
         Ok(DeviceMetadata {
             query_start_loc: upload_i32(dev, &meta.query_start_loc)?,
             seq_lens: upload_i32(dev, &meta.seq_lens)?,
@@ -95,8 +92,8 @@ impl DeviceMetadata {
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
-            all_tile_work: work(0),
-            rest_tile_work: work(single_token_decodes),
+            all_tile_work: metadata_tile_work(meta, 0..meta.num_reqs(), 1),
+            rest_tile_work: metadata_tile_work(meta, single_token_decodes..meta.num_reqs(), 1),
         })
     }
 

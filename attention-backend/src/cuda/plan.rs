@@ -23,7 +23,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
 use super::metadata::{decode_slots, decode_split_count};
-use super::prefill_choice::{on_planned_prefill, prefill_is_small, prefill_tile_work};
+use super::prefill_choice::{metadata_tile_work, on_planned_prefill, prefill_is_small};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -364,13 +364,7 @@ impl StepPlanner {
             num_splits: 1,
             split_keys: self.split_keys,
             prefill_max_query_len: (single..num_reqs).map(|r| meta.query_len(r)).max().unwrap_or(0),
-            prefill_small: prefill_is_small(
-                prefill_tile_work(
-                    (single..num_reqs).map(|r| (meta.query_len(r), meta.seq_lens[r].max(0) as usize)),
-                    c.num_heads,
-                ),
-                self.num_sms,
-            ),
+            prefill_small: prefill_is_small(metadata_tile_work(meta, single..num_reqs, c.num_heads), self.num_sms),
             workspace_len: 0,
             graph: false,
         };

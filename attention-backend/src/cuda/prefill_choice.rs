@@ -25,13 +25,17 @@
 use attention_kernels::attention::{self as kernels, PrefillKernel, PrefillPath};
 use attention_kernels::DType;
 use cudarc::driver::CudaContext;
+use std::ops::Range;
+
+use crate::metadata::AttentionMetadata;
 
 /// Rows and keys of the warp-specialised prefill kernel's tiles.
 const WS_TILE: usize = 128;
 
 /// Tile units per SM (see [`prefill_tile_work`]) from which the warp-specialised Hopper prefill
-/// is the faster kernel: between 2304 and 4352 units on the H200's 132 SMs (17 and 33 per SM)
-/// the two kernels were within 2%, below 2304 the lockstep one was 10% faster.
+/// runs a prefill part. On the H200's 132 SMs the lockstep kernel was 10% faster at 2304 units
+/// (17 per SM) and below; from 4352 units (33 per SM) the two were within 2% or the
+/// warp-specialised one was faster; no shape between was measured.
 pub const WS_MIN_TILE_WORK_PER_SM: usize = 32;
 
 /// The work of a prefill part in units of 128 query rows x 128 keys of one query head, counting
@@ -46,6 +50,11 @@ pub fn prefill_tile_work(lens: impl Iterator<Item = (usize, usize)>, num_heads: 
         })
         .fold(0, usize::saturating_add);
     per_head.saturating_mul(num_heads)
+}
+
+/// [`prefill_tile_work`] of requests `reqs` of `meta`.
+pub(crate) fn metadata_tile_work(meta: &AttentionMetadata, reqs: Range<usize>, num_heads: usize) -> usize {
+    prefill_tile_work(reqs.map(|r| (meta.query_len(r), meta.seq_lens[r].max(0) as usize)), num_heads)
 }
 
 /// Whether a prefill part of `work` tile units is too small for the warp-specialised kernel on

@@ -353,13 +353,13 @@ enum Codes {
     Finite,
 }
 
-/// The kernels widen FP8 tiles by moving bits where they can (bf16 pairs, E5M2 into f16) and by
-/// converting where a vector holds a non-finite code: here every K and V byte is drawn from one
-/// class of codes, with scales that map the class's largest magnitude to 8 (K: scores spread
-/// widely, so a wrong key moves the softmax) and 4 (V), so a code widened wrong -- a subnormal
-/// flushed to zero, a wrong exponent offset at either end of the range -- moves outputs far past
-/// the tolerance. Subnormal codes are rare in the other tests' caches (a few in a thousand) and
-/// their weight there is below the tolerance.
+/// The prefill kernels widen every staged FP8 tile to the compute type before the tensor-core
+/// step, and that widening must be exact for every finite code. Here every K and V byte is drawn
+/// from one class of codes, with scales that map the class's largest magnitude to 8 (K: scores
+/// spread widely, so a wrong key moves the softmax) and 4 (V), so a code widened wrong -- a
+/// subnormal flushed to zero, a wrong exponent at either end of the range -- moves outputs far
+/// past the tolerance. Subnormal codes are rare in the other tests' caches (a few in a thousand)
+/// and their weight there is below the tolerance.
 fn every_code<T: Element, C: Fp8 + KvStorage<T>>(spec: &Spec, codes: Codes) {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut inp = inputs::<T, C>(spec, &mut rng);
