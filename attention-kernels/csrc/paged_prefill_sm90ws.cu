@@ -10,24 +10,40 @@
 // own softmax with its next QK^T, and the two consumers take turns on the tensor cores so that one
 // group's softmax runs while the other's products do.
 //
-// Block: 384 threads, one block per SM (shared memory and registers), 128 query rows of one
-// request and one query head (BM = 128), keys in tiles of BN = 128.
+// Block: 384 threads, one block per SM (shared memory and registers). A work item is 128 query
+// rows of one request and one query head (BM = 128); keys come in tiles of BN = 128.
 //
-// Warpgroup 0, the producer (40 registers after `setmaxnreg.dec`): loads the Q tile once, then
-// walks the block's key tiles. For each tile one producer thread per key row reads the block table
-// (the page of the tile after the current one is fetched a tile early, into a register) and writes
-// the row's cache offset to a three-slot ring in shared memory; after a producer-only named barrier
-// every producer thread issues its share of 16-byte cp.async copies into the 128-byte swizzled
-// tile and then `cp.async.mbarrier.arrive.noinc` on the stage's FULL barrier (count 128: one
-// arrival per producer thread, each fired when that thread's copies have landed). K and V have
-// separate stages and barriers, issued in the order the consumers need them: K0, then K(n+1)
-// before V(n), so the next QK^T never waits for a V. Before overwriting a stage the producer waits
-// on its EMPTY barrier (count 256: every consumer thread arrives once per use).
+// Persistent grid: one block per SM, block b taking items b, b + gridDim.x, ... of the
+// heaviest-first order. A block per item (the first version) paid every item's pipeline fill --
+// the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
+// the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
+// producer moves on to the next item as soon as it has issued the last V copy of the current one:
+// it waits on q_empty (both consumers have finished their last QK^T of the item) and loads the next
+// Q and K tiles while the consumers still run the last PV product and write their rows. All
+// stage indices, barrier phases and offset-ring slots follow the block's running count of key tiles
+// (g), so the pipelines carry over from item to item without a reset; q_full / q_empty alternate
+// their phase per item that has key tiles. The turn alternation of the consumers simply continues.
+//
+// Warpgroup 0, the producer (56 registers after `setmaxnreg.dec`; with 40, ptxas spilled the item
+// loop's state inside the tile loop): loads the item's Q tile, then walks its key tiles. Each
+// producer thread copies one 16-byte column of RT consecutive key rows of every tile (RT = 16 at
+// head 128, 8 at head 64): when RT divides the block size those rows lie in one page, so the
+// thread reads one block-table entry per tile (a tile ahead, into a register) and steps through
+// the page by the token stride, with no shared memory and no barrier between producer threads.
+// (The first version had one thread per key row write its row's offset to a ring in shared memory
+// for the others to read after a producer barrier; Nsight Compute showed every copy waiting on its
+// offset's shared-memory load, and the consumers waiting on FULL barriers for 16% of their time.
+// Block sizes RT does not divide still take that form.) Each thread then arrives on the stage's
+// FULL barrier with `cp.async.mbarrier.arrive.noinc` (count 128: one arrival per producer thread,
+// each fired when that thread's copies have landed). K and V have separate stages and barriers,
+// issued in the order the consumers need them: K0, then K(n+1) before V(n), so the next QK^T
+// never waits for a V. Before overwriting a stage the producer waits on its EMPTY barrier (count
+// 256: every consumer thread arrives once per use).
 // TMA is not used: a tile spans several pages at arbitrary places and the cache row stride is
 // not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
 // Hopper paged prefill does the same).
 //
-// Warpgroups 1 and 2, the consumers (232 registers after `setmaxnreg.inc`), own 64 query rows each.
+// Warpgroups 1 and 2, the consumers (224 registers after `setmaxnreg.inc`), own 64 query rows each.
 // Per key tile n, a consumer (both go through every tile in the same order, see "skipped tiles"):
 //   wait FULL_K(n); [turn] issue S(n) = Q K(n)^T; wait FULL_V(n-1); rescale O by the factor
 //   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
@@ -99,9 +115,9 @@
 // swizzled compute stages (attention/fp8_tile.cuh), sanitising V on mask-straddling tiles as it
 // goes, then arrives on FULL with a plain release arrive (see produce_fp8). The consumers are
 // unchanged but for the scales: k_scale joins the score scale, v_scale multiplies the output. The
-// staging buffers cost the third K stage at head 128 (2 + 2 stages, 192 KB of tiles and staging),
-// and the producer gets 56 registers (224 for the consumers) for the widening. Measured on the
-// H200 (causal 8 x 2048, head 128): 1.52 / 1.55 ms (E4M3 / E5M2) against 1.40 / 1.41 on the
+// staging buffers cost the third K stage at head 128 (2 + 2 stages, 192 KB of tiles and staging).
+// Measured on the H200 before the grid was persistent (causal 8 x 2048, head 128): 1.52 / 1.55 ms
+// (E4M3 / E5M2) against 1.40 / 1.41 on the
 // lockstep kernel, so the Rust launcher's Auto path keeps FP8 caches there: one warpgroup widening
 // every tile, a step behind its own copies, is the critical path (PAGED_ATTN_PREFILL=sm90ws
 // selects this one).
@@ -110,7 +126,9 @@
 // 128. Device code exists only in the sm_90a image, and the launcher refuses devices that are not
 // compute capability 9.0.
 
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
@@ -135,17 +153,18 @@ template <int D, bool kFp8 = false> struct WsCfg {
   static constexpr int kTileBytes = kBN * D * 2;
   static constexpr int kStageBytes8 = kFp8 ? kBN * D : 0;  // one staged FP8 K or V tile, [BN][D] bytes
   static constexpr int kBadWords = kBN / 32;
-  // Register split: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the launch allocation. With an FP8
-  // cache the producer also widens the tiles (16 live values per 16-byte vector): 56 + 224.
-  static constexpr int kProducerRegs = kFp8 ? 56 : 40;
-  static constexpr int kConsumerRegs = kFp8 ? 224 : 232;
+  // Register split: 128 x 56 + 256 x 224 = 64512 = 384 x 168, the launch allocation. The producer
+  // keeps the persistent item loop's state (and, with an FP8 cache, 16 live values per widened
+  // 16-byte vector) without spilling inside its tile loop; the consumers do not spill at 224.
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 64512, "register split");
   // Byte offsets from the 1024-aligned base.
   static constexpr int kOffK = kQBytes;
   static constexpr int kOffV = kOffK + kStagesK * kTileBytes;
   static constexpr int kOffStg = kOffV + kStagesV * kTileBytes;  // FP8 only: staged K, then V
-  static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;      // full_k, full_v, empty_k, empty_v, q
-  static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 1;
+  static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;  // full_k, full_v, empty_k, empty_v, q_full, q_empty
+  static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 2;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
   static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
   static constexpr int kAlignSlack = 1024;
@@ -243,7 +262,7 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 #endif
 
 template <typename T, int D, bool kFp8>
-__global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p, const int n_items) {
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D, kFp8>;
   namespace w = pa::sm90;
@@ -260,58 +279,67 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   const uint32_t k_base = base + Cfg::kOffK, v_base = base + Cfg::kOffV, bars = base + Cfg::kOffBar;
   int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kOffRo);  // [3][BN]
   uint32_t* bad_s = reinterpret_cast<uint32_t*>(smem + Cfg::kOffBad);  // [SV][BN / 32]
-  // Barriers: full_k[SK], full_v[SV], empty_k[SK], empty_v[SV], q_full (kNumBars in all).
+  // Barriers: full_k[SK], full_v[SV], empty_k[SK], empty_v[SV], q_full, q_empty (kNumBars in all).
   auto full_k = [&](int s) { return bars + 8u * s; };
   auto full_v = [&](int s) { return bars + 8u * (SK + s); };
   auto empty_k = [&](int s) { return bars + 8u * (SK + SV + s); };
   auto empty_v = [&](int s) { return bars + 8u * (2 * SK + SV + s); };
-  const uint32_t q_full = bars + 8u * (2 * SK + 2 * SV);
-  static_assert(2 * SK + 2 * SV + 1 == Cfg::kNumBars, "barrier layout");
+  const uint32_t q_full = bars + 8u * (2 * SK + 2 * SV), q_empty = q_full + 8u;
+  static_assert(2 * SK + 2 * SV + 2 == Cfg::kNumBars, "barrier layout");
 
   const int tid = threadIdx.x;
-  // Flat grid, heaviest row blocks first (as paged_prefill_sm90.cu).
+  // Work items in heaviest-first order (as paged_prefill_sm90.cu's flat grid): item i is row block
+  // (n_mb - 1 - i / hr) of request req_begin + (i % hr) / H, query head i % H. The grid is
+  // persistent: block b takes items b, b + gridDim.x, ... (see "Persistent grid" in the header).
   const int H = p.num_heads;
   const int hr = p.num_launch_reqs * H;
-  const int mb_rev = blockIdx.x / hr;
-  const int req = p.req_begin + (blockIdx.x % hr) / H;
-  const int h = blockIdx.x % H;
-  const int kvh = h / (H / p.num_kv_heads);
-
-  const int q_start = pa::clamp_int(p.qsl[req], 0, static_cast<int>(p.num_tokens));
-  const int q_end = pa::clamp_int(p.qsl[req + 1], q_start, static_cast<int>(p.num_tokens));
-  const int q_len = q_end - q_start;
-  const int m0 = (gridDim.x / hr - 1 - mb_rev) * BM;
-  if (m0 >= q_len) return;  // block-uniform, before any barrier exists
-  const int rows = min(BM, q_len - m0);
-  const int seq_len = pa::clamp_int(p.seq_lens[req], 0, p.max_blocks_per_req * p.block_size);
-  const int ctx = seq_len - q_len;
-  const int p_first = ctx + m0, p_last = ctx + m0 + rows - 1;
-  int lo, hi;
-  pa::key_range(p_first, p_last, seq_len, p, lo, hi);
-  // Tiles holding keys above mask_above_b or below mask_below_b are hidden from some row of the
-  // block: their V gets sanitised (producer and consumers evaluate this identically).
-  int mask_above_b = seq_len - 1;
-  if (p.causal) mask_above_b = min(mask_above_b, p_first);
-  if (p.window_right >= 0) mask_above_b = min(mask_above_b, p_first + p.window_right);
-  const int mask_below_b = p.window_left >= 0 ? p_last - p.window_left : INT_MIN;
-  const int n_first = hi >= lo ? lo / BN : 0;
-  const int n_tiles = hi >= lo ? hi / BN - n_first + 1 : 0;
-  auto block_mask = [&](int t) {
-    const int n0 = (n_first + t) * BN;
-    return n0 + BN - 1 > mask_above_b || n0 < mask_below_b;
+  const int n_mb = n_items / hr;
+  struct Item {
+    int req, h, kvh, q_start, q_len, m0, rows, seq_len, ctx, n_first, n_tiles, mask_above_b, mask_below_b;
+  };
+  // m0 >= q_len: an item past its request's rows, which every role skips.
+  auto decode_item = [&](int item) {
+    Item it;
+    const int mb_rev = item / hr;
+    it.req = p.req_begin + (item % hr) / H;
+    it.h = item % H;
+    it.kvh = it.h / (H / p.num_kv_heads);
+    it.q_start = pa::clamp_int(p.qsl[it.req], 0, static_cast<int>(p.num_tokens));
+    const int q_end = pa::clamp_int(p.qsl[it.req + 1], it.q_start, static_cast<int>(p.num_tokens));
+    it.q_len = q_end - it.q_start;
+    it.m0 = (n_mb - 1 - mb_rev) * BM;
+    it.rows = max(min(BM, it.q_len - it.m0), 0);
+    it.seq_len = pa::clamp_int(p.seq_lens[it.req], 0, p.max_blocks_per_req * p.block_size);
+    it.ctx = it.seq_len - it.q_len;
+    // Tiles holding keys above mask_above_b or below mask_below_b are hidden from some row of the
+    // block: their V gets sanitised (producer and consumers evaluate this identically). No row
+    // (m0 >= q_len) is an empty span: no tile.
+    const pa::KeySpan span = pa::key_span(it.ctx + it.m0, it.rows, it.seq_len, p);
+    it.mask_above_b = span.mask_above;
+    it.mask_below_b = span.mask_below;
+    it.n_first = span.hi >= span.lo ? span.lo / BN : 0;
+    it.n_tiles = span.hi >= span.lo ? span.hi / BN - it.n_first + 1 : 0;
+    return it;
+  };
+  auto block_mask = [&](const Item& it, int t) {
+    const int n0 = (it.n_first + t) * BN;
+    return n0 + BN - 1 > it.mask_above_b || n0 < it.mask_below_b;
   };
 
-  // The producer's loop for an FP8 cache. Each step j copies the raw bytes of K(j + 1) and V(j)
-  // into one staging buffer each (cp.async, half a 16-bit tile's traffic) while the consumers
-  // work, and at the next step, once they have landed (cp.async.wait_all: every copy of this
-  // thread; then the producer barrier: every producer thread's), widens K(j + 1) into its K stage
-  // and V(j) into its V stage, each as soon as the consumers released that stage, and arrives on
-  // the stage's FULL barrier with a plain release arrive. V is sanitised while it is widened on
-  // tiles that straddle a mask bound (the same rule as the 16-bit path). The staging buffers are
-  // refilled only after every producer thread has read them (the barrier before the copies).
-  auto produce_fp8 = [&](int tile0, int tiles) {
+  // The producer's loop for an FP8 cache, over item `it`'s key tiles, which are this block's key
+  // tiles g, g + 1, ... (stage, barrier phase and offset-ring slot follow that count across items).
+  // Each step j copies the raw bytes of K(j + 1) and V(j) into one staging buffer each (cp.async,
+  // half a 16-bit tile's traffic) while the consumers work, and at the next step, once they have
+  // landed (cp.async.wait_all: every copy of this thread; then the producer barrier: every producer
+  // thread's), widens K(j + 1) into its K stage and V(j) into its V stage, each as soon as the
+  // consumers released that stage, and arrives on the stage's FULL barrier with a plain release
+  // arrive. V is sanitised while it is widened on tiles that straddle a mask bound (the same rule as
+  // the 16-bit path). The staging buffers are refilled only after every producer thread has read
+  // them (the barrier before the copies).
+  auto produce_fp8 = [&](const Item& it, uint32_t g) {
     if constexpr (kFp8) {
       const int pt = tid;
+      const int tile0 = it.n_first, tiles = it.n_tiles;
       constexpr int C16 = D / 16;  // 16-byte FP8 units per row
       const uint32_t stg_k = base + Cfg::kOffStg, stg_v = stg_k + Cfg::kStageBytes8;
       const unsigned char* stg_k_ptr = smem + Cfg::kOffStg;
@@ -324,30 +352,31 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       };
       auto row_offset = [&](int t, int64_t page) {
         const int key = (tile0 + t) * BN + pt;
-        return key < seq_len ? pa::cache_row(p, page, key, kvh, D) : int64_t{-1};
+        return key < it.seq_len ? pa::cache_row(p, page, key, it.kvh, D) : int64_t{-1};
       };
       auto page_for = [&](int t) {
         const int key = (tile0 + t) * BN + pt;
-        return t < tiles && key < seq_len ? pa::page_of(p, req, key) : int64_t{0};
+        return t < tiles && key < it.seq_len ? pa::page_of(p, it.req, key) : int64_t{0};
       };
+      auto slot = [&](int j) { return ro_s + ((g + j) % 3u) * BN; };
       int64_t pg = pt < BN ? page_for(0) : 0;
       if (pt < BN) {
-        ro_s[pt] = row_offset(0, pg);
+        slot(0)[pt] = row_offset(0, pg);
         pg = page_for(1);
       }
       named_sync(kBarProducer, 128);
-      stage_tile(stg_k, kc8, ro_s);  // K(0)
+      stage_tile(stg_k, kc8, slot(0));  // K(0)
 #pragma unroll 1
       for (int j = 0; j <= tiles; ++j) {
         if (j + 1 < tiles && pt < BN) {
-          ro_s[((j + 1) % 3) * BN + pt] = row_offset(j + 1, pg);
+          slot(j + 1)[pt] = row_offset(j + 1, pg);
           pg = page_for(j + 2);
         }
         cp_async_wait_all();
         named_sync(kBarProducer, 128);  // staged K(j) / V(j - 1) and the offsets of tile j + 1 visible
         if (j < tiles) {
-          const int s = j % SK;
-          if (j >= SK) mbar_wait_guarded(empty_k(s), ((j / SK) - 1) & 1);
+          const uint32_t gt = g + j, s = gt % SK;
+          if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
           unsigned char* kd = smem + Cfg::kOffK + s * Cfg::kTileBytes;
           pa::fp8tile::widen_tile<T, BN, D, 128>(
               p.kv_dtype, stg_k_ptr, [&](int r, int col) { return kd + w::swizzled_offset(BN, r, col); }, pt);
@@ -355,10 +384,10 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           mbar_arrive(full_k(s));
         }
         if (j >= 1) {
-          const int t = j - 1, s = t % SV;
-          if (t >= SV) mbar_wait_guarded(empty_v(s), ((t / SV) - 1) & 1);
+          const uint32_t gt = g + j - 1, s = gt % SV;
+          if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
           uint32_t* bad = bad_s + s * Cfg::kBadWords;
-          const bool sanitize = block_mask(t);
+          const bool sanitize = block_mask(it, j - 1);
           if (sanitize) {
             if (pt < Cfg::kBadWords) bad[pt] = 0u;
             named_sync(kBarProducer, 128);  // cleared before any thread sets a bit
@@ -371,11 +400,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           mbar_arrive(full_v(s));
         }
         named_sync(kBarProducer, 128);  // both staging buffers read by every producer thread
-        if (j + 1 < tiles) stage_tile(stg_k, kc8, ro_s + ((j + 1) % 3) * BN);
-        if (j < tiles) stage_tile(stg_v, vc8, ro_s + (j % 3) * BN);
+        if (j + 1 < tiles) stage_tile(stg_k, kc8, slot(j + 1));
+        if (j < tiles) stage_tile(stg_v, vc8, slot(j));
       }
-      // Retire only after the consumers released the last V stage (their last release of all).
-      mbar_wait_guarded(empty_v((tiles - 1) % SV), ((tiles - 1) / SV) & 1);
     }
   };
 
@@ -389,6 +416,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       mbar_init(empty_v(s), 256);
     }
     mbar_init(q_full, 128);
+    mbar_init(q_empty, 256);
   }
   __syncthreads();  // the only block-wide barrier: the roles below never meet in bar 0 again
 
@@ -396,27 +424,16 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (n_tiles == 0) return;
     const int pt = tid;
     const T* q = static_cast<const T*>(p.query);
     const T* kc = static_cast<const T*>(p.key_cache);
     const T* vc = static_cast<const T*>(p.value_cache);
-    for (int idx = pt; idx < BM * C; idx += 128) {
-      const int r = idx / C, c = idx % C;
-      const bool valid = r < rows;
-      const int64_t off = valid ? pa::q_row(p, q_start + m0 + r, h) + c * 8 : 0;
-      cp_async16(base + w::swizzled_offset(BM, r, c * 8), q + off, valid);
-    }
-    mbar_arrive_cp_async(q_full);
-    if constexpr (kFp8) {
-      produce_fp8(n_first, n_tiles);
-      return;
-    }
-
     // This thread copies 16-byte unit c of rows r0, r0 + RPI, r0 + 2 RPI...: RPI is a multiple of 8,
     // so every one of its rows has the same swizzle phase and its destinations are RPI rows apart.
     constexpr int RPI = 128 / C;
     static_assert(RPI % 8 == 0, "rows per pass must keep the swizzle phase");
+    constexpr int RT = BN * C / 128;  // rows per thread in the grouped gather
+    static_assert(RT % 8 == 0 && 128 % C == 0, "grouped gather: whole swizzle phases, whole groups");
     const int c_thr = pt % C, r0 = pt / C;
     const uint32_t dst0 = w::swizzled_offset(BN, r0, c_thr * 8);
     // Nsight Compute counted 19 instructions per copy in the first version (the zero-fill size
@@ -430,57 +447,133 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         cp_async16_row(dst + dst0 + i * RPI * 128, src_c, ro[r0 + i * RPI]);
       }
     };
-    int64_t pg = 0;  // page of this thread's key row in the next tile to stage
-    if (pt < BN && n_first * BN + pt < seq_len) pg = pa::page_of(p, req, n_first * BN + pt);
-    // Step j issues K(j) (j < n_tiles) and V(j - 1) (j >= 1).
+    uint32_t g = 0;   // key tiles of earlier items (the stage / phase / ring-slot count)
+    uint32_t qi = 0;  // earlier items that loaded Q
 #pragma unroll 1
-    for (int j = 0; j <= n_tiles; ++j) {
-      if (j < n_tiles && pt < BN) {
-        const int key = (n_first + j) * BN + pt;
-        ro_s[(j % 3) * BN + pt] = key < seq_len ? pa::cache_row(p, pg, key, kvh, D) : -1;
-        const int nkey = key + BN;
-        pg = (j + 1 < n_tiles && nkey < seq_len) ? pa::page_of(p, req, nkey) : 0;
+    for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+      const Item it = decode_item(item);
+      if (it.n_tiles == 0) continue;  // no key tile: the consumers write the rows alone
+      // Q's buffer is free once both consumers finished their last QK^T of the previous item.
+      if (qi > 0) mbar_wait_guarded(q_empty, (qi - 1) & 1);
+      for (int idx = pt; idx < BM * C; idx += 128) {
+        const int r = idx / C, c = idx % C;
+        const bool valid = r < it.rows;
+        const int64_t off = valid ? pa::q_row(p, it.q_start + it.m0 + r, it.h) + c * 8 : 0;
+        cp_async16(base + w::swizzled_offset(BM, r, c * 8), q + off, valid);
       }
-      // Row offsets of tile j visible to every producer thread; every producer thread is past step
-      // j - 1, so the slot step j + 1 overwrites ((j - 2) % 3) has no reader left.
-      named_sync(kBarProducer, 128);
-      if (j < n_tiles) {
-        const int s = j % SK;
-        if (j >= SK) mbar_wait_guarded(empty_k(s), ((j / SK) - 1) & 1);
-        issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (j % 3) * BN);
-        mbar_arrive_cp_async(full_k(s));
-      }
-      if (j >= 1) {
-        const int t = j - 1, s = t % SV;
-        if (t >= SV) mbar_wait_guarded(empty_v(s), ((t / SV) - 1) & 1);
-        const uint32_t vs = v_base + s * Cfg::kTileBytes;
-        issue(vs, vc, ro_s + (t % 3) * BN);
-        if (block_mask(t)) {
-          // Zero the tile's non-finite V elements once they have landed; note their keys.
-          uint32_t* bad = bad_s + s * Cfg::kBadWords;
-          if (pt < Cfg::kBadWords) bad[pt] = 0u;
-          cp_async_wait_all();
-          named_sync(kBarProducer, 128);
-          unsigned char* vp = smem + (vs - base);
-          for (int idx = pt; idx < BN * C; idx += 128) {
-            const int r = idx / C, c = idx % C;
-            uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
-            uint4 v = *ptr;
-            const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) | pa::sanitize_pair<T>(v.z) |
-                               pa::sanitize_pair<T>(v.w);
-            if (f != 0u) {
-              *ptr = v;
-              atomicOr(&bad[r >> 5], 1u << (r & 31));
+      mbar_arrive_cp_async(q_full);
+      if constexpr (kFp8) {
+        produce_fp8(it, g);
+      } else {
+        // V of tile t has been issued into stage s at vs: arrive on FULL_V(s), after sanitising it on
+        // a tile that straddles a mask bound (zero every non-finite element once they have landed,
+        // note their keys).
+        auto finish_v = [&](int t, uint32_t s, uint32_t vs) {
+          if (block_mask(it, t)) {
+            uint32_t* bad = bad_s + s * Cfg::kBadWords;
+            if (pt < Cfg::kBadWords) bad[pt] = 0u;
+            cp_async_wait_all();
+            named_sync(kBarProducer, 128);
+            unsigned char* vp = smem + (vs - base);
+            for (int idx = pt; idx < BN * C; idx += 128) {
+              const int r = idx / C, c = idx % C;
+              uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
+              uint4 v = *ptr;
+              const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) |
+                                 pa::sanitize_pair<T>(v.z) | pa::sanitize_pair<T>(v.w);
+              if (f != 0u) {
+                *ptr = v;
+                atomicOr(&bad[r >> 5], 1u << (r & 31));
+              }
+            }
+            mbar_arrive(full_v(s));
+          } else {
+            mbar_arrive_cp_async(full_v(s));
+          }
+        };
+        if (p.block_size % RT == 0) {
+          // Grouped gather: this thread copies 16-byte unit c_thr of the tile's RT consecutive rows
+          // grp * RT.., which lie in one page (RT divides the block size and the tile start), so one
+          // block-table entry per tile and a constant token stride give every source address, and
+          // nothing passes through shared memory or a producer barrier. Pages are read a tile ahead.
+          const int grp = pt / C;
+          const int64_t ts = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between a page's tokens
+          const uint32_t x16 = (c_thr & 7) * 16;
+          const uint32_t dgrp = (c_thr >> 3) * (BN * 128) + grp * RT * 128;  // panel, then the group's first row
+          auto group_page = [&](int t) -> int64_t {
+            const int key0 = (it.n_first + t) * BN + grp * RT;
+            return key0 < it.seq_len ? pa::page_of(p, it.req, key0) : int64_t{0};
+          };
+          // Rows past the sequence are zero-filled (cp.async's source size 0). Every address formed
+          // lies inside the cache: the group's rows stay inside its page (block 0 when the group
+          // holds no key of the sequence).
+          auto issue_group = [&](uint32_t dst, const T* cache, int t, int64_t page) {
+            const int key0 = (it.n_first + t) * BN + grp * RT;
+            const int nvalid = pa::clamp_int(it.seq_len - key0, 0, RT);
+            const T* src = cache + (nvalid > 0 ? pa::cache_row(p, page, key0, it.kvh, D) : 0) + c_thr * 8;
+            const uint32_t d0 = dst + dgrp;
+#pragma unroll
+            for (int i = 0; i < RT; ++i) cp_async16(d0 + i * 128 + (x16 ^ ((i & 7) * 16)), src + i * ts, i < nvalid);
+          };
+          int64_t pg_next = group_page(0), pg_v = 0;
+#pragma unroll 1
+          for (int j = 0; j <= it.n_tiles; ++j) {
+            const int64_t pg_k = pg_next;
+            if (j + 1 < it.n_tiles) pg_next = group_page(j + 1);
+            if (j < it.n_tiles) {
+              const uint32_t gt = g + j, s = gt % SK;
+              if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
+              issue_group(k_base + s * Cfg::kTileBytes, kc, j, pg_k);
+              mbar_arrive_cp_async(full_k(s));
+            }
+            if (j >= 1) {
+              const uint32_t gt = g + j - 1, s = gt % SV;
+              if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+              const uint32_t vs = v_base + s * Cfg::kTileBytes;
+              issue_group(vs, vc, j - 1, pg_v);
+              finish_v(j - 1, s, vs);
+            }
+            pg_v = pg_k;
+          }
+        } else {
+          // Block sizes RT does not divide: each key row's offset is computed once by the thread
+          // that owns the row and shared through a ring in shared memory.
+          int64_t pg = 0;  // page of this thread's key row in the next tile to stage
+          if (pt < BN && it.n_first * BN + pt < it.seq_len) pg = pa::page_of(p, it.req, it.n_first * BN + pt);
+          // Step j issues K(j) (j < n_tiles) and V(j - 1) (j >= 1).
+#pragma unroll 1
+          for (int j = 0; j <= it.n_tiles; ++j) {
+            if (j < it.n_tiles && pt < BN) {
+              const int key = (it.n_first + j) * BN + pt;
+              ro_s[((g + j) % 3u) * BN + pt] = key < it.seq_len ? pa::cache_row(p, pg, key, it.kvh, D) : -1;
+              const int nkey = key + BN;
+              pg = (j + 1 < it.n_tiles && nkey < it.seq_len) ? pa::page_of(p, it.req, nkey) : 0;
+            }
+            // Row offsets of tile j visible to every producer thread; every producer thread is past
+            // step j - 1, so the slot step j + 1 overwrites (that of tile j - 2) has no reader left.
+            // The slots follow the block's tile count g + j, so this holds across items too.
+            named_sync(kBarProducer, 128);
+            if (j < it.n_tiles) {
+              const uint32_t gt = g + j, s = gt % SK;
+              if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
+              issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (gt % 3u) * BN);
+              mbar_arrive_cp_async(full_k(s));
+            }
+            if (j >= 1) {
+              const uint32_t gt = g + j - 1, s = gt % SV;
+              if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+              const uint32_t vs = v_base + s * Cfg::kTileBytes;
+              issue(vs, vc, ro_s + (gt % 3u) * BN);
+              finish_v(j - 1, s, vs);
             }
           }
-          mbar_arrive(full_v(s));
-        } else {
-          mbar_arrive_cp_async(full_v(s));
         }
       }
+      g += it.n_tiles;
+      ++qi;
     }
     // Retire only after the consumers released the last V stage (their last release of all).
-    mbar_wait_guarded(empty_v((n_tiles - 1) % SV), ((n_tiles - 1) / SV) & 1);
+    if (g > 0) mbar_wait_guarded(empty_v((g - 1) % SV), ((g - 1) / SV) & 1);
     return;
   }
 
@@ -489,250 +582,265 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   const int cw = wg - 1;  // consumer 0 / 1
   const int ct = tid - 128 * wg;
   const int warp = ct / 32, lane = ct % 32;
-  const int g = lane >> 2, t4 = lane & 3;
+  const int g4 = lane >> 2, t4 = lane & 3;
   const int rw0 = cw * 64;
-  int lo_w, hi_w, mask_above, mask_below;
-  {
-    const int rows_w = min(64, rows - rw0);  // <= 0: the warpgroup holds no query row
-    const int pw_first = ctx + m0 + rw0;
-    const int pw_last = pw_first + max(rows_w, 1) - 1;
-    pa::key_range(pw_first, pw_last, seq_len, p, lo_w, hi_w);
-    if (rows_w <= 0) hi_w = -1;
-    mask_above = seq_len - 1;
-    if (p.causal) mask_above = min(mask_above, pw_first);
-    if (p.window_right >= 0) mask_above = min(mask_above, pw_first + p.window_right);
-    mask_below = p.window_left >= 0 ? pw_last - p.window_left : INT_MIN;
-  }
-  const int r_thr = rw0 + warp * 16 + g;  // this thread's rows r_thr and r_thr + 8 of the block
-
-  float o[NO];
-#pragma unroll
-  for (int i = 0; i < NO; ++i) o[i] = 0.f;
-  pa::SoftmaxState st[2];
-  st[0].reset();
-  st[1].reset();
-  bool v_bad[2] = {false, false};
-  const float slope = p.has_alibi ? p.alibi[h] : 0.f;
+  const int r_thr = rw0 + warp * 16 + g4;  // this thread's rows r_thr and r_thr + 8 of a block
+  const int bar_self = kBarTurn0 + cw, bar_other = kBarTurn0 + 1 - cw;
+  T* out = static_cast<T*>(p.out);
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
-  // FP8: k_scale joins the score scale, v_scale multiplies the output once (both 1 otherwise).
-  const float k_scale = kFp8 ? pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, kvh) : 1.f;
-  const float v_scale = kFp8 ? pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, kvh) : 1.f;
-  const float qk_scale = kFp8 ? p.scale * k_scale : p.scale;
-  const float scale2 = qk_scale * pa::kLog2e;
+  if (cw == 0) named_arrive(kBarTurn0, 256);  // consumer 0 has the first turn
+  uint32_t g = 0;   // key tiles of earlier items (as the producer counts them)
+  uint32_t qi = 0;  // earlier items that loaded Q
 
-  if (n_tiles > 0) {
-    const int bar_self = kBarTurn0 + cw, bar_other = kBarTurn0 + 1 - cw;
-    // The tiles this warpgroup's rows see: one contiguous run [wa, wb] of the block's tiles (the
-    // condition n0 <= hi_w && n0 + BN - 1 >= lo_w is an interval in n0); wa > wb: none.
-    int wa = n_tiles, wb = n_tiles - 1;
-    if (hi_w >= lo_w) {
-      wa = max(lo_w / BN - n_first, 0);
-      wb = min(hi_w / BN - n_first, n_tiles - 1);
-      if (wa > wb) {
-        wa = n_tiles;
-        wb = n_tiles - 1;
+#pragma unroll 1
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const Item it = decode_item(item);
+    if (it.m0 >= it.q_len) continue;
+    const int n_first = it.n_first, n_tiles = it.n_tiles, seq_len = it.seq_len;
+    const int ctx = it.ctx, m0 = it.m0, rows = it.rows;
+    // This warpgroup's rows (<= 0: it holds none of the item's).
+    const pa::KeySpan span_w = pa::key_span(ctx + m0 + rw0, min(64, rows - rw0), seq_len, p);
+    const int lo_w = span_w.lo, hi_w = span_w.hi, mask_above = span_w.mask_above, mask_below = span_w.mask_below;
+
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.f;
+    pa::SoftmaxState st[2];
+    st[0].reset();
+    st[1].reset();
+    bool v_bad[2] = {false, false};
+    const float slope = p.has_alibi ? p.alibi[it.h] : 0.f;
+    // FP8: k_scale joins the score scale, v_scale multiplies the output once (both 1 otherwise).
+    const float k_scale = kFp8 ? pa::fp8::scale_of(p.k_scale, p.kv_scale_per_head, it.kvh) : 1.f;
+    const float v_scale = kFp8 ? pa::fp8::scale_of(p.v_scale, p.kv_scale_per_head, it.kvh) : 1.f;
+    const float qk_scale = kFp8 ? p.scale * k_scale : p.scale;
+    const float scale2 = qk_scale * pa::kLog2e;
+
+    if (n_tiles > 0) {
+      // The tiles this warpgroup's rows see: one contiguous run [wa, wb] of the block's tiles (the
+      // condition n0 <= hi_w && n0 + BN - 1 >= lo_w is an interval in n0); wa > wb: none.
+      int wa = n_tiles, wb = n_tiles - 1;
+      if (hi_w >= lo_w) {
+        wa = max(lo_w / BN - n_first, 0);
+        wb = min(hi_w / BN - n_first, n_tiles - 1);
+        if (wa > wb) {
+          wa = n_tiles;
+          wb = n_tiles - 1;
+        }
       }
-    }
-    // A tile none of this warpgroup's rows sees: keep the barrier phases and the turns in step.
-    auto skip_tile = [&](int t) {
-      mbar_wait(full_k(t % SK), (t / SK) & 1);
-      named_sync(bar_self, 256);
-      named_arrive(bar_other, 256);
-      mbar_arrive(empty_k(t % SK));
-      mbar_wait(full_v(t % SV), (t / SV) & 1);
-      mbar_arrive(empty_v(t % SV));
-    };
-    if (cw == 0) named_arrive(kBarTurn0, 256);  // consumer 0 has the first turn
+      // Stage and barrier phase of the item's tile t: the block's tile g + t.
+      auto ks = [&](int t) { return (g + t) % SK; };
+      auto kpar = [&](int t) { return ((g + t) / SK) & 1; };
+      auto vs = [&](int t) { return (g + t) % SV; };
+      auto vpar = [&](int t) { return ((g + t) / SV) & 1; };
+      // A tile none of this warpgroup's rows sees: keep the barrier phases and the turns in step.
+      auto skip_tile = [&](int t) {
+        mbar_wait(full_k(ks(t)), kpar(t));
+        named_sync(bar_self, 256);
+        named_arrive(bar_other, 256);
+        mbar_arrive(empty_k(ks(t)));
+        mbar_wait(full_v(vs(t)), vpar(t));
+        mbar_arrive(empty_v(vs(t)));
+      };
 #pragma unroll 1
-    for (int t = 0; t < wa; ++t) skip_tile(t);
+      for (int t = 0; t < wa; ++t) skip_tile(t);
+      // Every consumer waits for the item's Q before releasing it, so that its release can never
+      // count towards the previous item's phase of q_empty.
+      mbar_wait(q_full, qi & 1);
 
-    if (wa <= wb) {
-      mbar_wait(q_full, 0);
-      float s[NS];
-      uint32_t pk[BN / 4];
-      float alpha[2];
-      const uint32_t q_wg = base + rw0 * 128;
-      // S = Q K(n)^T into s (issued and committed, not waited for).
-      auto issue_s = [&](int n) {
-        const uint32_t k_addr = k_base + (n % SK) * Cfg::kTileBytes;
-        w::wgmma_fence();
+      if (wa <= wb) {
+        float s[NS];
+        uint32_t pk[BN / 4];
+        float alpha[2];
+        const uint32_t q_wg = base + rw0 * 128;
+        // S = Q K(n)^T into s (issued and committed, not waited for).
+        auto issue_s = [&](int n) {
+          const uint32_t k_addr = k_base + ks(n) * Cfg::kTileBytes;
+          w::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const uint32_t pan = kk >> 2, sub = (kk & 3) * 32;
-          const uint64_t da = w::smem_desc(q_wg + pan * (BM * 128) + sub, 1, 64);
-          const uint64_t db = w::smem_desc(k_addr + pan * (BN * 128) + sub, 1, 64);
-          w::WgmmaSS<T, BN>::run(s, da, db, kk > 0 ? 1 : 0);
-        }
-        w::wgmma_commit();
-      };
-      // O = alpha O + P V(t) (issued and committed, not waited for). V is MN-major: 64-column
-      // panels BN * 128 bytes apart (LBO), 8-key groups 1024 bytes apart (SBO); k-step kk takes
-      // keys 16 kk.., whose A fragment is pk[4 kk..]. Multiplying by an alpha of exactly 1 changes
-      // no bit, so the rescale is unconditional.
-      auto issue_pv = [&](int t) {
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          o[j * 4 + 0] *= alpha[0];
-          o[j * 4 + 1] *= alpha[0];
-          o[j * 4 + 2] *= alpha[1];
-          o[j * 4 + 3] *= alpha[1];
-        }
-        const uint32_t v_addr = v_base + (t % SV) * Cfg::kTileBytes;
-        w::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          const uint32_t a[4] = {pk[4 * kk + 0], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
-          const uint64_t dv = w::smem_desc(v_addr + kk * 16 * 128, BN * 128 / 16, 64);
-          w::WgmmaRS<T, D>::run(o, a, dv);
-        }
-        w::wgmma_commit();
-      };
-      // Mask and online softmax of tile n in place: s becomes exp2(s - base) (unpacked), the
-      // row sums join st, al gets the factor O owes before P(n) V(n) is added.
-      auto softmax = [&](int n, float (&al)[2]) {
-        const int n0 = (n_first + n) * BN;
-        const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
-        const bool exact = need_mask || elementwise;
-        if (exact) {
-#pragma unroll
-          for (int j = 0; j < NJ; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int pos = ctx + m0 + r_thr + (e >= 2 ? 8 : 0);
-              const int key = n0 + j * 8 + 2 * t4 + (e & 1);
-              float x = pa::fp8tile::score_log2_scaled(s[j * 4 + e], qk_scale, p, slope, pos, key);
-              if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
-              s[j * 4 + e] = x;
-            }
-        }
-        const float sc = exact ? 1.f : scale2;
-        float mu[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
-        }
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          const float e0 = pa::fast_exp2(fmaf(s[j * 4 + 0], sc, -mu[0]));
-          const float e1 = pa::fast_exp2(fmaf(s[j * 4 + 1], sc, -mu[0]));
-          const float e2 = pa::fast_exp2(fmaf(s[j * 4 + 2], sc, -mu[1]));
-          const float e3 = pa::fast_exp2(fmaf(s[j * 4 + 3], sc, -mu[1]));
-          sum0 += e0 + e1;
-          sum1 += e2 + e3;
-          s[j * 4 + 0] = e0;
-          s[j * 4 + 1] = e1;
-          s[j * 4 + 2] = e2;
-          s[j * 4 + 3] = e3;
-        }
-        st[0].add(al[0], sum0);
-        st[1].add(al[1], sum1);
-      };
-      auto pack_p = [&]() {
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          pk[j * 2 + 0] = pa::Elem<T>::pack(s[j * 4 + 0], s[j * 4 + 1]);
-          pk[j * 2 + 1] = pa::Elem<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
-        }
-      };
-      // After the PV product of tile t: rows that see a key whose V the producer sanitised.
-      auto note_bad_v = [&](int t) {
-        if (!block_mask(t)) return;
-        const uint32_t* bad = bad_s + (t % SV) * Cfg::kBadWords;
-        const int t0 = (n_first + t) * BN;
-#pragma unroll 1
-        for (int wd = 0; wd < Cfg::kBadWords; ++wd) {
-          uint32_t word = bad[wd];
-          while (word != 0u) {
-            const int b = __ffs(word) - 1;
-            word &= word - 1u;
-            const int key = t0 + wd * 32 + b;
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-              if (pa::key_visible(ctx + m0 + r_thr + rr * 8, key, seq_len, p)) v_bad[rr] = true;
+          for (int kk = 0; kk < D / 16; ++kk) {
+            const uint32_t pan = kk >> 2, sub = (kk & 3) * 32;
+            const uint64_t da = w::smem_desc(q_wg + pan * (BM * 128) + sub, 1, 64);
+            const uint64_t db = w::smem_desc(k_addr + pan * (BN * 128) + sub, 1, 64);
+            w::WgmmaSS<T, BN>::run(s, da, db, kk > 0 ? 1 : 0);
           }
-        }
-      };
-
-      // First tile of the run: S only.
-      mbar_wait(full_k(wa % SK), (wa / SK) & 1);
-      w::fence_proxy_async_smem();
-      named_sync(bar_self, 256);
-      issue_s(wa);
-      named_arrive(bar_other, 256);
-      w::wgmma_wait<0>();
-      w::fence_regs(s);
-      mbar_arrive(empty_k(wa % SK));
-      softmax(wa, alpha);
-      pack_p();
-      // Steady state: S(n) runs while O catches up with tile n - 1, then the softmax of tile n
-      // runs while P(n - 1) V(n - 1) does.
+          w::wgmma_commit();
+        };
+        // O = alpha O + P V(t) (issued and committed, not waited for). V is MN-major: 64-column
+        // panels BN * 128 bytes apart (LBO), 8-key groups 1024 bytes apart (SBO); k-step kk takes
+        // keys 16 kk.., whose A fragment is pk[4 kk..]. Multiplying by an alpha of exactly 1
+        // changes no bit, so the rescale is unconditional.
+        auto issue_pv = [&](int t) {
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j) {
+            o[j * 4 + 0] *= alpha[0];
+            o[j * 4 + 1] *= alpha[0];
+            o[j * 4 + 2] *= alpha[1];
+            o[j * 4 + 3] *= alpha[1];
+          }
+          const uint32_t v_addr = v_base + vs(t) * Cfg::kTileBytes;
+          w::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint32_t a[4] = {pk[4 * kk + 0], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
+            const uint64_t dv = w::smem_desc(v_addr + kk * 16 * 128, BN * 128 / 16, 64);
+            w::WgmmaRS<T, D>::run(o, a, dv);
+          }
+          w::wgmma_commit();
+        };
+        // Mask and online softmax of tile n in place: s becomes exp2(s - base) (unpacked), the
+        // row sums join st, al gets the factor O owes before P(n) V(n) is added.
+        auto softmax = [&](int n, float (&al)[2]) {
+          const int n0 = (n_first + n) * BN;
+          const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
+          const bool exact = need_mask || elementwise;
+          if (exact) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int pos = ctx + m0 + r_thr + (e >= 2 ? 8 : 0);
+                const int key = n0 + j * 8 + 2 * t4 + (e & 1);
+                float x = pa::fp8tile::score_log2_scaled(s[j * 4 + e], qk_scale, p, slope, pos, key);
+                if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
+                s[j * 4 + e] = x;
+              }
+          }
+          const float sc = exact ? 1.f : scale2;
+          float mu[2];
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
+          }
+          float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+          for (int j = 0; j < NJ; ++j) {
+            const float e0 = pa::fast_exp2(fmaf(s[j * 4 + 0], sc, -mu[0]));
+            const float e1 = pa::fast_exp2(fmaf(s[j * 4 + 1], sc, -mu[0]));
+            const float e2 = pa::fast_exp2(fmaf(s[j * 4 + 2], sc, -mu[1]));
+            const float e3 = pa::fast_exp2(fmaf(s[j * 4 + 3], sc, -mu[1]));
+            sum0 += e0 + e1;
+            sum1 += e2 + e3;
+            s[j * 4 + 0] = e0;
+            s[j * 4 + 1] = e1;
+            s[j * 4 + 2] = e2;
+            s[j * 4 + 3] = e3;
+          }
+          st[0].add(al[0], sum0);
+          st[1].add(al[1], sum1);
+        };
+        auto pack_p = [&]() {
+#pragma unroll
+          for (int j = 0; j < NJ; ++j) {
+            pk[j * 2 + 0] = pa::Elem<T>::pack(s[j * 4 + 0], s[j * 4 + 1]);
+            pk[j * 2 + 1] = pa::Elem<T>::pack(s[j * 4 + 2], s[j * 4 + 3]);
+          }
+        };
+        // After the PV product of tile t: rows that see a key whose V the producer sanitised.
+        auto note_bad_v = [&](int t) {
+          if (!block_mask(it, t)) return;
+          const uint32_t* bad = bad_s + vs(t) * Cfg::kBadWords;
+          const int t0 = (n_first + t) * BN;
 #pragma unroll 1
-      for (int n = wa + 1; n <= wb; ++n) {
-        mbar_wait(full_k(n % SK), (n / SK) & 1);
+          for (int wd = 0; wd < Cfg::kBadWords; ++wd) {
+            uint32_t word = bad[wd];
+            while (word != 0u) {
+              const int b = __ffs(word) - 1;
+              word &= word - 1u;
+              const int key = t0 + wd * 32 + b;
+#pragma unroll
+              for (int rr = 0; rr < 2; ++rr)
+                if (pa::key_visible(ctx + m0 + r_thr + rr * 8, key, seq_len, p)) v_bad[rr] = true;
+            }
+          }
+        };
+
+        // First tile of the run: S only.
+        mbar_wait(full_k(ks(wa)), kpar(wa));
         w::fence_proxy_async_smem();
         named_sync(bar_self, 256);
-        issue_s(n);
-        mbar_wait(full_v((n - 1) % SV), ((n - 1) / SV) & 1);
-        w::fence_proxy_async_smem();
-        issue_pv(n - 1);
+        issue_s(wa);
         named_arrive(bar_other, 256);
-        w::wgmma_wait<1>();  // S(n) done; PV(n - 1) may still run
+        w::wgmma_wait<0>();
         w::fence_regs(s);
-        mbar_arrive(empty_k(n % SK));
-        float al[2];
-        softmax(n, al);
+        mbar_arrive(empty_k(ks(wa)));
+        softmax(wa, alpha);
+        pack_p();
+        // Steady state: S(n) runs while O catches up with tile n - 1, then the softmax of tile n
+        // runs while P(n - 1) V(n - 1) does.
+#pragma unroll 1
+        for (int n = wa + 1; n <= wb; ++n) {
+          mbar_wait(full_k(ks(n)), kpar(n));
+          w::fence_proxy_async_smem();
+          named_sync(bar_self, 256);
+          issue_s(n);
+          mbar_wait(full_v(vs(n - 1)), vpar(n - 1));
+          w::fence_proxy_async_smem();
+          issue_pv(n - 1);
+          named_arrive(bar_other, 256);
+          w::wgmma_wait<1>();  // S(n) done; PV(n - 1) may still run
+          w::fence_regs(s);
+          mbar_arrive(empty_k(ks(n)));
+          float al[2];
+          softmax(n, al);
+          w::wgmma_wait<0>();
+          w::fence_regs(o);
+          w::fence_regs(pk);
+          note_bad_v(n - 1);
+          mbar_arrive(empty_v(vs(n - 1)));
+          pack_p();
+          alpha[0] = al[0];
+          alpha[1] = al[1];
+        }
+        // Every QK^T of this item has completed: Q's buffer may take the next item's rows.
+        mbar_arrive(q_empty);
+        // Last tile of the run: PV only.
+        mbar_wait(full_v(vs(wb)), vpar(wb));
+        w::fence_proxy_async_smem();
+        issue_pv(wb);
         w::wgmma_wait<0>();
         w::fence_regs(o);
-        w::fence_regs(pk);
-        note_bad_v(n - 1);
-        mbar_arrive(empty_v((n - 1) % SV));
-        pack_p();
-        alpha[0] = al[0];
-        alpha[1] = al[1];
+        note_bad_v(wb);
+        mbar_arrive(empty_v(vs(wb)));
+      } else {
+        mbar_arrive(q_empty);
       }
-      // Last tile of the run: PV only.
-      mbar_wait(full_v(wb % SV), (wb / SV) & 1);
-      w::fence_proxy_async_smem();
-      issue_pv(wb);
-      w::wgmma_wait<0>();
-      w::fence_regs(o);
-      note_bad_v(wb);
-      mbar_arrive(empty_v(wb % SV));
-    }
 
 #pragma unroll 1
-    for (int t = max(wb + 1, wa); t < n_tiles; ++t) skip_tile(t);
-    // Consume consumer 1's last hand-over so both turn barriers end complete.
-    if (cw == 0) named_sync(kBarTurn0, 256);
-  }
-  // Epilogue: finish the row sums across the quad, normalise, write.
-  T* out = static_cast<T*>(p.out);
-  const float sink2 = p.has_sinks ? p.sinks[h] : -INFINITY;
+      for (int t = max(wb + 1, wa); t < n_tiles; ++t) skip_tile(t);
+      g += n_tiles;
+      ++qi;
+    }
+    // Epilogue: finish the row sums across the quad, normalise, write.
+    const float sink2 = p.has_sinks ? p.sinks[it.h] : -INFINITY;
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float lr = st[rr].l;
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    int bad = v_bad[rr];
-    bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
-    bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
-    const int r = r_thr + rr * 8;
-    if (r < rows) {
-      const int64_t token = q_start + m0 + r;
-      const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
-      const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
-      uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
+    for (int rr = 0; rr < 2; ++rr) {
+      float lr = st[rr].l;
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      int bad = v_bad[rr];
+      bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+      bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+      const int r = r_thr + rr * 8;
+      if (r < rows) {
+        const int64_t token = it.q_start + m0 + r;
+        const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
+        const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
+        uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, it.h));
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
-      if (t4 == 0 && p.lse) p.lse[token * H + h] = f.lse;
+        for (int j = 0; j < D / 8; ++j)
+          orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
+        if (t4 == 0 && p.lse) p.lse[token * H + it.h] = f.lse;
+      }
     }
   }
+  // Consume consumer 1's last hand-over so both turn barriers end complete.
+  if (cw == 0) named_sync(kBarTurn0, 256);
 #endif  // PA_SM90_ENABLED
 }
 
@@ -742,6 +850,21 @@ template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
     case 128: return f(pa::HeadDim<128>{});
     default: return cudaErrorNotSupported;
   }
+}
+
+// PAGED_ATTN_WS_GRID, read once per process: unset or empty, one block per SM; N > 0, at most N
+// blocks (a test of the item loop makes every block walk many items); 0, one block per item (the
+// pre-persistent launch, for benchmarks). Returns the cap, 0 for "the SM count", -1 for "none".
+inline int ws_grid_cap() {
+  static const int cap = [] {
+    const char* e = std::getenv("PAGED_ATTN_WS_GRID");
+    if (e == nullptr || *e == '\0') return 0;
+    char* end = nullptr;
+    const long v = std::strtol(e, &end, 10);
+    if (end == e || *end != '\0' || v < 0) return 0;  // not a count: the default
+    return v == 0 ? -1 : static_cast<int>(std::min<long>(v, INT_MAX));
+  }();
+  return cap;
 }
 
 template <typename T, int D, bool kFp8>
@@ -755,8 +878,14 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   cudaError_t err =
       pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  prefill_sm90ws_kernel<T, D, kFp8>
-      <<<dim3(static_cast<unsigned>(n_blocks)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
+  // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart.
+  int sms = 0;
+  err = pa::sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int cap = ws_grid_cap();
+  const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
+  prefill_sm90ws_kernel<T, D, kFp8><<<dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      kp, static_cast<int>(n_blocks));
   return pa_last_launch_status();
 }
 

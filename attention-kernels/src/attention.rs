@@ -67,13 +67,14 @@ pub enum AttentionKernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillPath {
     /// The kernel measured fastest for the head size and cache: on compute capability 9.0 the
-    /// warp-specialised Hopper kernel at head size 128 over a 16-bit cache (on the H200 11% to 23%
+    /// warp-specialised Hopper kernel at head size 128 over a 16-bit cache (on the H200 32% to 50%
     /// faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512 on a 7.5k
-    /// prefix, 2% on 32 x 512, but 10% slower on 1 x 1024 and 2 x 1024: this choice does not see
-    /// the batch, so `attention-backend`'s planners, which do, run prefill parts with little work
-    /// on the lockstep kernel), the lockstep Hopper kernel at head size 64 (11% faster there) and
-    /// for FP8 caches (9% faster than the warp-specialised kernel's FP8 path, whose producer
-    /// widens every tile alone), the sm80 kernel elsewhere. The default.
+    /// prefix, 7% to 20% on short prompts, equal on 1 x 1024; beside a decode part on the same
+    /// step the lockstep kernel's smaller blocks do better on small prefills, and this choice does
+    /// not see the batch, so `attention-backend`'s planners, which do, run prefill parts with
+    /// little work on the lockstep kernel), the lockstep Hopper kernel at head size 64 (2% faster
+    /// there) and for FP8 caches (6% faster than the warp-specialised kernel's FP8 path, whose
+    /// producer widens every tile alone), the sm80 kernel elsewhere. The default.
     Auto,
     /// The lockstep Hopper kernel (`csrc/paged_prefill_sm90.cu`) for the head sizes it is compiled
     /// for (64 and 128), the sm80 kernel for the others; a launch on a device that is not compute

@@ -322,10 +322,18 @@ fi
 
 step() { echo; echo "=== $*"; "$@"; local rc=$?; if [ $rc -ne 0 ]; then echo "=== FAILED ($rc): $*"; status=1; fi; }
 
-run_tests() { step ./gpu-tests; }
+# The warp-specialised prefill's tests run twice: once as launched by default (one block per SM,
+# most blocks of a small test hold one work item), once with its persistent grid capped at 3
+# blocks, so that every block walks many items and the pipelines carry over between them.
+run_tests() {
+    step ./gpu-tests
+    step env PAGED_ATTN_WS_GRID=3 ./gpu-tests sm90ws
+}
 run_sanitize() {
     step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
     step compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1
+    step env PAGED_ATTN_WS_GRID=3 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
+        ./gpu-tests sanitizer_subset_sm90ws --test-threads=1
 }
 # The main job with everything on the device (the synthetic model's Q/K/V and next tokens are
 # made by kernels; decode steps replay CUDA graphs). Issue 17's workload is timed with graphs and

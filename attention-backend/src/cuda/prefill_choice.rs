@@ -1,26 +1,30 @@
 //! Which Hopper prefill kernel a step's prefill part runs on, from the step's lengths.
 //!
 //! The kernels crate's [`PrefillPath::Auto`] sends head size 128 over a 16-bit cache to the
-//! warp-specialised Hopper kernel without seeing the batch. That kernel runs one block of 128 query
-//! rows per SM, and each block fills a load pipeline before its first product: on a prefill part
-//! with little work (few row blocks, few key tiles each) that start is not amortised and the
-//! blocks do not fill the chip evenly, where the lockstep Hopper kernel's smaller, more numerous
-//! blocks do. Measured on the H200 (bench_prefill_paths, bf16, 32 / 8 heads, causal; lockstep vs
-//! warp-specialised TFLOP/s, the work in tile units of [`prefill_tile_work`]):
+//! warp-specialised Hopper kernel without seeing the batch. That kernel needs a whole SM per block
+//! (one persistent block per SM, 196 KB of shared memory), where the lockstep Hopper kernel's
+//! smaller blocks share SMs. Measured on the H200 (bench_prefill_paths, bf16, 32 / 8 heads, causal;
+//! lockstep vs warp-specialised TFLOP/s, the work in tile units of [`prefill_tile_work`]), first
+//! when the warp-specialised kernel ran a block per row block and gathered through a ring of row
+//! offsets in shared memory, then with its persistent grid and page-grouped gather:
 //!
-//! | prompts | tile units | lockstep | warp-specialised |
-//! | --- | --- | --- | --- |
-//! | 1 x 1024 | 1152 | 147.6 | 134.3 |
-//! | 2 x 1024 | 2304 | 154.6 | 139.0 |
-//! | 1 x 2048 | 4352 | 208.6 | 210.8 |
-//! | 4 x 1024 | 4608 | 158.6 | 160.2 |
-//! | 2 x 2048 | 8704 | 213.4 | 222.4 |
-//! | 32 x 512 | 10240 | 106.1 | 108.4 |
-//! | 1 x 4096 | 17408 | 259.6 | 288.6 |
+//! | prompts | tile units | lockstep | warp-specialised, then | warp-specialised, now |
+//! | --- | --- | --- | --- | --- |
+//! | 1 x 1024 | 1152 | 147.6 | 134.3 | 147.6 |
+//! | 2 x 1024 | 2304 | 154.6 | 139.0 | 169.5 |
+//! | 1 x 2048 | 4352 | 208.6 | 210.8 | 246.2 |
+//! | 4 x 1024 | 4608 | 158.6 | 160.2 | 170.3 |
+//! | 2 x 2048 | 8704 | 213.4 | 222.4 | 257.7 |
+//! | 32 x 512 | 10240 | 106.1 | 108.4 | 124.7 |
+//! | 1 x 4096 | 17408 | 259.6 | 288.6 | 345.9 |
 //!
-//! So below [`WS_MIN_TILE_WORK_PER_SM`] units per SM the planners run the prefill part on the
-//! lockstep kernel; a chunked prefill over a long cached prefix has many key tiles per row block
-//! and stays on the warp-specialised one whatever its query length.
+//! Alone, the warp-specialised kernel now ties or wins from the smallest shape. Beside a decode
+//! part (a mixed step: the decode runs on a side stream and fills the SMs first) the lockstep
+//! kernel still wins on the small ones: mixed 64 decodes + 2 x 1024 took 0.263 ms with the prefill
+//! part on the lockstep kernel and 0.267 ms on the warp-specialised one, whose blocks wait for
+//! whole SMs. So below [`WS_MIN_TILE_WORK_PER_SM`] units per SM the planners still run the prefill
+//! part on the lockstep kernel; a chunked prefill over a long cached prefix has many key tiles per
+//! row block and stays on the warp-specialised one whatever its query length.
 
 use attention_kernels::attention::{self as kernels, PrefillKernel, PrefillPath};
 use attention_kernels::DType;
@@ -33,9 +37,10 @@ use crate::metadata::AttentionMetadata;
 const WS_TILE: usize = 128;
 
 /// Tile units per SM (see [`prefill_tile_work`]) from which the warp-specialised Hopper prefill
-/// runs a prefill part. On the H200's 132 SMs the lockstep kernel was 10% faster at 2304 units
-/// (17 per SM) and below; from 4352 units (33 per SM) the two were within 2% or the
-/// warp-specialised one was faster; no shape between was measured.
+/// runs a prefill part. Chosen when the lockstep kernel was 10% faster at 2304 units (17 per SM)
+/// and below on the H200's 132 SMs; since the warp-specialised kernel became persistent it is as
+/// fast alone at 1152 units and faster above, but slower beside a decode part (see the module
+/// docs), which is where small prefill parts mostly run.
 pub const WS_MIN_TILE_WORK_PER_SM: usize = 32;
 
 /// The work of a prefill part in units of 128 query rows x 128 keys of one query head, counting

@@ -40,6 +40,29 @@ inline cudaError_t set_max_dynamic_smem_once(int bytes) {
   return err;
 }
 
+// Streaming multiprocessors of the current device, asked once per device and process (a persistent
+// kernel sizes its grid with it; the attribute query is cheap but not free on every launch).
+inline cudaError_t sm_count(int* n) {
+  static std::atomic<int> cached[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64) {
+    const int c = cached[dev].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *n = c;
+      return cudaSuccess;
+    }
+  }
+  int c = 0;
+  err = cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  if (c <= 0) return cudaErrorInvalidDevice;
+  if (dev >= 0 && dev < 64) cached[dev].store(c, std::memory_order_relaxed);
+  *n = c;
+  return cudaSuccess;
+}
+
 // Resident blocks per SM of `kernel` launched with `threads` threads and `smem` bytes of dynamic
 // shared memory, as the runtime's occupancy calculator reports it (after allowing that much
 // shared memory, as the launch does). Needs a current CUDA context; writes *blocks only on success.
@@ -343,6 +366,26 @@ __device__ __forceinline__ void key_range(int p_first, int p_last, int seq_len, 
   if (p.causal) hi = min(hi, p_last);
   if (p.window_right >= 0) hi = min(hi, p_last + p.window_right);
   if (p.window_left >= 0) lo = max(lo, p_first - p.window_left);
+}
+
+// What a span of `rows` query rows at sequence positions p_first.. sees: keys [lo, hi] (hi < lo:
+// none; rows <= 0 is an empty span), and the bounds past which some row of the span sees nothing,
+// so a key tile reaching above mask_above or below mask_below needs the element-wise mask (and, in
+// the prefill kernels, its V sanitised). One definition for the blocks, warpgroups and warps of
+// every prefill kernel.
+struct KeySpan {
+  int lo, hi, mask_above, mask_below;
+};
+__device__ __forceinline__ KeySpan key_span(int p_first, int rows, int seq_len, const KernelParams& p) {
+  KeySpan s;
+  const int p_last = p_first + max(rows, 1) - 1;
+  key_range(p_first, p_last, seq_len, p, s.lo, s.hi);
+  if (rows <= 0) s.hi = -1;
+  s.mask_above = seq_len - 1;
+  if (p.causal) s.mask_above = min(s.mask_above, p_first);
+  if (p.window_right >= 0) s.mask_above = min(s.mask_above, p_first + p.window_right);
+  s.mask_below = p.window_left >= 0 ? p_last - p.window_left : INT_MIN;
+  return s;
 }
 
 // The online-softmax state, its merge weights and the finalisation: attention/softmax_state.cuh.

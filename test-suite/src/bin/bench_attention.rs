@@ -248,6 +248,9 @@ fn cases() -> Vec<Case> {
         Case::new("prefill", "prefill causal 8 x 2048 d64", vec![(2048, 2048); 8], gqa, 64),
         Case::new("prefill", "chunked q512 on 7.5k prefix x 4", vec![(512, 8192); 4], gqa, 128),
         Case::new("mixed", "mixed 64 decodes + 2 x 1024", mixed, gqa, 128),
+        // The mixed batch's two parts alone, for the sum its one step is held against.
+        decode("mixed part: 64 decodes x 2048", 64, 2048, gqa),
+        Case::new("prefill", "mixed part: prefill 2 x 1024", vec![(1024, 1024); 2], gqa, 128),
     ]
 }
 

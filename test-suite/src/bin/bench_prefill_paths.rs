@@ -7,7 +7,7 @@
 //! time), and the largest difference between each kernel's output and the sm80 kernel's as a
 //! sanity check.
 //!
-//! `bench_prefill_paths [--iters N] [--only SUBSTRING]`
+//! `bench_prefill_paths [--iters N] [--only SUBSTRING] [--kernel sm80|sm90|sm90ws]`
 
 use attention_backend::cuda::{self, AttentionWorkspace, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use attention_backend::{bf16, AttentionMetadata, AttentionParams, BlockTable, CacheLayout, DType, SlotMapping};
@@ -98,6 +98,7 @@ fn main() {
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let iters = arg("--iters").and_then(|v| v.parse().ok()).unwrap_or(50);
     let only = arg("--only");
+    let kernel = arg("--kernel").map(|k| k.to_ascii_lowercase());
     let dev = CudaDevice::new(0).unwrap_or_else(|e| {
         eprintln!("bench_prefill_paths: {e}");
         std::process::exit(1);
@@ -133,6 +134,9 @@ fn main() {
             (PrefillPath::Sm90, PrefillKernel::Sm90),
             (PrefillPath::Sm90Ws, PrefillKernel::Sm90Ws),
         ] {
+            if kernel.as_deref().is_some_and(|k| format!("{want:?}").to_ascii_lowercase() != k) {
+                continue;
+            }
             let ok = with_prefill_path(path, || prefill_kernel(dev.context(), shape.head_size, DType::BF16));
             match ok {
                 Ok(k) if k == want => {}

@@ -2,7 +2,7 @@
 //! (`csrc/paged_prefill_sm90.cu`, tests `sm90_*`) and the warp-specialised one
 //! (`csrc/paged_prefill_sm90ws.cu`, tests `sm90ws_*`), each against the CPU backend and the
 //! float64 recomputation of `attention.rs`, on ACCEPTANCE.md's varlen grids for the shapes they are
-//! compiled for (head sizes 64 and 128): both dtypes, blocks 16/32/64, soft-cap, sliding window,
+//! compiled for (head sizes 64 and 128): both dtypes, blocks 16/32/64 (and 8/24/48), soft-cap, sliding window,
 //! causal and not, GQA 8/2 and 16/2, ALiBi and sinks, the long batch, and non-finite V at keys a
 //! row cannot see. Inputs, shuffled block tables and NaN-poisoned outputs come from
 //! `attention.rs`'s harness. Every test first checks that the launcher really picks the kernel it
@@ -89,6 +89,39 @@ fn sm90ws_grid_varlen_heads_8_2() {
 #[test]
 fn sm90ws_grid_varlen_heads_16_2() {
     sm90_grid(SM90WS, (16, 2), 12_200);
+}
+
+/// Block sizes off the grid, for the warp-specialised producer's two gathers: a thread copies 16
+/// (head 128) or 8 (head 64) consecutive key rows from one page when that count divides the block
+/// size, else each row's offset goes through shared memory. Block 8 and 24 take the second form at
+/// head 128 and the first at head 64; 48 (not a power of two, not a divisor of the 128-key tile)
+/// takes the first at both.
+fn odd_block_sizes(path: (PrefillPath, PrefillKernel), seed0: u64) {
+    let mut seed = seed0;
+    let mut n = 0usize;
+    for d in SM90_HEAD_SIZES {
+        on_path(path, d, || {
+            for bs in [8, 24, 48] {
+                for batch in VARLEN_BATCHES {
+                    seed += 1;
+                    let c = Case::new((8, 2), d, bs, batch, seed).sliding(WINDOWS[n % 2]).softcap(SOFTCAPS[n % 3]);
+                    run_dyn(&c, n.is_multiple_of(2));
+                    n += 1;
+                }
+            }
+        });
+    }
+    eprintln!("{:?} prefill, blocks 8/24/48: {n} cases passed", path.1);
+}
+
+#[test]
+fn sm90_odd_block_sizes() {
+    odd_block_sizes(SM90, 12_700);
+}
+
+#[test]
+fn sm90ws_odd_block_sizes() {
+    odd_block_sizes(SM90WS, 12_700);
 }
 
 /// The long batch [(2048, 2048), (1, 8192), (300, 4000)] for both head sizes and dtypes, with and
