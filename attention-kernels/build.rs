@@ -30,6 +30,7 @@ const CU_HEADERS: &[&str] = &[
     "csrc/attention/softmax_state.cuh",
     "csrc/attention/wgmma_sm90.cuh",
     "csrc/attention/fp8_tile.cuh",
+    "csrc/attention/scores.cuh",
 ];
 
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.

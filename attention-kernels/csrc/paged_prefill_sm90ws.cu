@@ -132,6 +132,7 @@
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
+#include "attention/scores.cuh"
 #include "attention/softmax_state.cuh"
 #include "attention/wgmma_sm90.cuh"
 
@@ -694,18 +695,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           const int n0 = (n_first + n) * BN;
           const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
           const bool exact = need_mask || elementwise;
-          if (exact) {
-#pragma unroll
-            for (int j = 0; j < NJ; ++j)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int pos = ctx + m0 + r_thr + (e >= 2 ? 8 : 0);
-                const int key = n0 + j * 8 + 2 * t4 + (e & 1);
-                float x = pa::fp8tile::score_log2_scaled(s[j * 4 + e], qk_scale, p, slope, pos, key);
-                if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
-                s[j * 4 + e] = x;
-              }
-          }
+          if (exact) w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
           const float sc = exact ? 1.f : scale2;
           float mu[2];
 #pragma unroll
