@@ -287,6 +287,18 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   auto empty_v = [&](int s) { return bars + 8u * (2 * SK + SV + s); };
   const uint32_t q_full = bars + 8u * (2 * SK + 2 * SV), q_empty = q_full + 8u;
   static_assert(2 * SK + 2 * SV + 2 == Cfg::kNumBars, "barrier layout");
+  // The producer's claim on the stage of the block's K (V) tile gt: waits until the consumers
+  // released that stage's previous use (a fresh stage needs no wait), then returns the stage.
+  auto acquire_k = [&](uint32_t gt) {
+    const uint32_t s = gt % SK;
+    if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
+    return s;
+  };
+  auto acquire_v = [&](uint32_t gt) {
+    const uint32_t s = gt % SV;
+    if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+    return s;
+  };
 
   const int tid = threadIdx.x;
   // Work items in heaviest-first order (as paged_prefill_sm90.cu's flat grid): item i is row block
@@ -376,8 +388,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         cp_async_wait_all();
         named_sync(kBarProducer, 128);  // staged K(j) / V(j - 1) and the offsets of tile j + 1 visible
         if (j < tiles) {
-          const uint32_t gt = g + j, s = gt % SK;
-          if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
+          const uint32_t s = acquire_k(g + j);
           unsigned char* kd = smem + Cfg::kOffK + s * Cfg::kTileBytes;
           pa::fp8tile::widen_tile<T, BN, D, 128>(
               p.kv_dtype, stg_k_ptr, [&](int r, int col) { return kd + w::swizzled_offset(BN, r, col); }, pt);
@@ -385,8 +396,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           mbar_arrive(full_k(s));
         }
         if (j >= 1) {
-          const uint32_t gt = g + j - 1, s = gt % SV;
-          if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+          const uint32_t s = acquire_v(g + j - 1);
           uint32_t* bad = bad_s + s * Cfg::kBadWords;
           const bool sanitize = block_mask(it, j - 1);
           if (sanitize) {
@@ -522,14 +532,12 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
             const int64_t pg_k = pg_next;
             if (j + 1 < it.n_tiles) pg_next = group_page(j + 1);
             if (j < it.n_tiles) {
-              const uint32_t gt = g + j, s = gt % SK;
-              if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
+              const uint32_t s = acquire_k(g + j);
               issue_group(k_base + s * Cfg::kTileBytes, kc, j, pg_k);
               mbar_arrive_cp_async(full_k(s));
             }
             if (j >= 1) {
-              const uint32_t gt = g + j - 1, s = gt % SV;
-              if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+              const uint32_t s = acquire_v(g + j - 1);
               const uint32_t vs = v_base + s * Cfg::kTileBytes;
               issue_group(vs, vc, j - 1, pg_v);
               finish_v(j - 1, s, vs);
@@ -555,16 +563,14 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
             // The slots follow the block's tile count g + j, so this holds across items too.
             named_sync(kBarProducer, 128);
             if (j < it.n_tiles) {
-              const uint32_t gt = g + j, s = gt % SK;
-              if (gt >= SK) mbar_wait_guarded(empty_k(s), ((gt / SK) - 1) & 1);
-              issue(k_base + s * Cfg::kTileBytes, kc, ro_s + (gt % 3u) * BN);
+              const uint32_t s = acquire_k(g + j);
+              issue(k_base + s * Cfg::kTileBytes, kc, ro_s + ((g + j) % 3u) * BN);
               mbar_arrive_cp_async(full_k(s));
             }
             if (j >= 1) {
-              const uint32_t gt = g + j - 1, s = gt % SV;
-              if (gt >= SV) mbar_wait_guarded(empty_v(s), ((gt / SV) - 1) & 1);
+              const uint32_t s = acquire_v(g + j - 1);
               const uint32_t vs = v_base + s * Cfg::kTileBytes;
-              issue(vs, vc, ro_s + (gt % 3u) * BN);
+              issue(vs, vc, ro_s + ((g + j - 1) % 3u) * BN);
               finish_v(j - 1, s, vs);
             }
           }
