@@ -58,6 +58,14 @@ using pa::KernelParams;
 constexpr int kKeysPerWarp = 16;
 constexpr int kSplitGranule = 64;
 
+// The K/V copies ask L2 to fetch 128 bytes on a miss (cp.async's .L2::128B prefetch size): a
+// kv head's row of a page is 128 (FP8) or 256 bytes (16-bit, head 128) at a stride of all the
+// kv heads' rows, and each 16-byte copy alone would leave L2 to request 32-byte sectors. Measured
+// on the H200 (bench_decode_variants, same bundle): b64 x 4096 0.2695 -> 0.2645 ms, b16 x 16384
+// 0.2697 -> 0.2628, b256 x 1024 0.2800 -> 0.2747, MHA b32 x 4096 0.5266 -> 0.5150 (0.94-0.96 ->
+// 0.96-0.98 of a copy's bandwidth); a 256-byte prefetch was 0-3% slower than none.
+constexpr int kL2Prefetch = 128;
+
 // Arrival counters of the folded combine: the first kDecodeCounters floats of the workspace,
 // read as u32, one per pre-split block (request, kv head, row chunk). They start zero (the owners
 // allocate the workspace zeroed) and every launch leaves them zero (the last block of each group
@@ -403,8 +411,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       for (int i = 0; i < TK / kRowStep; ++i) {
         const int r = r0 + i * kRowStep;
         const int64_t row = ro[r];
-        pa::cp_async16_row(ks + r * RSB + c * 16, kc, row, c * EPC);
-        pa::cp_async16_row(vs + r * RSB + c * 16, vc, row, c * EPC);
+        pa::cp_async16_row<kL2Prefetch>(ks + r * RSB + c * 16, kc, row, c * EPC);
+        pa::cp_async16_row<kL2Prefetch>(vs + r * RSB + c * 16, vc, row, c * EPC);
       }
     } else {
 #pragma unroll 4
@@ -413,8 +421,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
         const int64_t row = ro[r];
         const bool valid = row >= 0;
         const int64_t off = valid ? row + c * EPC : 0;
-        pa::cp_async16(ks + r * RSB + c * 16, kc + off, valid);
-        pa::cp_async16(vs + r * RSB + c * 16, vc + off, valid);
+        pa::cp_async16<kL2Prefetch>(ks + r * RSB + c * 16, kc + off, valid);
+        pa::cp_async16<kL2Prefetch>(vs + r * RSB + c * 16, vc + off, valid);
       }
     }
   };

@@ -10,8 +10,8 @@
 // cache row offsets of the tile after next read from the block table while the current tile is
 // computed (as in paged_prefill.cu). Per tile and warpgroup:
 //   S = Q K^T    wgmma m64nBNk16, A = Q and B = K from shared memory (both K-major), D / 16 steps;
-//   softmax      online, in registers, log2 domain, exactly the sm80 kernel's arithmetic (scale
-//                folded into the exponent on unmasked tiles, lazy rescale of O);
+//   softmax      online, in registers, log2 domain (scale folded into the exponent unless soft-cap
+//                or ALiBi need each element's exact score; lazy rescale of O);
 //   O += P V     wgmma m64nDk16 with A = P from registers (the S accumulator packed to 16-bit
 //                pairs is already the A fragment) and B = V from shared memory, MN-major.
 // The key range of the block is cut to what its rows can see (bottom-right causal, sliding window),
@@ -283,12 +283,16 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
       w::wgmma_wait<0>();
       w::fence_regs(s);
 
-      // Scores: exact (log2 domain, masked) where this tile straddles a bound of the warpgroup's
-      // rows or a feature needs the element-wise pass; otherwise raw, scaled inside the exponent.
+      // Scores: with soft-cap / ALiBi, every element's exact score (log2 domain, masked where this
+      // tile straddles a bound of the warpgroup's rows); otherwise the raw products, scaled inside
+      // the exponent, with -inf where a straddling tile's key is hidden from the row.
       const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
-      const bool exact = need_mask || elementwise;
-      if (exact) w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
-      const float sc = exact ? 1.f : scale2;
+      if (elementwise) {
+        w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
+      } else if (need_mask) {
+        w::mask_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, p, seq_len);
+      }
+      const float sc = elementwise ? 1.f : scale2;
 
       // Online softmax for rows g and g + 8 of the warp; P packed to 16-bit pairs at the exp.
       uint32_t pk[BN / 4];
@@ -301,7 +305,7 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
           for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
+          mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf: a fully masked row
         }
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll

@@ -1,9 +1,9 @@
 // Paged prefill on Hopper (sm_90a), warp-specialised: one warpgroup gathers K/V pages, two
 // warpgroups run the matrix products, and neither waits for the other except through shared-memory
-// barriers. The default prefill at head size 128 over a 16-bit cache (the Rust launcher's Auto
-// path; PAGED_ATTN_PREFILL=sm90ws forces it at head 64 and for FP8 caches too);
-// paged_prefill_sm90.cu (every thread loads, then computes, in lockstep) stays the default at head
-// 64 and for FP8 caches, where it measured faster.
+// barriers. The default prefill at head sizes 64 and 128 over a 16-bit cache (the Rust launcher's
+// Auto path; PAGED_ATTN_PREFILL=sm90ws forces it for FP8 caches too); paged_prefill_sm90.cu
+// (every thread loads, then computes, in lockstep) stays the default for FP8 caches, where it
+// measured faster.
 //
 // Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
 // block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its
@@ -86,8 +86,9 @@
 // Masks and features are the lockstep kernel's, computed the same way (identical arithmetic, so
 // the two Hopper kernels agree to rounding of the same operations): the key range of the block is
 // cut by the causal / window bounds and only its tiles are loaded; a consumer skips tiles none of
-// its rows sees; the element-wise mask runs only on tiles straddling a bound of its rows or when
-// soft-cap / ALiBi need the element-wise pass; sinks and LSE in the epilogue; GQA through the KV
+// its rows sees; a tile straddling a bound of its rows gets -inf at the hidden keys (two compares
+// per element against each row's visible interval, attention/scores.cuh), and only soft-cap /
+// ALiBi take the element-wise exact-score pass; sinks and LSE in the epilogue; GQA through the KV
 // head of the query head. Unseen non-finite V: on a tile that straddles a mask bound of any row of
 // the block the PRODUCER waits for its own V copies (cp.async.wait_all + a producer barrier), zeroes
 // every non-finite V element in shared memory, records the keys that had one in a per-V-stage bit set,
@@ -659,16 +660,16 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         float s[NS];
         uint32_t pk[BN / 4];
         float alpha[2];
-        const uint32_t q_wg = base + rw0 * 128;
+        const w::SmemDesc qd = w::smem_desc_parts(base + rw0 * 128, 1, 64);  // this warpgroup's Q rows
         // S = Q K(n)^T into s (issued and committed, not waited for).
         auto issue_s = [&](int n) {
-          const uint32_t k_addr = k_base + ks(n) * Cfg::kTileBytes;
+          const w::SmemDesc kd = w::smem_desc_parts(k_base + ks(n) * Cfg::kTileBytes, 1, 64);
           w::wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk) {
             const uint32_t pan = kk >> 2, sub = (kk & 3) * 32;
-            const uint64_t da = w::smem_desc(q_wg + pan * (BM * 128) + sub, 1, 64);
-            const uint64_t db = w::smem_desc(k_addr + pan * (BN * 128) + sub, 1, 64);
+            const uint64_t da = w::desc_at(qd, pan * (BM * 128) + sub);
+            const uint64_t db = w::desc_at(kd, pan * (BN * 128) + sub);
             w::WgmmaSS<T, BN>::run(s, da, db, kk > 0 ? 1 : 0);
           }
           w::wgmma_commit();
@@ -685,12 +686,12 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
             o[j * 4 + 2] *= alpha[1];
             o[j * 4 + 3] *= alpha[1];
           }
-          const uint32_t v_addr = v_base + vs(t) * Cfg::kTileBytes;
+          const w::SmemDesc vd = w::smem_desc_parts(v_base + vs(t) * Cfg::kTileBytes, BN * 128 / 16, 64);
           w::wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < BN / 16; ++kk) {
             const uint32_t a[4] = {pk[4 * kk + 0], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]};
-            const uint64_t dv = w::smem_desc(v_addr + kk * 16 * 128, BN * 128 / 16, 64);
+            const uint64_t dv = w::desc_at(vd, kk * 16 * 128);
             w::WgmmaRS<T, D>::run(o, a, dv);
           }
           w::wgmma_commit();
@@ -700,9 +701,14 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         auto softmax = [&](int n, float (&al)[2]) {
           const int n0 = (n_first + n) * BN;
           const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
-          const bool exact = need_mask || elementwise;
-          if (exact) w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
-          const float sc = exact ? 1.f : scale2;
+          // Soft-cap / ALiBi: every element's exact score (and the mask); the mask alone: -inf where
+          // hidden, the raw products scaled below as on unmasked tiles.
+          if (elementwise) {
+            w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
+          } else if (need_mask) {
+            w::mask_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, p, seq_len);
+          }
+          const float sc = elementwise ? 1.f : scale2;
           float mu[2];
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
@@ -711,7 +717,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
             for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * rr], s[j * 4 + 2 * rr + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
+            mu[rr] = st[rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf: a fully masked row
           }
           float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll

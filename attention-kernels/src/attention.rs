@@ -67,14 +67,14 @@ pub enum AttentionKernel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillPath {
     /// The kernel measured fastest for the head size and cache: on compute capability 9.0 the
-    /// warp-specialised Hopper kernel at head size 128 over a 16-bit cache (on the H200 32% to 50%
-    /// faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512 on a 7.5k
-    /// prefix, 7% to 20% on short prompts, equal on 1 x 1024; beside a decode part on the same
-    /// step the lockstep kernel's smaller blocks do better on small prefills, and this choice does
-    /// not see the batch, so `attention-backend`'s planners, which do, run prefill parts with
-    /// little work on the lockstep kernel), the lockstep Hopper kernel at head size 64 (2% faster
-    /// there) and for FP8 caches (6% faster than the warp-specialised kernel's FP8 path, whose
-    /// producer widens every tile alone), the sm80 kernel elsewhere. The default.
+    /// warp-specialised Hopper kernel at head sizes 64 and 128 over a 16-bit cache (on the H200
+    /// 33% to 54% faster than the lockstep one on causal 8 x 2048, 2 x 8192 and chunked q512 on a
+    /// 7.5k prefix at head 128, 16% at head 64, 7% to 25% on short prompts; beside a decode part
+    /// on the same step the lockstep kernel's smaller blocks may do better on small prefills, and
+    /// this choice does not see the batch, so `attention-backend`'s planners, which do, run
+    /// prefill parts with little work on the lockstep kernel), the lockstep Hopper kernel for FP8
+    /// caches (faster than the warp-specialised kernel's FP8 path, whose producer widens every
+    /// tile alone), the sm80 kernel elsewhere. The default.
     Auto,
     /// The lockstep Hopper kernel (`csrc/paged_prefill_sm90.cu`) for the head sizes it is compiled
     /// for (64 and 128), the sm80 kernel for the others; a launch on a device that is not compute
@@ -85,7 +85,7 @@ pub enum PrefillPath {
     /// (`csrc/paged_prefill_sm90ws.cu`: a producer warpgroup gathering K/V pages, two ping-ponged
     /// wgmma consumer warpgroups) for head sizes 64 and 128, with 16-bit or FP8 caches (the
     /// producer widens FP8 tiles); other head sizes run the sm80 kernel. `Auto` chooses it for
-    /// 16-bit caches at head size 128.
+    /// 16-bit caches.
     Sm90Ws,
     /// Always the FlashAttention-2 class `mma.sync` kernel.
     Sm80,
@@ -158,8 +158,9 @@ pub fn prefill_path() -> Result<PrefillPath, KernelError> {
     .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90, sm90ws or sm80")))
 }
 
-/// The head size at which [`PrefillPath::Auto`] runs the warp-specialised Hopper kernel.
-const AUTO_WS_HEAD_SIZE: i32 = 128;
+/// The head sizes at which [`PrefillPath::Auto`] runs the warp-specialised Hopper kernel (every
+/// head size it is compiled for).
+const AUTO_WS_HEAD_SIZES: [i32; 2] = [64, 128];
 
 /// Chooses the prefill kernel for `head_size` / `dtype` (0 = f16, 1 = bf16) and a cache of storage
 /// `kv_dtype` (0 = the compute type, 1 / 2 = FP8) under `path`; the device is the one whose context
@@ -182,8 +183,8 @@ fn resolve_prefill(path: PrefillPath, head_size: i32, dtype: i32, kv_dtype: i32)
         ));
     }
     // Auto takes the warp-specialised kernel where it was measured faster (see PrefillPath::Auto).
-    let ws_wanted =
-        path == PrefillPath::Sm90Ws || (path == PrefillPath::Auto && head_size == AUTO_WS_HEAD_SIZE && kv_dtype == 0);
+    let ws_wanted = path == PrefillPath::Sm90Ws
+        || (path == PrefillPath::Auto && AUTO_WS_HEAD_SIZES.contains(&head_size) && kv_dtype == 0);
     if ws_wanted {
         // SAFETY: as above, a pure query of integers and the cached device capability.
         let ws = unsafe { ffi::pa_paged_prefill_sm90ws_supported(head_size, dtype, kv_dtype) };

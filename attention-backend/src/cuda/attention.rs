@@ -8,7 +8,6 @@ use attention_kernels::attention::{
 use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::CudaSlice;
 
-use super::prefill_choice::on_planned_prefill;
 use super::{driver_error, kernel_error, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use crate::error::{AttentionError, Result};
 use crate::params::AttentionParams;
@@ -258,9 +257,7 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
     }
     if plan.decode_reqs < num_reqs {
         let prefill = AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len };
-        on_planned_prefill(plan.prefill_small, dev.context(), params.head_size, T::DTYPE, C::DTYPE, || {
-            launch_range(prefill, plan.decode_reqs, num_reqs, false)
-        })?;
+        launch_range(prefill, plan.decode_reqs, num_reqs, false)?;
     }
     if let Some(o) = overlap {
         o.join().map_err(|e| kernel_error(OP, e))?;

@@ -9,7 +9,6 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice};
 use std::sync::Arc;
 
-use super::prefill_choice::{metadata_tile_work, prefill_is_small};
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
@@ -24,10 +23,6 @@ pub struct SplitPlan {
     pub num_splits: usize,
     /// Longest query among requests `decode_reqs..num_reqs` (they run on the prefill kernel).
     pub prefill_max_query_len: usize,
-    /// The prefill part is too small for the warp-specialised Hopper prefill
-    /// ([`super::prefill_is_small`]): where `PrefillPath::Auto` would pick that kernel, the
-    /// lockstep Hopper kernel runs it.
-    pub prefill_small: bool,
     /// Floats of workspace the decode partials need.
     pub workspace_len: usize,
 }
@@ -53,10 +48,6 @@ pub struct DeviceMetadata {
     decode_max_seq_len: usize,
     /// Longest query after them.
     rest_max_query_len: usize,
-    /// Prefill tile work per query head ([`super::prefill_tile_work`]) of all requests, and of those after
-    /// the single-token decodes.
-    all_tile_work: usize,
-    rest_tile_work: usize,
 }
 
 fn upload_i32(dev: &CudaDevice, data: &[i32]) -> Result<CudaSlice<i32>> {
@@ -92,8 +83,6 @@ impl DeviceMetadata {
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
-            all_tile_work: metadata_tile_work(meta, 0..meta.num_reqs(), 1),
-            rest_tile_work: metadata_tile_work(meta, single_token_decodes..meta.num_reqs(), 1),
         })
     }
 
@@ -158,7 +147,6 @@ impl DeviceMetadata {
                 decode_reqs: 0,
                 num_splits: 1,
                 prefill_max_query_len: self.host.max_query_len,
-                prefill_small: prefill_is_small(self.all_tile_work.saturating_mul(num_heads), self.num_sms),
                 workspace_len: 0,
             };
         }
@@ -171,7 +159,6 @@ impl DeviceMetadata {
             decode_reqs: n,
             num_splits,
             prefill_max_query_len: if n < num_reqs { self.rest_max_query_len } else { 0 },
-            prefill_small: prefill_is_small(self.rest_tile_work.saturating_mul(num_heads), self.num_sms),
             workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
         }
     }

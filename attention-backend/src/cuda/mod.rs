@@ -6,7 +6,6 @@ mod cache_write;
 mod device;
 mod metadata;
 mod plan;
-mod prefill_choice;
 mod tensor;
 
 pub use attention::{forward, paged_attention, AttentionIo, AttentionWorkspace, ForwardIo};
@@ -19,7 +18,6 @@ pub use metadata::{
 pub use plan::{
     LaunchPlan, LayerBuffers, LayerStrides, PlanOptions, PlannerConfig, StepPlan, StepPlanner, BATCH_INVARIANT_ENV,
 };
-pub use prefill_choice::{prefill_is_small, prefill_tile_work, WS_MIN_TILE_WORK_PER_SM};
 pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 
 pub use attention_kernels::cudarc;

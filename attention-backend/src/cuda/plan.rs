@@ -23,7 +23,6 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
 use super::metadata::{decode_slots, decode_split_count};
-use super::prefill_choice::{metadata_tile_work, on_planned_prefill, prefill_is_small};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -172,10 +171,6 @@ pub struct LaunchPlan {
     pub split_keys: usize,
     /// Longest query among requests `decode_reqs..num_reqs` (0 when there are none).
     pub prefill_max_query_len: usize,
-    /// The prefill part is too small for the warp-specialised Hopper prefill
-    /// ([`super::prefill_is_small`]); always false in graph plans, which depend on the padded
-    /// batch size alone.
-    pub prefill_small: bool,
     /// Floats of split-KV workspace the decode partials use.
     pub workspace_len: usize,
     /// Planned by [`StepPlanner::plan_graph`].
@@ -364,7 +359,6 @@ impl StepPlanner {
             num_splits: 1,
             split_keys: self.split_keys,
             prefill_max_query_len: (single..num_reqs).map(|r| meta.query_len(r)).max().unwrap_or(0),
-            prefill_small: prefill_is_small(metadata_tile_work(meta, single..num_reqs, c.num_heads), self.num_sms),
             workspace_len: 0,
             graph: false,
         };
@@ -450,7 +444,6 @@ impl StepPlanner {
             num_splits,
             split_keys: self.split_keys,
             prefill_max_query_len: 0,
-            prefill_small: false,
             workspace_len: decode_workspace_len(num_splits, padded_reqs, c.num_heads, c.head_size),
             graph: true,
         };
@@ -788,15 +781,13 @@ impl StepPlan<'_> {
             )?;
         }
         if l.decode_reqs < l.num_reqs {
-            on_planned_prefill(l.prefill_small, stream.context(), c.head_size, T::DTYPE, C::DTYPE, || {
-                launch_range(
-                    AttentionKernel::Prefill { max_query_len: l.prefill_max_query_len },
-                    l.decode_reqs,
-                    l.num_reqs,
-                    false,
-                    false,
-                )
-            })?;
+            launch_range(
+                AttentionKernel::Prefill { max_query_len: l.prefill_max_query_len },
+                l.decode_reqs,
+                l.num_reqs,
+                false,
+                false,
+            )?;
         }
         if let Some(o) = overlap {
             o.join().map_err(|e| kernel_error(RUN, e))?;

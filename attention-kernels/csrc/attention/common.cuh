@@ -271,35 +271,47 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
 
 // ---- async copies, ldmatrix, mma -----------------------------------------------------------
 
+// One predicated 16-byte cp.async: SETP turns operand %2 into the ignore-source predicate (the
+// copy then zero-fills its destination and reads nothing), L2 is the prefetch qualifier ("" or
+// ".L2::128B"). One text for the variants below.
+#define PA_CP_ASYNC16_PRED(SETP, L2, dst, src, v)                                                   \
+  asm volatile("{\n  .reg .pred skip;\n  " SETP " skip, %2, 0;\n  cp.async.cg.shared.global" L2 \
+               " [%0], [%1], 16, skip;\n}\n" ::"r"(dst),                                           \
+               "l"(src), "r"(v))
+
 // 16-byte global -> shared copy; when !pred the destination is zero-filled and nothing is read.
 // The predicate goes to the instruction's ignore-src operand as is (a source size of `pred ? 16 :
 // 0` made the compiler rebuild the predicate from the size: five integer instructions per copy,
 // in loops that issue-rate bounds).
+// PF: the L2 prefetch size the copy asks for on a miss (0: none, or 128 bytes: the decode's page
+// rows, see paged_decode.cu).
+template <int PF = 0>
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  static_assert(PF == 0 || PF == 128, "L2 prefetch size");
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile(
-      "{\n"
-      "  .reg .pred skip;\n"
-      "  setp.eq.u32 skip, %2, 0;\n"
-      "  cp.async.cg.shared.global [%0], [%1], 16, skip;\n"
-      "}\n" ::"r"(s),
-      "l"(gmem), "r"(static_cast<unsigned>(pred)));
+  const unsigned v = static_cast<unsigned>(pred);
+  if constexpr (PF == 128) {
+    PA_CP_ASYNC16_PRED("setp.eq.u32", ".L2::128B", s, gmem, v);
+  } else {
+    PA_CP_ASYNC16_PRED("setp.eq.u32", "", s, gmem, v);
+  }
 }
 // The same for a paged row: zero-fill when `row` (an element offset, -1 for a key that must not be
 // loaded) is negative; the source is `base + max(row, 0) + col`, so no address outside the
 // buffer is ever formed. Taking the sign bit as the predicate keeps it one shift and one compare.
-template <typename E>
+// PF as for cp_async16.
+template <int PF = 0, typename E>
 __device__ __forceinline__ void cp_async16_row(void* smem, const E* base, int64_t row, int col) {
+  static_assert(PF == 0 || PF == 128, "L2 prefetch size");
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int64_t neg = row >> 63;  // -1 when the row is not to be loaded, else 0
   const E* src = base + ((row & ~neg) + col);
-  asm volatile(
-      "{\n"
-      "  .reg .pred skip;\n"
-      "  setp.ne.s32 skip, %2, 0;\n"
-      "  cp.async.cg.shared.global [%0], [%1], 16, skip;\n"
-      "}\n" ::"r"(s),
-      "l"(src), "r"(static_cast<int>(neg)));
+  const int v = static_cast<int>(neg);
+  if constexpr (PF == 128) {
+    PA_CP_ASYNC16_PRED("setp.ne.s32", ".L2::128B", s, src, v);
+  } else {
+    PA_CP_ASYNC16_PRED("setp.ne.s32", "", s, src, v);
+  }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {

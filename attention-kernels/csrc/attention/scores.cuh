@@ -28,5 +28,31 @@ __device__ __forceinline__ void exact_scores(float (&s)[NJ * 4], int n0, int pos
     }
 }
 
+// The mask alone, in place, for tiles straddling a bound when no element-wise term applies: the
+// raw products stay as they are (the softmax scales them with the unmasked tiles' fused
+// multiply-add) and each key the row does not see becomes -inf. A row sees exactly the keys of
+// key_range(pos, pos), an interval, so each element is two compares against the row's bounds
+// relative to the thread's first column, which is what key_visible decides element by element in
+// exact_scores (about 60 instructions per element there, three here: the diagonal tile of every
+// causal item took more consumer time than several unmasked tiles).
+template <int NJ>
+__device__ __forceinline__ void mask_scores(float (&s)[NJ * 4], int n0, int pos0, int t4, const KernelParams& p,
+                                            int seq_len) {
+  const int col0 = n0 + 2 * t4;  // key of this thread's column 0
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    int lo, hi;
+    key_range(pos0 + 8 * rr, pos0 + 8 * rr, seq_len, p, lo, hi);
+    const int a = lo - col0, b = hi - col0;  // visible columns c: a <= c <= b
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = j * 8 + e;
+        if (c < a || c > b) s[j * 4 + 2 * rr + e] = -INFINITY;
+      }
+  }
+}
+
 }  // namespace sm90
 }  // namespace pa

@@ -49,6 +49,23 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t smem_addr, uint32_t lbo16
   return d;
 }
 
+// A descriptor as its two 32-bit words, for walking one operand's k-steps: the low word holds the
+// start address (>> 4) and the LBO, the high word the SBO and the swizzle mode. Shared addresses
+// stay below 256 KB, so the start field (14 bits) never carries into the LBO and the descriptor of
+// `base + off` is the low word plus off >> 4: one add per step instead of rebuilding the fields
+// from the address (about ten integer instructions per wgmma, on the path that issues them).
+struct SmemDesc {
+  uint32_t lo, hi;
+};
+__device__ __forceinline__ SmemDesc smem_desc_parts(uint32_t smem_addr, uint32_t lbo16, uint32_t sbo16) {
+  const uint64_t d = smem_desc(smem_addr, lbo16, sbo16);
+  return {static_cast<uint32_t>(d), static_cast<uint32_t>(d >> 32)};
+}
+// The descriptor of the operand `byte_off` bytes (a multiple of 16) past the one `d` describes.
+__device__ __forceinline__ uint64_t desc_at(SmemDesc d, uint32_t byte_off) {
+  return (static_cast<uint64_t>(d.hi) << 32) | (d.lo + (byte_off >> 4));
+}
+
 // Byte offset of element (row, col) in a tile of `rows` rows stored as 64-column swizzled panels.
 __device__ __forceinline__ uint32_t swizzled_offset(int rows, int row, int col) {
   const int panel = col >> 6, unit = (col & 63) >> 3;
