@@ -9,9 +9,9 @@
 // (bank-conflict-free) shared rows. The softmax is online, in the log2 domain, with the scale
 // folded into the exponent and the rescale of O skipped once a warp's row maxima stop moving. The
 // key range of the block is cut to what its rows can see (bottom-right causal, sliding window), so
-// fully masked tiles are never loaded; a warp skips the tiles none of its rows can see, and the
-// element-wise mask runs only on tiles that straddle one of its rows' bounds (or when soft-cap /
-// ALiBi need the element-wise pass anyway).
+// fully masked tiles are never loaded; a warp skips the tiles none of its rows can see, a tile
+// that straddles one of its rows' bounds gets -inf at the hidden keys (pa::mask_scores), and only
+// soft-cap / ALiBi take the element-wise exact-score pass.
 //
 // Blocks are launched on a flat grid in longest-first order: every request's and head's last row
 // block (the one that sees the most keys under a causal mask) before any second-to-last one, etc.
@@ -32,6 +32,7 @@
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
+#include "attention/scores.cuh"
 #include "attention/softmax_state.cuh"
 
 namespace {
@@ -296,11 +297,11 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
       }
     }
 
-    // Scores: exact (log2 domain, masked) where this tile straddles a bound of the warp's rows or a
-    // feature needs the element-wise pass; otherwise raw, scaled inside the exponent below.
+    // Scores: with soft-cap / ALiBi, every element's exact score (log2 domain, masked where this
+    // tile straddles a bound of the warp's rows); otherwise the raw products, scaled inside the
+    // exponent below, with -inf where a straddling tile's key is hidden from the row.
     const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
-    const bool exact = need_mask || elementwise;
-    if (exact) {
+    if (elementwise) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -315,8 +316,14 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
             s[mt][j][e] = x;
           }
         }
+    } else if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa::mask_scores<NT>(reinterpret_cast<float(&)[NT * 4]>(s[mt]), n0, ctx + m0 + (warp * MT + mt) * 16 + g, t4,
+                            p, seq_len);
+      }
     }
-    const float sc = exact ? 1.f : scale2;
+    const float sc = elementwise ? 1.f : scale2;
 
     // Online softmax for the thread's rows (g and g + 8 of each m-tile). P is packed to 16-bit
     // pairs as soon as it is exponentiated, so the f32 scores die before O += P V.
@@ -331,7 +338,7 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
         for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf only when exact
+        mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf: a fully masked row
       }
       float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll

@@ -706,7 +706,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           if (elementwise) {
             w::exact_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, qk_scale, p, slope, seq_len, need_mask);
           } else if (need_mask) {
-            w::mask_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, p, seq_len);
+            pa::mask_scores<NJ>(s, n0, ctx + m0 + r_thr, t4, p, seq_len);
           }
           const float sc = elementwise ? 1.f : scale2;
           float mu[2];

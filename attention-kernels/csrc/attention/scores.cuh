@@ -1,4 +1,6 @@
-// The element-wise scores of the two Hopper prefill kernels' wgmma accumulator tiles.
+// The element-wise scores of the prefill kernels' accumulator tiles: the Hopper kernels' wgmma
+// accumulators and the sm80 kernel's mma.sync m16n8 fragments give a thread the same rows (g and
+// g + 8 of its 16) and columns (2 t4 and 2 t4 + 1 of every 8).
 #pragma once
 
 #include "attention/common.cuh"
@@ -28,6 +30,8 @@ __device__ __forceinline__ void exact_scores(float (&s)[NJ * 4], int n0, int pos
     }
 }
 
+}  // namespace sm90
+
 // The mask alone, in place, for tiles straddling a bound when no element-wise term applies: the
 // raw products stay as they are (the softmax scales them with the unmasked tiles' fused
 // multiply-add) and each key the row does not see becomes -inf. A row sees exactly the keys of
@@ -54,5 +58,4 @@ __device__ __forceinline__ void mask_scores(float (&s)[NJ * 4], int n0, int pos0
   }
 }
 
-}  // namespace sm90
 }  // namespace pa
