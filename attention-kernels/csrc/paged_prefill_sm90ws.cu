@@ -17,9 +17,13 @@
 // heaviest-first order. A block per item (the first version) paid every item's pipeline fill --
 // the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
 // the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
-// producer moves on to the next item as soon as it has issued the last V copy of the current one:
-// it waits on q_empty (both consumers have finished their last QK^T of the item) and loads the next
-// Q and K tiles while the consumers still run the last PV product and write their rows. All
+// producer moves on to the next item once it has issued the last V copy of the current one (and,
+// when that tile straddles a mask bound, as the diagonal tile of a causal item does, sanitised it:
+// see "Unseen non-finite V" below): it waits on q_empty (both consumers have finished their last
+// QK^T of the item) and loads the next Q and K tiles while the consumers still run the last PV
+// product and write their rows. (Streaming tiles across items instead, with a second Q buffer so
+// the next item's Q and first K go out before the last V is sanitised, measured 3-9% slower:
+// docs/PERFORMANCE.md, ninth session.) All
 // stage indices, barrier phases and offset-ring slots follow the block's running count of key tiles
 // (g), so the pipelines carry over from item to item without a reset; q_full / q_empty alternate
 // their phase per item that has key tiles. The turn alternation of the consumers simply continues.
@@ -129,7 +133,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
@@ -854,21 +857,6 @@ template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
   }
 }
 
-// PAGED_ATTN_WS_GRID, read once per process: unset or empty, one block per SM; N > 0, at most N
-// blocks (a test of the item loop makes every block walk many items); 0, one block per item (the
-// pre-persistent launch, for benchmarks). Returns the cap, 0 for "the SM count", -1 for "none".
-inline int ws_grid_cap() {
-  static const int cap = [] {
-    const char* e = std::getenv("PAGED_ATTN_WS_GRID");
-    if (e == nullptr || *e == '\0') return 0;
-    char* end = nullptr;
-    const long v = std::strtol(e, &end, 10);
-    if (end == e || *end != '\0' || v < 0) return 0;  // not a count: the default
-    return v == 0 ? -1 : static_cast<int>(std::min<long>(v, INT_MAX));
-  }();
-  return cap;
-}
-
 template <typename T, int D, bool kFp8>
 cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
   using Cfg = WsCfg<D, kFp8>;
@@ -880,11 +868,12 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   cudaError_t err =
       pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
-  // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart.
+  // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart,
+  // unless the caller capped it (PaAttnArgs::prefill_grid).
   int sms = 0;
   err = pa::sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int cap = ws_grid_cap();
+  const int cap = a.prefill_grid;
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
   prefill_sm90ws_kernel<T, D, kFp8><<<dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       kp, static_cast<int>(n_blocks));
@@ -940,6 +929,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
   cudaError_t err = pa::check_args(a);
   if (err != cudaSuccess) return err;
   if (pa_paged_prefill_sm90ws_supported(a.head_size, a.dtype, a.kv_dtype) != 1) return cudaErrorNotSupported;
+  if (a.prefill_grid < -1) return cudaErrorInvalidValue;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
   const bool fp8 = a.kv_dtype != pa::fp8::kSame;

@@ -156,6 +156,53 @@ pub fn prefill_path() -> Result<PrefillPath, KernelError> {
     .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90, sm90ws or sm80")))
 }
 
+/// The environment variable capping the warp-specialised prefill's persistent grid (read once per
+/// process): unset or empty, one block per SM (the default); `N > 0`, at most N blocks, so every
+/// block walks many work items (a test of the item loop); `0`, one block per work item (the launch
+/// before the grid was persistent, for benchmarks). Anything else makes prefill launches fail with
+/// [`KernelError::InvalidArgument`] rather than run a grid nobody asked for.
+pub const WS_GRID_ENV: &str = "PAGED_ATTN_WS_GRID";
+
+/// Parses a [`WS_GRID_ENV`] value into `PaAttnArgs::prefill_grid`: blank is 0 (one block per
+/// SM), `0` is -1 (one block per item), `N > 0` is N (at most `i32::MAX`); `None` for anything
+/// that is not a non-negative decimal count.
+pub fn parse_ws_grid(s: &str) -> Option<i32> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(0);
+    }
+    if !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: only an overflow is left to fail, and a cap past i32::MAX blocks is no cap.
+    let n = s.parse::<u64>().unwrap_or(u64::MAX);
+    Some(if n == 0 { -1 } else { i32::try_from(n).unwrap_or(i32::MAX) })
+}
+
+/// The warp-specialised prefill's grid setting from [`WS_GRID_ENV`] (read once per process).
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] when the variable holds something other than a block count.
+fn ws_grid() -> Result<i32, KernelError> {
+    static ENV: OnceLock<Result<i32, KernelError>> = OnceLock::new();
+    ENV.get_or_init(|| ws_grid_from(std::env::var(WS_GRID_ENV))).clone()
+}
+
+/// [`ws_grid`] for one reading of the environment variable.
+fn ws_grid_from(var: Result<String, std::env::VarError>) -> Result<i32, KernelError> {
+    let bad = |v: String| {
+        invalid(
+            PREFILL,
+            format!("{WS_GRID_ENV}={v}: expected a block count (0 = one block per work item, unset = one per SM)"),
+        )
+    };
+    match var {
+        Err(std::env::VarError::NotPresent) => Ok(0),
+        Err(std::env::VarError::NotUnicode(v)) => Err(bad(format!("{v:?}"))),
+        Ok(v) => parse_ws_grid(&v).ok_or_else(|| bad(v)),
+    }
+}
+
 /// The head sizes at which [`PrefillPath::Auto`] runs the warp-specialised Hopper kernel (every
 /// head size it is compiled for).
 const AUTO_WS_HEAD_SIZES: [i32; 2] = [64, 128];
@@ -370,7 +417,8 @@ pub fn decode_workspace_len(num_splits: usize, num_reqs: usize, num_heads: usize
 /// The name of the environment variable that picks the process-wide [`DecodeVariant`] (read once,
 /// at the first decode launch or [`decode_variant`] call, unless [`set_decode_variant`] ran first).
 /// Values: the names of [`DecodeVariant::ALL`], e.g. `w4s3-fold` (the default), `w2s4` (a second
-/// launch merges the splits). An unknown name leaves the default.
+/// launch merges the splits). An unknown name makes decode launches fail with
+/// [`KernelError::InvalidArgument`] rather than time a variant nobody asked for.
 pub const DECODE_VARIANT_ENV: &str = "PAGED_ATTN_DECODE_VARIANT";
 
 /// The software pipeline of the decode kernel: warps per block (each owns 16 keys of a tile, so 4
@@ -502,15 +550,32 @@ static DECODE_VARIANT: AtomicU32 = AtomicU32::new(VARIANT_UNSET);
 /// The process-wide decode variant every decode launch uses: the one [`set_decode_variant`] set,
 /// else [`DECODE_VARIANT_ENV`]'s, else the default. A benchmarking knob: keep one variant for the
 /// life of a process when results must be bit-reproducible (batch-invariant mode included).
-pub fn decode_variant() -> DecodeVariant {
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] when [`DECODE_VARIANT_ENV`] names no variant (and
+/// [`set_decode_variant`] has not chosen one).
+pub fn decode_variant() -> Result<DecodeVariant, KernelError> {
     let code = DECODE_VARIANT.load(Ordering::Relaxed);
     if let Some(v) = DecodeVariant::from_code(code) {
-        return v;
+        return Ok(v);
     }
-    let v: DecodeVariant = std::env::var(DECODE_VARIANT_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or_default();
+    // An error is not remembered: every decode launch reports it until the variable is fixed or
+    // set_decode_variant chooses.
+    let v = variant_from_env(std::env::var(DECODE_VARIANT_ENV))?;
     // A concurrent set_decode_variant wins over the environment.
     let _ = DECODE_VARIANT.compare_exchange(VARIANT_UNSET, v.code(), Ordering::Relaxed, Ordering::Relaxed);
-    DecodeVariant::from_code(DECODE_VARIANT.load(Ordering::Relaxed)).unwrap_or_default()
+    Ok(DecodeVariant::from_code(DECODE_VARIANT.load(Ordering::Relaxed)).unwrap_or(v))
+}
+
+/// The variant [`DECODE_VARIANT_ENV`] asks for, from one reading of it (unset: the default).
+fn variant_from_env(var: Result<String, std::env::VarError>) -> Result<DecodeVariant, KernelError> {
+    match var {
+        Err(std::env::VarError::NotPresent) => Ok(DecodeVariant::default()),
+        Err(std::env::VarError::NotUnicode(s)) => {
+            Err(invalid(DECODE, format!("{DECODE_VARIANT_ENV}={s:?}: not a decode variant name")))
+        }
+        Ok(s) => s.parse::<DecodeVariant>().map_err(|e| invalid(DECODE, format!("{DECODE_VARIANT_ENV}: {e}"))),
+    }
 }
 
 /// Sets the process-wide decode variant (see [`decode_variant`]); later launches use it.
@@ -569,7 +634,7 @@ pub fn blocks_per_sm(
     head_size: usize,
     dtype: DType,
 ) -> Result<usize, KernelError> {
-    blocks_per_sm_with_variant(ctx, kernel, decode_variant(), head_size, dtype)
+    blocks_per_sm_with_variant(ctx, kernel, decode_variant()?, head_size, dtype)
 }
 
 /// [`blocks_per_sm`] for an explicit [`DecodeVariant`] (ignored for prefill).
@@ -767,7 +832,7 @@ pub fn paged_attention<T: Element, C: KvStorage<T>>(
     features: &AttentionFeatures<'_>,
     bufs: AttentionBuffers<'_, T, C>,
 ) -> Result<(), KernelError> {
-    paged_attention_with_variant(stream, kernel, decode_variant(), dims, features, bufs)
+    paged_attention_with_variant(stream, kernel, decode_variant()?, dims, features, bufs)
 }
 
 /// [`paged_attention`] with an explicit [`DecodeVariant`] for a decode launch instead of the
@@ -877,7 +942,7 @@ impl Overlap<'_> {
         features: &AttentionFeatures<'_>,
         bufs: AttentionBuffers<'_, T, C>,
     ) -> Result<(), KernelError> {
-        launch(self.stream, Some(self.side), kernel, decode_variant(), dims, features, bufs)
+        launch(self.stream, Some(self.side), kernel, decode_variant()?, dims, features, bufs)
     }
 
     /// Makes `stream` wait for the side work.
@@ -1171,6 +1236,10 @@ fn launch<T: Element, C: KvStorage<T>>(
         kv_scale_per_head: i32::from(kv_scale_per_head),
         k_scale,
         v_scale,
+        prefill_grid: match kernel {
+            AttentionKernel::Prefill { .. } => ws_grid()?,
+            AttentionKernel::Decode { .. } => 0,
+        },
     };
     let prefill = match kernel {
         AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype, args.kv_dtype)?,
@@ -1260,6 +1329,52 @@ mod tests {
         assert_eq!(PrefillPath::parse("sm80"), Some(PrefillPath::Sm80));
         assert_eq!(PrefillPath::parse(""), Some(PrefillPath::Auto));
         assert_eq!(PrefillPath::parse("sm90-ws"), None);
+    }
+
+    #[test]
+    fn ws_grid_values() {
+        assert_eq!(parse_ws_grid(""), Some(0));
+        assert_eq!(parse_ws_grid("  "), Some(0));
+        assert_eq!(parse_ws_grid("0"), Some(-1));
+        assert_eq!(parse_ws_grid(" 3 "), Some(3));
+        assert_eq!(parse_ws_grid("132"), Some(132));
+        assert_eq!(parse_ws_grid("99999999999999999999999"), Some(i32::MAX));
+        for bad in ["-1", "+3", "3x", "x", "1.5", "0x10", "3 4"] {
+            assert_eq!(parse_ws_grid(bad), None, "{bad:?}");
+        }
+        assert_eq!(ws_grid_from(Err(std::env::VarError::NotPresent)), Ok(0));
+        assert_eq!(ws_grid_from(Ok("0".into())), Ok(-1));
+        match ws_grid_from(Ok("three".into())) {
+            Err(KernelError::InvalidArgument { kernel, what }) => {
+                assert_eq!(kernel, PREFILL);
+                assert!(what.starts_with("PAGED_ATTN_WS_GRID=three: expected a block count"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn decode_variant_from_the_environment() {
+        use std::env::VarError;
+        assert_eq!(variant_from_env(Err(VarError::NotPresent)), Ok(DecodeVariant::default()));
+        let w2s4 = variant_from_env(Ok(" W2S4 ".into())).unwrap();
+        assert_eq!((w2s4.to_string().as_str(), w2s4.fold_combine), ("w2s4", false));
+        match variant_from_env(Ok("w9s9".into())) {
+            Err(KernelError::InvalidArgument { kernel, what }) => {
+                assert_eq!(kernel, DECODE);
+                assert!(what.starts_with("PAGED_ATTN_DECODE_VARIANT: unknown decode variant \"w9s9\""), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let raw = std::ffi::OsString::from_vec(vec![0xff, b'x']);
+            assert!(matches!(
+                variant_from_env(Err(VarError::NotUnicode(raw))),
+                Err(KernelError::InvalidArgument { .. })
+            ));
+        }
     }
 
     #[test]

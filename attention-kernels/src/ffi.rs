@@ -315,8 +315,11 @@ pub struct PaAttnArgs {
     pub k_scale: *const f32,
     /// Device V dequantisation scale, like `k_scale`.
     pub v_scale: *const f32,
+    /// Warp-specialised prefill only: 0 = one block per SM (the default), `N > 0` = at most N
+    /// blocks, -1 = one block per work item (see `attention::WS_GRID_ENV`).
+    pub prefill_grid: i32,
 }
 
 // The C side asserts the same size (`static_assert` in csrc/attention/common.cuh): a field added on
 // one side only breaks both builds instead of shifting every later field at run time.
-const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 248);
+const _: () = assert!(std::mem::size_of::<PaAttnArgs>() == 256);

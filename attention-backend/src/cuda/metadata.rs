@@ -171,7 +171,9 @@ impl DeviceMetadata {
 pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType) -> usize {
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
     let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
-    let variant = kernels::decode_variant();
+    // A malformed PAGED_ATTN_DECODE_VARIANT fails the decode launches themselves (and
+    // StepPlanner::new); planning for the default variant until then changes nothing.
+    let variant = kernels::decode_variant().unwrap_or_default();
     let per_sm = kernels::blocks_per_sm_for_cache(ctx, probe, variant, head_size, compute, cache_dtype)
         .ok()
         .filter(|&b| b > 0)

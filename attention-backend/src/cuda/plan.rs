@@ -220,7 +220,8 @@ impl StepPlanner {
     /// Allocates the planner's device buffers, staging area and workspace, once.
     ///
     /// # Errors
-    /// [`AttentionError::InvalidArgument`] for an inconsistent config,
+    /// [`AttentionError::InvalidArgument`] for an inconsistent config or a
+    /// `PAGED_ATTN_DECODE_VARIANT` that names no decode variant,
     /// [`AttentionError::UnsupportedHeadSize`] for a head size no kernel is compiled for,
     /// [`AttentionError::Cuda`] when an allocation fails (see [`AttentionError::is_out_of_memory`]).
     pub fn new(dev: &CudaDevice, config: PlannerConfig) -> Result<Self> {
@@ -233,6 +234,8 @@ impl StepPlanner {
     /// As [`StepPlanner::new`].
     pub fn with_options(dev: &CudaDevice, config: PlannerConfig, options: PlanOptions) -> Result<Self> {
         config.check()?;
+        // Refused here, once, rather than at the first decode launch of some later step.
+        attention_kernels::attention::decode_variant().map_err(|e| kernel_error("StepPlanner::new", e))?;
         if decode_tile_keys(config.head_size) == 0 {
             return Err(AttentionError::UnsupportedHeadSize {
                 op: "StepPlanner::new",

@@ -144,9 +144,13 @@ struct PaAttnArgs {
   int32_t kv_scale_per_head;
   const float* k_scale;            // DEVICE pointer, or null = 1.0 (FP8 caches only)
   const float* v_scale;            // DEVICE pointer, or null = 1.0 (FP8 caches only)
+  // Warp-specialised prefill only: its persistent grid. 0 = one block per SM (the default),
+  // N > 0 = at most N blocks (tests make every block walk many items), -1 = one block per item
+  // (the launch before the grid was persistent, for benchmarks).
+  int32_t prefill_grid;
 };
 // The Rust mirror asserts the same size; a field added on one side only fails both builds.
-static_assert(sizeof(PaAttnArgs) == 248, "PaAttnArgs layout changed: update src/ffi.rs too");
+static_assert(sizeof(PaAttnArgs) == 256, "PaAttnArgs layout changed: update src/ffi.rs too");
 
 namespace pa {
 

@@ -363,7 +363,10 @@ fn main() {
         };
         for &(path, suffix) in paths {
             let label = format!("{}{suffix}", s.name);
-            let v = kernels::decode_variant();
+            let v = kernels::decode_variant().unwrap_or_else(|e| {
+                eprintln!("bench_fp8: {e}");
+                std::process::exit(1)
+            });
             let base = attention_row::<bf16>(&dev, &mut out, &mut st, (None, path, &label), v);
             attention_row::<Fp8E4M3>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
             attention_row::<Fp8E5M2>(&dev, &mut out, &mut st, (Some(base), path, &label), v);
