@@ -388,7 +388,7 @@ impl AttentionMetadata {
         let bs = layout.block_size;
         let w = self.block_table.max_blocks_per_req();
         let slots = self.slot_mapping.as_slice();
-        let (gen, uses) = scratch.begin(op, layout.num_blocks)?;
+        let (stamp, uses) = scratch.begin(op, layout.num_blocks)?;
         for (r, &seq_len) in self.seq_lens.iter().enumerate() {
             // `check` passed: 0 < q_len <= seq_len, and query_start_loc is non-negative.
             let seq_len = usize::try_from(seq_len).unwrap_or(0);
@@ -420,29 +420,37 @@ impl AttentionMetadata {
                 };
                 let written = j >= first_written;
                 let u = &mut uses[b];
-                if u.generation != gen {
-                    *u = BlockUse { generation: gen, req: to_u32(r), index: to_u32(j), written };
-                } else if written || u.written {
+                if *u & !1 != stamp {
+                    *u = stamp | u32::from(written);
+                } else if written || *u & 1 == 1 {
+                    let (other_req, other_index) = self.first_use(block, bs).unwrap_or((r, j));
                     return Err(AttentionError::BlockWriteConflict {
                         op,
                         block,
                         req: r,
                         index: j,
-                        other_req: u.req as usize,
-                        other_index: u.index as usize,
+                        other_req,
+                        other_index,
                     });
                 }
             }
-            for i in 0..q_len {
-                let t = start + i;
-                let slot = slots[t];
-                let pos = context + i;
-                if slot < 0 {
-                    return Err(AttentionError::MissingSlot { op, index: t, req: r, pos, slot });
-                }
-                let expected = i64::from(row[pos / bs]) * bs as i64 + (pos % bs) as i64;
+            // The tokens' positions are context, context + 1, ...: walk (block column, offset in
+            // the block) along them instead of dividing each position by the block size.
+            let (mut col, mut off) = (first_written, context % bs);
+            for (i, &slot) in slots[start..start + q_len].iter().enumerate() {
+                let expected = i64::from(row[col]) * bs as i64 + off as i64;
                 if slot != expected {
-                    return Err(AttentionError::SlotMismatch { op, index: t, req: r, pos, slot, expected });
+                    let (index, pos) = (start + i, context + i);
+                    return Err(if slot < 0 {
+                        AttentionError::MissingSlot { op, index, req: r, pos, slot }
+                    } else {
+                        AttentionError::SlotMismatch { op, index, req: r, pos, slot, expected }
+                    });
+                }
+                off += 1;
+                if off == bs {
+                    off = 0;
+                    col += 1;
                 }
             }
         }
@@ -452,6 +460,17 @@ impl AttentionMetadata {
         }
         Ok(())
     }
+
+    /// The first (request, block-table column) among the requests' used columns that names
+    /// `block`, in the order the step check visits them: the other party of a
+    /// [`AttentionError::BlockWriteConflict`] (the check's scratch keeps only a stamp per block).
+    fn first_use(&self, block: i32, bs: usize) -> Option<(usize, usize)> {
+        self.seq_lens.iter().enumerate().find_map(|(r, &seq_len)| {
+            let needed = usize::try_from(seq_len).unwrap_or(0).div_ceil(bs);
+            let row = self.block_table.row(r);
+            row[..needed.min(row.len())].iter().position(|&b| b == block).map(|j| (r, j))
+        })
+    }
 }
 
 /// `b - a` of two `query_start_loc` entries in i64, 0 when negative.
@@ -459,29 +478,16 @@ fn span(a: i32, b: i32) -> usize {
     usize::try_from(i64::from(b) - i64::from(a)).unwrap_or(0)
 }
 
-/// Requests and block-table columns fit in `u32` once `check` passed (each request has at least
-/// one of at most `i32::MAX` tokens, each column covers at least one of at most `i32::MAX`
-/// positions); saturate rather than wrap if that ever changed.
-fn to_u32(x: usize) -> u32 {
-    u32::try_from(x).unwrap_or(u32::MAX)
-}
-
-/// Who used a cache block in the check of generation `generation`.
-#[derive(Clone, Copy, Debug, Default)]
-struct BlockUse {
-    generation: u32,
-    req: u32,
-    index: u32,
-    written: bool,
-}
-
-/// Reusable scratch of [`AttentionMetadata::check_against_with`]: one entry per cache block,
-/// stamped with a generation that each check increments, so no check clears it (it is cleared
-/// once every 2^32 checks, when the generation wraps).
+/// Reusable scratch of [`AttentionMetadata::check_against_with`]: one 32-bit stamp per cache
+/// block, `generation << 1 | written` of the block's first use in the check of that generation.
+/// Each check increments the generation, so no check clears the stamps (they are cleared once
+/// every 2^31 checks, when the generation wraps). Four bytes per block keep a large cache's
+/// stamps in the host's caches (the check's cost is its random accesses to them); who used a
+/// block first is only needed for an error's message and is found again then.
 #[derive(Debug, Default)]
 pub struct StepCheckScratch {
     generation: u32,
-    uses: Vec<BlockUse>,
+    stamps: Vec<u32>,
 }
 
 impl StepCheckScratch {
@@ -490,22 +496,55 @@ impl StepCheckScratch {
         Self::default()
     }
 
-    /// Starts a new check over `num_blocks` blocks: its generation and the entries.
-    fn begin(&mut self, op: &'static str, num_blocks: usize) -> Result<(u32, &mut [BlockUse])> {
-        if self.uses.len() < num_blocks {
-            let extra = num_blocks - self.uses.len();
-            self.uses.try_reserve_exact(extra).map_err(|_| AttentionError::AllocationFailed {
+    /// Starts a new check over `num_blocks` blocks: the check's stamp (its generation shifted
+    /// past the written bit) and the entries.
+    fn begin(&mut self, op: &'static str, num_blocks: usize) -> Result<(u32, &mut [u32])> {
+        if self.stamps.len() < num_blocks {
+            let extra = num_blocks - self.stamps.len();
+            self.stamps.try_reserve_exact(extra).map_err(|_| AttentionError::AllocationFailed {
                 op,
                 tensor: "step check scratch",
-                bytes: num_blocks as u128 * std::mem::size_of::<BlockUse>() as u128,
+                bytes: num_blocks as u128 * std::mem::size_of::<u32>() as u128,
             })?;
-            self.uses.resize(num_blocks, BlockUse::default());
+            self.stamps.resize(num_blocks, 0);
         }
-        self.generation = self.generation.wrapping_add(1);
+        self.generation = (self.generation + 1) & (u32::MAX >> 1);
         if self.generation == 0 {
-            self.uses.fill(BlockUse::default());
+            self.stamps.fill(0);
             self.generation = 1;
         }
-        Ok((self.generation, &mut self.uses[..num_blocks]))
+        Ok((self.generation << 1, &mut self.stamps[..num_blocks]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block used in the last check before the generation wraps is free in the first check
+    /// after it: the wrap clears the stamps instead of letting an old stamp match a new one.
+    #[test]
+    fn scratch_generation_wraps_cleanly() {
+        let layout = CacheLayout::new(4, 2, 1, 16).unwrap();
+        // One request of 3 tokens (one decode step on 2 context tokens) writing block 1.
+        let meta = AttentionMetadata::new(
+            vec![0, 1],
+            vec![3],
+            BlockTable::from_rows(&[vec![0, 1]]),
+            SlotMapping::new(vec![2]),
+            1,
+        )
+        .unwrap();
+        let mut scratch = StepCheckScratch::new();
+        meta.check_against_with("t", &layout, &mut scratch).unwrap();
+        // The last generation before the wrap, and stamps left by generation 1 (written) 2^31
+        // checks ago: the first generation after the wrap must not take them for its own.
+        scratch.generation = u32::MAX >> 1;
+        scratch.stamps.fill(1 << 1 | 1);
+        meta.check_against_with("t", &layout, &mut scratch).unwrap();
+        assert_eq!(scratch.generation, 1);
+        assert_eq!(scratch.stamps, [2, 3, 0, 0]);
+        meta.check_against_with("t", &layout, &mut scratch).unwrap();
+        assert_eq!(scratch.stamps, [4, 5, 0, 0]);
     }
 }

@@ -341,16 +341,18 @@ fn compute_item<T: Element, C: CacheElement>(
         let (i, g) = (row_start + k / group, k % group);
         let head = kv_head * group + g;
         let pos = context + i;
-        let row = row.as_slice_mut().expect("fresh arrays are contiguous");
         let Some((lo, hi)) = ranges[i - row_start] else {
             row.fill(0.0);
             lse[k] = sink(g).unwrap_or(f32::NEG_INFINITY);
             continue;
         };
         let (lo, hi) = (lo - klo, hi - klo);
+        row.slice_axis_mut(Axis(0), Slice::from(..lo)).fill(0.0);
+        row.slice_axis_mut(Axis(0), Slice::from(hi + 1..)).fill(0.0);
+        let mut seen = row.slice_axis_mut(Axis(0), Slice::from(lo..hi + 1));
         let slope = params.alibi_slopes.as_ref().map(|s| s[head]);
         let mut max = sink(g).unwrap_or(f32::NEG_INFINITY);
-        for (n, s) in row.iter_mut().enumerate().take(hi + 1).skip(lo) {
+        for (n, s) in (lo..).zip(seen.iter_mut()) {
             let mut x = params.scale * *s;
             if let Some(cap) = params.softcap {
                 x = cap * (x / cap).tanh();
@@ -362,16 +364,12 @@ fn compute_item<T: Element, C: CacheElement>(
             max = max.max(x);
         }
         let mut denom = sink(g).map_or(0.0, |s| (s - max).exp());
-        for s in &mut row[lo..=hi] {
+        for s in &mut seen {
             *s = (*s - max).exp();
             denom += *s;
         }
-        row[..lo].fill(0.0);
-        row[hi + 1..].fill(0.0);
         let inv = 1.0 / denom;
-        for s in &mut row[lo..=hi] {
-            *s *= inv;
-        }
+        seen.mapv_inplace(|s| s * inv);
         lse[k] = max + denom.ln();
     }
 

@@ -416,9 +416,22 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
         } else {
             SPLITS.iter().copied().filter(|&x| x * 256 <= ctx).collect()
         };
+        // The counts that make the grid a whole number of one-block-per-SM waves (or come
+        // closest from below and above): b1 x 32768 at 16 splits leaves 4 of 132 SMs idle, 33
+        // fills two blocks on every SM.
+        let sms = st.meta.num_sms().max(1);
+        for waves in 1..=4 {
+            let exact = waves * sms / blocks;
+            for sp in [exact, exact + 1] {
+                if (1..=ctx / 256).contains(&sp) && !cands.contains(&sp) {
+                    cands.push(sp);
+                }
+            }
+        }
         if !cands.contains(&planned) {
             cands.push(planned);
         }
+        cands.sort_unstable();
         let mut line = format!(
             "{:<20} {:>9} {:<10} per_sm {per_sm} slots {slots} planned {planned:>2}:",
             s.name,
