@@ -167,7 +167,8 @@ impl DeviceMetadata {
 /// The decode blocks per SM that add bandwidth ([`decode_slots_per_sm`]) for the decode kernel that
 /// will run on `ctx`'s device: the process's [`kernels::decode_variant`] over a cache of
 /// `cache_dtype` (f16 and bf16 share their kernels' shapes; FP8 caches have a pipeline of their
-/// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked.
+/// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked,
+/// against the bytes in flight the device's memory needs ([`device_saturation_bytes`]).
 pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType) -> usize {
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
     let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
@@ -178,21 +179,22 @@ pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype
         .ok()
         .filter(|&b| b > 0)
         .unwrap_or_else(|| decode_blocks_per_sm(head_size));
-    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype)
+    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype, device_saturation_bytes(ctx))
 }
 
 /// [`decode_slots_per_sm`] for the decode kernel of `variant` over a `cache_dtype` cache with
-/// `compute` elements, `per_sm` of whose blocks are resident: the planner's slots for that kernel
-/// (`per_sm` itself where the kernel's bytes in flight cannot be asked).
+/// `per_sm` resident blocks, on a device whose SMs each need `saturation` bytes in flight
+/// ([`device_saturation_bytes`]; [`DECODE_SATURATION_BYTES`] is the H200's figure).
 pub fn decode_variant_slots(
     per_sm: usize,
     variant: DecodeVariant,
     head_size: usize,
     compute: DType,
     cache_dtype: DType,
+    saturation: usize,
 ) -> usize {
     kernels::decode_bytes_in_flight(variant, head_size, compute, cache_dtype)
-        .map_or(per_sm, |bytes| decode_slots_per_sm(per_sm, bytes))
+        .map_or(per_sm, |bytes| decode_slots_per_sm(per_sm, bytes, saturation))
 }
 
 /// Decode blocks resident on one SM (shared memory bound: 3 stages of 64-key K/V tiles up to head
@@ -212,18 +214,57 @@ pub(crate) fn decode_blocks_per_sm(head_size: usize) -> usize {
 /// one block on each of 128 SMs, 0.0488 ms against 0.0518 for 32), while the FP8 pipeline's blocks
 /// (16 KiB each) needed all four slots (b16 x 16384: 0.1509 ms with 4 splits, 0.1530 with 3).
 /// By Little's law 64 KiB covers about 2 us of latency at an SM's 1/132 share of 4.3 TB/s.
+/// Other devices scale it by their own bandwidth per SM ([`decode_saturation_bytes`]); this is
+/// the figure where the device's attributes cannot be read.
 pub const DECODE_SATURATION_BYTES: usize = 64 * 1024;
 
+/// The load latency, in seconds, that the bytes an SM keeps in flight must cover (Little's law:
+/// bytes in flight = bandwidth x latency). Chosen so that the H200's own attributes (memory clock
+/// 3201 MHz, 6144-bit bus: 4.92 TB/s peak, 132 SMs) give 62 KiB, which yields the same slot
+/// count as the measured [`DECODE_SATURATION_BYTES`] for every decode pipeline (a unit test
+/// checks each), so the plans measured on the H200 do not move.
+pub const DECODE_LOAD_LATENCY_S: f64 = 1.7e-6;
+
+/// K/V bytes each SM must keep in flight to read at its share of a device's peak DRAM bandwidth:
+/// `mem_clock_khz` (the memory clock, double data rate) times `bus_width_bits`, divided among
+/// `num_sms`, over [`DECODE_LOAD_LATENCY_S`]. Clamped to 16-256 KiB (a report outside that is not
+/// a memory system this kernel was measured on); [`DECODE_SATURATION_BYTES`] when an attribute is
+/// zero.
+///
+/// The latency is the H200's; on other devices the figure follows their bandwidth per SM (an
+/// H100 SXM: 3.35 TB/s on 132 SMs, 42 KiB; an A100: 2.0 TB/s on 108 SMs, 31 KiB), which no run
+/// has measured yet.
+pub fn decode_saturation_bytes(mem_clock_khz: usize, bus_width_bits: usize, num_sms: usize) -> usize {
+    if mem_clock_khz == 0 || bus_width_bits == 0 || num_sms == 0 {
+        return DECODE_SATURATION_BYTES;
+    }
+    let bytes_per_s = mem_clock_khz as f64 * 1e3 * 2.0 * bus_width_bits as f64 / 8.0;
+    let bytes = bytes_per_s / num_sms as f64 * DECODE_LOAD_LATENCY_S;
+    (bytes as usize).clamp(16 * 1024, 256 * 1024)
+}
+
+/// [`decode_saturation_bytes`] from `ctx`'s device attributes, or [`DECODE_SATURATION_BYTES`]
+/// where the driver does not report them.
+pub fn device_saturation_bytes(ctx: &Arc<CudaContext>) -> usize {
+    let attr = |a| ctx.attribute(a).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0);
+    decode_saturation_bytes(
+        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
+        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
+        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+    )
+}
+
 /// Of `per_sm` resident decode blocks that each keep `bytes_in_flight` bytes of K/V outstanding,
-/// the number that add bandwidth: enough to reach [`DECODE_SATURATION_BYTES`], at least one, at
-/// most `per_sm`. Blocks past that share the SM's bytes per second, so they finish no sooner
-/// together than one after another: the split planner's waves count these slots, not `per_sm`.
-pub fn decode_slots_per_sm(per_sm: usize, bytes_in_flight: usize) -> usize {
+/// the number that add bandwidth: enough to reach `saturation` bytes per SM
+/// ([`device_saturation_bytes`]), at least one, at most `per_sm`. Blocks past that share the SM's
+/// bytes per second, so they finish no sooner together than one after another: the split
+/// planner's waves count these slots, not `per_sm`.
+pub fn decode_slots_per_sm(per_sm: usize, bytes_in_flight: usize, saturation: usize) -> usize {
     let per_sm = per_sm.max(1);
     if bytes_in_flight == 0 {
         return per_sm;
     }
-    DECODE_SATURATION_BYTES.div_ceil(bytes_in_flight).clamp(1, per_sm)
+    saturation.max(1).div_ceil(bytes_in_flight).clamp(1, per_sm)
 }
 
 /// Key-equivalents of time one more split adds to a (request, kv head) group: its partial (one f32
@@ -265,19 +306,57 @@ pub fn decode_split_count(blocks: usize, num_sms: usize, slots: usize, max_len: 
 
 #[cfg(test)]
 mod tests {
-    use super::{decode_slots_per_sm, decode_split_count};
+    use super::{decode_saturation_bytes, decode_slots_per_sm, decode_split_count, DECODE_SATURATION_BYTES};
 
     #[test]
     fn slots_count_the_blocks_that_add_bandwidth() {
         // bf16, default pipeline, head 128: 64 KiB in flight, one block saturates an SM.
-        assert_eq!(decode_slots_per_sm(2, 64 * 1024), 1);
+        let sat = DECODE_SATURATION_BYTES;
+        assert_eq!(decode_slots_per_sm(2, 64 * 1024, sat), 1);
         // FP8 pipeline: 16 KiB a block, all four resident blocks count.
-        assert_eq!(decode_slots_per_sm(4, 16 * 1024), 4);
+        assert_eq!(decode_slots_per_sm(4, 16 * 1024, sat), 4);
         // 48 KiB a block: two; never more than resident, never fewer than one.
-        assert_eq!(decode_slots_per_sm(3, 48 * 1024), 2);
-        assert_eq!(decode_slots_per_sm(2, 1024), 2);
-        assert_eq!(decode_slots_per_sm(0, 1 << 20), 1);
-        assert_eq!(decode_slots_per_sm(3, 0), 3);
+        assert_eq!(decode_slots_per_sm(3, 48 * 1024, sat), 2);
+        assert_eq!(decode_slots_per_sm(2, 1024, sat), 2);
+        assert_eq!(decode_slots_per_sm(0, 1 << 20, sat), 1);
+        assert_eq!(decode_slots_per_sm(3, 0, sat), 3);
+        assert_eq!(decode_slots_per_sm(4, 16 * 1024, 0), 1);
+    }
+
+    /// Bytes in flight from the device's bandwidth: the H200's own attributes keep the slot count
+    /// the measured constant gives for every decode pipeline, so the plans it was tuned on do not
+    /// move; slower memories need fewer bytes per SM.
+    #[test]
+    fn saturation_follows_the_bandwidth_per_sm() {
+        use attention_kernels::attention::{decode_bytes_in_flight, DecodeVariant};
+        use attention_kernels::DType;
+        // nvidia-smi's memory clock on the H200 (3201 MHz), 6144-bit bus, 132 SMs.
+        let h200 = decode_saturation_bytes(3_201_000, 6144, 132);
+        assert!(h200 > 48 * 1024 && h200 <= DECODE_SATURATION_BYTES, "{h200}");
+        for head in [64, 80, 96, 112, 128, 160, 192, 256] {
+            for cache in [DType::BF16, DType::Fp8E4M3] {
+                for v in DecodeVariant::ALL {
+                    let Ok(bytes) = decode_bytes_in_flight(v, head, DType::BF16, cache) else { continue };
+                    for per_sm in 1..=8 {
+                        let want = decode_slots_per_sm(per_sm, bytes, DECODE_SATURATION_BYTES);
+                        assert_eq!(decode_slots_per_sm(per_sm, bytes, h200), want, "head {head} {cache:?} {v}");
+                    }
+                }
+            }
+        }
+        // H100 SXM (2619 MHz, 5120 bits, 132 SMs) and A100 80GB (1593 MHz, 5120 bits, 108 SMs).
+        let h100 = decode_saturation_bytes(2_619_000, 5120, 132);
+        let a100 = decode_saturation_bytes(1_593_000, 5120, 108);
+        assert_eq!(h100 / 1024, 42);
+        assert_eq!(a100 / 1024, 31);
+        assert_eq!(decode_slots_per_sm(4, 16 * 1024, h100), 3);
+        // Unknown attributes fall back to the H200's measured figure.
+        assert_eq!(decode_saturation_bytes(0, 6144, 132), DECODE_SATURATION_BYTES);
+        assert_eq!(decode_saturation_bytes(3_201_000, 0, 132), DECODE_SATURATION_BYTES);
+        assert_eq!(decode_saturation_bytes(3_201_000, 6144, 0), DECODE_SATURATION_BYTES);
+        // Reports outside any measured memory system are clamped.
+        assert_eq!(decode_saturation_bytes(1, 8, 1000), 16 * 1024);
+        assert_eq!(decode_saturation_bytes(usize::MAX / 4, 8192, 1), 256 * 1024);
     }
 
     #[test]

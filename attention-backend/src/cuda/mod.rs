@@ -12,8 +12,8 @@ pub use attention::{forward, paged_attention, AttentionIo, AttentionWorkspace, F
 pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
 pub use metadata::{
-    decode_slots_per_sm, decode_split_count, decode_variant_slots, DeviceMetadata, SplitPlan, DECODE_SATURATION_BYTES,
-    SPLIT_MERGE_KEYS,
+    decode_saturation_bytes, decode_slots_per_sm, decode_split_count, decode_variant_slots, device_saturation_bytes,
+    DeviceMetadata, SplitPlan, DECODE_LOAD_LATENCY_S, DECODE_SATURATION_BYTES, SPLIT_MERGE_KEYS,
 };
 pub use plan::{
     LaunchPlan, LayerBuffers, LayerStrides, PlanOptions, PlannerConfig, StepPlan, StepPlanner, BATCH_INVARIANT_ENV,

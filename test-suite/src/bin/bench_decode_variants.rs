@@ -229,7 +229,14 @@ fn main() {
             )
             .unwrap_or(2)
             .max(1);
-            let slots = cuda::decode_variant_slots(per_sm, v, D, DType::BF16, DType::BF16);
+            let slots = cuda::decode_variant_slots(
+                per_sm,
+                v,
+                D,
+                DType::BF16,
+                DType::BF16,
+                cuda::device_saturation_bytes(dev.context()),
+            );
             let splits = decode_split_count(blocks, sms, slots, s.ctx, decode_tile_keys(D));
             let ms = row(v.to_string(), v, splits, 0, per_sm);
             times.push((v, ms, per_sm));
