@@ -434,7 +434,7 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
         }
         cands.sort_unstable();
         let mut line = format!(
-            "{:<20} {:>9} {:<10} per_sm {per_sm} slots {slots} planned {planned:>2}:",
+            "{:<20} {:>9} {:<10} per_sm {per_sm} slots {slots} (of {saturation} B in flight per SM) planned {planned:>2}:",
             s.name,
             C::DTYPE.as_str(),
             v
