@@ -42,6 +42,8 @@ pub struct DeviceMetadata {
     block_table: CudaSlice<i32>,
     slot_mapping: DeviceSlotMapping,
     num_sms: usize,
+    /// K/V bytes each SM keeps in flight at its share of the bandwidth ([`device_saturation_bytes`]).
+    saturation: usize,
     /// Leading requests with exactly one query token.
     single_token_decodes: usize,
     /// Longest sequence among those.
@@ -80,6 +82,7 @@ impl DeviceMetadata {
             slot_mapping: DeviceSlotMapping::upload(dev, &meta.slot_mapping)?,
             host: meta.clone(),
             num_sms,
+            saturation: saturation_with_sms(dev.context(), num_sms),
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
@@ -153,7 +156,7 @@ impl DeviceMetadata {
         let n = self.single_token_decodes;
         let blocks = n * num_kv_heads.max(1) * group.div_ceil(decode_heads_per_block(head_size).max(1));
         let tile = decode_tile_keys(head_size).max(1);
-        let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype);
+        let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype, self.saturation);
         let num_splits = decode_split_count(blocks, self.num_sms, slots, self.decode_max_seq_len, tile);
         SplitPlan {
             decode_reqs: n,
@@ -168,8 +171,8 @@ impl DeviceMetadata {
 /// will run on `ctx`'s device: the process's [`kernels::decode_variant`] over a cache of
 /// `cache_dtype` (f16 and bf16 share their kernels' shapes; FP8 caches have a pipeline of their
 /// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked,
-/// against the bytes in flight the device's memory needs ([`device_saturation_bytes`]).
-pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType) -> usize {
+/// against the `saturation` bytes in flight the device's SMs need ([`device_saturation_bytes`]).
+pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType, saturation: usize) -> usize {
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
     let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
     // A malformed PAGED_ATTN_DECODE_VARIANT fails the decode launches themselves (and
@@ -179,7 +182,7 @@ pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype
         .ok()
         .filter(|&b| b > 0)
         .unwrap_or_else(|| decode_blocks_per_sm(head_size));
-    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype, device_saturation_bytes(ctx))
+    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype, saturation)
 }
 
 /// [`decode_slots_per_sm`] for the decode kernel of `variant` over a `cache_dtype` cache with
@@ -246,12 +249,21 @@ pub fn decode_saturation_bytes(mem_clock_khz: usize, bus_width_bits: usize, num_
 /// [`decode_saturation_bytes`] from `ctx`'s device attributes, or [`DECODE_SATURATION_BYTES`]
 /// where the driver does not report them.
 pub fn device_saturation_bytes(ctx: &Arc<CudaContext>) -> usize {
-    let attr = |a| ctx.attribute(a).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0);
+    saturation_with_sms(ctx, device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))
+}
+
+/// [`device_saturation_bytes`] for a caller that has already read the SM count.
+pub(crate) fn saturation_with_sms(ctx: &Arc<CudaContext>, num_sms: usize) -> usize {
     decode_saturation_bytes(
-        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
-        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
-        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
+        device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
+        num_sms,
     )
+}
+
+/// A device attribute, 0 where the driver does not report it.
+fn device_attribute(ctx: &Arc<CudaContext>, attr: CUdevice_attribute) -> usize {
+    ctx.attribute(attr).ok().and_then(|v| usize::try_from(v).ok()).unwrap_or(0)
 }
 
 /// Of `per_sm` resident decode blocks that each keep `bytes_in_flight` bytes of K/V outstanding,

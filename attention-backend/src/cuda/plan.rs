@@ -22,7 +22,7 @@ use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{decode_slots, decode_split_count};
+use super::metadata::{decode_slots, decode_split_count, saturation_with_sms};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -255,7 +255,12 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
-        let decode_slots = decode_slots(dev.context(), config.head_size, options.kv_cache_dtype.unwrap_or(DType::BF16));
+        let decode_slots = decode_slots(
+            dev.context(),
+            config.head_size,
+            options.kv_cache_dtype.unwrap_or(DType::BF16),
+            saturation_with_sms(dev.context(), num_sms),
+        );
         let mut planner = StepPlanner {
             dev: dev.clone(),
             config,
