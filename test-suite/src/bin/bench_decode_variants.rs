@@ -177,6 +177,7 @@ fn main() {
     });
     let sms = dev.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1)
         as usize;
+    let saturation = cuda::device_saturation_bytes(dev.context());
     println!("device: {} ({sms} SMs), bf16, head {D}, block {BS}", dev.name());
     println!(
         "{:<16} {:<12} {:>6} {:>4} {:>9} {:>8} {:>9} {:>7}",
@@ -229,14 +230,7 @@ fn main() {
             )
             .unwrap_or(2)
             .max(1);
-            let slots = cuda::decode_variant_slots(
-                per_sm,
-                v,
-                D,
-                DType::BF16,
-                DType::BF16,
-                cuda::device_saturation_bytes(dev.context()),
-            );
+            let slots = cuda::decode_variant_slots(per_sm, v, D, DType::BF16, DType::BF16, saturation);
             let splits = decode_split_count(blocks, sms, slots, s.ctx, decode_tile_keys(D));
             let ms = row(v.to_string(), v, splits, 0, per_sm);
             times.push((v, ms, per_sm));

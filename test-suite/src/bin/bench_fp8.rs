@@ -406,10 +406,10 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
     let vs = stream.clone_htod(&[SCALE]).unwrap();
     let (kc, vc) = fill::<C>(&stream, st, &ks, &vs);
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+    let saturation = attention_backend::cuda::device_saturation_bytes(dev.context());
     for v in DecodeVariant::ALL.into_iter().filter(|v| variant.is_none_or(|n| v.to_string() == n)) {
         let per_sm = kernels::blocks_per_sm_for_cache(dev.context(), probe, v, D, DType::BF16, C::DTYPE).unwrap_or(0);
         let blocks = s.seqs.len() * KV_HEADS;
-        let saturation = attention_backend::cuda::device_saturation_bytes(dev.context());
         let slots = attention_backend::cuda::decode_variant_slots(per_sm, v, D, DType::BF16, C::DTYPE, saturation);
         let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), slots, ctx, 64);
         let mut cands: Vec<usize> = if ctx >= 32768 {
