@@ -53,7 +53,8 @@
 //   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
 //   (wgmma.wait_group 1 while the PV product still runs); release K(n); mask + softmax of
 //   S(n) in place; wait for the PV product; release V(n-1); pack P(n) to 16-bit pairs.
-// So the exponentials of tile n overlap the PV product of tile n-1 inside one warpgroup. [turn]
+// So the exponentials of tile n overlap the PV product of tile n-1 inside one warpgroup (ptxas
+// undid this until the wait after the softmax was pinned in place: see the steady-state loop). [turn]
 // is a named barrier per consumer (`bar.sync 1 + c, 256` waits for the other consumer's
 // `bar.arrive`): consumer 0 gets the first turn, and each consumer hands the turn over right after
 // issuing its two products, so their issue phases alternate and one group's softmax runs while the
@@ -100,9 +101,10 @@
 // that can see such a key outputs NaN (same rule as paged_prefill_sm90.cu's header).
 //
 // Shared memory (BN = 128): Q BM x D, then SK stages of K and SV of V, BN x D each, as 64-column
-// swizzled panels, then the barriers, the row-offset ring (3 x BN int64) and a BN-bit set of
-// sanitised keys per V stage. Head 128: SK = 3, SV = 2, 32 KB + 3 x 32 KB + 2 x 32 KB = 192 KB
-// of tiles, about 196 KB with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first
+// swizzled panels, then the barriers, the row-offset ring (3 x BN int64), a BN-bit set of
+// sanitised keys per V stage and a float per consumer thread that pins a wait (see the steady-state
+// loop). Head 128: SK = 3, SV = 2, 32 KB + 3 x 32 KB + 2 x 32 KB = 192 KB of tiles, about 197 KB
+// with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first
 // version) Nsight Compute on an H200 (causal, 8 requests x 2048 tokens) showed the consumer
 // warpgroups stalled on their FULL_K and FULL_V waits (about 14% of their stall samples) while the
 // producer waited on EMPTY barriers, which looked like a pipeline too shallow for the gather's
@@ -173,7 +175,8 @@ template <int D, bool kFp8 = false> struct WsCfg {
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
   static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
   static constexpr int kAlignSlack = 1024;
-  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffBad + kStagesV * kBadWords * 4;
+  static constexpr int kOffPin = kOffBad + kStagesV * kBadWords * 4;  // a float per consumer thread
+  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffPin + 128 * kConsumers * 4;
   static_assert(kStagesK >= 1 && kStagesV >= 1, "each pipeline needs a stage");
   static_assert(D % 64 == 0, "tiles are stored as 64-column swizzled panels");
   static_assert(kBN <= 128, "one producer thread computes one key row's offset");
@@ -238,6 +241,9 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
@@ -590,13 +596,19 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
 
   // ------------------------------------------------------------------ consumers
   setmaxnreg_inc<Cfg::kConsumerRegs>();
-  const int cw = wg - 1;  // consumer 0 / 1
+  // Consumer 0 / 1, broadcast from lane 0 so that ptxas knows it is the same in every lane of the
+  // warp: the tile loop's stage indices, phases and wgmma descriptors then live in uniform
+  // registers. Computed per thread (wg - 1), they did not: the steady-state loop carried 48
+  // R2UR moves and 28 more IMADs per tile (597 instructions per thread, now 546; SASS of the
+  // bf16 head-128 instantiation with the mask branches compiled out).
+  const int cw = __shfl_sync(0xffffffffu, wg - 1, 0);
   const int ct = tid - 128 * wg;
   const int warp = ct / 32, lane = ct % 32;
   const int g4 = lane >> 2, t4 = lane & 3;
   const int rw0 = cw * 64;
   const int r_thr = rw0 + warp * 16 + g4;  // this thread's rows r_thr and r_thr + 8 of a block
   const int bar_self = kBarTurn0 + cw, bar_other = kBarTurn0 + 1 - cw;
+  const uint32_t pin_addr = base + Cfg::kOffPin + 4u * static_cast<uint32_t>(ct + 128 * cw);
   T* out = static_cast<T*>(p.out);
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
   if (cw == 0) named_arrive(kBarTurn0, 256);  // consumer 0 has the first turn
@@ -793,6 +805,13 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           mbar_arrive(empty_k(ks(n)));
           float al[2];
           softmax(n, al);
+          // Pin the wait for P(n - 1) V(n - 1) after the softmax. ptxas (CUDA 13.0) hoists this
+          // wgmma.wait_group 0 up to the first row maximum, before the exponentials, so the
+          // softmax no longer overlapped the PV product at all (FlashInfer 0.7.2's prebuilt sm90
+          // prefill shows the same hoist). A shared-memory store keeps its place before the wait,
+          // and storing the row sums, which depend on every exponential, keeps those before it:
+          // the SASS of every instantiation now has the tile's 64 MUFU.EX2 between the two waits.
+          st_shared_f32(pin_addr, st[0].l + st[1].l);
           w::wgmma_wait<0>();
           w::fence_regs(o);
           w::fence_regs(pk);
