@@ -6,6 +6,7 @@ mod bundle;
 mod candle;
 mod cuda;
 mod package;
+mod sass;
 mod shell;
 mod test;
 
@@ -18,7 +19,9 @@ Commands:
   setup-cuda     install the pinned CUDA compiler (nvcc 13.0 from PyPI) into the user cache; idempotent
   test           fmt check, clippy -D warnings, every workspace test (kernels compiled when nvcc is
                  available or can be set up), the candle example checked; GPU tests are built and, with
-                 no GPU here, reported as NOT RUN
+                 no GPU here, reported as NOT RUN; `sass` too when the kernels are compiled
+  sass           compile the warp-specialised prefill alone and check its SASS: the softmax overlaps the
+                 PV product, the wgmma descriptors are uniform (cuobjdump from PyPI, installed if missing)
   fuzz [CASES]   the property tests with many more cases (default 20000), release build
   package        cargo package + publish --dry-run for the three library crates, the packaged kernels
                  built with `cuda`, the outside consumer (examples/consumer) run on them, docs with -D warnings
@@ -37,6 +40,9 @@ fn main() -> ExitCode {
         Some("setup-cuda") => cuda::setup().map(|root| println!("CUDA root: {}", root.display())),
         Some("test") => test::run(),
         Some("package") => package::run(package::nvcc()),
+        Some("sass") => cuda::find()
+            .ok_or_else(|| "no nvcc: run `cargo xtask setup-cuda` first".to_string())
+            .and_then(|root| sass::check(&root)),
         Some("fuzz") => test::fuzz(args.get(1).map(String::as_str)),
         Some("gpu-bundle") => bundle::build().map(|_| ()),
         Some("gpu-test") => bundle::gpu_test(),

@@ -67,6 +67,11 @@ pub fn run() -> Result<(), String> {
 
     crate::package::run(cuda_root.as_ref().map(|r| r.join("bin/nvcc")))?;
 
+    // Code generation the tests cannot see (same results, different speed): see xtask's sass.rs.
+    if let Some(root) = &cuda_root {
+        crate::sass::check(root)?;
+    }
+
     // The candle example: an engine's view of the crates beside candle-core with `cuda`. Checked
     // (fmt, clippy: everything type-checked, the kernels compiled), not linked (see xtask's candle.rs).
     match &cuda_root {
