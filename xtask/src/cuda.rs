@@ -5,7 +5,7 @@
 //! outside any clean checkout, so every machine and CI get the same compiler.
 //! `attention-kernels/build.rs` looks in the same place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::shell;
@@ -48,9 +48,28 @@ fn installed_root() -> Option<PathBuf> {
     if std::fs::read_to_string(venv.join("pinned.txt")).ok()? != stamp() {
         return None;
     }
+    cu13_with(&venv, &["bin/nvcc"])
+}
+
+/// `nvidia/cu13` in the site-packages of the virtual environment `venv`, if it holds every one of
+/// `files` (NVIDIA's CUDA 13 wheels all install there).
+pub fn cu13_with(venv: &Path, files: &[&str]) -> Option<PathBuf> {
     let mut pythons: Vec<PathBuf> = std::fs::read_dir(venv.join("lib")).ok()?.flatten().map(|e| e.path()).collect();
     pythons.sort();
-    pythons.into_iter().map(|p| p.join("site-packages/nvidia/cu13")).find(|r| r.join("bin/nvcc").is_file())
+    pythons.into_iter().map(|p| p.join("site-packages/nvidia/cu13")).find(|r| files.iter().all(|f| r.join(f).is_file()))
+}
+
+/// Installs `wheels` into the virtual environment `venv`, creating it first if needed.
+pub fn pip_install(venv: &Path, wheels: &[&str]) -> Result<(), String> {
+    if !venv.join("bin/pip").is_file() {
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut make_venv = Command::new(&python);
+        make_venv.args(["-m", "venv"]).arg(venv);
+        shell::run(make_venv)?;
+    }
+    let mut pip = Command::new(venv.join("bin/pip"));
+    pip.args(["install", "--quiet", "--disable-pip-version-check"]).args(wheels);
+    shell::run(pip)
 }
 
 /// A CUDA root that already has nvcc: `NVCC`, `CUDA_HOME`/`CUDA_PATH`/`CUDA_ROOT`, the pinned
@@ -83,13 +102,7 @@ pub fn setup() -> Result<PathBuf, String> {
     let venv = venv()?;
     std::fs::create_dir_all(cache_dir()?).map_err(|e| format!("cannot create the cache folder: {e}"))?;
     println!("installing the pinned CUDA compiler into {}", venv.display());
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut make_venv = Command::new(&python);
-    make_venv.args(["-m", "venv"]).arg(&venv);
-    shell::run(make_venv)?;
-    let mut pip = Command::new(venv.join("bin/pip"));
-    pip.args(["install", "--quiet", "--disable-pip-version-check"]).args(PINNED_WHEELS);
-    shell::run(pip)?;
+    pip_install(&venv, PINNED_WHEELS)?;
     std::fs::write(venv.join("pinned.txt"), stamp()).map_err(|e| format!("cannot write the stamp: {e}"))?;
     let root = installed_root().ok_or("the wheels installed but no nvcc was found in them")?;
     println!("installed: {}", root.join("bin/nvcc").display());

@@ -71,25 +71,12 @@ fn cuobjdump(cuda_root: &Path) -> Result<PathBuf, String> {
         return Ok(own);
     }
     let venv = cuda::cache_dir()?.join(CUOBJDUMP_VENV);
-    let find = || -> Option<PathBuf> {
-        let mut pythons: Vec<PathBuf> = std::fs::read_dir(venv.join("lib")).ok()?.flatten().map(|e| e.path()).collect();
-        pythons.sort();
-        let bin = pythons.into_iter().map(|p| p.join("site-packages/nvidia/cu13/bin")).find(|b| b.is_dir())?;
-        Some(bin.join("cuobjdump")).filter(|b| b.is_file() && bin.join("nvdisasm").is_file())
-    };
+    let find = || cuda::cu13_with(&venv, &["bin/cuobjdump", "bin/nvdisasm"]).map(|r| r.join("bin/cuobjdump"));
     if let Some(found) = find() {
         return Ok(found);
     }
     println!("installing {} into {}", CUOBJDUMP_WHEELS.join(" "), venv.display());
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    if !venv.join("bin/pip").is_file() {
-        let mut make_venv = Command::new(&python);
-        make_venv.args(["-m", "venv"]).arg(&venv);
-        shell::run(make_venv)?;
-    }
-    let mut pip = Command::new(venv.join("bin/pip"));
-    pip.args(["install", "--quiet", "--disable-pip-version-check"]).args(CUOBJDUMP_WHEELS);
-    shell::run(pip)?;
+    cuda::pip_install(&venv, CUOBJDUMP_WHEELS)?;
     find().ok_or_else(|| "the wheels installed but no cuobjdump and nvdisasm were found in them".to_string())
 }
 
