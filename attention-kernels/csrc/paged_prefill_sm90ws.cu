@@ -54,7 +54,7 @@
 //   (wgmma.wait_group 1 while the PV product still runs); release K(n); mask + softmax of
 //   S(n) in place; wait for the PV product; release V(n-1); pack P(n) to 16-bit pairs.
 // So the exponentials of tile n overlap the PV product of tile n-1 inside one warpgroup (ptxas
-// undid this until the wait after the softmax was pinned in place: see the steady-state loop). [turn]
+// undid this until the wait after the softmax was pinned: see the steady-state loop). [turn]
 // is a named barrier per consumer (`bar.sync 1 + c, 256` waits for the other consumer's
 // `bar.arrive`): consumer 0 gets the first turn, and each consumer hands the turn over right after
 // issuing its two products, so their issue phases alternate and one group's softmax runs while the
@@ -104,12 +104,12 @@
 // swizzled panels, then the barriers, the row-offset ring (3 x BN int64), a BN-bit set of
 // sanitised keys per V stage and a float per consumer thread that pins a wait (see the steady-state
 // loop). Head 128: SK = 3, SV = 2, 32 KB + 3 x 32 KB + 2 x 32 KB = 192 KB of tiles, about 197 KB
-// with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first
-// version) Nsight Compute on an H200 (causal, 8 requests x 2048 tokens) showed the consumer
-// warpgroups stalled on their FULL_K and FULL_V waits (about 14% of their stall samples) while the
-// producer waited on EMPTY barriers, which looked like a pipeline too shallow for the gather's
-// latency. Three stages of both do not fit in 227 KB, so K got the third stage (every consumer
-// step starts with a FULL_K wait; its FULL_V wait has the QK^T product as slack). Measured: no
+// with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first version) Nsight Compute
+// on an H200 (causal, 8 requests x 2048 tokens) showed the consumer warpgroups stalled on their
+// FULL_K and FULL_V waits (about 14% of their stall samples) while the producer waited on EMPTY
+// barriers, which looked like a pipeline too shallow for the gather's latency. Three stages of
+// both do not fit in 227 KB, so K got the third stage (every consumer step starts with a FULL_K
+// wait; its FULL_V wait has the QK^T product as slack). Measured: no
 // change (229 / 330 TFLOP/s on causal 8 x 2048 / 2 x 8192 against 230 / 332 with two stages), so
 // depth was not what the consumers waited for; both configurations are correct, this one stays
 // (docs/PERFORMANCE.md, fourth H200 session, lists what to look at next). Head 64: SK = SV = 4,
