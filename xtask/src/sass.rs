@@ -35,7 +35,23 @@ const MIN_WGMMA_PER_TURN: usize = 12;
 
 /// Compiles the warp-specialised prefill with `cuda_root`'s nvcc and checks its SASS.
 pub fn check(cuda_root: &Path) -> Result<(), String> {
-    let cuobjdump = cuobjdump(cuda_root)?;
+    check_with(cuda_root, &cuobjdump(cuda_root)?)
+}
+
+/// [`check`] within `cargo xtask test`: a cuobjdump that cannot be found or installed (offline,
+/// say) leaves the check reported NOT RUN, as the GPU tests are without a GPU; a failed check
+/// fails the run.
+pub fn check_in_tests(cuda_root: &Path) -> Result<(), String> {
+    match cuobjdump(cuda_root) {
+        Ok(tool) => check_with(cuda_root, &tool),
+        Err(e) => {
+            shell::banner(&["SASS CHECK NOT RUN (see xtask/src/sass.rs): no cuobjdump", &e]);
+            Ok(())
+        }
+    }
+}
+
+fn check_with(cuda_root: &Path, cuobjdump: &Path) -> Result<(), String> {
     let root = shell::workspace_root();
     let out_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let out_dir = out_dir.join("sass");
@@ -50,7 +66,7 @@ pub fn check(cuda_root: &Path) -> Result<(), String> {
         .arg(&cubin)
         .arg(root.join(SOURCE));
     shell::run(nvcc)?;
-    let mut dump = Command::new(&cuobjdump);
+    let mut dump = Command::new(cuobjdump);
     dump.arg("-sass").arg(&cubin);
     if let Some(bin) = cuobjdump.parent() {
         dump.env("NVDISASM_PATH", bin);
