@@ -15,7 +15,8 @@ use crate::shell;
 
 const CRATES: &[&str] = &["attention-kernels", "attention-backend", "model-runner"];
 
-fn target_dir() -> Result<PathBuf, String> {
+/// The workspace's target folder as cargo resolves it (`CARGO_TARGET_DIR`, `.cargo/config`, ...).
+pub(crate) fn target_dir() -> Result<PathBuf, String> {
     let mut cmd = shell::cargo();
     cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
     let json = shell::output(cmd)?;
