@@ -18,22 +18,34 @@
 // the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
 // the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
 // producer moves on to the next item once it has issued the last V copy of the current one (and,
-// when that tile straddles a mask bound, as the diagonal tile of a causal item does, sanitised it:
-// see "Unseen non-finite V" below): it waits on q_empty (both consumers have finished their last
-// QK^T of the item) and loads the next Q and K tiles while the consumers still run the last PV
-// product and write their rows. (Streaming tiles across items instead, with a second Q buffer so
-// the next item's Q and first K go out before the last V is sanitised, measured 3-9% slower:
-// docs/PERFORMANCE.md, ninth session.) All
-// stage indices, barrier phases and offset-ring slots follow the block's running count of key tiles
-// (g), so the pipelines carry over from item to item without a reset; q_full / q_empty alternate
-// their phase per item that has key tiles. The turn alternation of the consumers simply continues.
+// when that tile straddles a mask bound, sanitised it: see "Unseen non-finite V" below) and loads
+// the next Q and K tiles while the consumers still run the last PV product and write their rows.
+// Over a 16-bit cache Q has two buffers, item i's in buffer i % 2, so the next item's Q waits only
+// for the item before the current one to release its buffer (q_empty), not for the current item's
+// last QK^T; an FP8 cache keeps one buffer (its staging buffers take that space). (Streaming tiles
+// across items instead, one stream of K and V tiles with no item boundary in the producer,
+// measured 3-9% slower: docs/PERFORMANCE.md, ninth session.) All stage indices, barrier phases and
+// offset-ring slots follow the block's running count of key tiles (g), so the pipelines carry
+// over from item to item without a reset; q_full / q_empty of buffer b alternate their phase per
+// item that uses it. The turn alternation of the consumers simply continues.
 //
-// Warpgroup 0, the producer (56 registers after `setmaxnreg.dec`; with 40, ptxas spilled the item
-// loop's state inside the tile loop): loads the item's Q tile, then walks its key tiles. Each
-// producer thread copies one 16-byte column of RT consecutive key rows of every tile (RT = 16 at
-// head 128, 8 at head 64): when RT divides the block size those rows lie in one page, so the
-// thread reads one block-table entry per tile (a tile ahead, into a register) and steps through
-// the page by the token stride, with no shared memory and no barrier between producer threads.
+// Tile order (16-bit caches): each item's key tiles are walked last first, as FlashAttention-3
+// does. A causal item's last tile is its diagonal, the one tile that straddles the mask and whose
+// V the producer sanitises; walked first, the products of the tiles after it hide that wait, and
+// the item ends on an unmasked tile, so the producer turns to the next item without waiting for
+// copies to land. The consumers see their rows' run of tiles mirrored; nothing else changes (the
+// online softmax does not care about key order). FP8 caches keep the ascending order.
+//
+// Warpgroup 0, the producer (72 registers after `setmaxnreg.dec` over a 16-bit cache, 56 over FP8;
+// with 40, ptxas spilled the item loop's state inside the tile loop): loads the item's Q tile, then
+// walks its key tiles. Each producer thread copies one 16-byte column of RT consecutive key rows of
+// every tile (RT = 16 at head 128, 8 at head 64): when RT divides the block size those rows lie in
+// one page, so the thread reads one block-table entry per tile (a tile ahead, into a register) and
+// steps through the page by the token stride, with no shared memory and no barrier between
+// producer threads. Over a 16-bit cache the thread carries its rows' page index and row in the
+// page from tile to tile (tiles are BN keys apart) instead of dividing by the block size for each
+// tile: the producer's address arithmetic was on the critical path (measured, docs/PERFORMANCE.md,
+// twelfth session).
 // (The first version had one thread per key row write its row's offset to a ring in shared memory
 // for the others to read after a producer barrier; Nsight Compute showed every copy waiting on its
 // offset's shared-memory load, and the consumers waiting on FULL barriers for 16% of their time.
@@ -47,7 +59,8 @@
 // not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
 // Hopper paged prefill does the same).
 //
-// Warpgroups 1 and 2, the consumers (224 registers after `setmaxnreg.inc`), own 64 query rows each.
+// Warpgroups 1 and 2, the consumers (216 registers after `setmaxnreg.inc`, 224 with an FP8 cache),
+// own 64 query rows each.
 // Per key tile n, a consumer (both go through every tile in the same order, see "skipped tiles"):
 //   wait FULL_K(n); [turn] issue S(n) = Q K(n)^T; wait FULL_V(n-1); rescale O by the factor
 //   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
@@ -95,26 +108,31 @@
 // per element against each row's visible interval, attention/scores.cuh), and only soft-cap /
 // ALiBi take the element-wise exact-score pass; sinks and LSE in the epilogue; GQA through the KV
 // head of the query head. Unseen non-finite V: on a tile that straddles a mask bound of any row of
-// the block the PRODUCER waits for its own V copies (cp.async.wait_all + a producer barrier), zeroes
-// every non-finite V element in shared memory, records the keys that had one in a per-V-stage bit set,
-// and arrives on FULL_V with a plain release arrive instead of the cp.async one; a consumer row
-// that can see such a key outputs NaN (same rule as paged_prefill_sm90.cu's header).
+// the block the PRODUCER zeroes every non-finite V element in shared memory, records the keys that
+// had one in a per-V-stage bit set, and arrives on FULL_V with a plain release arrive instead of
+// the cp.async one; a consumer row that can see such a key outputs NaN (same rule as
+// paged_prefill_sm90.cu's header). With the grouped gather each producer thread waits for its own
+// copies only and checks what it copied (a warp's groups cover one 32-key word of the bit set,
+// written whole: no barrier, no atomics); the offset-ring form waits for every producer thread's
+// copies (cp.async.wait_all + a producer barrier) and scans the whole tile.
 //
-// Shared memory (BN = 128): Q BM x D, then SK stages of K and SV of V, BN x D each, as 64-column
-// swizzled panels, then the barriers, the row-offset ring (3 x BN int64), a BN-bit set of
-// sanitised keys per V stage and a float per consumer thread that pins a wait (see the steady-state
-// loop). Head 128: SK = 3, SV = 2, 32 KB + 3 x 32 KB + 2 x 32 KB = 192 KB of tiles, about 197 KB
-// with the rest and the 1 KB alignment slack. With SK = SV = 2 (the first version) Nsight Compute
+// Shared memory (BN = 128): NQ Q buffers of BM x D (two over a 16-bit cache), then SK stages of K
+// and SV of V, BN x D each, as 64-column swizzled panels, then the barriers, the row-offset ring
+// (3 x BN int64), a BN-bit set of sanitised keys per V stage and a float per consumer thread that
+// pins a wait (see the steady-state loop). Head 128: SK = SV = 2, 2 x 32 KB + 2 x 32 KB + 2 x 32 KB
+// = 192 KB of tiles, about 197 KB with the rest and the 1 KB alignment slack. The second Q buffer
+// took the place of a third K stage, which an earlier version had (next paragraph); both measured
+// alike on their own, and the second Q buffer came with the faster producer (twelfth session).
+// With SK = SV = 2 (the first version) Nsight Compute
 // on an H200 (causal, 8 requests x 2048 tokens) showed the consumer warpgroups stalled on their
 // FULL_K and FULL_V waits (about 14% of their stall samples) while the producer waited on EMPTY
 // barriers, which looked like a pipeline too shallow for the gather's latency. Three stages of
 // both do not fit in 227 KB, so K got the third stage (every consumer step starts with a FULL_K
 // wait; its FULL_V wait has the QK^T product as slack). Measured: no
 // change (229 / 330 TFLOP/s on causal 8 x 2048 / 2 x 8192 against 230 / 332 with two stages), so
-// depth was not what the consumers waited for; both configurations are correct, this one stays
-// (docs/PERFORMANCE.md, fourth H200 session, lists what to look at next). Head 64: SK = SV = 4,
-// 16 KB + 8 x 16 KB = 144 KB of tiles (a tile of head 64 is half the compute, so twice the depth
-// covers the same latency).
+// depth was not what the consumers waited for (docs/PERFORMANCE.md, fourth H200 session). Head
+// 64: SK = SV = 4, 2 x 16 KB + 8 x 16 KB = 160 KB of tiles (a tile of head 64 is half the compute,
+// so twice the depth covers the same latency).
 //
 // FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
 // branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
@@ -135,6 +153,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
@@ -151,27 +170,32 @@ template <int D, bool kFp8 = false> struct WsCfg {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kBN = 128;
-  // K and V stage counts (see "Shared memory" in the header for why they differ at head 128; an
-  // FP8 cache gives the third K stage up for its staging buffers).
-  static constexpr int kStagesK = D <= 64 ? 4 : (kFp8 ? 2 : 3);
+  // K and V stage counts (see "Shared memory" in the header: at head 128 a 16-bit cache spends the
+  // room of a third stage on a second Q buffer, an FP8 cache on its staging buffers).
+  static constexpr int kStagesK = D <= 64 ? 4 : 2;
   static constexpr int kStagesV = D <= 64 ? 4 : 2;
   static constexpr int kChunks = D / 8;  // 16-byte units per row
   static constexpr int kQBytes = kBM * D * 2;
+  // Q buffers: two over a 16-bit cache, so the next item's Q loads while the current item's
+  // rows still use theirs; one with an FP8 cache, whose staging buffers take that space.
+  static constexpr int kQBufs = kFp8 ? 1 : 2;
   static constexpr int kTileBytes = kBN * D * 2;
   static constexpr int kStageBytes8 = kFp8 ? kBN * D : 0;  // one staged FP8 K or V tile, [BN][D] bytes
   static constexpr int kBadWords = kBN / 32;
-  // Register split: 128 x 56 + 256 x 224 = 64512 = 384 x 168, the launch allocation. The producer
-  // keeps the persistent item loop's state (and, with an FP8 cache, 16 live values per widened
-  // 16-byte vector) without spilling inside its tile loop; the consumers do not spill at 224.
-  static constexpr int kProducerRegs = 56;
-  static constexpr int kConsumerRegs = 224;
+  // Register split: 128 x 72 + 256 x 216 (16-bit cache) or 128 x 56 + 256 x 224 (FP8) = 64512 =
+  // 384 x 168, the launch allocation. The producer keeps the persistent item loop's state, and over
+  // a 16-bit cache the carried page cursors of K and V, without spilling inside its tile loop (with
+  // an FP8 cache: 16 live values per widened 16-byte vector); the consumers do not spill at 216.
+  static constexpr int kProducerRegs = kFp8 ? 56 : 72;
+  static constexpr int kConsumerRegs = kFp8 ? 224 : 216;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 64512, "register split");
   // Byte offsets from the 1024-aligned base.
-  static constexpr int kOffK = kQBytes;
+  static constexpr int kOffK = kQBufs * kQBytes;
   static constexpr int kOffV = kOffK + kStagesK * kTileBytes;
   static constexpr int kOffStg = kOffV + kStagesV * kTileBytes;  // FP8 only: staged K, then V
-  static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;  // full_k, full_v, empty_k, empty_v, q_full, q_empty
-  static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 2;
+  // full_k, full_v, empty_k, empty_v, q_full, q_empty
+  static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;
+  static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 2 * kQBufs;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
   static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
   static constexpr int kAlignSlack = 1024;
@@ -278,7 +302,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   using Cfg = WsCfg<D, kFp8>;
   namespace w = pa::sm90;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
-  constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV;
+  constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV, NQ = Cfg::kQBufs;
+  // An item's key tiles walked last first over a 16-bit cache (see "Tile order" in the header).
+  constexpr bool kRev = !kFp8;
   constexpr int NS = BN / 2;  // S accumulator floats per thread
   constexpr int NO = D / 2;   // O accumulator floats per thread
   constexpr int NJ = BN / 8;  // n8 column groups of S
@@ -286,17 +312,19 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t pad = (1024u - (raw_addr & 1023u)) & 1023u;
   unsigned char* smem = smem_raw + pad;
-  const uint32_t base = raw_addr + pad;  // Q tile
+  const uint32_t base = raw_addr + pad;  // Q buffers, then K and V stages
   const uint32_t k_base = base + Cfg::kOffK, v_base = base + Cfg::kOffV, bars = base + Cfg::kOffBar;
   int64_t* ro_s = reinterpret_cast<int64_t*>(smem + Cfg::kOffRo);  // [3][BN]
   uint32_t* bad_s = reinterpret_cast<uint32_t*>(smem + Cfg::kOffBad);  // [SV][BN / 32]
-  // Barriers: full_k[SK], full_v[SV], empty_k[SK], empty_v[SV], q_full, q_empty (kNumBars in all).
+  // Barriers: full_k[SK], full_v[SV], empty_k[SK], empty_v[SV], q_full[NQ], q_empty[NQ] (kNumBars).
   auto full_k = [&](int s) { return bars + 8u * s; };
   auto full_v = [&](int s) { return bars + 8u * (SK + s); };
   auto empty_k = [&](int s) { return bars + 8u * (SK + SV + s); };
   auto empty_v = [&](int s) { return bars + 8u * (2 * SK + SV + s); };
-  const uint32_t q_full = bars + 8u * (2 * SK + 2 * SV), q_empty = q_full + 8u;
-  static_assert(2 * SK + 2 * SV + 2 == Cfg::kNumBars, "barrier layout");
+  auto q_full = [&](uint32_t b) { return bars + 8u * (2 * SK + 2 * SV + b); };
+  auto q_empty = [&](uint32_t b) { return bars + 8u * (2 * SK + 2 * SV + NQ + b); };
+  auto q_buf = [&](uint32_t b) { return base + b * Cfg::kQBytes; };
+  static_assert(2 * SK + 2 * SV + 2 * NQ == Cfg::kNumBars, "barrier layout");
   // The producer's claim on the stage of the block's K (V) tile gt: waits until the consumers
   // released that stage's previous use (a fresh stage needs no wait), then returns the stage.
   auto acquire_k = [&](uint32_t gt) {
@@ -344,8 +372,10 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
     it.n_tiles = span.hi >= span.lo ? span.hi / BN - it.n_first + 1 : 0;
     return it;
   };
+  // First key of item `it`'s tile t (t counts tiles in the order they are walked).
+  auto tile_key0 = [&](const Item& it, int t) { return (kRev ? it.n_first + it.n_tiles - 1 - t : it.n_first + t) * BN; };
   auto block_mask = [&](const Item& it, int t) {
-    const int n0 = (it.n_first + t) * BN;
+    const int n0 = tile_key0(it, t);
     return n0 + BN - 1 > it.mask_above_b || n0 < it.mask_below_b;
   };
 
@@ -362,7 +392,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
   auto produce_fp8 = [&](const Item& it, uint32_t g) {
     if constexpr (kFp8) {
       const int pt = tid;
-      const int tile0 = it.n_first, tiles = it.n_tiles;
+      const int tiles = it.n_tiles;
       constexpr int C16 = D / 16;  // 16-byte FP8 units per row
       const uint32_t stg_k = base + Cfg::kOffStg, stg_v = stg_k + Cfg::kStageBytes8;
       const unsigned char* stg_k_ptr = smem + Cfg::kOffStg;
@@ -374,11 +404,11 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         for (int idx = pt; idx < BN * C16; idx += 128) cp_async16_row(dst + idx * 16, src + (idx % C16) * 16, ro[idx / C16]);
       };
       auto row_offset = [&](int t, int64_t page) {
-        const int key = (tile0 + t) * BN + pt;
+        const int key = tile_key0(it, t) + pt;
         return key < it.seq_len ? pa::cache_row(p, page, key, it.kvh, D) : int64_t{-1};
       };
       auto page_for = [&](int t) {
-        const int key = (tile0 + t) * BN + pt;
+        const int key = tile_key0(it, t) + pt;
         return t < tiles && key < it.seq_len ? pa::page_of(p, it.req, key) : int64_t{0};
       };
       auto slot = [&](int j) { return ro_s + ((g + j) % 3u) * BN; };
@@ -436,8 +466,10 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       mbar_init(full_v(s), 128);
       mbar_init(empty_v(s), 256);
     }
-    mbar_init(q_full, 128);
-    mbar_init(q_empty, 256);
+    for (int b = 0; b < NQ; ++b) {
+      mbar_init(q_full(b), 128);
+      mbar_init(q_empty(b), 256);
+    }
   }
   __syncthreads();  // the only block-wide barrier: the roles below never meet in bar 0 again
 
@@ -468,128 +500,213 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         cp_async16_row(dst + dst0 + i * RPI * 128, src_c, ro[r0 + i * RPI]);
       }
     };
-    uint32_t g = 0;   // key tiles of earlier items (the stage / phase / ring-slot count)
-    uint32_t qi = 0;  // earlier items that loaded Q
-#pragma unroll 1
-    for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-      const Item it = decode_item(item);
-      if (it.n_tiles == 0) continue;  // no key tile: the consumers write the rows alone
-      // Q's buffer is free once both consumers finished their last QK^T of the previous item.
-      if (qi > 0) mbar_wait_guarded(q_empty, (qi - 1) & 1);
+    // Q of item `it` into buffer qn % NQ (qn: the block's earlier Q loads): the buffer is free once
+    // both consumers finished the last QK^T of the item that used it before (NQ loads ago).
+    auto load_q = [&](const Item& it, uint32_t qn) {
+      const uint32_t b = qn % NQ;
+      if (qn >= NQ) mbar_wait_guarded(q_empty(b), ((qn / NQ) - 1) & 1);
       for (int idx = pt; idx < BM * C; idx += 128) {
         const int r = idx / C, c = idx % C;
         const bool valid = r < it.rows;
         const int64_t off = valid ? pa::q_row(p, it.q_start + it.m0 + r, it.h) + c * 8 : 0;
-        cp_async16(base + w::swizzled_offset(BM, r, c * 8), q + off, valid);
+        cp_async16(q_buf(b) + w::swizzled_offset(BM, r, c * 8), q + off, valid);
       }
-      mbar_arrive_cp_async(q_full);
-      if constexpr (kFp8) {
+      mbar_arrive_cp_async(q_full(b));
+    };
+    if constexpr (kFp8) {
+      uint32_t g = 0;   // key tiles of earlier items (the stage / phase / ring-slot count)
+      uint32_t qn = 0;  // earlier items that loaded Q
+#pragma unroll 1
+      for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+        const Item it = decode_item(item);
+        if (it.n_tiles == 0) continue;  // no key tile: the consumers write the rows alone
+        load_q(it, qn++);
         produce_fp8(it, g);
-      } else {
-        // V of tile t has been issued into stage s at vs: arrive on FULL_V(s), after sanitising it on
-        // a tile that straddles a mask bound (zero every non-finite element once they have landed,
-        // note their keys).
-        auto finish_v = [&](int t, uint32_t s, uint32_t vs) {
-          if (block_mask(it, t)) {
-            uint32_t* bad = bad_s + s * Cfg::kBadWords;
-            if (pt < Cfg::kBadWords) bad[pt] = 0u;
-            cp_async_wait_all();
-            named_sync(kBarProducer, 128);
-            unsigned char* vp = smem + (vs - base);
-            for (int idx = pt; idx < BN * C; idx += 128) {
-              const int r = idx / C, c = idx % C;
-              uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
-              uint4 v = *ptr;
-              const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) |
-                                 pa::sanitize_pair<T>(v.z) | pa::sanitize_pair<T>(v.w);
-              if (f != 0u) {
-                *ptr = v;
-                atomicOr(&bad[r >> 5], 1u << (r & 31));
+        g += it.n_tiles;
+      }
+      // Retire only after the consumers released the last V stage (their last release of all).
+      if (g > 0) mbar_wait_guarded(empty_v((g - 1) % SV), ((g - 1) / SV) & 1);
+      return;
+    }
+
+    // 16-bit cache: per item, its Q into buffer qi % NQ, then step j issues K of tile j and V of
+    // tile j - 1 (tiles in walking order, see "Tile order" in the header).
+    //
+    // Grouped gather (RT divides the block size): this thread copies 16-byte unit c_thr of the
+    // tile's RT consecutive rows grp * RT.., which lie in one page (RT divides the block size and
+    // the tile start), so one block-table entry per tile and a constant token stride give every
+    // source address, and nothing passes through shared memory or a producer barrier. Otherwise each
+    // key row's offset is computed by the thread that owns the row (pt < BN) and shared through a
+    // ring of 3 tiles in shared memory. Either way the page a thread needs is read a tile ahead.
+    const bool grouped = p.block_size % RT == 0;
+    const int grp = pt / C;
+    const int64_t ts = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between a page's tokens
+    const uint32_t x16 = (c_thr & 7) * 16;
+    const uint32_t dgrp = (c_thr >> 3) * (BN * 128) + grp * RT * 128;  // panel, then the group's first row
+    const int key_ofs = grouped ? grp * RT : pt;  // the key (from the tile start) whose page this thread reads
+    // Page of this thread's key in tile j of `it` (0: no key of the sequence, or no row of its own).
+    auto page_for = [&](const Item& it, int j) -> int64_t {
+      const int key = tile_key0(it, j) + key_ofs;
+      return (grouped || pt < BN) && key < it.seq_len ? pa::page_of(p, it.req, key) : int64_t{0};
+    };
+    // V of a tile straddling a mask bound has been issued into stage s (grouped gather): once this
+    // thread's own copies have landed, zero every non-finite element among them, publish which of
+    // its group's keys had one (a warp covers 32 keys, one word of the stage's bit set, written
+    // whole, so no clearing and no atomics), then arrive with a plain release arrive. No producer
+    // barrier: each thread checks only what it copied.
+    auto sanitize_own = [&](uint32_t s, uint32_t vs) {
+      cp_async_wait_all();
+      unsigned char* vp = smem + (vs - base) + dgrp;
+      uint32_t bits = 0;
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        uint4* ptr = reinterpret_cast<uint4*>(vp + i * 128 + (x16 ^ ((i & 7) * 16)));
+        uint4 v = *ptr;
+        if (pa::any_nonfinite<T>(v.x, v.y, v.z, v.w)) {
+          pa::sanitize_pair<T>(v.x);
+          pa::sanitize_pair<T>(v.y);
+          pa::sanitize_pair<T>(v.z);
+          pa::sanitize_pair<T>(v.w);
+          *ptr = v;
+          bits |= 1u << i;
+        }
+      }
+      static_assert(BN == 128 && 32 * RT / C == 32, "a warp's groups cover one 32-key word");
+      const int lane = pt & 31;
+      const uint32_t word = __reduce_or_sync(0xffffffffu, bits << ((lane / C) * RT));
+      if (lane == 0) bad_s[s * Cfg::kBadWords + (pt >> 5)] = word;
+      mbar_arrive(full_v(s));
+    };
+    // The same with a ring-path tile, whose rows a thread copies RPI apart: every producer thread's
+    // copies landed (cp.async.wait_all, then the producer barrier), then a scan of the whole tile
+    // with atomic bit sets into the cleared bit set.
+    auto sanitize_all = [&](uint32_t s, uint32_t vs) {
+      uint32_t* bad = bad_s + s * Cfg::kBadWords;
+      if (pt < Cfg::kBadWords) bad[pt] = 0u;
+      cp_async_wait_all();
+      named_sync(kBarProducer, 128);
+      unsigned char* vp = smem + (vs - base);
+      for (int idx = pt; idx < BN * C; idx += 128) {
+        const int r = idx / C, c = idx % C;
+        uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
+        uint4 v = *ptr;
+        const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) |
+                           pa::sanitize_pair<T>(v.z) | pa::sanitize_pair<T>(v.w);
+        if (f != 0u) {
+          *ptr = v;
+          atomicOr(&bad[r >> 5], 1u << (r & 31));
+        }
+      }
+      mbar_arrive(full_v(s));
+    };
+
+    uint32_t g = 0, qi = 0;
+#pragma unroll 1
+    for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+      const Item it = decode_item(item);
+      if (it.n_tiles == 0) continue;
+      load_q(it, qi);
+      auto fin = [&](int t, uint32_t s, uint32_t vs) {
+        if (!block_mask(it, t)) {
+          mbar_arrive_cp_async(full_v(s));
+        } else if (grouped) {
+          sanitize_own(s, vs);
+        } else {
+          sanitize_all(s, vs);
+        }
+      };
+      if (grouped) {
+        // The group's first key of each tile as a page index and a row in the page, carried from
+        // tile to tile (tiles are BN keys apart) instead of divided by the block size twice per tile.
+        const int bs = p.block_size, dq = BN / bs, dr = BN % bs;
+        const int k00 = tile_key0(it, 0) + grp * RT;
+        int q = k00 / bs, r = k00 - (k00 / bs) * bs;
+        auto page_q = [&](int qq, int key) -> int64_t {
+          if (key >= it.seq_len || qq >= p.max_blocks_per_req) return 0;
+          const int b = p.block_table[static_cast<int64_t>(it.req) * p.max_blocks_per_req + qq];
+          return (b < 0 || b >= p.num_blocks) ? 0 : b;
+        };
+        // Rows past the sequence are zero-filled (cp.async's source size 0). Every address formed
+        // lies inside the cache: the group's RT rows from row rr stay inside its page (block 0 when
+        // the group holds no key of the sequence or its table entry is out of range).
+        auto issue_r = [&](uint32_t dst, const T* cache, int key0, int rr, int64_t page) {
+          const int nvalid = pa::clamp_int(it.seq_len - key0, 0, RT);
+          const int64_t row = page * p.kv_bs + (static_cast<int64_t>(rr) * p.num_kv_heads + it.kvh) * D;
+          const T* src = cache + (nvalid > 0 ? row : 0) + c_thr * 8;
+          const uint32_t d0 = dst + dgrp;
+#pragma unroll
+          for (int i = 0; i < RT; ++i) cp_async16(d0 + i * 128 + (x16 ^ ((i & 7) * 16)), src + i * ts, i < nvalid);
+        };
+        int key_k = k00, r_k = r;
+        int64_t pg_k = page_q(q, key_k);
+        int key_v = 0, r_v = 0;
+        int64_t pg_v = 0;
+#pragma unroll 1
+        for (int j = 0; j <= it.n_tiles; ++j) {
+          const int key_kk = key_k, r_kk = r_k;
+          const int64_t pg_kk = pg_k;
+          if (j + 1 < it.n_tiles) {
+            if (kRev) {
+              key_k -= BN;
+              q -= dq;
+              r -= dr;
+              if (r < 0) {
+                r += bs;
+                --q;
+              }
+            } else {
+              key_k += BN;
+              q += dq;
+              r += dr;
+              if (r >= bs) {
+                r -= bs;
+                ++q;
               }
             }
-            mbar_arrive(full_v(s));
-          } else {
-            mbar_arrive_cp_async(full_v(s));
+            r_k = r;
+            pg_k = page_q(q, key_k);
           }
-        };
-        if (p.block_size % RT == 0) {
-          // Grouped gather: this thread copies 16-byte unit c_thr of the tile's RT consecutive rows
-          // grp * RT.., which lie in one page (RT divides the block size and the tile start), so one
-          // block-table entry per tile and a constant token stride give every source address, and
-          // nothing passes through shared memory or a producer barrier. Pages are read a tile ahead.
-          const int grp = pt / C;
-          const int64_t ts = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between a page's tokens
-          const uint32_t x16 = (c_thr & 7) * 16;
-          const uint32_t dgrp = (c_thr >> 3) * (BN * 128) + grp * RT * 128;  // panel, then the group's first row
-          auto group_page = [&](int t) -> int64_t {
-            const int key0 = (it.n_first + t) * BN + grp * RT;
-            return key0 < it.seq_len ? pa::page_of(p, it.req, key0) : int64_t{0};
-          };
-          // Rows past the sequence are zero-filled (cp.async's source size 0). Every address formed
-          // lies inside the cache: the group's rows stay inside its page (block 0 when the group
-          // holds no key of the sequence).
-          auto issue_group = [&](uint32_t dst, const T* cache, int t, int64_t page) {
-            const int key0 = (it.n_first + t) * BN + grp * RT;
-            const int nvalid = pa::clamp_int(it.seq_len - key0, 0, RT);
-            const T* src = cache + (nvalid > 0 ? pa::cache_row(p, page, key0, it.kvh, D) : 0) + c_thr * 8;
-            const uint32_t d0 = dst + dgrp;
-#pragma unroll
-            for (int i = 0; i < RT; ++i) cp_async16(d0 + i * 128 + (x16 ^ ((i & 7) * 16)), src + i * ts, i < nvalid);
-          };
-          int64_t pg_next = group_page(0), pg_v = 0;
-#pragma unroll 1
-          for (int j = 0; j <= it.n_tiles; ++j) {
-            const int64_t pg_k = pg_next;
-            if (j + 1 < it.n_tiles) pg_next = group_page(j + 1);
-            if (j < it.n_tiles) {
-              const uint32_t s = acquire_k(g + j);
-              issue_group(k_base + s * Cfg::kTileBytes, kc, j, pg_k);
-              mbar_arrive_cp_async(full_k(s));
-            }
-            if (j >= 1) {
-              const uint32_t s = acquire_v(g + j - 1);
-              const uint32_t vs = v_base + s * Cfg::kTileBytes;
-              issue_group(vs, vc, j - 1, pg_v);
-              finish_v(j - 1, s, vs);
-            }
-            pg_v = pg_k;
+          if (j < it.n_tiles) {
+            const uint32_t s = acquire_k(g + j);
+            issue_r(k_base + s * Cfg::kTileBytes, kc, key_kk, r_kk, pg_kk);
+            mbar_arrive_cp_async(full_k(s));
           }
-        } else {
-          // Block sizes RT does not divide: each key row's offset is computed once by the thread
-          // that owns the row and shared through a ring in shared memory.
-          int64_t pg = 0;  // page of this thread's key row in the next tile to stage
-          if (pt < BN && it.n_first * BN + pt < it.seq_len) pg = pa::page_of(p, it.req, it.n_first * BN + pt);
-          // Step j issues K(j) (j < n_tiles) and V(j - 1) (j >= 1).
+          if (j >= 1) {
+            const uint32_t s = acquire_v(g + j - 1);
+            const uint32_t vs = v_base + s * Cfg::kTileBytes;
+            issue_r(vs, vc, key_v, r_v, pg_v);
+            fin(j - 1, s, vs);
+          }
+          key_v = key_kk;
+          r_v = r_kk;
+          pg_v = pg_kk;
+        }
+      } else {
+        int64_t pg = page_for(it, 0);
 #pragma unroll 1
-          for (int j = 0; j <= it.n_tiles; ++j) {
-            if (j < it.n_tiles && pt < BN) {
-              const int key = (it.n_first + j) * BN + pt;
-              ro_s[((g + j) % 3u) * BN + pt] = key < it.seq_len ? pa::cache_row(p, pg, key, it.kvh, D) : -1;
-              const int nkey = key + BN;
-              pg = (j + 1 < it.n_tiles && nkey < it.seq_len) ? pa::page_of(p, it.req, nkey) : 0;
-            }
-            // Row offsets of tile j visible to every producer thread; every producer thread is past
-            // step j - 1, so the slot step j + 1 overwrites (that of tile j - 2) has no reader left.
-            // The slots follow the block's tile count g + j, so this holds across items too.
-            named_sync(kBarProducer, 128);
-            if (j < it.n_tiles) {
-              const uint32_t s = acquire_k(g + j);
-              issue(k_base + s * Cfg::kTileBytes, kc, ro_s + ((g + j) % 3u) * BN);
-              mbar_arrive_cp_async(full_k(s));
-            }
-            if (j >= 1) {
-              const uint32_t s = acquire_v(g + j - 1);
-              const uint32_t vs = v_base + s * Cfg::kTileBytes;
-              issue(vs, vc, ro_s + ((g + j - 1) % 3u) * BN);
-              finish_v(j - 1, s, vs);
-            }
+        for (int j = 0; j <= it.n_tiles; ++j) {
+          if (j < it.n_tiles && pt < BN) {
+            const int key = tile_key0(it, j) + pt;
+            ro_s[((g + j) % 3u) * BN + pt] = key < it.seq_len ? pa::cache_row(p, pg, key, it.kvh, D) : -1;
+            pg = j + 1 < it.n_tiles ? page_for(it, j + 1) : 0;
+          }
+          named_sync(kBarProducer, 128);
+          if (j < it.n_tiles) {
+            const uint32_t s = acquire_k(g + j);
+            issue(k_base + s * Cfg::kTileBytes, kc, ro_s + ((g + j) % 3u) * BN);
+            mbar_arrive_cp_async(full_k(s));
+          }
+          if (j >= 1) {
+            const uint32_t s = acquire_v(g + j - 1);
+            const uint32_t vs = v_base + s * Cfg::kTileBytes;
+            issue(vs, vc, ro_s + ((g + j - 1) % 3u) * BN);
+            fin(j - 1, s, vs);
           }
         }
       }
       g += it.n_tiles;
       ++qi;
     }
-    // Retire only after the consumers released the last V stage (their last release of all).
     if (g > 0) mbar_wait_guarded(empty_v((g - 1) % SV), ((g - 1) / SV) & 1);
     return;
   }
@@ -646,6 +763,11 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       if (hi_w >= lo_w) {
         wa = max(lo_w / BN - n_first, 0);
         wb = min(hi_w / BN - n_first, n_tiles - 1);
+        if (kRev && wa <= wb) {
+          const int fa = wa;
+          wa = n_tiles - 1 - wb;
+          wb = n_tiles - 1 - fa;
+        }
         if (wa > wb) {
           wa = n_tiles;
           wb = n_tiles - 1;
@@ -669,13 +791,13 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       for (int t = 0; t < wa; ++t) skip_tile(t);
       // Every consumer waits for the item's Q before releasing it, so that its release can never
       // count towards the previous item's phase of q_empty.
-      mbar_wait(q_full, qi & 1);
+      mbar_wait(q_full(qi % NQ), (qi / NQ) & 1);
 
       if (wa <= wb) {
         float s[NS];
         uint32_t pk[BN / 4];
         float alpha[2];
-        const w::SmemDesc qd = w::smem_desc_parts(base + rw0 * 128, 1, 64);  // this warpgroup's Q rows
+        const w::SmemDesc qd = w::smem_desc_parts(q_buf(qi % NQ) + rw0 * 128, 1, 64);  // this warpgroup's Q rows
         // S = Q K(n)^T into s (issued and committed, not waited for).
         auto issue_s = [&](int n) {
           const w::SmemDesc kd = w::smem_desc_parts(k_base + ks(n) * Cfg::kTileBytes, 1, 64);
@@ -714,7 +836,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         // Mask and online softmax of tile n in place: s becomes exp2(s - base) (unpacked), the
         // row sums join st, al gets the factor O owes before P(n) V(n) is added.
         auto softmax = [&](int n, float (&al)[2]) {
-          const int n0 = (n_first + n) * BN;
+          const int n0 = tile_key0(it, n);
           const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
           // Soft-cap / ALiBi: every element's exact score (and the mask); the mask alone: -inf where
           // hidden, the raw products scaled below as on unmasked tiles.
@@ -762,7 +884,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         auto note_bad_v = [&](int t) {
           if (!block_mask(it, t)) return;
           const uint32_t* bad = bad_s + vs(t) * Cfg::kBadWords;
-          const int t0 = (n_first + t) * BN;
+          const int t0 = tile_key0(it, t);
 #pragma unroll 1
           for (int wd = 0; wd < Cfg::kBadWords; ++wd) {
             uint32_t word = bad[wd];
@@ -821,8 +943,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           alpha[0] = al[0];
           alpha[1] = al[1];
         }
-        // Every QK^T of this item has completed: Q's buffer may take the next item's rows.
-        mbar_arrive(q_empty);
+        // Every QK^T of this item has completed: Q's buffer may take the next item's rows (with
+        // two buffers, not before the epilogue, which stages the output tile in this one).
+        mbar_arrive(q_empty(qi % NQ));
         // Last tile of the run: PV only.
         mbar_wait(full_v(vs(wb)), vpar(wb));
         w::fence_proxy_async_smem();
@@ -832,16 +955,15 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         note_bad_v(wb);
         mbar_arrive(empty_v(vs(wb)));
       } else {
-        mbar_arrive(q_empty);
+        mbar_arrive(q_empty(qi % NQ));
       }
 
 #pragma unroll 1
       for (int t = max(wb + 1, wa); t < n_tiles; ++t) skip_tile(t);
-      g += n_tiles;
-      ++qi;
     }
     // Epilogue: finish the row sums across the quad, normalise, write.
     const float sink2 = p.has_sinks ? p.sinks[it.h] : -INFINITY;
+    float os[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float lr = st[rr].l;
@@ -850,17 +972,24 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       int bad = v_bad[rr];
       bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
       bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+      const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
+      os[rr] = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
+      const int r = r_thr + rr * 8;
+      if (r < rows && t4 == 0 && p.lse) p.lse[(it.q_start + m0 + r) * H + it.h] = f.lse;
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
       const int r = r_thr + rr * 8;
       if (r < rows) {
-        const int64_t token = it.q_start + m0 + r;
-        const pa::Finalised f = pa::finalise(st[rr].m2, lr, sink2);
-        const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
-        uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, it.h));
+        uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
-          orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
-        if (t4 == 0 && p.lse) p.lse[token * H + it.h] = f.lse;
+          orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]);
       }
+    }
+    if (n_tiles > 0) {
+      g += n_tiles;
+      ++qi;
     }
   }
   // Consume consumer 1's last hand-over so both turn barriers end complete.

@@ -455,6 +455,18 @@ template <typename T> __device__ __forceinline__ uint32_t sanitize_pair(uint32_t
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 1);
 }
 
+// Whether any half of four packed pairs is non-finite (exponent all ones), in three integer
+// operations per pair: the masked exponent plus its lowest bit carries into the half's sign bit
+// only when every exponent bit was set. A cheap verdict for a scan whose answer is almost always no.
+template <typename T>
+__device__ __forceinline__ bool any_nonfinite(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  constexpr uint32_t E = NonFinite<T>::kExp;
+  constexpr uint32_t M = E | (E << 16);
+  constexpr uint32_t L = (E & (~E + 1u)) * 0x00010001u;  // the exponent's lowest bit, both halves
+  const uint32_t x = ((a & M) + L) | ((b & M) + L) | ((c & M) + L) | ((d & M) + L);
+  return (x & 0x80008000u) != 0u;
+}
+
 // 2^x on the special-function unit (relative error ~2^-22; 2^-inf = 0, flushes denormals).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
