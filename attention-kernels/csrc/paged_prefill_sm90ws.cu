@@ -153,7 +153,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
