@@ -121,8 +121,9 @@
 // (3 x BN int64), a BN-bit set of sanitised keys per V stage and a float per consumer thread that
 // pins a wait (see the steady-state loop). Head 128: SK = SV = 2, 2 x 32 KB + 2 x 32 KB + 2 x 32 KB
 // = 192 KB of tiles, about 197 KB with the rest and the 1 KB alignment slack. The second Q buffer
-// took the place of a third K stage, which an earlier version had (next paragraph); both measured
-// alike on their own, and the second Q buffer came with the faster producer (twelfth session).
+// took the place of a third K stage, which an earlier version had (next paragraph). They were not
+// measured apart: the variant with the second Q buffer and the last-first order but the old
+// producer ran as fast as the three-stage kernel (twelfth session, variant 5).
 // With SK = SV = 2 (the first version) Nsight Compute
 // on an H200 (causal, 8 requests x 2048 tokens) showed the consumer warpgroups stalled on their
 // FULL_K and FULL_V waits (about 14% of their stall samples) while the producer waited on EMPTY
@@ -615,8 +616,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         }
       };
       if (grouped) {
-        // The group's first key of each tile as a page index and a row in the page, carried from
-        // tile to tile (tiles are BN keys apart) instead of divided by the block size twice per tile.
+        // The group's first key of each tile as a block-table index and a row in the page, carried
+        // from tile to tile instead of divided by the block size twice per tile. Tiles are walked
+        // last first (only 16-bit caches reach this loop), so the cursor steps down by BN keys.
         const int bs = p.block_size, dq = BN / bs, dr = BN % bs;
         const int k00 = tile_key0(it, 0) + grp * RT;
         int q = k00 / bs, r = k00 - (k00 / bs) * bs;
@@ -645,22 +647,12 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           const int key_kk = key_k, r_kk = r_k;
           const int64_t pg_kk = pg_k;
           if (j + 1 < it.n_tiles) {
-            if (kRev) {
-              key_k -= BN;
-              q -= dq;
-              r -= dr;
-              if (r < 0) {
-                r += bs;
-                --q;
-              }
-            } else {
-              key_k += BN;
-              q += dq;
-              r += dr;
-              if (r >= bs) {
-                r -= bs;
-                ++q;
-              }
+            key_k -= BN;
+            q -= dq;
+            r -= dr;
+            if (r < 0) {
+              r += bs;
+              --q;
             }
             r_k = r;
             pg_k = page_q(q, key_k);
@@ -689,6 +681,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
             ro_s[((g + j) % 3u) * BN + pt] = key < it.seq_len ? pa::cache_row(p, pg, key, it.kvh, D) : -1;
             pg = j + 1 < it.n_tiles ? page_for(it, j + 1) : 0;
           }
+          // Row offsets of tile j visible to every producer thread; every producer thread is past
+          // step j - 1, so the slot step j + 1 overwrites (that of tile j - 2) has no reader left.
+          // The slots follow the block's tile count g + j, so this holds across items too.
           named_sync(kBarProducer, 128);
           if (j < it.n_tiles) {
             const uint32_t s = acquire_k(g + j);
@@ -706,6 +701,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       g += it.n_tiles;
       ++qi;
     }
+    // Retire only after the consumers released the last V stage (their last release of all).
     if (g > 0) mbar_wait_guarded(empty_v((g - 1) % SV), ((g - 1) / SV) & 1);
     return;
   }
@@ -942,8 +938,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           alpha[0] = al[0];
           alpha[1] = al[1];
         }
-        // Every QK^T of this item has completed: Q's buffer may take the next item's rows (with
-        // two buffers, not before the epilogue, which stages the output tile in this one).
+        // Every QK^T of this item has completed: Q's buffer may take a later item's rows.
         mbar_arrive(q_empty(qi % NQ));
         // Last tile of the run: PV only.
         mbar_wait(full_v(vs(wb)), vpar(wb));
