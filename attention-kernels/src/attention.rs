@@ -57,6 +57,12 @@ pub enum AttentionKernel {
     Prefill {
         /// At least the longest query of the range (it sizes the grid).
         max_query_len: usize,
+        /// At most this many SMs for the warp-specialised Hopper kernel's persistent grid (0: one
+        /// block per SM, its default). It runs one block per SM, so a capped grid leaves the other
+        /// SMs free for a kernel launched beside it on another stream: a mixed step's decode part
+        /// (see `attention_backend`'s mixed-step partition). The other prefill kernels, whose grids
+        /// are one block per work item, ignore it; [`WS_GRID_ENV`], when set, takes precedence.
+        max_sms: usize,
     },
 }
 
@@ -157,9 +163,10 @@ pub fn prefill_path() -> Result<PrefillPath, KernelError> {
 }
 
 /// The environment variable capping the warp-specialised prefill's persistent grid (read once per
-/// process): unset or empty, one block per SM (the default); `N > 0`, at most N blocks, so every
-/// block walks many work items (a test of the item loop); `0`, one block per work item (the launch
-/// before the grid was persistent, for benchmarks). Anything else makes prefill launches fail with
+/// process): unset or empty, the launch's own setting (`AttentionKernel::Prefill::max_sms`: one
+/// block per SM unless the caller capped it); `N > 0`, at most N blocks whatever the launch asked,
+/// so every block walks many work items (a test of the item loop); `0`, one block per work item
+/// (the launch before the grid was persistent, for benchmarks). Anything else makes prefill launches fail with
 /// [`KernelError::InvalidArgument`] rather than run a grid nobody asked for.
 pub const WS_GRID_ENV: &str = "PAGED_ATTN_WS_GRID";
 
@@ -1109,7 +1116,7 @@ fn launch<T: Element, C: KvStorage<T>>(
             }
             (num_splits, split_keys, 0)
         }
-        AttentionKernel::Prefill { max_query_len } => (1, 0, max_query_len),
+        AttentionKernel::Prefill { max_query_len, .. } => (1, 0, max_query_len),
     };
     if n == 0 {
         return Ok(());
@@ -1237,7 +1244,10 @@ fn launch<T: Element, C: KvStorage<T>>(
         k_scale,
         v_scale,
         prefill_grid: match kernel {
-            AttentionKernel::Prefill { .. } => ws_grid()?,
+            AttentionKernel::Prefill { max_sms, .. } => match ws_grid()? {
+                0 => i32::try_from(max_sms).unwrap_or(i32::MAX),
+                env => env,
+            },
             AttentionKernel::Decode { .. } => 0,
         },
     };

@@ -8,9 +8,11 @@ use attention_kernels::attention::{
 use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::CudaSlice;
 
+use super::metadata::ws_prefill_for;
 use super::{driver_error, kernel_error, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use crate::error::{AttentionError, Result};
 use crate::params::AttentionParams;
+use crate::partition::MixedPartition;
 use crate::validate;
 
 const BACKEND: &str = "cuda";
@@ -220,9 +222,20 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
     if mixed && workspace.side.is_none() {
         workspace.side = Some(SideStream::new(dev.context()).map_err(|e| kernel_error(OP, e))?);
     }
+    // Refused before the fork, so nothing is enqueued for a malformed setting.
+    if mixed {
+        MixedPartition::process()?;
+    }
     let overlap = match (&workspace.side, mixed) {
         (Some(side), true) => side.fork(dev.stream()).map_err(|e| kernel_error(OP, e))?,
         _ => None,
+    };
+    // A partitioned mixed step launches its prefill part first, on `prefill_sms` SMs, so that the
+    // decode blocks take the others (see MixedPartition).
+    let prefill_sms = if plan.prefill_sms > 0 && overlap.is_some() && ws_prefill_for::<T, C>(dev, params.head_size) {
+        plan.prefill_sms
+    } else {
+        0
     };
     // One launch over requests `begin..end`: on the side stream when `on_side` and overlapping.
     let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, on_side: bool| {
@@ -247,6 +260,10 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
         }
         .map_err(|e| kernel_error(OP, e))
     };
+    let prefill = AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len, max_sms: prefill_sms };
+    if prefill_sms > 0 {
+        launch_range(prefill, plan.decode_reqs, num_reqs, false)?;
+    }
     if plan.decode_reqs > 0 {
         launch_range(
             AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 },
@@ -255,8 +272,7 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
             true,
         )?;
     }
-    if plan.decode_reqs < num_reqs {
-        let prefill = AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len };
+    if plan.decode_reqs < num_reqs && prefill_sms == 0 {
         launch_range(prefill, plan.decode_reqs, num_reqs, false)?;
     }
     if let Some(o) = overlap {

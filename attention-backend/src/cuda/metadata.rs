@@ -4,7 +4,7 @@ use attention_kernels::attention::{
     self as kernels, decode_heads_per_block, decode_max_group, decode_tile_keys, decode_workspace_len, AttentionKernel,
     DecodeVariant,
 };
-use attention_kernels::DType;
+use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice};
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
+use crate::partition::{self, DeviceRates, MixedPartition, MixedShape};
 
 /// How one attention call splits the batch between the two kernels, decided on the host from the
 /// batch shape alone (so a CUDA graph captured for a shape replays the same launches).
@@ -25,6 +26,11 @@ pub struct SplitPlan {
     pub prefill_max_query_len: usize,
     /// Floats of workspace the decode partials need.
     pub workspace_len: usize,
+    /// SMs the prefill part of a mixed step is confined to, launched before the decode part (0:
+    /// no partition), planned for the warp-specialised prefill and the process's
+    /// [`MixedPartition`] setting ([`crate::cuda::MIXED_PARTITION_ENV`]); a launch whose prefill
+    /// runs on another kernel keeps the decode-first order.
+    pub prefill_sms: usize,
 }
 
 /// A step's [`AttentionMetadata`] in device memory: `query_start_loc`, `seq_lens`, the block table
@@ -44,6 +50,8 @@ pub struct DeviceMetadata {
     num_sms: usize,
     /// K/V bytes each SM keeps in flight at its share of the bandwidth ([`device_saturation_bytes`]).
     saturation: usize,
+    /// The device figures of the mixed-step partition.
+    rates: DeviceRates,
     /// Leading requests with exactly one query token.
     single_token_decodes: usize,
     /// Longest sequence among those.
@@ -83,6 +91,7 @@ impl DeviceMetadata {
             host: meta.clone(),
             num_sms,
             saturation: saturation_with_sms(dev.context(), num_sms),
+            rates: device_rates(dev.context(), num_sms),
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
@@ -151,6 +160,7 @@ impl DeviceMetadata {
                 num_splits: 1,
                 prefill_max_query_len: self.host.max_query_len,
                 workspace_len: 0,
+                prefill_sms: 0,
             };
         }
         let n = self.single_token_decodes;
@@ -158,13 +168,74 @@ impl DeviceMetadata {
         let tile = decode_tile_keys(head_size).max(1);
         let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype, self.saturation);
         let num_splits = decode_split_count(blocks, self.num_sms, slots, self.decode_max_seq_len, tile);
+        // A malformed PAGED_ATTN_MIXED_PARTITION fails the mixed launches themselves; planning no
+        // partition until then changes nothing.
+        let prefill_sms = match MixedPartition::process() {
+            Ok(setting) if n < num_reqs => mixed_prefill_sms(
+                setting,
+                &self.rates,
+                &self.host,
+                n,
+                (num_heads, num_kv_heads, head_size),
+                cache_dtype,
+            ),
+            _ => 0,
+        };
         SplitPlan {
             decode_reqs: n,
             num_splits,
             prefill_max_query_len: if n < num_reqs { self.rest_max_query_len } else { 0 },
             workspace_len: decode_workspace_len(num_splits, n, num_heads, head_size),
+            prefill_sms,
         }
     }
+}
+
+/// The figures the mixed-step partition scales its model by, from `ctx`'s device attributes.
+pub(crate) fn device_rates(ctx: &Arc<CudaContext>, num_sms: usize) -> DeviceRates {
+    DeviceRates::from_attributes(
+        num_sms,
+        device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE),
+        device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
+        device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
+    )
+}
+
+/// The SMs to confine the prefill part of `meta`'s mixed step to ([`partition::prefill_sms`]):
+/// requests `0..decode_reqs` are single-token decodes over a `kv_dtype` cache, the rest prefills;
+/// `heads` is (query heads, KV heads, head size). The caller has checked that the prefill runs on
+/// the warp-specialised kernel. O(requests + grid) per candidate grid, no allocation.
+pub(crate) fn mixed_prefill_sms(
+    setting: MixedPartition,
+    rates: &DeviceRates,
+    meta: &AttentionMetadata,
+    decode_reqs: usize,
+    heads: (usize, usize, usize),
+    kv_dtype: DType,
+) -> usize {
+    let (num_heads, num_kv_heads, head_size) = heads;
+    let decode_keys: usize = meta.seq_lens[..decode_reqs].iter().map(|&l| l.max(0) as usize).sum();
+    let key_bytes = 2 * num_kv_heads * head_size * kv_dtype.size_in_bytes();
+    let shape = MixedShape {
+        decode_bytes: decode_keys as f64 * key_bytes as f64,
+        prefill_reqs: meta.num_reqs() - decode_reqs,
+        prefill_req: |r: usize| {
+            let r = decode_reqs + r;
+            (meta.query_len(r), meta.seq_lens[r].max(0) as usize)
+        },
+        num_heads,
+        head_size,
+    };
+    partition::prefill_sms(setting, rates, &shape)
+}
+
+/// Whether a prefill with compute type `T` over a cache of `C` runs on the warp-specialised
+/// kernel on `dev` (the process's prefill path, the device, the head size and the types decide).
+pub(crate) fn ws_prefill_for<T: Element, C: KvStorage<T>>(dev: &CudaDevice, head_size: usize) -> bool {
+    matches!(
+        kernels::prefill_kernel_for_cache(dev.context(), head_size, T::DTYPE, C::DTYPE),
+        Ok(kernels::PrefillKernel::Sm90Ws)
+    )
 }
 
 /// The decode blocks per SM that add bandwidth ([`decode_slots_per_sm`]) for the decode kernel that

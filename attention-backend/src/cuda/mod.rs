@@ -20,6 +20,8 @@ pub use plan::{
 };
 pub use tensor::{CudaKvCache, DeviceSlotMapping, DeviceTensor};
 
+pub use crate::partition::{MixedPartition, MIXED_PARTITION_ENV};
+
 pub use attention_kernels::cudarc;
 /// The layer caches [`LayerBuffers`] takes: two buffers, or one interleaving K and V per block.
 pub use attention_kernels::launch::KvCacheMut;

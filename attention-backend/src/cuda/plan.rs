@@ -22,12 +22,15 @@ use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{decode_slots, decode_split_count, saturation_with_sms};
+use super::metadata::{
+    decode_slots, decode_split_count, device_rates, mixed_prefill_sms, saturation_with_sms, ws_prefill_for,
+};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
 use crate::metadata::{AttentionMetadata, StepCheckScratch};
 use crate::params::AttentionParams;
+use crate::partition::{DeviceRates, MixedPartition};
 
 const OP: &str = "plan";
 
@@ -110,13 +113,18 @@ pub struct PlanOptions {
     /// (the default) plans for a cache of the compute type; a plan still runs over any cache, only
     /// its split count may be less well chosen.
     pub kv_cache_dtype: Option<DType>,
+    /// How a mixed step shares the SMs between its decode and prefill parts when they overlap
+    /// ([`MixedPartition`]; needs `overlap_mixed` and the warp-specialised Hopper prefill).
+    /// [`MixedPartition::Auto`] by default.
+    pub mixed_partition: MixedPartition,
 }
 
 impl PlanOptions {
-    /// The options [`BATCH_INVARIANT_ENV`] asks for.
+    /// The options [`BATCH_INVARIANT_ENV`] and [`MIXED_PARTITION_ENV`](super::MIXED_PARTITION_ENV) ask for.
     ///
     /// # Errors
-    /// [`AttentionError::InvalidArgument`] for a value that is not a switch.
+    /// [`AttentionError::InvalidArgument`] for a value that is not a switch, or not a partition
+    /// ([`MixedPartition::parse`]).
     pub fn from_env() -> Result<Self> {
         let on = match std::env::var(BATCH_INVARIANT_ENV) {
             Err(std::env::VarError::NotPresent) => false,
@@ -137,13 +145,18 @@ impl PlanOptions {
                 })
             }
         };
-        Ok(PlanOptions { batch_invariant: on, ..PlanOptions::default() })
+        Ok(PlanOptions { batch_invariant: on, mixed_partition: MixedPartition::from_env()?, ..PlanOptions::default() })
     }
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { overlap_mixed: true, batch_invariant: false, kv_cache_dtype: None }
+        PlanOptions {
+            overlap_mixed: true,
+            batch_invariant: false,
+            kv_cache_dtype: None,
+            mixed_partition: MixedPartition::Auto,
+        }
     }
 }
 
@@ -173,6 +186,10 @@ pub struct LaunchPlan {
     pub prefill_max_query_len: usize,
     /// Floats of split-KV workspace the decode partials use.
     pub workspace_len: usize,
+    /// SMs the prefill part of a mixed step is confined to, launched before the decode part so
+    /// that the decode runs on the other SMs from the start (0: no partition, the decode part
+    /// first). See [`MixedPartition`].
+    pub prefill_sms: usize,
     /// Planned by [`StepPlanner::plan_graph`].
     pub graph: bool,
 }
@@ -193,6 +210,11 @@ pub struct StepPlanner {
     side: Option<SideStream>,
     /// Keys per decode split in batch-invariant mode (0 otherwise): a constant of the planner.
     split_keys: usize,
+    /// The device figures the mixed-step partition is planned with.
+    rates: DeviceRates,
+    /// Whether prefills of the planned cache type run on the warp-specialised kernel (the only
+    /// one with a persistent grid a mixed step's partition can cap).
+    ws_prefill: bool,
     query_start_loc: CudaSlice<i32>,
     seq_lens: CudaSlice<i32>,
     block_table: CudaSlice<i32>,
@@ -255,6 +277,11 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
+        let kv_dtype = options.kv_cache_dtype.unwrap_or(DType::BF16);
+        let ws_prefill = matches!(
+            kernels::prefill_kernel_for_cache(dev.context(), config.head_size, DType::BF16, kv_dtype),
+            Ok(kernels::PrefillKernel::Sm90Ws)
+        );
         let decode_slots = decode_slots(
             dev.context(),
             config.head_size,
@@ -273,6 +300,8 @@ impl StepPlanner {
                 None
             },
             split_keys: if options.batch_invariant { invariant_split_keys(&config) } else { 0 },
+            rates: device_rates(dev.context(), num_sms),
+            ws_prefill,
             query_start_loc: alloc(dev, config.max_num_reqs + 1)?,
             seq_lens: alloc(dev, config.max_num_reqs)?,
             block_table: alloc(dev, table)?,
@@ -368,6 +397,7 @@ impl StepPlanner {
             split_keys: self.split_keys,
             prefill_max_query_len: (single..num_reqs).map(|r| meta.query_len(r)).max().unwrap_or(0),
             workspace_len: 0,
+            prefill_sms: 0,
             graph: false,
         };
         if single > 0 {
@@ -385,6 +415,13 @@ impl StepPlanner {
             };
             launch.num_splits = s;
             launch.workspace_len = decode_workspace_len(s, single, c.num_heads, c.head_size);
+        }
+        if single > 0 && single < num_reqs && self.side.is_some() && self.ws_prefill {
+            let kv_dtype = self.options.kv_cache_dtype.unwrap_or(DType::BF16);
+            let heads = (c.num_heads, c.num_kv_heads, c.head_size);
+            launch.prefill_sms =
+                mixed_prefill_sms(self.options.mixed_partition, &self.rates, meta, single, heads, kv_dtype);
+            tracing::debug!(prefill_sms = launch.prefill_sms, "mixed step");
         }
         self.upload(meta, num_reqs, launch.num_tokens)?;
         self.launch = Some(launch);
@@ -453,6 +490,7 @@ impl StepPlanner {
             split_keys: self.split_keys,
             prefill_max_query_len: 0,
             workspace_len: decode_workspace_len(num_splits, padded_reqs, c.num_heads, c.head_size),
+            prefill_sms: 0,
             graph: true,
         };
         self.upload(meta, padded_reqs, padded_reqs)?;
@@ -758,6 +796,14 @@ impl StepPlan<'_> {
             (Some(side), true) => side.fork(&stream).map_err(|e| kernel_error(RUN, e))?,
             _ => None,
         };
+        // A partitioned mixed step launches its prefill part first, on `prefill_sms` SMs, so that
+        // the decode blocks take the others (see MixedPartition); the check of the prefill kernel
+        // covers a cache type other than the one planned for.
+        let prefill_sms = if l.prefill_sms > 0 && overlap.is_some() && ws_prefill_for::<T, C>(&p.dev, c.head_size) {
+            l.prefill_sms
+        } else {
+            0
+        };
         let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, ws: bool, on_side: bool| {
             let bufs = AttentionBuffers {
                 query: query.slice(..),
@@ -779,6 +825,10 @@ impl StepPlan<'_> {
             }
             .map_err(|e| kernel_error(RUN, e))
         };
+        let prefill = AttentionKernel::Prefill { max_query_len: l.prefill_max_query_len, max_sms: prefill_sms };
+        if prefill_sms > 0 {
+            launch_range(prefill, l.decode_reqs, l.num_reqs, false, false)?;
+        }
         if l.decode_reqs > 0 {
             launch_range(
                 AttentionKernel::Decode { num_splits: l.num_splits, split_keys: l.split_keys },
@@ -788,14 +838,8 @@ impl StepPlan<'_> {
                 true,
             )?;
         }
-        if l.decode_reqs < l.num_reqs {
-            launch_range(
-                AttentionKernel::Prefill { max_query_len: l.prefill_max_query_len },
-                l.decode_reqs,
-                l.num_reqs,
-                false,
-                false,
-            )?;
+        if l.decode_reqs < l.num_reqs && prefill_sms == 0 {
+            launch_range(prefill, l.decode_reqs, l.num_reqs, false, false)?;
         }
         if let Some(o) = overlap {
             o.join().map_err(|e| kernel_error(RUN, e))?;

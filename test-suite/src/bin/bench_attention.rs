@@ -3,7 +3,11 @@
 //! each beside a device-to-device copy of its minimum bytes timed in the same run. Block tables
 //! are shuffled draws from a larger pool; caches and queries hold random values.
 //!
-//! `bench_attention [--iters N] [--json FILE] [--check-dir DIR] [--only SUBSTRING]`
+//! `bench_attention [--iters N] [--json FILE] [--check-dir DIR] [--only SUBSTRING] [--mixed-sweep]`
+//!
+//! `--mixed-sweep` adds mixed steps of other proportions (decode-heavy, prefill-heavy, a chunk on
+//! a long prefix), for measuring the mixed-step partition's choices against fixed ones
+//! (`PAGED_ATTN_MIXED_PARTITION=off` / `N`); each mixed row says how many SMs its prefill part got.
 //!
 //! With `--check-dir`, each case also writes request 0's dense inputs and our output rows
 //! (`<case>.bin`, f32) so the peers script can check every peer against *our* answer before timing
@@ -194,7 +198,7 @@ fn run_case<T: Element>(dev: &CudaDevice, case: &Case, iters: usize, check_dir: 
             "{{\"kernel\":\"{}\",\"name\":\"{}\",\"dtype\":\"{}\",\"num_heads\":{},\"num_kv_heads\":{},",
             "\"head_size\":{},\"block_size\":{},\"causal\":true,\"seqs\":[{}],\"bytes\":{},\"flops\":{},",
             "\"ours_ms\":{:.6},\"ours_p10_ms\":{:.6},\"ours_p90_ms\":{:.6},\"copy_ms\":{:.6},",
-            "\"ratio_to_copy\":{:.4},\"num_splits\":{},\"check_file\":\"{}\",\"check_rows\":{}}}"
+            "\"ratio_to_copy\":{:.4},\"num_splits\":{},\"prefill_sms\":{},\"check_file\":\"{}\",\"check_rows\":{}}}"
         ),
         case.kernel,
         case.name,
@@ -212,10 +216,11 @@ fn run_case<T: Element>(dev: &CudaDevice, case: &Case, iters: usize, check_dir: 
         copy.median_ms,
         gbps / copy_gbps,
         plan.num_splits,
+        plan.prefill_sms,
         check_file,
         check_rows
     );
-    let line = format!(
+    let mut line = format!(
         "{:<34} {:>5} {:>9.3} {:>7.3}-{:<7.3} {:>8.0} {:>9.0} {:>6.2} {:>7.1} {:>6}",
         case.name,
         T::DTYPE.as_str(),
@@ -228,6 +233,9 @@ fn run_case<T: Element>(dev: &CudaDevice, case: &Case, iters: usize, check_dir: 
         tflops,
         plan.num_splits
     );
+    if plan.prefill_sms > 0 {
+        line.push_str(&format!("  (prefill part on {} SMs)", plan.prefill_sms));
+    }
     Row { json, line }
 }
 
@@ -254,6 +262,25 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Mixed steps of other proportions than the headline one (`--mixed-sweep`): decodes of 2048 keys
+/// unless named, then the prefills.
+fn mixed_sweep() -> Vec<Case> {
+    let gqa = (32, 8);
+    let mixed = |name: &str, decodes: usize, ctx: usize, prefills: &[(usize, usize)]| {
+        let mut seqs = vec![(1usize, ctx); decodes];
+        seqs.extend_from_slice(prefills);
+        Case::new("mixed", name, seqs, gqa, 128)
+    };
+    vec![
+        mixed("mixed 64 decodes + 1 x 512", 64, 2048, &[(512, 512)]),
+        mixed("mixed 64 decodes + q512 on 4k", 64, 2048, &[(512, 4096)]),
+        mixed("mixed 8 decodes + 1 x 1024", 8, 2048, &[(1024, 1024)]),
+        mixed("mixed 128 decodes x 4096 + 1 x 2048", 128, 4096, &[(2048, 2048)]),
+        mixed("mixed 256 decodes x 1024 + 4 x 256", 256, 1024, &[(256, 256); 4]),
+        mixed("mixed 16 decodes x 1024 + 4 x 2048", 16, 1024, &[(2048, 2048); 4]),
+    ]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
@@ -273,7 +300,11 @@ fn main() {
         "shape", "dtype", "ms", "p10-p90", "GB/s", "copy GB/s", "/copy", "TFLOP/s", "splits"
     );
     let mut rows = Vec::new();
-    for case in cases().iter().filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o))) {
+    let mut all = cases();
+    if args.iter().any(|a| a == "--mixed-sweep") {
+        all.extend(mixed_sweep());
+    }
+    for case in all.iter().filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o))) {
         let row = run_case::<bf16>(&dev, case, iters, check_dir.as_deref());
         println!("{}", row.line);
         rows.push(row);

@@ -191,7 +191,7 @@ fn time_filled<C: KvStorage<bf16>>(
     let kernel = if plan.decode_reqs == num_reqs {
         AttentionKernel::Decode { num_splits: plan.num_splits, split_keys: 0 }
     } else {
-        AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len }
+        AttentionKernel::Prefill { max_query_len: plan.prefill_max_query_len, max_sms: 0 }
     };
     kernels::with_prefill_path(path, || {
         time_on_stream(dev, WARMUP, iters, || {

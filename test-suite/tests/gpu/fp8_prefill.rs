@@ -201,7 +201,7 @@ fn launch<T: Element, C: Fp8 + KvStorage<T>>(
     let max_query_len = step.batch.iter().map(|&(q, _)| q).max().unwrap_or(0);
     attention::paged_attention(
         stream,
-        AttentionKernel::Prefill { max_query_len },
+        AttentionKernel::Prefill { max_query_len, max_sms: 0 },
         &step.dims(0, step.batch.len()),
         &features,
         bufs,

@@ -439,6 +439,8 @@ struct Probe<'a, T: attention_backend::cuda::cudarc::driver::DeviceRepr> {
     dev: &'a CudaDevice,
     caches: &'a (CudaSlice<T>, CudaSlice<T>),
     params: &'a AttentionParams,
+    /// The last plan's `prefill_sms`.
+    planned_sms: std::cell::Cell<usize>,
 }
 
 impl<T: attention_backend::Element + attention_backend::cuda::cudarc::driver::DeviceRepr> Probe<'_, T> {
@@ -471,6 +473,7 @@ impl<T: attention_backend::Element + attention_backend::cuda::cudarc::driver::De
                 Some(p) => planner.plan_graph(&meta, p).unwrap(),
                 None => planner.plan(&meta).unwrap(),
             };
+            self.planned_sms.set(plan.launch().prefill_sms);
             let strides = LayerStrides::contiguous(plan.planner().config());
             plan.run(
                 self.params,
@@ -532,7 +535,7 @@ fn batch_invariance<T: attention_backend::Element + attention_backend::cuda::cud
         AttentionParams::new(H, KVH, D),
         AttentionParams::new(H, KVH, D).with_sliding_window(5000).with_softcap(Some(30.0)),
     ] {
-        let probe = Probe { dev, caches: &caches, params: &params };
+        let probe = Probe { dev, caches: &caches, params: &params, planned_sms: Default::default() };
         let mut default_differs = false;
         let mut alone: Option<(Vec<Rows>, Vec<Rows>)> = None;
         for batch in [1usize, 8, 64, 256] {
@@ -592,7 +595,7 @@ fn batch_invariant_mode_f16() {
 /// prefills through the same path).
 #[test]
 fn mixed_step_overlap_matches_back_to_back() {
-    use attention_backend::cuda::PlanOptions;
+    use attention_backend::cuda::{MixedPartition, PlanOptions};
     let dev = common::device();
     let stream = dev.stream();
     let mut rng = StdRng::seed_from_u64(41);
@@ -616,11 +619,29 @@ fn mixed_step_overlap_matches_back_to_back() {
     let rows = 64 + 2048;
     let q: Vec<bf16> = (0..rows * H * D).map(|_| bf16::from_f32(rng.random_range(-2.0f32..2.0))).collect();
     let params = AttentionParams::new(H, KVH, D);
-    let probe = Probe { dev, caches: &caches, params: &params };
+    let probe = Probe { dev, caches: &caches, params: &params, planned_sms: Default::default() };
     let all: Vec<usize> = (0..reqs.len()).collect();
     let side = probe.rows(PlanOptions::default(), &q, &reqs, &q_lens, &all, None);
     let serial =
         probe.rows(PlanOptions { overlap_mixed: false, ..PlanOptions::default() }, &q, &reqs, &q_lens, &all, None);
     assert!(side == serial, "overlapped and back-to-back mixed steps differ");
     assert!(side.iter().all(|(o, _)| o.iter().all(|&b| f32::from_bits(b).is_finite())));
+    assert_eq!(probe.planned_sms.get(), 0, "a back-to-back step has nothing to partition");
+
+    // The mixed step's SMs partitioned (the prefill part first on a capped persistent grid, the
+    // decode part beside it): the same bits whatever the cap, including one far below the item
+    // count (every prefill block walks many items while the decode runs) and one past the
+    // device's SM count; `off` keeps the decode-first order.
+    let ws = matches!(
+        attention_kernels::attention::prefill_kernel(dev.context(), D, attention_backend::DType::BF16),
+        Ok(attention_kernels::attention::PrefillKernel::Sm90Ws)
+    );
+    for setting in [MixedPartition::Off, MixedPartition::Sms(7), MixedPartition::Sms(40), MixedPartition::Sms(100_000)]
+    {
+        let options = PlanOptions { mixed_partition: setting, ..PlanOptions::default() };
+        let got = probe.rows(options, &q, &reqs, &q_lens, &all, None);
+        assert!(got == serial, "{setting:?}: the partitioned mixed step differs from back to back");
+        let want_partition = ws && setting != MixedPartition::Off;
+        assert_eq!(probe.planned_sms.get() > 0, want_partition, "{setting:?}: planned {}", probe.planned_sms.get());
+    }
 }

@@ -246,6 +246,6 @@ pub fn run<T: Element>(
     }
     if step.decode_reqs < n {
         let max_query_len = step.batch[step.decode_reqs..].iter().map(|&(q, _)| q).max().unwrap_or(0);
-        launch(AttentionKernel::Prefill { max_query_len }, step.decode_reqs, n, None);
+        launch(AttentionKernel::Prefill { max_query_len, max_sms: 0 }, step.decode_reqs, n, None);
     }
 }

@@ -231,7 +231,7 @@ fn strided_views_refused() {
         let max_query_len = 5;
         attention::paged_attention(
             &stream,
-            AttentionKernel::Prefill { max_query_len },
+            AttentionKernel::Prefill { max_query_len, max_sms: 0 },
             &step.dims(0, 2),
             &Mask::causal(d).features(),
             bufs,
@@ -297,7 +297,7 @@ fn kernel_facts() {
         for dtype in [DType::F16, DType::BF16] {
             for kernel in [
                 AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
-                AttentionKernel::Prefill { max_query_len: 1 },
+                AttentionKernel::Prefill { max_query_len: 1, max_sms: 0 },
             ] {
                 let n = attention::blocks_per_sm(dev.context(), kernel, d, dtype).unwrap();
                 assert!((1..=32).contains(&n), "{kernel:?} head {d} {dtype}: {n} blocks per SM");

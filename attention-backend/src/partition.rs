@@ -1,0 +1,475 @@
+//! How a mixed step shares the SMs between its decode part and its prefill part.
+//!
+//! The decode part of a mixed step is bound by memory bandwidth, the prefill part by the tensor
+//! cores, and the two run on two streams. Launched decode first, the decode blocks take every SM
+//! and the prefill mostly waits for them: the step costs the sum of its parts (0.210 ms against
+//! 0.141 + 0.065 on the H200, 64 decodes of 2048 keys + 2 prefills of 1024). Launched prefill
+//! first, on the warp-specialised kernel with its persistent grid capped at P blocks (one block
+//! per SM), the decode runs on the other SMs from the start and takes the prefill's SMs as they
+//! free up (0.188 ms at P = 66). The capped grid keeps its P SMs to its end, so P has to follow
+//! the step: too few starve the prefill (P = 44: 0.255 ms), too many the decode, and a fixed half
+//! would lose on every prefill-heavy step. [`prefill_sms`] chooses P per step from predicted times
+//! of the two parts, and leaves the step unpartitioned where the prediction shows no gain.
+//!
+//! The model (docs/PERFORMANCE.md, thirteenth session, has its fit):
+//! - the decode part alone takes its K/V bytes over [`DECODE_BANDWIDTH_SHARE`] of the device's
+//!   peak DRAM bandwidth; on `k` of `n` SMs it reads at `min(1, DECODE_SM_HEADROOM * k / n)` of
+//!   that rate (an SM's resident decode blocks read faster than its share when fewer SMs compete);
+//! - the prefill part on a grid of `g` blocks takes as long as its busiest block, which walks the
+//!   work items `b, b + g, ...` of the kernel's heaviest-first order, each item costing a fixed
+//!   number of SM cycles plus a number per key tile ([`prefill_cycles`]), stretched by
+//!   [`PREFILL_CONTENTION`] while the decode runs beside it;
+//! - unpartitioned, the step takes the sum of the two parts alone.
+//!
+//! Fitted on the H200 (seven points of the partitioned step, six prefill shapes alone: within 5%
+//! of each); other devices enter through their SM count, SM clock and DRAM bandwidth only.
+
+use std::sync::OnceLock;
+
+use crate::error::{AttentionError, Result};
+
+/// The environment variable that sets [`MixedPartition`] for the eager API and for
+/// `PlanOptions::from_env`: `auto` (or unset), `off`, or a count of SMs.
+pub const MIXED_PARTITION_ENV: &str = "PAGED_ATTN_MIXED_PARTITION";
+
+/// How a mixed step (single-token decodes and prefills together) shares the SMs. It changes the
+/// order and the grid of the two launches, never a result: every work item computes the same
+/// arithmetic whichever block runs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MixedPartition {
+    /// The prefill part confined to the SM count a cost model predicts fastest for the step (from
+    /// its decode bytes, its prefill work items and the device's SM count, clock and bandwidth),
+    /// or no partition where the model predicts no gain over the two parts one after the other.
+    #[default]
+    Auto,
+    /// No partition: the decode part is launched first, on every SM, and the prefill part beside
+    /// it takes SMs as the decode blocks leave them.
+    Off,
+    /// The prefill part on at most this many SMs (at least one; at most all but one), for every
+    /// mixed step: for measuring the model against the device.
+    Sms(usize),
+}
+
+impl MixedPartition {
+    /// Parses [`MIXED_PARTITION_ENV`]'s forms: `auto` or blank, `off`, a positive SM count (`0`
+    /// is `off`). Case and surrounding blanks do not matter. `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "" | "auto" => Some(MixedPartition::Auto),
+            "off" | "0" => Some(MixedPartition::Off),
+            _ if s.bytes().all(|b| b.is_ascii_digit()) => {
+                Some(MixedPartition::Sms(s.parse::<usize>().unwrap_or(usize::MAX)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The setting [`MIXED_PARTITION_ENV`] asks for ([`MixedPartition::Auto`] when unset), read
+    /// each call.
+    ///
+    /// # Errors
+    /// [`AttentionError::InvalidArgument`] for a value [`MixedPartition::parse`] refuses or one
+    /// that is not UTF-8.
+    pub fn from_env() -> Result<Self> {
+        from_var(std::env::var(MIXED_PARTITION_ENV))
+    }
+
+    /// [`MixedPartition::from_env`] read once per process (the eager API's setting).
+    pub(crate) fn process() -> Result<Self> {
+        static ENV: OnceLock<Result<MixedPartition>> = OnceLock::new();
+        ENV.get_or_init(MixedPartition::from_env).clone()
+    }
+}
+
+fn from_var(var: std::result::Result<String, std::env::VarError>) -> Result<MixedPartition> {
+    let bad = |what: String| AttentionError::InvalidArgument { op: "MixedPartition::from_env", what };
+    match var {
+        Err(std::env::VarError::NotPresent) => Ok(MixedPartition::Auto),
+        Err(std::env::VarError::NotUnicode(_)) => Err(bad(format!("{MIXED_PARTITION_ENV} is not UTF-8"))),
+        Ok(v) => MixedPartition::parse(&v)
+            .ok_or_else(|| bad(format!("{MIXED_PARTITION_ENV}=`{v}`: expected auto, off or a count of SMs"))),
+    }
+}
+
+/// The device figures the model scales by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceRates {
+    /// Streaming multiprocessors.
+    pub num_sms: usize,
+    /// SM clock, Hz (the device's reported maximum).
+    pub sm_clock_hz: f64,
+    /// Peak DRAM bandwidth, bytes per second (memory clock, double data rate, times bus width).
+    pub dram_bytes_per_s: f64,
+}
+
+impl DeviceRates {
+    /// The H200 SXM the model was fitted on: 132 SMs, 1980 MHz, 3201 MHz x 6144-bit memory.
+    pub const H200: DeviceRates =
+        DeviceRates { num_sms: 132, sm_clock_hz: 1.98e9, dram_bytes_per_s: 3.201e9 * 2.0 * 6144.0 / 8.0 };
+
+    /// From the driver's attributes (kHz, kHz, bits); each one the driver reports as 0 takes the
+    /// H200's figure.
+    pub fn from_attributes(num_sms: usize, sm_clock_khz: usize, mem_clock_khz: usize, bus_width_bits: usize) -> Self {
+        let h = DeviceRates::H200;
+        DeviceRates {
+            num_sms: if num_sms == 0 { h.num_sms } else { num_sms },
+            sm_clock_hz: if sm_clock_khz == 0 { h.sm_clock_hz } else { sm_clock_khz as f64 * 1e3 },
+            dram_bytes_per_s: if mem_clock_khz == 0 || bus_width_bits == 0 {
+                h.dram_bytes_per_s
+            } else {
+                mem_clock_khz as f64 * 1e3 * 2.0 * bus_width_bits as f64 / 8.0
+            },
+        }
+    }
+}
+
+/// The fraction of the peak DRAM bandwidth the decode kernel reads K/V at on its own: 537 MB in
+/// 0.141 ms on the H200 (3.81 of 4.92 TB/s).
+pub const DECODE_BANDWIDTH_SHARE: f64 = 0.775;
+
+/// On `k` of the device's `n` SMs the decode part reads at `min(1, DECODE_SM_HEADROOM * k / n)` of
+/// its full rate: it needs only about 1 / 1.4 of the SMs to keep the memory system busy (fitted on
+/// the partitioned step's points with P from 44 to 88).
+pub const DECODE_SM_HEADROOM: f64 = 1.4;
+
+/// How much slower the prefill's blocks run while the decode part shares the memory system and
+/// L2 with them (fitted with [`DECODE_SM_HEADROOM`]; the prefill-bound points, P = 44 and 55, put
+/// it near 1.2).
+pub const PREFILL_CONTENTION: f64 = 1.2;
+
+/// A partition must be predicted this much faster than the sum of the parts to be used: the
+/// model's error on the points it was fitted to is about 5%.
+pub const MIN_PREDICTED_GAIN: f64 = 0.95;
+
+/// Query rows of one work item and keys of one key tile of the warp-specialised prefill.
+const ITEM_ROWS: usize = 128;
+const TILE_KEYS: usize = 128;
+
+/// Most SMs the model plans for (its per-block loads live on the stack).
+const MAX_SMS: usize = 512;
+
+/// SM cycles per key tile and per work item (its Q load, pipeline fill and epilogue, not all
+/// hidden) of the warp-specialised prefill at `head_size`, or `None` off that kernel's head sizes.
+/// Head 128: fitted on six shapes alone on the H200 (1.85 us per tile, 6.4 us per item at 1.98
+/// GHz; causal 8 x 2048, 2 x 8192, 2 x 1024, 32 x 512, 1 x 8192 and the chunked q512 on 7.5k x 4
+/// all within 5%). Head 64: the tile cost from causal 8 x 2048 at head 64, with the item cost
+/// taken as 0.6 of head 128's (one point cannot separate the two).
+pub fn prefill_cycles(head_size: usize) -> Option<(f64, f64)> {
+    match head_size {
+        128 => Some((3660.0, 12_700.0)),
+        64 => Some((2440.0, 7600.0)),
+        _ => None,
+    }
+}
+
+/// The shape of a mixed step as the model sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct MixedShape<F: Fn(usize) -> (usize, usize)> {
+    /// K/V bytes the decode part reads (every decode's visible keys, K and V, all KV heads).
+    pub decode_bytes: f64,
+    /// Requests of the prefill part.
+    pub prefill_reqs: usize,
+    /// `(query length, sequence length)` of prefill request `r` (`r < prefill_reqs`).
+    pub prefill_req: F,
+    /// Query heads (one work item per query head).
+    pub num_heads: usize,
+    /// Head size.
+    pub head_size: usize,
+}
+
+/// Predicted microseconds of the prefill part alone on a persistent grid of `grid` blocks: its
+/// busiest block's items (the kernel's order: row blocks last first, then requests, then heads;
+/// block `b` takes items `b, b + grid, ...`). `None` off the warp-specialised kernel's head sizes
+/// or past [`MAX_SMS`] blocks.
+pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
+    rates: &DeviceRates,
+    shape: &MixedShape<F>,
+    grid: usize,
+) -> Option<f64> {
+    let (tile_cycles, item_cycles) = prefill_cycles(shape.head_size)?;
+    let n = shape.prefill_reqs;
+    let heads = shape.num_heads.max(1);
+    let n_mb = (0..n).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0);
+    let items = n_mb * n * heads;
+    if items == 0 {
+        return Some(0.0);
+    }
+    let g = grid.clamp(1, items);
+    if g > MAX_SMS {
+        return None;
+    }
+    // Items of one (row block, request) are `heads` consecutive ones of equal cost: each adds its
+    // cost `heads / g` times to every block and once more to `heads % g` consecutive blocks
+    // (wrapping), kept as a difference array.
+    let mut diff = [0.0f64; MAX_SMS + 1];
+    let mut every = 0.0;
+    for mb_rev in 0..n_mb {
+        let m0 = (n_mb - 1 - mb_rev) * ITEM_ROWS;
+        for r in 0..n {
+            let (q, seq) = (shape.prefill_req)(r);
+            if m0 >= q {
+                continue;
+            }
+            let rows = (q - m0).min(ITEM_ROWS);
+            let last_key = seq.saturating_sub(q) + m0 + rows - 1;
+            let cost = (last_key / TILE_KEYS + 1) as f64 * tile_cycles + item_cycles;
+            every += (heads / g) as f64 * cost;
+            let start = ((mb_rev * n + r) * heads) % g;
+            let end = start + heads % g;
+            diff[start] += cost;
+            if end <= g {
+                diff[end] -= cost;
+            } else {
+                diff[g] -= cost;
+                diff[0] += cost;
+                diff[end - g] -= cost;
+            }
+        }
+    }
+    let mut run = 0.0;
+    let mut busiest = 0.0f64;
+    for d in &diff[..g] {
+        run += d;
+        busiest = busiest.max(run);
+    }
+    Some((every + busiest) / rates.sm_clock_hz * 1e6)
+}
+
+/// Predicted microseconds of the decode part alone on every SM.
+pub fn decode_alone_us(rates: &DeviceRates, decode_bytes: f64) -> f64 {
+    decode_bytes / (rates.dram_bytes_per_s * DECODE_BANDWIDTH_SHARE) * 1e6
+}
+
+/// Predicted microseconds of the step with the prefill part (`prefill_us` alone on its grid of
+/// `g` blocks) launched first and the decode part (`decode_us` alone) on the other `num_sms - g`
+/// SMs, taking the prefill's SMs when it ends.
+pub fn partitioned_us(decode_us: f64, prefill_us: f64, g: usize, num_sms: usize) -> f64 {
+    let rate = (DECODE_SM_HEADROOM * num_sms.saturating_sub(g) as f64 / num_sms.max(1) as f64).min(1.0);
+    let prefill_beside = prefill_us * PREFILL_CONTENTION;
+    if rate > 0.0 && decode_us <= rate * prefill_beside {
+        // The decode ends first; the prefill's rest runs without it.
+        let decode_end = decode_us / rate;
+        decode_end + (prefill_beside - decode_end) / PREFILL_CONTENTION
+    } else {
+        // The prefill ends first; the decode's rest has every SM.
+        prefill_beside + (decode_us - rate * prefill_beside)
+    }
+}
+
+/// The SM count to confine a mixed step's prefill part to, or 0 for no partition (decode first,
+/// as before). `Auto` tries grids from an eighth of the SMs to all but an eighth, in steps of
+/// about a thirty-second, and takes the fastest prediction if it beats the sum of the parts by
+/// [`MIN_PREDICTED_GAIN`]. Only for a prefill that runs on the warp-specialised kernel (the caller
+/// checks): no other prefill kernel has a persistent grid to cap.
+pub fn prefill_sms<F: Fn(usize) -> (usize, usize)>(
+    setting: MixedPartition,
+    rates: &DeviceRates,
+    shape: &MixedShape<F>,
+) -> usize {
+    let n = rates.num_sms;
+    if shape.prefill_reqs == 0 || shape.decode_bytes <= 0.0 || n < 2 {
+        return 0;
+    }
+    match setting {
+        MixedPartition::Off => 0,
+        MixedPartition::Sms(p) => p.clamp(1, n - 1),
+        MixedPartition::Auto => {
+            let decode = decode_alone_us(rates, shape.decode_bytes);
+            let Some(whole) = prefill_alone_us(rates, shape, n) else { return 0 };
+            let sequential = decode + whole;
+            let step = (n / 32).max(1);
+            let (lo, hi) = ((n / 8).max(1), n - (n / 8).max(1));
+            // Predictions of the candidate grids (at most 33 of them: `hi - lo < n`, steps of n / 32).
+            let mut tried = [(0usize, f64::INFINITY); 40];
+            let mut count = 0;
+            let mut p = lo;
+            while p <= hi && count < tried.len() {
+                if let Some(prefill) = prefill_alone_us(rates, shape, p) {
+                    // The grid is never larger than the item count: the decode gets the rest.
+                    let g = p.min(grid_items(shape)).max(1);
+                    tried[count] = (p, partitioned_us(decode, prefill, g, n));
+                    count += 1;
+                }
+                p += step;
+            }
+            let tried = &tried[..count];
+            let best = tried.iter().map(|t| t.1).fold(f64::INFINITY, f64::min);
+            if best >= MIN_PREDICTED_GAIN * sequential {
+                return 0;
+            }
+            // Where several grids predict within 1% of the best (a decode-bound step predicts
+            // the decode's time for a whole range of small grids), the middle one of them: it
+            // leaves the most room for the model's error on either side.
+            let near = tried.iter().filter(|t| t.1 <= best * 1.01).count();
+            tried.iter().filter(|t| t.1 <= best * 1.01).nth(near / 2).map_or(0, |t| t.0)
+        }
+    }
+}
+
+/// Work items (the kernel's grid without a cap) of the prefill part.
+fn grid_items<F: Fn(usize) -> (usize, usize)>(shape: &MixedShape<F>) -> usize {
+    let n_mb = (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0);
+    n_mb * shape.prefill_reqs * shape.num_heads.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(
+        decodes: usize,
+        ctx: usize,
+        prefills: &[(usize, usize)],
+        head: usize,
+    ) -> MixedShape<impl Fn(usize) -> (usize, usize) + '_> {
+        // bf16, 8 KV heads: 2 (K, V) x 8 x head x 2 bytes per key.
+        let per_key = (2 * 8 * head * 2) as f64;
+        MixedShape {
+            decode_bytes: (decodes * ctx) as f64 * per_key,
+            prefill_reqs: prefills.len(),
+            prefill_req: move |r| prefills[r],
+            num_heads: 32,
+            head_size: head,
+        }
+    }
+
+    /// The prefill model against the H200's prefill-alone times it was fitted on (within 6%).
+    #[test]
+    fn prefill_alone_matches_the_h200_fit() {
+        let h = DeviceRates::H200;
+        for (reqs, ms) in [
+            (vec![(2048, 2048); 8], 0.7106),
+            (vec![(8192, 8192); 2], 2.1668),
+            (vec![(1024, 1024); 2], 0.0650),
+            (vec![(512, 512); 32], 0.3412),
+            (vec![(8192, 8192)], 1.0417),
+            (vec![(512, 8192); 4], 0.5089),
+        ] {
+            let s = shape(0, 0, &reqs, 128);
+            let us = prefill_alone_us(&h, &s, 132).unwrap();
+            assert!((us / (ms * 1e3) - 1.0).abs() < 0.06, "{reqs:?}: {us} us against {ms} ms");
+        }
+    }
+
+    /// The partitioned step against the seven measured points (P = 44..88 with the eleventh
+    /// session's prefill, 1.17x slower alone; P = 66, 77 with the twelfth's): within 6%.
+    #[test]
+    fn partitioned_step_matches_the_h200_points() {
+        let h = DeviceRates::H200;
+        let s = shape(64, 2048, &[(1024, 1024); 2], 128);
+        let decode = decode_alone_us(&h, s.decode_bytes);
+        assert!((decode / 141.0 - 1.0).abs() < 0.03, "{decode}");
+        let old = 76.0 / prefill_alone_us(&h, &s, 132).unwrap();
+        for (p, scale, ms) in [
+            (44, old, 0.255),
+            (55, old, 0.213),
+            (66, old, 0.193),
+            (77, old, 0.195),
+            (88, old, 0.207),
+            (66, 1.0, 0.188),
+            (77, 1.0, 0.201),
+        ] {
+            let t = partitioned_us(decode, prefill_alone_us(&h, &s, p).unwrap() * scale, p, 132);
+            assert!((t / (ms * 1e3) - 1.0).abs() < 0.06, "P = {p}: {t} us against {ms} ms");
+        }
+    }
+
+    #[test]
+    fn auto_partitions_the_bench_step_near_half_the_sms() {
+        let h = DeviceRates::H200;
+        let s = shape(64, 2048, &[(1024, 1024); 2], 128);
+        let p = prefill_sms(MixedPartition::Auto, &h, &s);
+        assert!((48..=72).contains(&p), "P = {p}");
+    }
+
+    #[test]
+    fn auto_leaves_prefill_heavy_steps_unpartitioned() {
+        let h = DeviceRates::H200;
+        // 16 short decodes beside 4 x 2048 of prefill: the decode is a few percent of the step.
+        assert_eq!(prefill_sms(MixedPartition::Auto, &h, &shape(16, 1024, &[(2048, 2048); 4], 128)), 0);
+        // A long chunked prefill beside a handful of decodes.
+        assert_eq!(prefill_sms(MixedPartition::Auto, &h, &shape(4, 4096, &[(8192, 8192)], 128)), 0);
+    }
+
+    #[test]
+    fn auto_gives_a_small_prefill_few_sms() {
+        let h = DeviceRates::H200;
+        // One 512-token chunk beside 64 decodes of 2048: the decode does not need every SM.
+        let p = prefill_sms(MixedPartition::Auto, &h, &shape(64, 2048, &[(512, 512)], 128));
+        assert!(p > 0 && p <= 40, "P = {p}");
+    }
+
+    #[test]
+    fn no_partition_without_both_parts_or_off_the_kernel() {
+        let h = DeviceRates::H200;
+        assert_eq!(prefill_sms(MixedPartition::Auto, &h, &shape(0, 0, &[(1024, 1024)], 128)), 0);
+        assert_eq!(prefill_sms(MixedPartition::Auto, &h, &shape(64, 2048, &[], 128)), 0);
+        assert_eq!(prefill_sms(MixedPartition::Auto, &h, &shape(64, 2048, &[(1024, 1024); 2], 96)), 0);
+        assert_eq!(prefill_sms(MixedPartition::Off, &h, &shape(64, 2048, &[(1024, 1024); 2], 128)), 0);
+    }
+
+    #[test]
+    fn a_fixed_count_is_kept_within_the_device() {
+        let h = DeviceRates::H200;
+        let s = shape(64, 2048, &[(1024, 1024); 2], 128);
+        assert_eq!(prefill_sms(MixedPartition::Sms(40), &h, &s), 40);
+        assert_eq!(prefill_sms(MixedPartition::Sms(1000), &h, &s), 131);
+        // Head 96 runs on another prefill kernel, but a fixed count is what the caller asked for.
+        assert_eq!(prefill_sms(MixedPartition::Sms(40), &h, &shape(64, 2048, &[(1024, 1024)], 96)), 40);
+    }
+
+    /// The busiest block's load by brute force, item by item, against the difference array.
+    #[test]
+    fn busiest_block_matches_a_direct_count() {
+        let h = DeviceRates::H200;
+        let reqs = [(300usize, 900usize), (1024, 1024), (129, 129), (40, 4000)];
+        let s =
+            MixedShape { decode_bytes: 0.0, prefill_reqs: 4, prefill_req: |r| reqs[r], num_heads: 5, head_size: 128 };
+        let (tc, ic) = prefill_cycles(128).unwrap();
+        let n_mb = 8;
+        let items = n_mb * 4 * 5;
+        for g in [1, 3, 5, 7, 20, 64, items, items + 9] {
+            let gg = g.min(items);
+            let mut load = vec![0.0; gg];
+            for i in 0..items {
+                let mb = n_mb - 1 - i / 20;
+                let (q, seq) = reqs[(i % 20) / 5];
+                if mb * 128 >= q {
+                    continue;
+                }
+                let rows = (q - mb * 128).min(128);
+                load[i % gg] += ((seq - q + mb * 128 + rows - 1) / 128 + 1) as f64 * tc + ic;
+            }
+            let want = load.iter().cloned().fold(0.0, f64::max) / h.sm_clock_hz * 1e6;
+            let got = prefill_alone_us(&h, &s, g).unwrap();
+            assert!((got - want).abs() < 1e-9 * want.max(1.0), "g = {g}: {got} against {want}");
+        }
+    }
+
+    #[test]
+    fn parse_and_env_forms() {
+        assert_eq!(MixedPartition::parse(""), Some(MixedPartition::Auto));
+        assert_eq!(MixedPartition::parse(" AUTO "), Some(MixedPartition::Auto));
+        assert_eq!(MixedPartition::parse("off"), Some(MixedPartition::Off));
+        assert_eq!(MixedPartition::parse("0"), Some(MixedPartition::Off));
+        assert_eq!(MixedPartition::parse("66"), Some(MixedPartition::Sms(66)));
+        assert_eq!(MixedPartition::parse("99999999999999999999999"), Some(MixedPartition::Sms(usize::MAX)));
+        assert_eq!(MixedPartition::parse("-3"), None);
+        assert_eq!(MixedPartition::parse("half"), None);
+        assert_eq!(from_var(Err(std::env::VarError::NotPresent)).unwrap(), MixedPartition::Auto);
+        assert_eq!(from_var(Ok("12".into())).unwrap(), MixedPartition::Sms(12));
+        let e = from_var(Ok("most".into())).unwrap_err().to_string();
+        assert!(e.contains("PAGED_ATTN_MIXED_PARTITION=`most`"), "{e}");
+    }
+
+    #[test]
+    fn rates_fall_back_per_attribute() {
+        let r = DeviceRates::from_attributes(0, 0, 0, 0);
+        assert_eq!(r, DeviceRates::H200);
+        let r = DeviceRates::from_attributes(114, 1_755_000, 2_619_000, 5120);
+        assert_eq!(r.num_sms, 114);
+        assert!((r.sm_clock_hz - 1.755e9).abs() < 1.0);
+        assert!((r.dram_bytes_per_s - 2.619e9 * 2.0 * 640.0).abs() < 1e3);
+    }
+}
