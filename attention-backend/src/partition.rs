@@ -204,9 +204,17 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     // (wrapping), kept as a difference array.
     let mut diff = [0.0f64; MAX_SMS + 1];
     let mut every = 0.0;
+    let (per_block, extra) = (heads / g, heads % g);
+    // The first block of run (mb_rev, r), (mb_rev * n + r) * heads mod g, stepped by `heads`.
+    let mut start = 0;
     for mb_rev in 0..n_mb {
         let m0 = (n_mb - 1 - mb_rev) * ITEM_ROWS;
         for r in 0..n {
+            let first = start;
+            start += extra;
+            if start >= g {
+                start -= g;
+            }
             let (q, seq) = (shape.prefill_req)(r);
             if m0 >= q {
                 continue;
@@ -214,10 +222,9 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
             let rows = (q - m0).min(ITEM_ROWS);
             let last_key = seq.saturating_sub(q) + m0 + rows - 1;
             let cost = (last_key / TILE_KEYS + 1) as f64 * tile_cycles + item_cycles;
-            every += (heads / g) as f64 * cost;
-            let start = ((mb_rev * n + r) * heads) % g;
-            let end = start + heads % g;
-            diff[start] += cost;
+            every += per_block as f64 * cost;
+            let end = first + extra;
+            diff[first] += cost;
             if end <= g {
                 diff[end] -= cost;
             } else {
@@ -259,8 +266,8 @@ pub fn partitioned_us(decode_us: f64, prefill_us: f64, g: usize, num_sms: usize)
 
 /// The SM count to confine a mixed step's prefill part to, or 0 for no partition (decode first,
 /// as before). `Auto` tries grids from an eighth of the SMs to all but an eighth, in steps of
-/// about a thirty-second, and takes the fastest prediction if it beats the sum of the parts by
-/// [`MIN_PREDICTED_GAIN`]. Only for a prefill that runs on the warp-specialised kernel (the caller
+/// about a thirty-second (a sixteenth for prefills of over 256 row blocks), and takes the fastest
+/// prediction if it beats the sum of the parts by [`MIN_PREDICTED_GAIN`]. Only for a prefill that runs on the warp-specialised kernel (the caller
 /// checks): no other prefill kernel has a persistent grid to cap.
 pub fn prefill_sms<F: Fn(usize) -> (usize, usize)>(
     setting: MixedPartition,
@@ -278,16 +285,26 @@ pub fn prefill_sms<F: Fn(usize) -> (usize, usize)>(
             let decode = decode_alone_us(rates, shape.decode_bytes);
             let Some(whole) = prefill_alone_us(rates, shape, n) else { return 0 };
             let sequential = decode + whole;
-            let step = (n / 32).max(1);
+            // No partition beats either part alone on the whole device: where the larger part is
+            // already within the required gain of the sum, no grid is worth trying.
+            if decode.max(whole) >= MIN_PREDICTED_GAIN * sequential {
+                return 0;
+            }
+            // Each candidate costs a walk over the (row block, request) pairs: half as many
+            // candidates where those pass 256 (a plan stays within tens of microseconds).
+            let items = grid_items(shape);
+            let pairs = items / shape.num_heads.max(1);
+            let step = (if pairs > 256 { n / 16 } else { n / 32 }).max(1);
             let (lo, hi) = ((n / 8).max(1), n - (n / 8).max(1));
-            // Predictions of the candidate grids (at most 33 of them: `hi - lo < n`, steps of n / 32).
-            let mut tried = [(0usize, f64::INFINITY); 40];
+            // Predictions of the candidate grids: at most 50 (about 3n/4 grids in steps of 1 below
+            // 64 SMs; in steps of at least n / 32 from 64 up).
+            let mut tried = [(0usize, f64::INFINITY); 64];
             let mut count = 0;
             let mut p = lo;
             while p <= hi && count < tried.len() {
                 if let Some(prefill) = prefill_alone_us(rates, shape, p) {
                     // The grid is never larger than the item count: the decode gets the rest.
-                    let g = p.min(grid_items(shape)).max(1);
+                    let g = p.min(items).max(1);
                     tried[count] = (p, partitioned_us(decode, prefill, g, n));
                     count += 1;
                 }
