@@ -7,7 +7,7 @@ use attention_kernels::attention::{
 use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaSlice};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
@@ -58,6 +58,10 @@ pub struct DeviceMetadata {
     decode_max_seq_len: usize,
     /// Longest query after them.
     rest_max_query_len: usize,
+    /// The mixed-step partition planned for the first attention shape asked about (query heads,
+    /// KV heads, head size, cache type) and its SM count: every layer of a model usually shares
+    /// one shape, so the others reuse it instead of running the cost model again.
+    partition: OnceLock<((usize, usize, usize, DType), usize)>,
 }
 
 fn upload_i32(dev: &CudaDevice, data: &[i32]) -> Result<CudaSlice<i32>> {
@@ -95,6 +99,7 @@ impl DeviceMetadata {
             single_token_decodes,
             decode_max_seq_len,
             rest_max_query_len,
+            partition: OnceLock::new(),
         })
     }
 
@@ -171,14 +176,17 @@ impl DeviceMetadata {
         // A malformed PAGED_ATTN_MIXED_PARTITION fails the mixed launches themselves; planning no
         // partition until then changes nothing.
         let prefill_sms = match MixedPartition::process() {
-            Ok(setting) if n < num_reqs => mixed_prefill_sms(
-                setting,
-                &self.rates,
-                &self.host,
-                n,
-                (num_heads, num_kv_heads, head_size),
-                cache_dtype,
-            ),
+            Ok(setting) if n < num_reqs => {
+                let key = (num_heads, num_kv_heads, head_size, cache_dtype);
+                let plan =
+                    || mixed_prefill_sms(setting, &self.rates, &self.host, n, (key.0, key.1, key.2), cache_dtype);
+                let &(first, sms) = self.partition.get_or_init(|| (key, plan()));
+                if first == key {
+                    sms
+                } else {
+                    plan()
+                }
+            }
             _ => 0,
         };
         SplitPlan {
