@@ -7,9 +7,10 @@
 //! first, on the warp-specialised kernel with its persistent grid capped at P blocks (one block
 //! per SM), the decode runs on the other SMs from the start and takes the prefill's SMs as they
 //! free up (0.188 ms at P = 66). The capped grid keeps its P SMs to its end, so P has to follow
-//! the step: too few starve the prefill (P = 44: 0.255 ms), too many the decode, and a fixed half
-//! would lose on every prefill-heavy step. [`prefill_sms`] chooses P per step from predicted times
-//! of the two parts, and leaves the step unpartitioned where the prediction shows no gain.
+//! the step: too few starve the prefill (P = 44: 0.255 ms, with an older prefill kernel), too many
+//! the decode, and a fixed half would lose on every prefill-heavy step. [`prefill_sms`] chooses P
+//! per step from predicted times of the two parts, and leaves the step unpartitioned where the
+//! prediction shows no gain.
 //!
 //! The model (docs/PERFORMANCE.md, thirteenth session, has its fit):
 //! - the decode part alone takes its K/V bytes over [`DECODE_BANDWIDTH_SHARE`] of the device's
@@ -21,8 +22,8 @@
 //!   [`PREFILL_CONTENTION`] while the decode runs beside it;
 //! - unpartitioned, the step takes the sum of the two parts alone.
 //!
-//! Fitted on the H200 (seven points of the partitioned step, six prefill shapes alone: within 5%
-//! of each); other devices enter through their SM count, SM clock and DRAM bandwidth only.
+//! Fitted on the H200 (seven points of the partitioned step and six prefill shapes alone, each
+//! within 6%); other devices enter through their SM count, SM clock and DRAM bandwidth only.
 
 use std::sync::OnceLock;
 
