@@ -262,23 +262,32 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// Mixed steps of other proportions than the headline one (`--mixed-sweep`): decodes of 2048 keys
-/// unless named, then the prefills.
+/// Mixed steps of other proportions than the headline one (`--mixed-sweep`), each followed by its
+/// decode part and its prefill part alone (for the sum the step is held against, and for refitting
+/// the partition's model): decodes of 2048 keys unless named, then the prefills.
 fn mixed_sweep() -> Vec<Case> {
+    /// Name, decodes, their context, the prefills' `(q_len, kv_len)`.
+    type Step = (&'static str, usize, usize, &'static [(usize, usize)]);
     let gqa = (32, 8);
-    let mixed = |name: &str, decodes: usize, ctx: usize, prefills: &[(usize, usize)]| {
+    let steps: [Step; 6] = [
+        ("mixed 64 decodes + 1 x 512", 64, 2048, &[(512, 512)]),
+        ("mixed 64 decodes + q512 on 4k", 64, 2048, &[(512, 4096)]),
+        ("mixed 8 decodes + 1 x 1024", 8, 2048, &[(1024, 1024)]),
+        ("mixed 128 decodes x 4096 + 1 x 2048", 128, 4096, &[(2048, 2048)]),
+        ("mixed 256 decodes x 1024 + 4 x 256", 256, 1024, &[(256, 256); 4]),
+        ("mixed 16 decodes x 1024 + 4 x 2048", 16, 1024, &[(2048, 2048); 4]),
+    ];
+    let mut cases = Vec::new();
+    for (name, decodes, ctx, prefills) in steps {
         let mut seqs = vec![(1usize, ctx); decodes];
         seqs.extend_from_slice(prefills);
-        Case::new("mixed", name, seqs, gqa, 128)
-    };
-    vec![
-        mixed("mixed 64 decodes + 1 x 512", 64, 2048, &[(512, 512)]),
-        mixed("mixed 64 decodes + q512 on 4k", 64, 2048, &[(512, 4096)]),
-        mixed("mixed 8 decodes + 1 x 1024", 8, 2048, &[(1024, 1024)]),
-        mixed("mixed 128 decodes x 4096 + 1 x 2048", 128, 4096, &[(2048, 2048)]),
-        mixed("mixed 256 decodes x 1024 + 4 x 256", 256, 1024, &[(256, 256); 4]),
-        mixed("mixed 16 decodes x 1024 + 4 x 2048", 16, 1024, &[(2048, 2048); 4]),
-    ]
+        cases.push(Case::new("mixed", name, seqs, gqa, 128));
+        let part = name.trim_start_matches("mixed ");
+        let decode_part = format!("mixed sweep part: {decodes} decodes x {ctx} ({part})");
+        cases.push(Case::new("decode", &decode_part, vec![(1, ctx); decodes], gqa, 128));
+        cases.push(Case::new("prefill", &format!("mixed sweep part: prefill ({part})"), prefills.to_vec(), gqa, 128));
+    }
+    cases
 }
 
 fn main() {
