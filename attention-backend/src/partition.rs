@@ -27,7 +27,10 @@
 
 use std::sync::OnceLock;
 
+use attention_kernels::DType;
+
 use crate::error::{AttentionError, Result};
+use crate::metadata::AttentionMetadata;
 
 /// The environment variable that sets [`MixedPartition`] for the eager API and for
 /// `PlanOptions::from_env`: `auto` (or unset), `off`, or a count of SMs.
@@ -325,6 +328,35 @@ pub fn prefill_sms<F: Fn(usize) -> (usize, usize)>(
     }
 }
 
+/// [`prefill_sms`] for the mixed step `meta` describes: requests `0..decode_reqs` are single-token
+/// decodes over a `kv_dtype` cache, the rest prefills; `heads` is (query heads, KV heads, head
+/// size). The caller has checked that the prefill runs on the warp-specialised kernel. No
+/// allocation; O(requests + grid) per candidate grid.
+pub(crate) fn mixed_prefill_sms(
+    setting: MixedPartition,
+    rates: &DeviceRates,
+    meta: &AttentionMetadata,
+    decode_reqs: usize,
+    heads: (usize, usize, usize),
+    kv_dtype: DType,
+) -> usize {
+    let (num_heads, num_kv_heads, head_size) = heads;
+    let decode_reqs = decode_reqs.min(meta.num_reqs());
+    let decode_keys: usize = meta.seq_lens[..decode_reqs].iter().map(|&l| l.max(0) as usize).sum();
+    let key_bytes = 2 * num_kv_heads * head_size * kv_dtype.size_in_bytes();
+    let shape = MixedShape {
+        decode_bytes: decode_keys as f64 * key_bytes as f64,
+        prefill_reqs: meta.num_reqs() - decode_reqs,
+        prefill_req: |r: usize| {
+            let r = decode_reqs + r;
+            (meta.query_len(r), meta.seq_lens[r].max(0) as usize)
+        },
+        num_heads,
+        head_size,
+    };
+    prefill_sms(setting, rates, &shape)
+}
+
 /// Work items (the kernel's grid without a cap) of the prefill part.
 fn grid_items<F: Fn(usize) -> (usize, usize)>(shape: &MixedShape<F>) -> usize {
     let n_mb = (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0);
@@ -463,6 +495,37 @@ mod tests {
             let got = prefill_alone_us(&h, &s, g).unwrap();
             assert!((got - want).abs() < 1e-9 * want.max(1.0), "g = {g}: {got} against {want}");
         }
+    }
+
+    /// The step adapter reads the decode bytes and the prefill requests from the metadata the
+    /// way the shape tests above state them (the bench's step: the same plan), and an FP8 cache
+    /// halves the decode bytes.
+    #[test]
+    fn the_step_adapter_reads_the_metadata() {
+        use crate::{BlockTable, SlotMapping};
+        let h = DeviceRates::H200;
+        let mut q_lens = vec![1usize; 64];
+        q_lens.extend([1024, 1024]);
+        let mut seq_lens = vec![2048i32; 64];
+        seq_lens.extend([1024, 1024]);
+        let mut qsl = vec![0i32];
+        for q in &q_lens {
+            qsl.push(qsl.last().unwrap() + *q as i32);
+        }
+        let width = 2048 / 16;
+        let table = BlockTable::new((0..66 * width as i32).collect(), 66, width).unwrap();
+        let tokens = *qsl.last().unwrap() as usize;
+        let meta = AttentionMetadata::new(qsl, seq_lens, table, SlotMapping::new(vec![-1; tokens]), 1).unwrap();
+        let got = mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 64, (32, 8, 128), DType::BF16);
+        let want = prefill_sms(MixedPartition::Auto, &h, &shape(64, 2048, &[(1024, 1024); 2], 128));
+        assert!(got > 0 && got == want, "{got} against {want}");
+        let fp8 = mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 64, (32, 8, 128), DType::Fp8E4M3);
+        let mut half = shape(64, 2048, &[(1024, 1024); 2], 128);
+        half.decode_bytes /= 2.0;
+        assert_eq!(fp8, prefill_sms(MixedPartition::Auto, &h, &half));
+        assert_eq!(mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 66, (32, 8, 128), DType::BF16), 0);
+        assert_eq!(mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 0, (32, 8, 128), DType::BF16), 0);
+        assert_eq!(mixed_prefill_sms(MixedPartition::Sms(9), &h, &meta, 64, (32, 8, 128), DType::BF16), 9);
     }
 
     #[test]

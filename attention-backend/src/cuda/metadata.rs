@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use super::{driver_error, CudaDevice, DeviceSlotMapping};
 use crate::error::Result;
 use crate::metadata::AttentionMetadata;
-use crate::partition::{self, DeviceRates, MixedPartition, MixedShape};
+use crate::partition::{mixed_prefill_sms, DeviceRates, MixedPartition};
 
 /// How one attention call splits the batch between the two kernels, decided on the host from the
 /// batch shape alone (so a CUDA graph captured for a shape replays the same launches).
@@ -207,34 +207,6 @@ pub(crate) fn device_rates(ctx: &Arc<CudaContext>, num_sms: usize) -> DeviceRate
         device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
         device_attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
     )
-}
-
-/// The SMs to confine the prefill part of `meta`'s mixed step to ([`partition::prefill_sms`]):
-/// requests `0..decode_reqs` are single-token decodes over a `kv_dtype` cache, the rest prefills;
-/// `heads` is (query heads, KV heads, head size). The caller has checked that the prefill runs on
-/// the warp-specialised kernel. O(requests + grid) per candidate grid, no allocation.
-pub(crate) fn mixed_prefill_sms(
-    setting: MixedPartition,
-    rates: &DeviceRates,
-    meta: &AttentionMetadata,
-    decode_reqs: usize,
-    heads: (usize, usize, usize),
-    kv_dtype: DType,
-) -> usize {
-    let (num_heads, num_kv_heads, head_size) = heads;
-    let decode_keys: usize = meta.seq_lens[..decode_reqs].iter().map(|&l| l.max(0) as usize).sum();
-    let key_bytes = 2 * num_kv_heads * head_size * kv_dtype.size_in_bytes();
-    let shape = MixedShape {
-        decode_bytes: decode_keys as f64 * key_bytes as f64,
-        prefill_reqs: meta.num_reqs() - decode_reqs,
-        prefill_req: |r: usize| {
-            let r = decode_reqs + r;
-            (meta.query_len(r), meta.seq_lens[r].max(0) as usize)
-        },
-        num_heads,
-        head_size,
-    };
-    partition::prefill_sms(setting, rates, &shape)
 }
 
 /// Whether a prefill with compute type `T` over a cache of `C` runs on the warp-specialised

@@ -22,15 +22,13 @@ use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{
-    decode_slots, decode_split_count, device_rates, mixed_prefill_sms, saturation_with_sms, ws_prefill_for,
-};
+use super::metadata::{decode_slots, decode_split_count, device_rates, saturation_with_sms, ws_prefill_for};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
 use crate::metadata::{AttentionMetadata, StepCheckScratch};
 use crate::params::AttentionParams;
-use crate::partition::{DeviceRates, MixedPartition};
+use crate::partition::{mixed_prefill_sms, DeviceRates, MixedPartition};
 
 const OP: &str = "plan";
 
