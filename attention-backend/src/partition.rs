@@ -194,7 +194,7 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     let (tile_cycles, item_cycles) = prefill_cycles(shape.head_size)?;
     let n = shape.prefill_reqs;
     let heads = shape.num_heads.max(1);
-    let n_mb = (0..n).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0);
+    let n_mb = row_blocks(shape);
     let items = n_mb * n * heads;
     if items == 0 {
         return Some(0.0);
@@ -271,8 +271,9 @@ pub fn partitioned_us(decode_us: f64, prefill_us: f64, g: usize, num_sms: usize)
 /// The SM count to confine a mixed step's prefill part to, or 0 for no partition (decode first,
 /// as before). `Auto` tries grids from an eighth of the SMs to all but an eighth, in steps of
 /// about a thirty-second (a sixteenth for prefills of over 256 row blocks), and takes the fastest
-/// prediction if it beats the sum of the parts by [`MIN_PREDICTED_GAIN`]. Only for a prefill that runs on the warp-specialised kernel (the caller
-/// checks): no other prefill kernel has a persistent grid to cap.
+/// prediction if it beats the sum of the parts by [`MIN_PREDICTED_GAIN`]. Only for a prefill that
+/// runs on the warp-specialised kernel (the caller checks): no other prefill kernel has a
+/// persistent grid to cap.
 pub fn prefill_sms<F: Fn(usize) -> (usize, usize)>(
     setting: MixedPartition,
     rates: &DeviceRates,
@@ -357,10 +358,14 @@ pub(crate) fn mixed_prefill_sms(
     prefill_sms(setting, rates, &shape)
 }
 
+/// Row blocks per request in the kernel's launch: its longest query's, in `ITEM_ROWS` rows.
+fn row_blocks<F: Fn(usize) -> (usize, usize)>(shape: &MixedShape<F>) -> usize {
+    (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0)
+}
+
 /// Work items (the kernel's grid without a cap) of the prefill part.
 fn grid_items<F: Fn(usize) -> (usize, usize)>(shape: &MixedShape<F>) -> usize {
-    let n_mb = (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0);
-    n_mb * shape.prefill_reqs * shape.num_heads.max(1)
+    row_blocks(shape) * shape.prefill_reqs * shape.num_heads.max(1)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use attention_kernels::attention::{
 use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::CudaSlice;
 
-use super::metadata::ws_prefill_for;
+use super::metadata::launched_prefill_sms;
 use super::{driver_error, kernel_error, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use crate::error::{AttentionError, Result};
 use crate::params::AttentionParams;
@@ -232,11 +232,7 @@ pub(crate) fn launch<T: Element, C: KvStorage<T>>(
     };
     // A partitioned mixed step launches its prefill part first, on `prefill_sms` SMs, so that the
     // decode blocks take the others (see MixedPartition).
-    let prefill_sms = if plan.prefill_sms > 0 && overlap.is_some() && ws_prefill_for::<T, C>(dev, params.head_size) {
-        plan.prefill_sms
-    } else {
-        0
-    };
+    let prefill_sms = launched_prefill_sms::<T, C>(dev, params.head_size, plan.prefill_sms, overlap.is_some());
     // One launch over requests `begin..end`: on the side stream when `on_side` and overlapping.
     let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, on_side: bool| {
         let d = dims(begin, end);

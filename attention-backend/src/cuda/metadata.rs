@@ -209,13 +209,28 @@ pub(crate) fn device_rates(ctx: &Arc<CudaContext>, num_sms: usize) -> DeviceRate
     )
 }
 
-/// Whether a prefill with compute type `T` over a cache of `C` runs on the warp-specialised
-/// kernel on `dev` (the process's prefill path, the device, the head size and the types decide).
-pub(crate) fn ws_prefill_for<T: Element, C: KvStorage<T>>(dev: &CudaDevice, head_size: usize) -> bool {
-    matches!(
-        kernels::prefill_kernel_for_cache(dev.context(), head_size, T::DTYPE, C::DTYPE),
-        Ok(kernels::PrefillKernel::Sm90Ws)
-    )
+/// Whether a prefill of `dtype` over a cache of `cache_dtype` runs on the warp-specialised kernel
+/// on `ctx`'s device (the process's prefill path, the device and the head size decide too): the
+/// only prefill with a persistent grid a mixed step's partition can cap.
+pub(crate) fn ws_prefill(ctx: &Arc<CudaContext>, head_size: usize, dtype: DType, cache_dtype: DType) -> bool {
+    matches!(kernels::prefill_kernel_for_cache(ctx, head_size, dtype, cache_dtype), Ok(kernels::PrefillKernel::Sm90Ws))
+}
+
+/// The SMs a planned partition (`planned`, 0 for none) confines a mixed step's prefill part to as
+/// it is launched: `planned` where the two parts overlap on two streams and the prefill of `T` over
+/// `C` runs on the warp-specialised kernel (a cache of another type than the one planned for may
+/// not), else 0, and the step keeps the decode-first order.
+pub(crate) fn launched_prefill_sms<T: Element, C: KvStorage<T>>(
+    dev: &CudaDevice,
+    head_size: usize,
+    planned: usize,
+    overlapping: bool,
+) -> usize {
+    if planned > 0 && overlapping && ws_prefill(dev.context(), head_size, T::DTYPE, C::DTYPE) {
+        planned
+    } else {
+        0
+    }
 }
 
 /// The decode blocks per SM that add bandwidth ([`decode_slots_per_sm`]) for the decode kernel that

@@ -22,7 +22,9 @@ use attention_kernels::{DType, Element, KvStorage};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 
-use super::metadata::{decode_slots, decode_split_count, device_rates, saturation_with_sms, ws_prefill_for};
+use super::metadata::{
+    decode_slots, decode_split_count, device_rates, launched_prefill_sms, saturation_with_sms, ws_prefill,
+};
 use super::{driver_error, kernel_error, CudaDevice};
 use crate::error::{AttentionError, Result};
 use crate::layout::CacheLayout;
@@ -275,11 +277,8 @@ impl StepPlanner {
         };
         let table = config.max_num_reqs.checked_mul(config.max_blocks_per_req).ok_or_else(overflow)?;
         let staged = table.checked_add(2 * config.max_num_reqs + 1).ok_or_else(overflow)?;
-        let kv_dtype = options.kv_cache_dtype.unwrap_or(DType::BF16);
-        let ws_prefill = matches!(
-            kernels::prefill_kernel_for_cache(dev.context(), config.head_size, DType::BF16, kv_dtype),
-            Ok(kernels::PrefillKernel::Sm90Ws)
-        );
+        let ws_prefill =
+            ws_prefill(dev.context(), config.head_size, DType::BF16, options.kv_cache_dtype.unwrap_or(DType::BF16));
         let decode_slots = decode_slots(
             dev.context(),
             config.head_size,
@@ -795,13 +794,8 @@ impl StepPlan<'_> {
             _ => None,
         };
         // A partitioned mixed step launches its prefill part first, on `prefill_sms` SMs, so that
-        // the decode blocks take the others (see MixedPartition); the check of the prefill kernel
-        // covers a cache type other than the one planned for.
-        let prefill_sms = if l.prefill_sms > 0 && overlap.is_some() && ws_prefill_for::<T, C>(&p.dev, c.head_size) {
-            l.prefill_sms
-        } else {
-            0
-        };
+        // the decode blocks take the others (see MixedPartition).
+        let prefill_sms = launched_prefill_sms::<T, C>(&p.dev, c.head_size, l.prefill_sms, overlap.is_some());
         let mut launch_range = |kernel: AttentionKernel, begin: usize, end: usize, ws: bool, on_side: bool| {
             let bufs = AttentionBuffers {
                 query: query.slice(..),
