@@ -543,11 +543,11 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
     const int64_t ts = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between a page's tokens
     const uint32_t x16 = (c_thr & 7) * 16;
     const uint32_t dgrp = (c_thr >> 3) * (BN * 128) + grp * RT * 128;  // panel, then the group's first row
-    const int key_ofs = grouped ? grp * RT : pt;  // the key (from the tile start) whose page this thread reads
-    // Page of this thread's key in tile j of `it` (0: no key of the sequence, or no row of its own).
+    // Offset-ring path: page of this thread's key row in tile j of `it` (0: no key of the sequence,
+    // or no row of its own).
     auto page_for = [&](const Item& it, int j) -> int64_t {
-      const int key = tile_key0(it, j) + key_ofs;
-      return (grouped || pt < BN) && key < it.seq_len ? pa::page_of(p, it.req, key) : int64_t{0};
+      const int key = tile_key0(it, j) + pt;
+      return pt < BN && key < it.seq_len ? pa::page_of(p, it.req, key) : int64_t{0};
     };
     // V of a tile straddling a mask bound has been issued into stage s (grouped gather): once this
     // thread's own copies have landed, zero every non-finite element among them, publish which of
@@ -622,11 +622,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         const int bs = p.block_size, dq = BN / bs, dr = BN % bs;
         const int k00 = tile_key0(it, 0) + grp * RT;
         int q = k00 / bs, r = k00 - (k00 / bs) * bs;
-        auto page_q = [&](int qq, int key) -> int64_t {
-          if (key >= it.seq_len || qq >= p.max_blocks_per_req) return 0;
-          const int b = p.block_table[static_cast<int64_t>(it.req) * p.max_blocks_per_req + qq];
-          return (b < 0 || b >= p.num_blocks) ? 0 : b;
-        };
+        // Block 0 for a group past the sequence: its column is moved past the row, where page_at
+        // reads block 0 (one predicate, no branch in the tile loop).
+        auto page_q = [&](int qq, int key) { return pa::page_at(p, it.req, key < it.seq_len ? qq : p.max_blocks_per_req); };
         // Rows past the sequence are zero-filled (cp.async's source size 0). Every address formed
         // lies inside the cache: the group's RT rows from row rr stay inside its page (block 0 when
         // the group holds no key of the sequence or its table entry is out of range).

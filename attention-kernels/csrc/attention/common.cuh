@@ -410,11 +410,17 @@ __device__ __forceinline__ KeySpan key_span(int p_first, int rows, int seq_len, 
 // make a kernel touch memory outside the buffers the launcher checked.
 __device__ __forceinline__ int clamp_int(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-__device__ __forceinline__ int64_t page_of(const KernelParams& p, int req, int key) {
-  const int idx = key / p.block_size;
+// Cache block in column idx of request req's block-table row: 0 for a column past the row or an
+// entry outside the cache, so no address formed from it leaves the cache.
+__device__ __forceinline__ int64_t page_at(const KernelParams& p, int req, int idx) {
   int b = (idx < p.max_blocks_per_req) ? p.block_table[static_cast<int64_t>(req) * p.max_blocks_per_req + idx] : 0;
   if (b < 0 || b >= p.num_blocks) b = 0;
   return b;
+}
+
+// Cache block holding request req's key.
+__device__ __forceinline__ int64_t page_of(const KernelParams& p, int req, int key) {
+  return page_at(p, req, key / p.block_size);
 }
 
 // Row offset (in elements) of (key, kv head) in the NHD cache, given its page.
