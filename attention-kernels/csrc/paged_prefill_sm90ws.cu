@@ -118,9 +118,15 @@
 //
 // Shared memory (BN = 128): NQ Q buffers of BM x D (two over a 16-bit cache), then SK stages of K
 // and SV of V, BN x D each, as 64-column swizzled panels, then the barriers, the row-offset ring
-// (3 x BN int64), a BN-bit set of sanitised keys per V stage and a float per consumer thread that
-// pins a wait (see the steady-state loop). Head 128: SK = SV = 2, 2 x 32 KB + 2 x 32 KB + 2 x 32 KB
-// = 192 KB of tiles, about 197 KB with the rest and the 1 KB alignment slack. The second Q buffer
+// (3 x BN int64; only where the block size needs it, below), a BN-bit set of sanitised keys per V
+// stage and a float per consumer thread that pins a wait (see the steady-state loop).
+// Head 128 over a 16-bit cache, block sizes RT = 16 divides (the grouped gather, no ring): SK = 2,
+// SV = 3, 2 x 32 KB + 2 x 32 KB + 3 x 32 KB = 224 KB of tiles, about 226 KB with the rest and the
+// 1 KB alignment slack; other block sizes keep the ring in the third V stage's place (SV = 2). Head
+// 64 over a 16-bit cache: SK = 4, SV = 6. The deeper V pipelines measured +2% to +7% on causal
+// shapes (H100, fifteenth session, docs/PERFORMANCE.md): with the tiles walked last first, V's
+// slack behind QK^T no longer covered the gather's latency on every tile.
+// Before that, with SK = SV = 2 at head 128 (192 KB of tiles): the second Q buffer
 // took the place of a third K stage, which an earlier version had (next paragraph). They were not
 // measured apart: the variant with the second Q buffer and the last-first order but the old
 // producer ran as fast as the three-stage kernel (twelfth session, variant 5).
@@ -132,8 +138,16 @@
 // wait; its FULL_V wait has the QK^T product as slack). Measured: no
 // change (229 / 330 TFLOP/s on causal 8 x 2048 / 2 x 8192 against 230 / 332 with two stages), so
 // depth was not what the consumers waited for (docs/PERFORMANCE.md, fourth H200 session). Head
-// 64: SK = SV = 4, 2 x 16 KB + 8 x 16 KB = 160 KB of tiles (a tile of head 64 is half the compute,
-// so twice the depth covers the same latency).
+// 64 had SK = SV = 4 then, 160 KB of tiles (a tile of head 64 is half the compute, so twice the
+// depth covers the same latency).
+//
+// Epilogue (16-bit caches): once a consumer's last PV product has completed, its 64 output rows
+// pass through its own rows of the item's Q buffer (no wgmma reads Q any more; the buffer is
+// released to the producer only after them), laid out as Q's swizzled panels so that the
+// fragment-ordered 4-byte stores of a warp hit 32 distinct banks, and leave as 16-byte stores of
+// whole rows: one warp instruction writes two full 256-byte rows at head 128 (four of 128 at head
+// 64) instead of 16 bytes in each of 8 rows. Measured +8% on causal 8 x 2048 and +9-11% on items of 512-1024 rows (H100); with the
+// deeper V pipelines +12% and +8-19%. An FP8 cache's single Q buffer keeps the direct stores.
 //
 // FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
 // branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
@@ -165,7 +179,15 @@ namespace {
 
 using pa::KernelParams;
 
-template <int D, bool kFp8 = false> struct WsCfg {
+// kGrouped: the launcher sends only block sizes the grouped gather serves (RT divides them), so
+// at head 128 over a 16-bit cache the offset ring's room goes to a third V stage (see "Shared
+// memory" in the header). Other block sizes run the configuration with the ring.
+template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
+  // The ring-less third V stage (head 128, 16-bit cache, grouped block sizes only).
+  static constexpr bool kRing = !(kGrouped && !kFp8 && D > 64);
+  // The epilogue stages each consumer's output rows in its own rows of the item's Q buffer and
+  // stores them as 16-byte row chunks (16-bit caches; the FP8 path keeps direct stores).
+  static constexpr bool kStageO = !kFp8;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kBM = 64 * kConsumers;
@@ -173,7 +195,7 @@ template <int D, bool kFp8 = false> struct WsCfg {
   // K and V stage counts (see "Shared memory" in the header: at head 128 a 16-bit cache spends the
   // room of a third stage on a second Q buffer, an FP8 cache on its staging buffers).
   static constexpr int kStagesK = D <= 64 ? 4 : 2;
-  static constexpr int kStagesV = D <= 64 ? 4 : 2;
+  static constexpr int kStagesV = kFp8 ? (D <= 64 ? 4 : 2) : (D <= 64 ? 6 : (kRing ? 2 : 3));
   static constexpr int kChunks = D / 8;  // 16-byte units per row
   static constexpr int kQBytes = kBM * D * 2;
   // Q buffers: two over a 16-bit cache, so the next item's Q loads while the current item's
@@ -197,7 +219,7 @@ template <int D, bool kFp8 = false> struct WsCfg {
   static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;
   static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 2 * kQBufs;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
-  static constexpr int kOffBad = kOffRo + 3 * kBN * 8;   // non-finite-V key bits per V stage
+  static constexpr int kOffBad = kOffRo + (kRing ? 3 * kBN * 8 : 0);  // non-finite-V key bits per V stage
   static constexpr int kAlignSlack = 1024;
   static constexpr int kOffPin = kOffBad + kStagesV * kBadWords * 4;  // a float per consumer thread
   static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffPin + 128 * kConsumers * 4;
@@ -211,6 +233,7 @@ template <int D, bool kFp8 = false> struct WsCfg {
 // Named barrier ids (0 is __syncthreads): the two consumers' turns, and the producer's own.
 constexpr int kBarTurn0 = 1;
 constexpr int kBarProducer = 3;
+constexpr int kBarEpi0 = 4;  // the staged epilogue's, one per consumer warpgroup
 
 #if PA_SM90_ENABLED
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -269,6 +292,17 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
@@ -296,10 +330,12 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 }
 #endif
 
-template <typename T, int D, bool kFp8>
-__global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_kernel(const KernelParams p, const int n_items) {
+template <typename T, int D, bool kFp8, bool kGrouped>
+__global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
+    prefill_sm90ws_kernel(const KernelParams p, const int n_items) {
 #if PA_SM90_ENABLED
-  using Cfg = WsCfg<D, kFp8>;
+  using Cfg = WsCfg<D, kFp8, kGrouped>;
+  constexpr bool kStO = Cfg::kStageO;
   namespace w = pa::sm90;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
   constexpr int SK = Cfg::kStagesK, SV = Cfg::kStagesV, NQ = Cfg::kQBufs;
@@ -538,7 +574,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
     // source address, and nothing passes through shared memory or a producer barrier. Otherwise each
     // key row's offset is computed by the thread that owns the row (pt < BN) and shared through a
     // ring of 3 tiles in shared memory. Either way the page a thread needs is read a tile ahead.
-    const bool grouped = p.block_size % RT == 0;
+    // Without the ring (kGrouped) the launcher sends only block sizes RT divides.
+    const bool grouped = !Cfg::kRing || p.block_size % RT == 0;
     const int grp = pt / C;
     const int64_t ts = static_cast<int64_t>(p.num_kv_heads) * D;  // elements between a page's tokens
     const uint32_t x16 = (c_thr & 7) * 16;
@@ -936,8 +973,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
           alpha[0] = al[0];
           alpha[1] = al[1];
         }
-        // Every QK^T of this item has completed: Q's buffer may take a later item's rows.
-        mbar_arrive(q_empty(qi % NQ));
+        // Every QK^T of this item has completed: Q's buffer may take a later item's rows (with the
+        // staged epilogue, once the output rows have passed through it).
+        if constexpr (!kStO) mbar_arrive(q_empty(qi % NQ));
         // Last tile of the run: PV only.
         mbar_wait(full_v(vs(wb)), vpar(wb));
         w::fence_proxy_async_smem();
@@ -947,7 +985,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
         note_bad_v(wb);
         mbar_arrive(empty_v(vs(wb)));
       } else {
-        mbar_arrive(q_empty(qi % NQ));
+        if constexpr (!kStO) mbar_arrive(q_empty(qi % NQ));
       }
 
 #pragma unroll 1
@@ -969,14 +1007,46 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8>::kThreads, 1) prefill_sm90ws_ke
       const int r = r_thr + rr * 8;
       if (r < rows && t4 == 0 && p.lse) p.lse[(it.q_start + m0 + r) * H + it.h] = f.lse;
     }
+    if (kStO && n_tiles > 0) {
+      // Staged: this warpgroup's 64 rows of the item's Q buffer (no wgmma reads them any more),
+      // laid out as Q's swizzled 64-column panels, so a warp's 4-byte stores hit 32 distinct banks
+      // and 8 threads' 16-byte loads one row's 8 distinct chunks; then each row leaves as 16-byte
+      // coalesced stores instead of a warp's 4-byte stores to 8 rows.
+      const uint32_t ob = q_buf(qi % NQ) + static_cast<uint32_t>(rw0) * 128u;
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int r = r_thr + rr * 8;
-      if (r < rows) {
-        uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
+      for (int rr = 0; rr < 2; ++rr) {
+        const int lr = warp * 16 + g4 + rr * 8;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-          orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]);
+        for (int j = 0; j < D / 8; ++j) {
+          const uint32_t addr =
+              ob + static_cast<uint32_t>((j >> 3) * (BM * 128) + lr * 128 + (((j & 7) ^ (lr & 7)) << 4) + t4 * 4);
+          st_shared_u32(addr, pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]));
+        }
+      }
+      named_sync(kBarEpi0 + cw, 128);
+      constexpr int CH = D / 8;  // 16-byte chunks per row
+#pragma unroll 4
+      for (int idx = ct; idx < 64 * CH; idx += 128) {
+        const int lr = idx / CH, c = idx % CH;
+        if (rw0 + lr < rows) {
+          const uint4 v =
+              ld_shared_v4(ob + static_cast<uint32_t>((c >> 3) * (BM * 128) + lr * 128 + (((c & 7) ^ (lr & 7)) << 4)));
+          *reinterpret_cast<uint4*>(out + pa::o_row(p, it.q_start + m0 + rw0 + lr, it.h) + c * 8) = v;
+        }
+      }
+      // This thread's loads are done (ld.shared completes in order); the release arrive orders
+      // them before the producer's next copies into the buffer.
+      mbar_arrive(q_empty(qi % NQ));
+    } else {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int r = r_thr + rr * 8;
+        if (r < rows) {
+          uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j)
+            orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]);
+        }
       }
     }
     if (n_tiles > 0) {
@@ -997,16 +1067,16 @@ template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
   }
 }
 
-template <typename T, int D, bool kFp8>
+template <typename T, int D, bool kFp8, bool kGrouped>
 cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
-  using Cfg = WsCfg<D, kFp8>;
+  using Cfg = WsCfg<D, kFp8, kGrouped>;
   const int n = a.req_end - a.req_begin;
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   cudaError_t err =
-      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
+      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart,
   // unless the caller capped it (PaAttnArgs::prefill_grid).
@@ -1015,7 +1085,7 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   if (err != cudaSuccess) return err;
   const int cap = a.prefill_grid;
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
-  prefill_sm90ws_kernel<T, D, kFp8><<<dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+  prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       kp, static_cast<int>(n_blocks));
   return pa_last_launch_status();
 }
@@ -1051,12 +1121,14 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, i
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
   return dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
-    using Cfg = WsCfg<D, false>;
+    // The larger of the 16-bit configurations (at head 128 the ring-less one, a third V stage).
+    constexpr bool kG = D > 64;
+    using Cfg = WsCfg<D, false, kG>;
     auto occupancy = [&](auto kernel) -> cudaError_t {
       return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
     };
-    return dtype == 0 ? occupancy(prefill_sm90ws_kernel<__half, D, false>)
-                      : occupancy(prefill_sm90ws_kernel<__nv_bfloat16, D, false>);
+    return dtype == 0 ? occupancy(prefill_sm90ws_kernel<__half, D, false, kG>)
+                      : occupancy(prefill_sm90ws_kernel<__nv_bfloat16, D, false, kG>);
   });
 }
 
@@ -1078,8 +1150,19 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
   return dispatch_ws_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     if (fp8) {
-      return a.dtype == 0 ? launch_ws<__half, D, true>(a, kp, stream) : launch_ws<__nv_bfloat16, D, true>(a, kp, stream);
+      return a.dtype == 0 ? launch_ws<__half, D, true, false>(a, kp, stream)
+                          : launch_ws<__nv_bfloat16, D, true, false>(a, kp, stream);
     }
-    return a.dtype == 0 ? launch_ws<__half, D, false>(a, kp, stream) : launch_ws<__nv_bfloat16, D, false>(a, kp, stream);
+    // Head 128: the ring-less configuration (a third V stage) for block sizes the grouped gather
+    // serves, the ring for the rest; head 64 has room for both (one configuration).
+    constexpr int RT = WsCfg<D, false>::kBN * WsCfg<D, false>::kChunks / 128;
+    if constexpr (D > 64) {
+      if (a.block_size % RT == 0) {
+        return a.dtype == 0 ? launch_ws<__half, D, false, true>(a, kp, stream)
+                            : launch_ws<__nv_bfloat16, D, false, true>(a, kp, stream);
+      }
+    }
+    return a.dtype == 0 ? launch_ws<__half, D, false, false>(a, kp, stream)
+                        : launch_ws<__nv_bfloat16, D, false, false>(a, kp, stream);
   });
 }

@@ -94,8 +94,9 @@ fn sm90ws_grid_varlen_heads_16_2() {
 /// Block sizes off the grid, for the warp-specialised producer's two gathers: a thread copies 16
 /// (head 128) or 8 (head 64) consecutive key rows from one page when that count divides the block
 /// size, else each row's offset goes through shared memory. Block 8 and 24 take the second form at
-/// head 128 and the first at head 64; 48 (not a power of two, not a divisor of the 128-key tile)
-/// takes the first at both.
+/// head 128 (the launcher's configuration with the offset ring) and the first at head 64; 48 (not a
+/// power of two, not a divisor of the 128-key tile) takes the first at both (at head 128 the
+/// ring-less configuration, whose third V stage takes the ring's room).
 fn odd_block_sizes(path: (PrefillPath, PrefillKernel), seed0: u64) {
     let mut seed = seed0;
     let mut n = 0usize;
