@@ -146,8 +146,9 @@
 // released to the producer only after them), laid out as Q's swizzled panels so that the
 // fragment-ordered 4-byte stores of a warp hit 32 distinct banks, and leave as 16-byte stores of
 // whole rows: one warp instruction writes two full 256-byte rows at head 128 (four of 128 at head
-// 64) instead of 16 bytes in each of 8 rows. Measured +8% on causal 8 x 2048 and +9-11% on items of 512-1024 rows (H100); with the
-// deeper V pipelines +12% and +8-19%. An FP8 cache's single Q buffer keeps the direct stores.
+// 64) instead of 16 bytes in each of 8 rows. Measured +8% on causal 8 x 2048 and +7-11% on items
+// of 512-1024 rows (H100); with the deeper V pipelines +13% and +9-19%. An FP8 cache's single Q
+// buffer keeps the direct stores.
 //
 // FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
 // branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
@@ -219,7 +220,8 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   static constexpr int kOffBar = kOffStg + 2 * kStageBytes8;
   static constexpr int kNumBars = 2 * kStagesK + 2 * kStagesV + 2 * kQBufs;
   static constexpr int kOffRo = kOffBar + kNumBars * 8;  // int64 row offsets, ring of 3 tiles
-  static constexpr int kOffBad = kOffRo + (kRing ? 3 * kBN * 8 : 0);  // non-finite-V key bits per V stage
+  // Non-finite-V key bits per V stage, after the ring where there is one.
+  static constexpr int kOffBad = kOffRo + (kRing ? 3 * kBN * 8 : 0);
   static constexpr int kAlignSlack = 1024;
   static constexpr int kOffPin = kOffBad + kStagesV * kBadWords * 4;  // a float per consumer thread
   static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kOffPin + 128 * kConsumers * 4;
@@ -1013,14 +1015,17 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       // and 8 threads' 16-byte loads one row's 8 distinct chunks; then each row leaves as 16-byte
       // coalesced stores instead of a warp's 4-byte stores to 8 rows.
       const uint32_t ob = q_buf(qi % NQ) + static_cast<uint32_t>(rw0) * 128u;
+      // Byte offset of 16-byte chunk c of local row lr: 64-column panel, row, swizzled chunk.
+      auto chunk_at = [&](int lr, int c) {
+        return static_cast<uint32_t>((c >> 3) * (BM * 128) + lr * 128 + (((c & 7) ^ (lr & 7)) << 4));
+      };
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const int lr = warp * 16 + g4 + rr * 8;
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
-          const uint32_t addr =
-              ob + static_cast<uint32_t>((j >> 3) * (BM * 128) + lr * 128 + (((j & 7) ^ (lr & 7)) << 4) + t4 * 4);
-          st_shared_u32(addr, pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]));
+          const float lo = o[j * 4 + 2 * rr] * os[rr], hi = o[j * 4 + 2 * rr + 1] * os[rr];
+          st_shared_u32(ob + chunk_at(lr, j) + t4 * 4, pa::Elem<T>::pack(lo, hi));
         }
       }
       named_sync(kBarEpi0 + cw, 128);
@@ -1029,9 +1034,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       for (int idx = ct; idx < 64 * CH; idx += 128) {
         const int lr = idx / CH, c = idx % CH;
         if (rw0 + lr < rows) {
-          const uint4 v =
-              ld_shared_v4(ob + static_cast<uint32_t>((c >> 3) * (BM * 128) + lr * 128 + (((c & 7) ^ (lr & 7)) << 4)));
-          *reinterpret_cast<uint4*>(out + pa::o_row(p, it.q_start + m0 + rw0 + lr, it.h) + c * 8) = v;
+          const uint4 v = ld_shared_v4(ob + chunk_at(lr, c));
+          T* orow = out + pa::o_row(p, it.q_start + m0 + rw0 + lr, it.h);
+          *reinterpret_cast<uint4*>(orow + c * 8) = v;
         }
       }
       // This thread's loads are done (ld.shared completes in order); the release arrive orders
@@ -1042,10 +1047,13 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       for (int rr = 0; rr < 2; ++rr) {
         const int r = r_thr + rr * 8;
         if (r < rows) {
-          uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
+          uint32_t* orow =
+              reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j)
-            orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os[rr], o[j * 4 + 2 * rr + 1] * os[rr]);
+          for (int j = 0; j < D / 8; ++j) {
+            const float lo = o[j * 4 + 2 * rr] * os[rr], hi = o[j * 4 + 2 * rr + 1] * os[rr];
+            orow[j * 4 + t4] = pa::Elem<T>::pack(lo, hi);
+          }
         }
       }
     }
@@ -1076,7 +1084,8 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   cudaError_t err =
-      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(static_cast<int>(Cfg::kSmemBytes));
+      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(
+          static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart,
   // unless the caller capped it (PaAttnArgs::prefill_grid).
@@ -1085,7 +1094,8 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   if (err != cudaSuccess) return err;
   const int cap = a.prefill_grid;
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
-  prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<dim3(static_cast<unsigned>(grid)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+  const dim3 blocks(static_cast<unsigned>(grid));
+  prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       kp, static_cast<int>(n_blocks));
   return pa_last_launch_status();
 }
