@@ -196,8 +196,10 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   // K and V stage counts (see "Shared memory" in the header: at head 128 a 16-bit cache spends the
   // room of a third stage on a second Q buffer, an FP8 cache on its staging buffers).
   static constexpr int kStagesK = D <= 64 ? 4 : 2;
-  static constexpr int kStagesV = kFp8 ? (D <= 64 ? 4 : 2) : (D <= 64 ? 6 : (kRing ? 2 : 3));
+  static constexpr int kStagesV = D <= 64 ? (kFp8 ? 4 : 6) : (kRing ? 2 : 3);
   static constexpr int kChunks = D / 8;  // 16-byte units per row
+  // Key rows per producer thread in the grouped gather (RT); the launcher picks kGrouped by it.
+  static constexpr int kGroupRows = kBN * kChunks / 128;
   static constexpr int kQBytes = kBM * D * 2;
   // Q buffers: two over a 16-bit cache, so the next item's Q loads while the current item's
   // rows still use theirs; one with an FP8 cache, whose staging buffers take that space.
@@ -523,7 +525,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
     // so every one of its rows has the same swizzle phase and its destinations are RPI rows apart.
     constexpr int RPI = 128 / C;
     static_assert(RPI % 8 == 0, "rows per pass must keep the swizzle phase");
-    constexpr int RT = BN * C / 128;  // rows per thread in the grouped gather
+    constexpr int RT = Cfg::kGroupRows;  // rows per thread in the grouped gather
     static_assert(RT % 8 == 0 && 128 % C == 0, "grouped gather: whole swizzle phases, whole groups");
     const int c_thr = pt % C, r0 = pt / C;
     const uint32_t dst0 = w::swizzled_offset(BN, r0, c_thr * 8);
@@ -1165,9 +1167,8 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
     }
     // Head 128: the ring-less configuration (a third V stage) for block sizes the grouped gather
     // serves, the ring for the rest; head 64 has room for both (one configuration).
-    constexpr int RT = WsCfg<D, false>::kBN * WsCfg<D, false>::kChunks / 128;
     if constexpr (D > 64) {
-      if (a.block_size % RT == 0) {
+      if (a.block_size % WsCfg<D, false>::kGroupRows == 0) {
         return a.dtype == 0 ? launch_ws<__half, D, false, true>(a, kp, stream)
                             : launch_ws<__nv_bfloat16, D, false, true>(a, kp, stream);
       }
