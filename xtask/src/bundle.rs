@@ -62,8 +62,12 @@ fn field(s: &str, key: &str) -> Option<String> {
     Some(s[start..end].to_string())
 }
 
-/// Builds the GPU test binary (`release` or the test profile) and returns its path.
+/// Builds the GPU test binary (`release` or the test profile) and returns its path. Installs the
+/// pinned CUDA compiler first when no nvcc is found (a fresh machine), as `cargo xtask test` does.
 pub fn build_gpu_tests(release: bool) -> Result<PathBuf, String> {
+    if crate::cuda::find().is_none() {
+        crate::cuda::setup()?;
+    }
     let mut cmd = shell::cargo();
     cmd.args(["test", "-p", "test-suite", "--features", "cuda", "--test", "gpu", "--no-run"]);
     cmd.args(["--message-format", "json-render-diagnostics"]);
