@@ -16,8 +16,9 @@
 //! - the decode part alone takes its K/V bytes over [`DECODE_BANDWIDTH_SHARE`] of the device's
 //!   peak DRAM bandwidth; on `k` of `n` SMs it reads at `min(1, DECODE_SM_HEADROOM * k / n)` of
 //!   that rate (an SM's resident decode blocks read faster than its share when fewer SMs compete);
-//! - the prefill part on a grid of `g` blocks takes as long as its busiest block, which walks the
-//!   work items `b, b + g, ...` of the kernel's heaviest-first order, each item costing a fixed
+//! - the prefill part on a grid of `g` blocks takes as long as its busiest block, which takes one
+//!   work item per round of the kernel's heaviest-first order (in the kernel's item order,
+//!   `attention_kernels::WsOrder`), each item costing a fixed
 //!   number of SM cycles plus a number per key tile ([`prefill_cycles`]), stretched by
 //!   [`PREFILL_CONTENTION`] while the decode runs beside it;
 //! - unpartitioned, the step takes the sum of the two parts alone.
@@ -27,7 +28,7 @@
 
 use std::sync::OnceLock;
 
-use attention_kernels::DType;
+use attention_kernels::{DType, WsOrder};
 
 use crate::error::{AttentionError, Result};
 use crate::metadata::AttentionMetadata;
@@ -180,11 +181,13 @@ pub struct MixedShape<F: Fn(usize) -> (usize, usize)> {
     pub num_heads: usize,
     /// Head size.
     pub head_size: usize,
+    /// The order the kernel's persistent blocks take the work items in.
+    pub order: WsOrder,
 }
 
 /// Predicted microseconds of the prefill part alone on a persistent grid of `grid` blocks: its
-/// busiest block's items (the kernel's order: row blocks last first, then requests, then heads;
-/// block `b` takes items `b, b + grid, ...`). `None` off the warp-specialised kernel's head sizes
+/// busiest block's items (the kernel's order: row blocks last first, then requests, then heads,
+/// shared among the blocks in `shape.order`). `None` off the warp-specialised kernel's head sizes
 /// or past [`MAX_SMS`] blocks.
 pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     rates: &DeviceRates,
@@ -203,22 +206,35 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     if g > MAX_SMS {
         return None;
     }
-    // Items of one (row block, request) are `heads` consecutive ones of equal cost: each adds its
-    // cost `heads / g` times to every block and once more to `heads % g` consecutive blocks
-    // (wrapping), kept as a difference array.
+    // Items of one (row block, request) are `heads` consecutive ones of equal cost. A run of them
+    // covers the rest of one round, some whole rounds (every block once each) and the start of a
+    // later round; within a round the run's items go to one contiguous range of blocks in either
+    // order, kept as a difference array.
     let mut diff = [0.0f64; MAX_SMS + 1];
     let mut every = 0.0;
-    let (per_block, extra) = (heads / g, heads % g);
-    // The first block of run (mb_rev, r), (mb_rev * n + r) * heads mod g, stepped by `heads`.
-    let mut start = 0;
+    let mut add = |first_item: usize, len: usize, cost: f64| {
+        let (round, pos) = (first_item / g, first_item % g);
+        let mut segment = |round: usize, from: usize, to: usize| {
+            // Positions from..to of `round` go to a contiguous range of blocks, forwards or
+            // backwards: its ends are the blocks of the first and the last.
+            let (a, b) = (shape.order.block_of(round * g + from, g), shape.order.block_of(round * g + to - 1, g));
+            diff[a.min(b)] += cost;
+            diff[a.max(b) + 1] -= cost;
+        };
+        let head = len.min(g - pos);
+        segment(round, pos, pos + head);
+        let rest = len - head;
+        every += (rest / g) as f64 * cost;
+        if !rest.is_multiple_of(g) {
+            segment(round + 1 + rest / g, 0, rest % g);
+        }
+    };
+    let mut item = 0;
     for mb_rev in 0..n_mb {
         let m0 = (n_mb - 1 - mb_rev) * ITEM_ROWS;
         for r in 0..n {
-            let first = start;
-            start += extra;
-            if start >= g {
-                start -= g;
-            }
+            let first = item;
+            item += heads;
             let (q, seq) = (shape.prefill_req)(r);
             if m0 >= q {
                 continue;
@@ -226,16 +242,7 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
             let rows = (q - m0).min(ITEM_ROWS);
             let last_key = seq.saturating_sub(q) + m0 + rows - 1;
             let cost = (last_key / TILE_KEYS + 1) as f64 * tile_cycles + item_cycles;
-            every += per_block as f64 * cost;
-            let end = first + extra;
-            diff[first] += cost;
-            if end <= g {
-                diff[end] -= cost;
-            } else {
-                diff[g] -= cost;
-                diff[0] += cost;
-                diff[end - g] -= cost;
-            }
+            add(first, heads, cost);
         }
     }
     let mut run = 0.0;
@@ -354,6 +361,8 @@ pub(crate) fn mixed_prefill_sms(
         },
         num_heads,
         head_size,
+        // A bad setting fails the launch itself; the plan just assumes the default.
+        order: WsOrder::from_env().unwrap_or(WsOrder::DEFAULT),
     };
     prefill_sms(setting, rates, &shape)
 }
@@ -386,6 +395,8 @@ mod tests {
             prefill_req: move |r| prefills[r],
             num_heads: 32,
             head_size: head,
+            // The order the fits were measured with.
+            order: WsOrder::Strided,
         }
     }
 
@@ -474,31 +485,57 @@ mod tests {
         assert_eq!(prefill_sms(MixedPartition::Sms(40), &h, &shape(64, 2048, &[(1024, 1024)], 96)), 40);
     }
 
-    /// The busiest block's load by brute force, item by item, against the difference array.
+    /// The busiest block's load by brute force, item by item, against the difference array, in
+    /// both orders (five heads: runs of equal items that span several rounds of small grids).
     #[test]
     fn busiest_block_matches_a_direct_count() {
         let h = DeviceRates::H200;
         let reqs = [(300usize, 900usize), (1024, 1024), (129, 129), (40, 4000)];
-        let s =
-            MixedShape { decode_bytes: 0.0, prefill_reqs: 4, prefill_req: |r| reqs[r], num_heads: 5, head_size: 128 };
         let (tc, ic) = prefill_cycles(128).unwrap();
         let n_mb = 8;
         let items = n_mb * 4 * 5;
-        for g in [1, 3, 5, 7, 20, 64, items, items + 9] {
-            let gg = g.min(items);
-            let mut load = vec![0.0; gg];
-            for i in 0..items {
-                let mb = n_mb - 1 - i / 20;
-                let (q, seq) = reqs[(i % 20) / 5];
-                if mb * 128 >= q {
-                    continue;
+        for order in [WsOrder::Strided, WsOrder::ZigZag] {
+            let s = MixedShape {
+                decode_bytes: 0.0,
+                prefill_reqs: 4,
+                prefill_req: |r| reqs[r],
+                num_heads: 5,
+                head_size: 128,
+                order,
+            };
+            for g in [1, 2, 3, 5, 7, 20, 64, items - 1, items, items + 9] {
+                let gg = g.min(items);
+                let mut load = vec![0.0; gg];
+                for i in 0..items {
+                    let mb = n_mb - 1 - i / 20;
+                    let (q, seq) = reqs[(i % 20) / 5];
+                    if mb * 128 >= q {
+                        continue;
+                    }
+                    let rows = (q - mb * 128).min(128);
+                    load[order.block_of(i, gg)] += ((seq - q + mb * 128 + rows - 1) / 128 + 1) as f64 * tc + ic;
                 }
-                let rows = (q - mb * 128).min(128);
-                load[i % gg] += ((seq - q + mb * 128 + rows - 1) / 128 + 1) as f64 * tc + ic;
+                let want = load.iter().cloned().fold(0.0, f64::max) / h.sm_clock_hz * 1e6;
+                let got = prefill_alone_us(&h, &s, g).unwrap();
+                assert!((got - want).abs() < 1e-9 * want.max(1.0), "{order:?} g = {g}: {got} against {want}");
             }
-            let want = load.iter().cloned().fold(0.0, f64::max) / h.sm_clock_hz * 1e6;
-            let got = prefill_alone_us(&h, &s, g).unwrap();
-            assert!((got - want).abs() < 1e-9 * want.max(1.0), "g = {g}: {got} against {want}");
+        }
+    }
+
+    /// The zig-zag order's point: on one causal request (16 row blocks of 32 heads on 132 SMs, the
+    /// first blocks of the strided order take the heaviest item of every round) it predicts a
+    /// shorter busiest block, and never a longer one on the bench's prefill shapes.
+    #[test]
+    fn zigzag_evens_out_the_rounds() {
+        let h = DeviceRates::H200;
+        let time = |reqs: &[(usize, usize)], order| {
+            let s = MixedShape { order, ..shape(0, 0, reqs, 128) };
+            prefill_alone_us(&h, &s, 132).unwrap()
+        };
+        let one = [(2048, 2048)];
+        assert!(time(&one, WsOrder::ZigZag) < 0.95 * time(&one, WsOrder::Strided));
+        for reqs in [vec![(2048, 2048); 8], vec![(8192, 8192); 2], vec![(1024, 1024); 2], vec![(512, 8192); 4]] {
+            assert!(time(&reqs, WsOrder::ZigZag) <= time(&reqs, WsOrder::Strided) * 1.0001, "{reqs:?}");
         }
     }
 
@@ -522,10 +559,13 @@ mod tests {
         let tokens = *qsl.last().unwrap() as usize;
         let meta = AttentionMetadata::new(qsl, seq_lens, table, SlotMapping::new(vec![-1; tokens]), 1).unwrap();
         let got = mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 64, (32, 8, 128), DType::BF16);
-        let want = prefill_sms(MixedPartition::Auto, &h, &shape(64, 2048, &[(1024, 1024); 2], 128));
+        // The adapter plans with the process's item order.
+        let order = WsOrder::from_env().unwrap_or(WsOrder::DEFAULT);
+        let step = MixedShape { order, ..shape(64, 2048, &[(1024, 1024); 2], 128) };
+        let want = prefill_sms(MixedPartition::Auto, &h, &step);
         assert!(got > 0 && got == want, "{got} against {want}");
         let fp8 = mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 64, (32, 8, 128), DType::Fp8E4M3);
-        let mut half = shape(64, 2048, &[(1024, 1024); 2], 128);
+        let mut half = step;
         half.decode_bytes /= 2.0;
         assert_eq!(fp8, prefill_sms(MixedPartition::Auto, &h, &half));
         assert_eq!(mixed_prefill_sms(MixedPartition::Auto, &h, &meta, 66, (32, 8, 128), DType::BF16), 0);

@@ -13,8 +13,14 @@
 // Block: 384 threads, one block per SM (shared memory and registers). A work item is 128 query
 // rows of one request and one query head (BM = 128); keys come in tiles of BN = 128.
 //
-// Persistent grid: one block per SM, block b taking items b, b + gridDim.x, ... of the
-// heaviest-first order. A block per item (the first version) paid every item's pipeline fill --
+// Persistent grid: one block per SM, each taking one item per round of the heaviest-first order:
+// block b takes item k * gridDim.x + b of round k, or, in the zig-zag order (the Rust launcher's
+// default, PaAttnArgs::prefill_order = 1), k * gridDim.x + gridDim.x - 1 - b in odd rounds. In the
+// strided order block 0 takes the heaviest item of every round; over the rounds of a causal request
+// (items one key tile lighter per row block) the first blocks gather a surplus of up to a tile per
+// round and the launch ends waiting for them. The zig-zag pairs each round's heaviest item with the
+// next round's lightest: +12% on causal 1 x 2048, +9% on 1 x 4096, +5% on 2 x 1024, within 2%
+// elsewhere (H100, docs/PERFORMANCE.md, sixteenth session). A block per item (the first version) paid every item's pipeline fill --
 // the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
 // the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
 // producer moves on to the next item once it has issued the last V copy of the current one (and,
@@ -336,7 +342,7 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 
 template <typename T, int D, bool kFp8, bool kGrouped>
 __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
-    prefill_sm90ws_kernel(const KernelParams p, const int n_items) {
+    prefill_sm90ws_kernel(const KernelParams p, const int n_items, const int zigzag) {
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D, kFp8, kGrouped>;
   constexpr bool kStO = Cfg::kStageO;
@@ -381,10 +387,17 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   const int tid = threadIdx.x;
   // Work items in heaviest-first order (as paged_prefill_sm90.cu's flat grid): item i is row block
   // (n_mb - 1 - i / hr) of request req_begin + (i % hr) / H, query head i % H. The grid is
-  // persistent: block b takes items b, b + gridDim.x, ... (see "Persistent grid" in the header).
+  // persistent: block b takes one item per round, item k * gridDim.x + b of round k, or with
+  // `zigzag` set k * gridDim.x + (gridDim.x - 1 - b) in odd rounds (see "Persistent grid" in the
+  // header). The launcher keeps n_items + gridDim.x within int.
   const int H = p.num_heads;
   const int hr = p.num_launch_reqs * H;
   const int n_mb = n_items / hr;
+  // The walk as a step that alternates between two values summing to 2 gridDim.x: gridDim.x both
+  // (strided), or from position b of one round to position gridDim.x - 1 - b of the next and back
+  // (zigzag). Two loop registers, no round count (a uniform round index and block index in the
+  // loop pushed the FP8 head-64 consumer's wgmma descriptors out of uniform registers).
+  const int first_step = zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1 : static_cast<int>(gridDim.x);
   struct Item {
     int req, h, kvh, q_start, q_len, m0, rows, seq_len, ctx, n_first, n_tiles, mask_above_b, mask_below_b;
   };
@@ -557,7 +570,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       uint32_t g = 0;   // key tiles of earlier items (the stage / phase / ring-slot count)
       uint32_t qn = 0;  // earlier items that loaded Q
 #pragma unroll 1
-      for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+      for (int item = blockIdx.x, step = first_step; item < n_items;
+           item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
         const Item it = decode_item(item);
         if (it.n_tiles == 0) continue;  // no key tile: the consumers write the rows alone
         load_q(it, qn++);
@@ -643,7 +657,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
     uint32_t g = 0, qi = 0;
 #pragma unroll 1
-    for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    for (int item = blockIdx.x, step = first_step; item < n_items;
+         item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
       const Item it = decode_item(item);
       if (it.n_tiles == 0) continue;
       load_q(it, qi);
@@ -767,7 +782,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   uint32_t qi = 0;  // earlier items that loaded Q
 
 #pragma unroll 1
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+  for (int item = blockIdx.x, step = first_step; item < n_items;
+       item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
     const Item it = decode_item(item);
     if (it.m0 >= it.q_len) continue;
     const int n_first = it.n_first, n_tiles = it.n_tiles, seq_len = it.seq_len;
@@ -1084,7 +1100,9 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
-  if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
+  // Room for the item walk's last round (n_blocks + grid, grid <= n_blocks) in an int.
+  if (n_blocks > INT_MAX / 2) return cudaErrorInvalidValue;
+  if (a.prefill_order != 0 && a.prefill_order != 1) return cudaErrorInvalidValue;
   cudaError_t err =
       pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(
           static_cast<int>(Cfg::kSmemBytes));
@@ -1098,7 +1116,7 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
   const dim3 blocks(static_cast<unsigned>(grid));
   prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      kp, static_cast<int>(n_blocks));
+      kp, static_cast<int>(n_blocks), a.prefill_order);
   return pa_last_launch_status();
 }
 

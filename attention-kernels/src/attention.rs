@@ -1250,6 +1250,10 @@ fn launch<T: Element, C: KvStorage<T>>(
             },
             AttentionKernel::Decode { .. } => 0,
         },
+        prefill_order: match kernel {
+            AttentionKernel::Prefill { .. } => crate::WsOrder::from_env()?.code(),
+            AttentionKernel::Decode { .. } => 0,
+        },
     };
     let prefill = match kernel {
         AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, args.head_size, dtype, args.kv_dtype)?,

@@ -318,6 +318,9 @@ pub struct PaAttnArgs {
     /// Warp-specialised prefill only: 0 = one block per SM (the default), `N > 0` = at most N
     /// blocks, -1 = one block per work item (see `attention::WS_GRID_ENV`).
     pub prefill_grid: i32,
+    /// Warp-specialised prefill only: the persistent blocks' item order, `WsOrder::code` (0 =
+    /// strided, 1 = zig-zag).
+    pub prefill_order: i32,
 }
 
 // The C side asserts the same size (`static_assert` in csrc/attention/common.cuh): a field added on

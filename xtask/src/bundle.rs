@@ -326,14 +326,16 @@ fi
 
 step() { echo; echo "=== $*"; "$@"; local rc=$?; if [ $rc -ne 0 ]; then echo "=== FAILED ($rc): $*"; status=1; fi; }
 
-# The warp-specialised prefill's tests run twice: once as launched by default (one block per SM,
-# most blocks of a small test hold one work item), once with its persistent grid capped at 3
-# blocks, so that every block walks many items and the pipelines carry over between them. The
+# The warp-specialised prefill's tests run three times: once as launched by default (one block per
+# SM, most blocks of a small test hold one work item), then with its persistent grid capped at 3
+# blocks, so that every block walks many items and the pipelines carry over between them, in each
+# of its two item orders (PAGED_ATTN_WS_ORDER). The
 # mixed-step tests run once more with every mixed step partitioned (the prefill part first on 5
 # SMs, the decode part beside it), which the default plan does only where it predicts a gain.
 run_tests() {
     step ./gpu-tests
-    step env PAGED_ATTN_WS_GRID=3 ./gpu-tests sm90ws
+    step env PAGED_ATTN_WS_GRID=3 PAGED_ATTN_WS_ORDER=strided ./gpu-tests sm90ws
+    step env PAGED_ATTN_WS_GRID=3 PAGED_ATTN_WS_ORDER=zigzag ./gpu-tests sm90ws
     step env PAGED_ATTN_MIXED_PARTITION=5 ./gpu-tests mixed
 }
 run_sanitize() {

@@ -148,6 +148,11 @@ struct PaAttnArgs {
   // N > 0 = at most N blocks (tests make every block walk many items), -1 = one block per item
   // (the launch before the grid was persistent, for benchmarks).
   int32_t prefill_grid;
+  // Warp-specialised prefill only: the order its persistent blocks walk the work items in. 0 =
+  // strided (block b takes items b, b + grid, b + 2 grid, ...), 1 = zig-zag (every other round
+  // walks the blocks in reverse, so the block that took the heaviest item of one round takes the
+  // lightest of the next; the Rust launcher's default). Anything else: cudaErrorInvalidValue.
+  int32_t prefill_order;
 };
 // The Rust mirror asserts the same size; a field added on one side only fails both builds.
 static_assert(sizeof(PaAttnArgs) == 256, "PaAttnArgs layout changed: update src/ffi.rs too");
