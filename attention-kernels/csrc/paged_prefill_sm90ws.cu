@@ -393,11 +393,19 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   const int H = p.num_heads;
   const int hr = p.num_launch_reqs * H;
   const int n_mb = n_items / hr;
-  // The walk as a step that alternates between two values summing to 2 gridDim.x: gridDim.x both
-  // (strided), or from position b of one round to position gridDim.x - 1 - b of the next and back
-  // (zigzag). Two loop registers, no round count (a uniform round index and block index in the
-  // loop pushed the FP8 head-64 consumer's wgmma descriptors out of uniform registers).
-  const int first_step = zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1 : static_cast<int>(gridDim.x);
+  // The walk, two ways that give the same items: the producer computes round k's item from k;
+  // the consumers carry a step that alternates between two values summing to 2 gridDim.x
+  // (gridDim.x both in the strided order; in the zig-zag, from position b of one round to
+  // position gridDim.x - 1 - b of the next and back). Each form is the one ptxas handled best in
+  // its role: with the round's index in the consumers' loop, the FP8 head-64 consumers lost their
+  // uniform wgmma descriptors (R2UR in the turn); with the step in the producer's, its spills
+  // grew (36 / 44 bytes against 24 / 36 stored / loaded at head 128).
+  const int first_step =
+      zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1 : static_cast<int>(gridDim.x);
+  auto round_item = [&](int k) {
+    const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+    return k * g + ((zigzag & k & 1) != 0 ? g - 1 - b : b);
+  };
   struct Item {
     int req, h, kvh, q_start, q_len, m0, rows, seq_len, ctx, n_first, n_tiles, mask_above_b, mask_below_b;
   };
@@ -570,8 +578,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       uint32_t g = 0;   // key tiles of earlier items (the stage / phase / ring-slot count)
       uint32_t qn = 0;  // earlier items that loaded Q
 #pragma unroll 1
-      for (int item = blockIdx.x, step = first_step; item < n_items;
-           item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
+      for (int k = 0;; ++k) {
+        const int item = round_item(k);
+        if (item >= n_items) break;
         const Item it = decode_item(item);
         if (it.n_tiles == 0) continue;  // no key tile: the consumers write the rows alone
         load_q(it, qn++);
@@ -657,8 +666,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
     uint32_t g = 0, qi = 0;
 #pragma unroll 1
-    for (int item = blockIdx.x, step = first_step; item < n_items;
-         item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
+    for (int k = 0;; ++k) {
+      const int item = round_item(k);
+      if (item >= n_items) break;
       const Item it = decode_item(item);
       if (it.n_tiles == 0) continue;
       load_q(it, qi);
