@@ -389,7 +389,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   // (n_mb - 1 - i / hr) of request req_begin + (i % hr) / H, query head i % H. The grid is
   // persistent: block b takes one item per round, item k * gridDim.x + b of round k, or with
   // `zigzag` set k * gridDim.x + (gridDim.x - 1 - b) in odd rounds (see "Persistent grid" in the
-  // header). The launcher keeps n_items + gridDim.x within int.
+  // header). The launcher keeps 3 n_items within int: an item id seen by the walk is below
+  // (k + 2) gridDim.x for a round k with k gridDim.x < n_items, so below 3 n_items.
   const int H = p.num_heads;
   const int hr = p.num_launch_reqs * H;
   const int n_mb = n_items / hr;
@@ -1110,8 +1111,8 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   if (n == 0 || a.max_query_len <= 0) return cudaSuccess;
   const int64_t m_blocks = (a.max_query_len + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t n_blocks = m_blocks * a.num_heads * n;
-  // Room for the item walk's last round (n_blocks + grid, grid <= n_blocks) in an int.
-  if (n_blocks > INT_MAX / 2) return cudaErrorInvalidValue;
+  // Room for the item walk's ids in an int (below 3 n_blocks, see the kernel).
+  if (n_blocks > INT_MAX / 3) return cudaErrorInvalidValue;
   if (a.prefill_order != 0 && a.prefill_order != 1) return cudaErrorInvalidValue;
   cudaError_t err =
       pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(
