@@ -20,7 +20,8 @@
 // (items one key tile lighter per row block) the first blocks gather a surplus of up to a tile per
 // round and the launch ends waiting for them. The zig-zag pairs each round's heaviest item with the
 // next round's lightest: +12% on causal 1 x 2048, +9% on 1 x 4096, +5% on 2 x 1024, within 2%
-// elsewhere (H100, docs/PERFORMANCE.md, sixteenth session). A block per item (the first version) paid every item's pipeline fill --
+// elsewhere (H100, docs/PERFORMANCE.md, sixteenth session).
+// A block per item (the first version) paid every item's pipeline fill --
 // the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
 // the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
 // producer moves on to the next item once it has issued the last V copy of the current one (and,
