@@ -402,8 +402,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   // its role: with the round's index in the consumers' loop, the FP8 head-64 consumers lost their
   // uniform wgmma descriptors (R2UR in the turn); with the step in the producer's, its spills
   // grew (36 / 44 bytes against 24 / 36 stored / loaded at head 128).
-  const int first_step =
-      zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1 : static_cast<int>(gridDim.x);
+  const int first_step = zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1
+                                     : static_cast<int>(gridDim.x);
   auto round_item = [&](int k) {
     const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
     return k * g + ((zigzag & k & 1) != 0 ? g - 1 - b : b);
