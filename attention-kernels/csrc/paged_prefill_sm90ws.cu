@@ -20,10 +20,10 @@
 // (items one key tile lighter per row block) the first blocks gather a surplus of up to a tile per
 // round and the launch ends waiting for them. The zig-zag pairs each round's heaviest item with the
 // next round's lightest: +12% on causal 1 x 2048, +9% on 1 x 4096, +5% on 2 x 1024, within 2%
-// elsewhere (H100, docs/PERFORMANCE.md, sixteenth session).
-// A block per item (the first version) paid every item's pipeline fill --
-// the Q load, then the first K tile's latency with nothing to overlap it -- and its epilogue with
-// the tensor cores idle, and with one block per SM no other block filled those gaps. Now the
+// elsewhere (H100, docs/PERFORMANCE.md, sixteenth session). A block per item (the first
+// version) paid every item's pipeline fill -- the Q load, then the first K tile's latency with
+// nothing to overlap it -- and its epilogue with the tensor cores idle, and with one block per SM
+// no other block filled those gaps. Now the
 // producer moves on to the next item once it has issued the last V copy of the current one (and,
 // when that tile straddles a mask bound, sanitised it: see "Unseen non-finite V" below) and loads
 // the next Q and K tiles while the consumers still run the last PV product and write their rows.
@@ -1114,7 +1114,6 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   // Room for the item walk's ids in an int (below 3 n_blocks, see the kernel).
   if (n_blocks > INT_MAX / 3) return cudaErrorInvalidValue;
-  if (a.prefill_order != 0 && a.prefill_order != 1) return cudaErrorInvalidValue;
   cudaError_t err =
       pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(
           static_cast<int>(Cfg::kSmemBytes));
@@ -1184,6 +1183,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
   if (err != cudaSuccess) return err;
   if (pa_paged_prefill_sm90ws_supported(a.head_size, a.dtype, a.kv_dtype) != 1) return cudaErrorNotSupported;
   if (a.prefill_grid < -1) return cudaErrorInvalidValue;
+  if (a.prefill_order != 0 && a.prefill_order != 1) return cudaErrorInvalidValue;
   pa::KernelParams kp;
   if (!pa::make_kernel_params(a, kp)) return cudaErrorNotSupported;
   const bool fp8 = a.kv_dtype != pa::fp8::kSame;
