@@ -74,8 +74,8 @@ impl MixedPartition {
     /// each call.
     ///
     /// # Errors
-    /// [`AttentionError::InvalidArgument`] for a value [`MixedPartition::parse`] refuses or one
-    /// that is not UTF-8.
+    /// [`AttentionError::InvalidArgument`] for a value [`MixedPartition::parse`] refuses (one that
+    /// is not UTF-8 included).
     pub fn from_env() -> Result<Self> {
         from_var(std::env::var(MIXED_PARTITION_ENV))
     }
@@ -88,13 +88,12 @@ impl MixedPartition {
 }
 
 fn from_var(var: std::result::Result<String, std::env::VarError>) -> Result<MixedPartition> {
-    let bad = |what: String| AttentionError::InvalidArgument { op: "MixedPartition::from_env", what };
-    match var {
-        Err(std::env::VarError::NotPresent) => Ok(MixedPartition::Auto),
-        Err(std::env::VarError::NotUnicode(_)) => Err(bad(format!("{MIXED_PARTITION_ENV} is not UTF-8"))),
-        Ok(v) => MixedPartition::parse(&v)
-            .ok_or_else(|| bad(format!("{MIXED_PARTITION_ENV}=`{v}`: expected auto, off or a count of SMs"))),
-    }
+    attention_kernels::env_setting::read(var, MixedPartition::Auto, MixedPartition::parse).map_err(|v| {
+        AttentionError::InvalidArgument {
+            op: "MixedPartition::from_env",
+            what: format!("{MIXED_PARTITION_ENV}=`{v}`: expected auto, off or a count of SMs"),
+        }
+    })
 }
 
 /// The device figures the model scales by.

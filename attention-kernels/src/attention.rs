@@ -153,13 +153,9 @@ pub fn prefill_path() -> Result<PrefillPath, KernelError> {
         return Ok(p);
     }
     static ENV: OnceLock<Result<PrefillPath, String>> = OnceLock::new();
-    ENV.get_or_init(|| match std::env::var(PREFILL_PATH_ENV) {
-        Err(std::env::VarError::NotPresent) => Ok(PrefillPath::Auto),
-        Err(std::env::VarError::NotUnicode(v)) => Err(format!("{v:?}")),
-        Ok(v) => PrefillPath::parse(&v).ok_or(v),
-    })
-    .clone()
-    .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90, sm90ws or sm80")))
+    ENV.get_or_init(|| crate::env_setting::read(std::env::var(PREFILL_PATH_ENV), PrefillPath::Auto, PrefillPath::parse))
+        .clone()
+        .map_err(|v| invalid(PREFILL, format!("{PREFILL_PATH_ENV}={v}: expected auto, sm90, sm90ws or sm80")))
 }
 
 /// The environment variable capping the warp-specialised prefill's persistent grid (read once per
@@ -197,17 +193,12 @@ fn ws_grid() -> Result<i32, KernelError> {
 
 /// [`ws_grid`] for one reading of the environment variable.
 fn ws_grid_from(var: Result<String, std::env::VarError>) -> Result<i32, KernelError> {
-    let bad = |v: String| {
+    crate::env_setting::read(var, 0, parse_ws_grid).map_err(|v| {
         invalid(
             PREFILL,
             format!("{WS_GRID_ENV}={v}: expected a block count (0 = one block per work item, unset = one per SM)"),
         )
-    };
-    match var {
-        Err(std::env::VarError::NotPresent) => Ok(0),
-        Err(std::env::VarError::NotUnicode(v)) => Err(bad(format!("{v:?}"))),
-        Ok(v) => parse_ws_grid(&v).ok_or_else(|| bad(v)),
-    }
+    })
 }
 
 /// The head sizes at which [`PrefillPath::Auto`] runs the warp-specialised Hopper kernel (every

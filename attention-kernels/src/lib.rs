@@ -21,6 +21,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod dtype;
+pub mod env_setting;
 mod error;
 pub mod fp8;
 mod ws_order;

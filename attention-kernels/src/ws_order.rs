@@ -80,15 +80,10 @@ impl WsOrder {
 
 /// [`WsOrder::from_env`] for one reading of the variable.
 fn from_var(var: Result<String, std::env::VarError>) -> Result<WsOrder, KernelError> {
-    let bad = |v: String| KernelError::InvalidArgument {
+    crate::env_setting::read(var, WsOrder::DEFAULT, WsOrder::parse).map_err(|v| KernelError::InvalidArgument {
         kernel: "paged_prefill",
         what: format!("{WS_ORDER_ENV}={v}: expected strided or zigzag (unset = the default)"),
-    };
-    match var {
-        Err(std::env::VarError::NotPresent) => Ok(WsOrder::DEFAULT),
-        Err(std::env::VarError::NotUnicode(v)) => Err(bad(format!("{v:?}"))),
-        Ok(v) => WsOrder::parse(&v).ok_or_else(|| bad(v)),
-    }
+    })
 }
 
 #[cfg(test)]

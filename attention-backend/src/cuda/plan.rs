@@ -126,25 +126,18 @@ impl PlanOptions {
     /// [`AttentionError::InvalidArgument`] for a value that is not a switch, or not a partition
     /// ([`MixedPartition::parse`]).
     pub fn from_env() -> Result<Self> {
-        let on = match std::env::var(BATCH_INVARIANT_ENV) {
-            Err(std::env::VarError::NotPresent) => false,
-            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "" | "0" | "false" | "off" => false,
-                "1" | "true" | "on" => true,
-                _ => {
-                    return Err(AttentionError::InvalidArgument {
-                        op: "PlanOptions::from_env",
-                        what: format!("{BATCH_INVARIANT_ENV}=`{v}`: expected 1/true/on or 0/false/off"),
-                    })
-                }
-            },
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(AttentionError::InvalidArgument {
-                    op: "PlanOptions::from_env",
-                    what: format!("{BATCH_INVARIANT_ENV} is not UTF-8"),
-                })
-            }
+        let switch = |v: &str| match v.trim().to_ascii_lowercase().as_str() {
+            "" | "0" | "false" | "off" => Some(false),
+            "1" | "true" | "on" => Some(true),
+            _ => None,
         };
+        let on =
+            attention_kernels::env_setting::read(std::env::var(BATCH_INVARIANT_ENV), false, switch).map_err(|v| {
+                AttentionError::InvalidArgument {
+                    op: "PlanOptions::from_env",
+                    what: format!("{BATCH_INVARIANT_ENV}=`{v}`: expected 1/true/on or 0/false/off"),
+                }
+            })?;
         Ok(PlanOptions { batch_invariant: on, mixed_partition: MixedPartition::from_env()?, ..PlanOptions::default() })
     }
 }
