@@ -33,8 +33,9 @@ use crate::validate::{self, AttentionSpecs};
 use super::plan::LayerViews;
 
 /// Environment variable sizing rayon's global pool when this crate is the first to use it (default:
-/// rayon's own choice, `RAYON_NUM_THREADS` or the machine's available parallelism). An engine that
-/// runs the CPU backend inside its own pool (`ThreadPool::install`) gets that pool instead.
+/// rayon's own choice, `RAYON_NUM_THREADS` or the machine's available parallelism; a value that is
+/// not a positive integer is ignored with a warning). An engine that runs the CPU backend inside
+/// its own pool (`ThreadPool::install`) gets that pool instead.
 pub const THREADS_ENV: &str = "PAGED_ATTN_CPU_THREADS";
 
 /// Upper bound on the elements of one item's score matrix (rows x group x keys), 4 MiB of `f32`.
@@ -54,14 +55,26 @@ pub fn num_threads() -> usize {
 fn init_global_pool() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        let Some(n) = std::env::var(THREADS_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0)
-        else {
-            return;
+        let n = match threads_from(std::env::var(THREADS_ENV)) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            // No error path here (the pool is sized lazily, inside infallible calls): the value is
+            // named in a warning rather than dropped without a word.
+            Err(v) => {
+                tracing::warn!("{THREADS_ENV}={v} ignored: not a positive thread count; rayon's default pool is used");
+                return;
+            }
         };
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
             tracing::debug!(error = %e, "{THREADS_ENV} ignored: rayon's global pool already exists");
         }
     });
+}
+
+/// [`THREADS_ENV`] from one reading of it: `None` when unset, the count when a positive integer
+/// (blanks around it allowed), else the value as text.
+fn threads_from(var: std::result::Result<String, std::env::VarError>) -> std::result::Result<Option<usize>, String> {
+    attention_kernels::env_setting::read(var, None, |v| v.trim().parse::<usize>().ok().filter(|&n| n > 0).map(Some))
 }
 
 /// One layer's tensors for [`paged_attention`]: the queries, the cache holding every key and value
@@ -397,4 +410,19 @@ fn compute_item<T: Element, C: CacheElement>(
         }
     }
     ItemOut { item, out, lse }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads_from;
+    use std::env::VarError;
+
+    #[test]
+    fn thread_count_setting() {
+        assert_eq!(threads_from(Err(VarError::NotPresent)), Ok(None));
+        assert_eq!(threads_from(Ok(" 6 ".into())), Ok(Some(6)));
+        assert_eq!(threads_from(Ok("0".into())), Err("0".into()));
+        assert_eq!(threads_from(Ok("six".into())), Err("six".into()));
+        assert_eq!(threads_from(Ok(String::new())), Err(String::new()));
+    }
 }
