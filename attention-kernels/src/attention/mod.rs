@@ -217,39 +217,51 @@ pub fn decode_workspace_len(num_splits: usize, num_reqs: usize, num_heads: usize
         .saturating_add(DECODE_COUNTER_SLOTS)
 }
 
+/// The kernels' compile-time geometry, queried per head size.
+#[derive(Clone, Copy)]
+enum Geometry {
+    DecodeMaxGroup,
+    DecodeTileKeys,
+    DecodeHeadsPerBlock,
+    PrefillRowsPerBlock,
+}
+
+/// `which` at `head_size` (0 when the head size does not fit an `int` or is not supported).
+fn geometry(head_size: usize, which: Geometry) -> usize {
+    let Ok(h) = i32::try_from(head_size) else { return 0 };
+    let query = match which {
+        Geometry::DecodeMaxGroup => ffi::pa_paged_decode_max_group,
+        Geometry::DecodeTileKeys => ffi::pa_paged_decode_tile_keys,
+        Geometry::DecodeHeadsPerBlock => ffi::pa_paged_decode_heads_per_block,
+        Geometry::PrefillRowsPerBlock => ffi::pa_paged_prefill_rows_per_block,
+    };
+    // SAFETY: each of these is a pure function of its integer argument; it touches no memory and
+    // no CUDA state.
+    let n = unsafe { query(h) };
+    n.max(0) as usize
+}
+
 /// Largest GQA group (`num_heads / num_kv_heads`) the decode kernel takes for `head_size`
 /// (0 when the head size is not supported).
 pub fn decode_max_group(head_size: usize) -> usize {
-    let Ok(h) = i32::try_from(head_size) else { return 0 };
-    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
-    let g = unsafe { ffi::pa_paged_decode_max_group(h) };
-    g.max(0) as usize
+    geometry(head_size, Geometry::DecodeMaxGroup)
 }
 
 /// Keys per tile of the decode kernel (the granularity of its splits); 0 when unsupported.
 pub fn decode_tile_keys(head_size: usize) -> usize {
-    let Ok(h) = i32::try_from(head_size) else { return 0 };
-    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
-    let k = unsafe { ffi::pa_paged_decode_tile_keys(h) };
-    k.max(0) as usize
+    geometry(head_size, Geometry::DecodeTileKeys)
 }
 
 /// Query heads one decode block computes (GQA groups larger than this run as several blocks);
 /// 0 when the head size is not supported.
 pub fn decode_heads_per_block(head_size: usize) -> usize {
-    let Ok(h) = i32::try_from(head_size) else { return 0 };
-    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
-    let n = unsafe { ffi::pa_paged_decode_heads_per_block(h) };
-    n.max(0) as usize
+    geometry(head_size, Geometry::DecodeHeadsPerBlock)
 }
 
 /// Query rows one prefill block computes (a launch has `ceil(max_query_len / rows)` row blocks per
 /// request and head); 0 when the head size is not supported.
 pub fn prefill_rows_per_block(head_size: usize) -> usize {
-    let Ok(h) = i32::try_from(head_size) else { return 0 };
-    // SAFETY: a pure function of its integer argument; touches no memory and no CUDA state.
-    let n = unsafe { ffi::pa_paged_prefill_rows_per_block(h) };
-    n.max(0) as usize
+    geometry(head_size, Geometry::PrefillRowsPerBlock)
 }
 
 /// Resident blocks per SM of `kernel`'s instantiation for `head_size` and `dtype` on `ctx`'s
