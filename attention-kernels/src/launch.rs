@@ -8,7 +8,7 @@
 
 use std::ffi::CStr;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::ffi;
 use crate::{DType, Element, KernelError, KvStorage};
@@ -129,6 +129,12 @@ pub(crate) fn same_context(
         });
     }
     Ok(())
+}
+
+/// Makes `ctx` current on this thread (every launch and runtime query needs it), the driver's
+/// refusal reported as `kernel`'s [`KernelError::Cuda`].
+pub(crate) fn bind_ctx(kernel: &'static str, ctx: &CudaContext) -> Result<(), KernelError> {
+    ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel, code: e.0 as i32, message: format!("{e:?}") })
 }
 
 pub(crate) fn status_to_result(kernel: &'static str, status: ffi::CudaStatus) -> Result<(), KernelError> {
@@ -273,11 +279,7 @@ pub fn kv_cache_write<T: Element, C: KvStorage<T>>(
         to_i64(KV_WRITE, "cache_block_stride", cache_block_stride)?,
     );
     to_i64(KV_WRITE, "num_slots", num_slots)?;
-    stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
-        kernel: KV_WRITE,
-        code: e.0 as i32,
-        message: format!("{e:?}"),
-    })?;
+    bind_ctx(KV_WRITE, stream.context())?;
 
     let (k, _k_guard) = key.device_ptr(stream);
     let (v, _v_guard) = value.device_ptr(stream);

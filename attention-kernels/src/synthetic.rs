@@ -10,7 +10,7 @@
 
 use cudarc::driver::{CudaEvent, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use crate::launch::{check_len, same_context, status_to_result, to_i64};
+use crate::launch::{bind_ctx, check_len, same_context, status_to_result, to_i64};
 use crate::{DType, Element, KernelError};
 
 const QKV: &str = "synthetic_qkv";
@@ -112,7 +112,7 @@ pub fn synthetic_qkv<T: Element>(
     );
     // The kernel computes slot counts in i32.
     to_i32(QKV, "head slots", dims.num_heads.saturating_add(dims.num_kv_heads.saturating_mul(2)))?;
-    bind(QKV, stream)?;
+    bind_ctx(QKV, stream.context())?;
     let (out, _out_guard) = fused.device_ptr_mut(stream);
     let (inp, _in_guard) = inputs.device_ptr(stream);
     // SAFETY: both pointers come from live cudarc views on `stream`'s context (checked above),
@@ -205,7 +205,7 @@ pub fn synthetic_sample<T: Element>(
         to_i32(SAMPLE, "num_heads", dims.num_heads)?,
         to_i32(SAMPLE, "head_size", dims.head_size)?,
     );
-    bind(SAMPLE, stream)?;
+    bind_ctx(SAMPLE, stream.context())?;
     let (o, _o_guard) = out.device_ptr(stream);
     let (rows, _r_guard) = last_rows.device_ptr(stream);
     let (n, _n_guard) = next.device_ptr_mut(stream);
@@ -248,7 +248,7 @@ pub fn record_timing_event(event: &CudaEvent, stream: &CudaStream) -> Result<(),
             what: "the event lives on another CUDA context than the stream".into(),
         });
     }
-    bind("record_timing_event", stream)?;
+    bind_ctx("record_timing_event", stream.context())?;
     // Inside a capture the record must be an external event node to survive into the graph (and
     // be timed at every replay); outside one the driver refuses that flag (CUDA_ERROR_ILLEGAL_STATE),
     // and a plain record is what is wanted.
@@ -269,12 +269,4 @@ pub fn record_timing_event(event: &CudaEvent, stream: &CudaStream) -> Result<(),
         });
     }
     Ok(())
-}
-
-fn bind(kernel: &'static str, stream: &CudaStream) -> Result<(), KernelError> {
-    stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
-        kernel,
-        code: e.0 as i32,
-        message: format!("{e:?}"),
-    })
 }

@@ -33,7 +33,7 @@ pub use side_stream::{Overlap, SideStream};
 use prefill_path::{resolve_prefill, ws_grid};
 
 use crate::ffi;
-use crate::launch::{check_len, same_context, status_to_result, to_i64, KvScales};
+use crate::launch::{bind_ctx, check_len, same_context, status_to_result, to_i64, KvScales};
 use crate::{DType, Element, KernelError, KvStorage};
 
 /// Head sizes both attention kernels are compiled for.
@@ -316,7 +316,7 @@ pub fn blocks_per_sm_for_cache(
 ) -> Result<usize, KernelError> {
     const OCC: &str = "blocks_per_sm";
     let (h, d, kv) = instance_codes(OCC, head_size, dtype, cache_dtype)?;
-    ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel: OCC, code: e.0 as i32, message: format!("{e:?}") })?;
+    bind_ctx(OCC, ctx)?;
     // The prefill kernel the launches on this thread would run.
     let prefill = match kernel {
         AttentionKernel::Prefill { .. } => resolve_prefill(prefill_path()?, h, d, kv)?,
@@ -658,11 +658,7 @@ fn launch<T: Element, C: KvStorage<T>>(
         same_context(name, "kv_scales.key", stream, sc.key.stream())?;
         same_context(name, "kv_scales.value", stream, sc.value.stream())?;
     }
-    stream.context().bind_to_thread().map_err(|e| KernelError::Cuda {
-        kernel: name,
-        code: e.0 as i32,
-        message: format!("{e:?}"),
-    })?;
+    bind_ctx(name, stream.context())?;
 
     let AttentionBuffers {
         query,

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use cudarc::driver::CudaContext;
 
 use super::{invalid, to_i32, type_codes, PREFILL};
+use crate::launch::bind_ctx;
 use crate::{ffi, DType, KernelError};
 
 /// Which prefill kernel a launch may use: the process default comes from the
@@ -213,11 +214,7 @@ pub fn prefill_kernel_for_cache(
 ) -> Result<PrefillKernel, KernelError> {
     let (d, kv) = type_codes(PREFILL, dtype, cache_dtype)?;
     let path = prefill_path()?;
-    ctx.bind_to_thread().map_err(|e| KernelError::Cuda {
-        kernel: PREFILL,
-        code: e.0 as i32,
-        message: format!("{e:?}"),
-    })?;
+    bind_ctx(PREFILL, ctx)?;
     resolve_prefill(path, to_i32(PREFILL, "head_size", head_size)?, d, kv)
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaStream};
 
 use super::{decode_variant, invalid, launch, AttentionBuffers, AttentionDims, AttentionFeatures, AttentionKernel};
-use crate::launch::status_to_result;
+use crate::launch::{bind_ctx, status_to_result};
 use crate::{ffi, Element, KernelError, KvStorage};
 
 /// A second stream of a context, to run the decode and the prefill part of a mixed batch side by
@@ -130,8 +130,4 @@ impl Drop for Overlap<'_> {
             let _ = self.join_now();
         }
     }
-}
-
-fn bind_ctx(kernel: &'static str, ctx: &CudaContext) -> Result<(), KernelError> {
-    ctx.bind_to_thread().map_err(|e| KernelError::Cuda { kernel, code: e.0 as i32, message: format!("{e:?}") })
 }
