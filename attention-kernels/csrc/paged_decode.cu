@@ -22,10 +22,12 @@
 // The split count is chosen on the host (attention-backend's split_plan, from the batch shape
 // only: CUDA-graph friendly) with a wave-quantisation cost model.
 //
-// Variants (PaAttnArgs::decode_variant; the Rust side names them w4s3, w4s4, w4s2, w2s6, w2s4,
-// each optionally "-fold", and reads PAGED_ATTN_DECODE_VARIANT once): the pipeline (warps per
-// block = 64- or 32-key tiles, cp.async stages; non-default pipelines compiled for bf16 / head 128
-// only) and whether the combine is folded into the decode kernel: each split block writes its
+// Variants (PaAttnArgs::decode_variant; the Rust side names them auto, w4s3, w4s4, w4s2, w2s6,
+// w2s4, each optionally "-fold", and reads PAGED_ATTN_DECODE_VARIANT once): the pipeline (warps
+// per block = 64- or 32-key tiles, cp.async stages; w4s2 compiled for 16-bit types at head 128,
+// the others but w4s3 for bf16 / head 128 only; auto, the default, picks w4s2 or w4s3 per
+// launch, see auto_pipeline) and whether the combine is folded into the decode kernel: each split
+// block writes its
 // partial, fences, bumps a per-(request, kv head, row chunk) counter at the front of the
 // workspace, and the last to arrive merges all partials in split order (the same merge functions
 // as the combine kernel: same bits), then resets the counter, so replays need no memset.
@@ -43,6 +45,7 @@
 #include "attention/common.cuh"
 #include "attention/softmax_state.cuh"
 
+#include <algorithm>
 #include <type_traits>
 
 #ifndef PA_DECODE_STAGES
@@ -83,7 +86,8 @@ enum DecodeVariant : int {
   kW4S2 = 2,  // 4 warps, 64-key tiles, 2 stages: 3 blocks/SM, 1 tile in flight each
   kW2S6 = 3,  // 2 warps, 32-key tiles, 6 stages: 2 blocks/SM, 5 tiles in flight each
   kW2S4 = 4,  // 2 warps, 32-key tiles, 4 stages: 3 blocks/SM, 3 tiles in flight each
-  kNumVariants = 5,
+  kAuto = 5,  // per launch: kW4S2 on grids of at least kAutoWaves full waves of it, else kW4S3
+  kNumVariants = 6,
 };
 constexpr int kFoldBit = 1 << 8;
 
@@ -939,19 +943,27 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   return pa_last_launch_status();
 }
 
-// Calls f with the kernel configuration (warps, stages, key groups per warp) of a variant: the
-// non-default variants exist for bf16 at head size 128 with a bf16 cache; everything else runs
-// the default (an FP8 cache runs fp8_pipeline whatever the variant asks; the fold bit is honoured
-// everywhere).
+// Calls f with the kernel configuration (warps, stages, key groups per warp) of a variant: w4s2
+// exists for both 16-bit types at head size 128, the other non-default pipelines for bf16 at head
+// size 128 only, each over a cache of the compute type; everything else runs the default (an FP8
+// cache runs fp8_pipeline whatever the variant asks; the fold bit is honoured everywhere). kAuto
+// runs the default here: launch_decode resolves it before calling this, and the planner's queries
+// (occupancy, bytes in flight) see w4s3, which is what auto_pipeline keeps wherever the split
+// count matters.
+template <typename T, int D, int KV = 0> constexpr bool has_w4s2() {
+  return KV == 0 && D == 128 && (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
+}
 template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(int variant, F&& f) {
   if constexpr (KV != 0) {
     constexpr Fp8Pipe pipe = fp8_pipeline<D>();
     return f(pa::HeadDim<pipe.warps>{}, pa::HeadDim<pipe.stages>{}, pa::HeadDim<pipe.groups>{});
   } else {
+    if constexpr (has_w4s2<T, D, KV>()) {
+      if ((variant & 0xff) == kW4S2) return f(pa::HeadDim<4>{}, pa::HeadDim<2>{}, pa::HeadDim<1>{});
+    }
     if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
       switch (variant & 0xff) {
         case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
-        case kW4S2: return f(pa::HeadDim<4>{}, pa::HeadDim<2>{}, pa::HeadDim<1>{});
         case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{}, pa::HeadDim<1>{});
         case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
         default: break;
@@ -959,6 +971,52 @@ template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(in
     }
     return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{}, pa::HeadDim<1>{});
   }
+}
+
+// The pipeline kAuto runs for a grid of `blocks` decode blocks (all splits) of this type, head
+// size and cache: w4s2 where it has more resident blocks per SM than w4s3 (3 against 2 at head
+// 128 on H100 / H200: 228 KB of shared memory) and the grid fills at least kAutoWaves full waves
+// of them, else w4s3. Measured on two H100s (bench_decode_variants, nineteenth session): on b256 x
+// 1024 (2048 blocks, 5.2 waves of 396) w4s2 read 4% and 2.6% faster (on the H200 in the twelfth
+// session 6%); on MHA b32 x 4096 (2.6 waves) 2% faster on one and 4% slower on the other; on b64 x
+// 4096 (1.3 waves) 7% and 5% slower, where the SMs that get one more block than the others run it
+// alone with one tile in flight, below an SM's share of the bandwidth (w4s3 runs its blocks two at
+// a time with two tiles in flight each). Grids of four waves have one split in every plan (a split
+// only adds waves there), so the planner's w4s3 figures stay right. The batch-invariant mode keeps
+// w4s3: its output must not depend on the batch, and the batch decides the grid. The device's SM
+// count and both occupancies are asked once per device.
+constexpr int kAutoWaves = 4;
+template <typename T, int D, int KV> int auto_pipeline(int64_t blocks, int split_keys) {
+  if constexpr (has_w4s2<T, D, KV>()) {
+    if (split_keys > 0) return kW4S3;
+    // Per device: 1 + (w4s2 blocks per SM << 8 | w4s3 blocks per SM); 0 = not asked yet.
+    static std::atomic<int> cached[64] = {};
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || pa::sm_count(&sms) != cudaSuccess) return kW4S3;
+    int packed = (dev >= 0 && dev < 64) ? cached[dev].load(std::memory_order_relaxed) : 0;
+    if (packed == 0) {
+      using C2 = DecodeCfg<D, 4, 2, KV, 1>;
+      using C3 = DecodeCfg<D, 4, default_stages<D>(), KV, 1>;
+      int32_t r2 = 0, r3 = 0;
+      auto k2 = decode_split_kernel<T, D, 4, 2, KV, 1>;
+      auto k3 = decode_split_kernel<T, D, 4, default_stages<D>(), KV, 1>;
+      if (pa::occupancy_blocks_per_sm(k2, C2::kThreads, static_cast<int>(C2::kSmemBytes), &r2) !=
+              cudaSuccess ||
+          pa::occupancy_blocks_per_sm(k3, C3::kThreads, static_cast<int>(C3::kSmemBytes), &r3) !=
+              cudaSuccess) {
+        cudaGetLastError();  // a failed query is not the launch's error: run the default
+        return kW4S3;
+      }
+      packed = 1 + ((std::min(r2, 255) << 8) | std::min(r3, 255));
+      if (dev >= 0 && dev < 64) cached[dev].store(packed, std::memory_order_relaxed);
+    }
+    const int r2 = ((packed - 1) >> 8) & 0xff, r3 = (packed - 1) & 0xff;
+    if (r2 > r3 && blocks >= int64_t{kAutoWaves} * r2 * sms) return kW4S2;
+  } else {
+    (void)blocks;
+    (void)split_keys;
+  }
+  return kW4S3;
 }
 
 template <typename T, int D, int KV>
@@ -978,7 +1036,12 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
   const bool fold = (a.decode_variant & kFoldBit) != 0;
-  return with_variant<T, D, KV>(a.decode_variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
+  int variant = a.decode_variant & 0xff;
+  if (variant == kAuto) {
+    const int64_t chunks = (G + DecodeCfg<D>::kRows - 1) / DecodeCfg<D>::kRows;
+    variant = auto_pipeline<T, D, KV>(int64_t{n} * a.num_kv_heads * chunks * S, a.split_keys);
+  }
+  return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
     return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold,
                                                                                                    stream);
   });
@@ -1058,6 +1121,29 @@ PA_EXPORT cudaError_t pa_paged_decode_bytes_in_flight(int32_t head_size, int32_t
     using Cfg = decltype(cfg);
     const int64_t elem = Cfg::kFp8 ? 1 : 2;
     *bytes = int64_t{2} * (Cfg::kStages - 1) * Cfg::kTK * head_size * elem;
+    return cudaSuccess;
+  });
+}
+
+// The pipeline (a DecodeVariant code without the fold bit) that pa_paged_decode runs for the auto
+// variant on the current device, for a grid of `blocks` decode blocks (requests x kv heads x row
+// chunks x splits) and `split_keys` (batch-invariant mode when positive); other variants run as
+// named. Needs a current CUDA context; writes *pipeline only on success.
+PA_EXPORT cudaError_t pa_paged_decode_auto_pipeline(int32_t head_size, int32_t dtype,
+                                                    int32_t kv_dtype, int64_t blocks,
+                                                    int32_t split_keys, int32_t* pipeline) {
+  if (pipeline == nullptr || blocks < 0 || split_keys < 0) return cudaErrorInvalidValue;
+  if (dtype != 0 && dtype != 1) return cudaErrorInvalidValue;
+  if (kv_dtype < 0 || kv_dtype > 2) return cudaErrorInvalidValue;
+  return pa::dispatch_head_size(head_size, [&](auto tag) -> cudaError_t {
+    constexpr int D = decltype(tag)::value;
+    // Only a cache of the compute type has a choice; FP8 caches run their own pipeline.
+    if (kv_dtype != pa::fp8::kSame) {
+      *pipeline = kW4S3;
+    } else {
+      *pipeline = dtype == 0 ? auto_pipeline<__half, D, pa::fp8::kSame>(blocks, split_keys)
+                             : auto_pipeline<__nv_bfloat16, D, pa::fp8::kSame>(blocks, split_keys);
+    }
     return cudaSuccess;
   });
 }

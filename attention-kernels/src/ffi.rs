@@ -154,6 +154,18 @@ extern "C" {
         bytes: *mut i64,
     ) -> CudaStatus;
 
+    /// The pipeline (a [`PaAttnArgs::decode_variant`] code without the fold bit) the auto variant
+    /// runs on the current context's device for a grid of `blocks` decode blocks and `split_keys`
+    /// (batch-invariant mode when positive), written to `*pipeline` on success.
+    pub fn pa_paged_decode_auto_pipeline(
+        head_size: i32,
+        dtype: i32,
+        kv_dtype: i32,
+        blocks: i64,
+        split_keys: i32,
+        pipeline: *mut i32,
+    ) -> CudaStatus;
+
     /// Floats at the front of the decode workspace that hold the folded combine's counters.
     pub fn pa_paged_decode_counter_slots() -> i32;
 

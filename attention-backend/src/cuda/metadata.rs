@@ -171,8 +171,8 @@ impl DeviceMetadata {
         let n = self.single_token_decodes;
         let blocks = n * num_kv_heads.max(1) * group.div_ceil(decode_heads_per_block(head_size).max(1));
         let tile = decode_tile_keys(head_size).max(1);
-        let slots = decode_slots(self.seq_lens.context(), head_size, cache_dtype, self.saturation);
-        let num_splits = decode_split_count(blocks, self.num_sms, slots, self.decode_max_seq_len, tile);
+        let (resident, slots) = decode_slots(self.seq_lens.context(), head_size, cache_dtype, self.saturation);
+        let num_splits = decode_split_count(blocks, self.num_sms, resident, slots, self.decode_max_seq_len, tile);
         // A malformed PAGED_ATTN_MIXED_PARTITION fails the mixed launches themselves; planning no
         // partition until then changes nothing.
         let prefill_sms = match MixedPartition::process() {
@@ -238,7 +238,15 @@ pub(crate) fn launched_prefill_sms<T: Element, C: KvStorage<T>>(
 /// `cache_dtype` (f16 and bf16 share their kernels' shapes; FP8 caches have a pipeline of their
 /// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked,
 /// against the `saturation` bytes in flight the device's SMs need ([`device_saturation_bytes`]).
-pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype: DType, saturation: usize) -> usize {
+///
+/// Returns `(resident, slots)`: the blocks per SM the runtime reports and the [`decode_slots_per_sm`]
+/// among them, as [`decode_split_count`] takes them.
+pub(crate) fn decode_slots(
+    ctx: &Arc<CudaContext>,
+    head_size: usize,
+    cache_dtype: DType,
+    saturation: usize,
+) -> (usize, usize) {
     let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
     let compute = if cache_dtype.is_fp8() { DType::BF16 } else { cache_dtype };
     // A malformed PAGED_ATTN_DECODE_VARIANT fails the decode launches themselves (and
@@ -248,7 +256,7 @@ pub(crate) fn decode_slots(ctx: &Arc<CudaContext>, head_size: usize, cache_dtype
         .ok()
         .filter(|&b| b > 0)
         .unwrap_or_else(|| decode_blocks_per_sm(head_size));
-    decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype, saturation)
+    (per_sm, decode_variant_slots(per_sm, variant, head_size, compute, cache_dtype, saturation))
 }
 
 /// [`decode_slots_per_sm`] for the decode kernel of `variant` over a `cache_dtype` cache with
@@ -353,28 +361,54 @@ pub fn decode_slots_per_sm(per_sm: usize, bytes_in_flight: usize, saturation: us
 /// from settling on fewer splits than the measured best (26 at 32 key-equivalents).
 pub const SPLIT_MERGE_KEYS: f64 = 20.0;
 
-/// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each run
-/// `slots` blocks at full speed at once (see [`decode_slots_per_sm`]), the longest context
-/// `max_len` and `tile` keys per tile.
+/// The share of a wave that the drain at the end of a launch of several waves costs (see
+/// [`decode_split_count`]). Fitted on the H100 (`bench_decode_variants --batches`, nineteenth
+/// session, one split, bf16 b N x 4096): the read rate rose from 0.971 of a copy at 1.0 wave of
+/// blocks (b33, 264 blocks on 132 SMs x 2) to 0.978 at 1.9 waves (b64) and 0.996 at 3.0 (b99),
+/// which a fixed cost of 0.2-0.25 of a wave per launch matches.
+pub const DECODE_TAIL_WAVES: f64 = 0.25;
+
+/// Split count for `blocks` decode blocks (before splitting) on `num_sms` SMs that each hold
+/// `resident` blocks at once, of which `slots` run at full speed (see [`decode_slots_per_sm`]),
+/// the longest context `max_len` and `tile` keys per tile.
 ///
-/// The blocks spread evenly, so the busiest SM runs `L = ceil(blocks * s / num_sms)` of them in
-/// `L / slots` waves; cost of `s` splits = waves x (keys per block + one tile of start-up) + `s` x
-/// [`SPLIT_MERGE_KEYS`], where a partial last wave costs at least nine tenths of a full one: an
-/// SM's byte rate grows with the blocks it holds (more loads in flight, more warps to hide the
-/// latency of each), so an SM holding three of four blocks is not 25% faster per block (FP8 b16 x
-/// 16384 on the H200: 3 splits filling 73% of the slots took 2.8% longer than 4 filling 97%). A
-/// split must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the best
-/// wins (fewer splits: less combine work).
-pub fn decode_split_count(blocks: usize, num_sms: usize, slots: usize, max_len: usize, tile: usize) -> usize {
+/// Cost of `s` splits = waves x (keys per block + one tile of start-up) + `s` x
+/// [`SPLIT_MERGE_KEYS`], where the waves are counted two ways. A grid that is resident all at
+/// once (at most `num_sms x resident` blocks) spreads evenly, so the busiest SM runs `L =
+/// ceil(blocks * s / num_sms)` of them in `L / slots` waves, and a partial wave costs at least
+/// nine tenths of a full one: an SM's byte rate grows with the blocks it holds (more loads in flight, more warps
+/// to hide the latency of each), so an SM holding three of four blocks is not 25% faster per
+/// block (FP8 b16 x 16384 on the H200: 3 splits filling 73% of the slots took 2.8% longer than
+/// 4 filling 97%). A larger grid is bound by the device's bandwidth, not by its busiest SM: the
+/// blocks left at the end have the memory system to themselves and run faster, so the waves are
+/// `blocks * s / (num_sms * slots)` plus [`DECODE_TAIL_WAVES`] for the drain.
+/// (Counting whole blocks per SM there chose 3-4 splits for 60-68 requests x 8 kv heads at 4096
+/// keys on the H100, 5% slower than one split: 0.924-0.929 of a copy's rate against 0.98.) A
+/// split must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the
+/// best wins (fewer splits: less combine work).
+pub fn decode_split_count(
+    blocks: usize,
+    num_sms: usize,
+    resident: usize,
+    slots: usize,
+    max_len: usize,
+    tile: usize,
+) -> usize {
     let blocks = blocks.max(1);
     let num_sms = num_sms.max(1);
     let slots = slots.max(1);
+    let resident = resident.max(slots);
     let max_splits = max_len.div_ceil(tile * 4).clamp(1, 64);
     let cost = |s: usize| -> f64 {
-        let load = (blocks * s).div_ceil(num_sms);
-        let full = (load / slots) as f64;
-        let rem = (load % slots) as f64 / slots as f64;
-        let waves = full + if rem > 0.0 { rem.max(0.9) } else { 0.0 };
+        let n = blocks * s;
+        let waves = if n <= num_sms * resident {
+            let load = n.div_ceil(num_sms);
+            let full = (load / slots) as f64;
+            let rem = (load % slots) as f64 / slots as f64;
+            full + if rem > 0.0 { rem.max(0.9) } else { 0.0 }
+        } else {
+            n as f64 / (num_sms * slots) as f64 + DECODE_TAIL_WAVES
+        };
         let keys = max_len.div_ceil(s).div_ceil(tile) * tile + tile;
         waves * keys as f64 + if s > 1 { s as f64 * SPLIT_MERGE_KEYS } else { 0.0 }
     };
@@ -439,21 +473,36 @@ mod tests {
 
     #[test]
     fn split_count_fills_the_device() {
-        // 64 decodes x 8 kv heads on 132 SMs x 2: two near-full waves without splitting.
-        assert_eq!(decode_split_count(512, 132, 2, 4096, 64), 1);
+        // bf16 at head 128 (two blocks resident per SM, one saturates it), 64 decodes x 8 kv
+        // heads: 3.9 waves, no split.
+        assert_eq!(decode_split_count(512, 132, 2, 1, 4096, 64), 1);
+        // 33 decodes: every block resident at once, no drain; two splits measured 4% slower.
+        assert_eq!(decode_split_count(264, 132, 2, 1, 4096, 64), 1);
+        // 60, 67 and 100 / 133 decodes: a few blocks past whole waves are not worth splitting
+        // every request for (counting whole blocks per SM chose 3, 4 and 2 splits; measured 5%
+        // and 1-2% slower than one split on the H100).
+        assert_eq!(decode_split_count(480, 132, 2, 1, 4096, 64), 1);
+        assert_eq!(decode_split_count(536, 132, 2, 1, 4096, 64), 1);
+        assert_eq!(decode_split_count(800, 132, 2, 1, 4096, 64), 1);
+        assert_eq!(decode_split_count(1064, 132, 2, 1, 4096, 64), 1);
+        // W4S2 (three resident, two to saturate an SM): 512 blocks are 1.9 waves, and two splits
+        // shorten the drain (measured on the H100: 0.97 of a copy against 0.91-0.93 unsplit).
+        assert_eq!(decode_split_count(512, 132, 3, 2, 4096, 64), 2);
         // 16 x 8 blocks, two slots per SM: two splits give every SM two blocks.
-        assert_eq!(decode_split_count(128, 132, 2, 16384, 64), 2);
+        assert_eq!(decode_split_count(128, 132, 2, 2, 16384, 64), 2);
         // ... but with one slot (bf16: one block saturates an SM) one split already fills it.
-        assert_eq!(decode_split_count(128, 132, 1, 16384, 64), 1);
+        assert_eq!(decode_split_count(128, 132, 2, 1, 16384, 64), 1);
         // One request, one slot: one block on each of 128 SMs (measured best on the H200).
-        assert_eq!(decode_split_count(8, 132, 1, 32768, 64), 16);
+        assert_eq!(decode_split_count(8, 132, 2, 1, 32768, 64), 16);
         // One request on FP8's four slots: 32 splits, not the 64 that would fill every slot,
         // whose merge tail costs more than the fuller wave saves (measured best on the H200).
-        assert_eq!(decode_split_count(8, 132, 4, 32768, 64), 32);
+        assert_eq!(decode_split_count(8, 132, 4, 4, 32768, 64), 32);
         // FP8's 4 blocks per SM: four splits fill the slots, three would leave a quarter empty.
-        assert_eq!(decode_split_count(128, 132, 4, 16384, 64), 4);
+        assert_eq!(decode_split_count(128, 132, 4, 4, 16384, 64), 4);
         // Short contexts are not split below four tiles.
-        assert_eq!(decode_split_count(8, 132, 2, 200, 64), 1);
-        assert!(decode_split_count(1, 132, 2, 1 << 20, 64) <= 64);
+        assert_eq!(decode_split_count(8, 132, 2, 2, 200, 64), 1);
+        assert!(decode_split_count(1, 132, 2, 2, 1 << 20, 64) <= 64);
+        // A resident count below the slots is read as the slots.
+        assert_eq!(decode_split_count(128, 132, 0, 4, 16384, 64), 4);
     }
 }

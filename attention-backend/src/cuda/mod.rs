@@ -13,7 +13,7 @@ pub use cache_write::kv_cache_update;
 pub use device::CudaDevice;
 pub use metadata::{
     decode_saturation_bytes, decode_slots_per_sm, decode_split_count, decode_variant_slots, device_saturation_bytes,
-    DeviceMetadata, SplitPlan, DECODE_LOAD_LATENCY_S, DECODE_SATURATION_BYTES, SPLIT_MERGE_KEYS,
+    DeviceMetadata, SplitPlan, DECODE_LOAD_LATENCY_S, DECODE_SATURATION_BYTES, DECODE_TAIL_WAVES, SPLIT_MERGE_KEYS,
 };
 pub use plan::{
     LaunchPlan, LayerBuffers, LayerStrides, PlanOptions, PlannerConfig, StepPlan, StepPlanner, BATCH_INVARIANT_ENV,

@@ -195,9 +195,9 @@ pub struct StepPlanner {
     dev: CudaDevice,
     config: PlannerConfig,
     num_sms: usize,
-    /// Decode blocks per SM that add bandwidth for the selected decode variant and cache type
-    /// (`metadata::decode_slots`): the split planner's slots.
-    decode_slots: usize,
+    /// Decode blocks resident per SM and those among them that add bandwidth, for the selected
+    /// decode variant and cache type (`metadata::decode_slots`): the split planner's figures.
+    decode_slots: (usize, usize),
     options: PlanOptions,
     /// The stream the decode part of a mixed step runs on (`None` without `overlap_mixed`).
     side: Option<SideStream>,
@@ -355,7 +355,8 @@ impl StepPlanner {
         let group = c.num_heads / c.num_kv_heads;
         let blocks = n * c.num_kv_heads * group.div_ceil(kernels::decode_heads_per_block(c.head_size).max(1));
         let tile = decode_tile_keys(c.head_size).max(1);
-        decode_split_count(blocks, self.num_sms, self.decode_slots, max_len, tile)
+        let (resident, slots) = self.decode_slots;
+        decode_split_count(blocks, self.num_sms, resident, slots, max_len, tile)
     }
 
     /// Checks the step against the step contract and the planner's capacities, uploads its

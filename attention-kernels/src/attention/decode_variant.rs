@@ -10,22 +10,29 @@ use crate::KernelError;
 
 /// The name of the environment variable that picks the process-wide [`DecodeVariant`] (read once,
 /// at the first decode launch or [`decode_variant`] call, unless [`set_decode_variant`] ran first).
-/// Values: the names of [`DecodeVariant::ALL`], e.g. `w4s3-fold` (the default), `w2s4` (a second
-/// launch merges the splits). An unknown name makes decode launches fail with
+/// Values: the names of [`DecodeVariant::ALL`], e.g. `auto-fold` (the default), `w4s3-fold`, `w2s4`
+/// (a second launch merges the splits). An unknown name makes decode launches fail with
 /// [`KernelError::InvalidArgument`] rather than time a variant nobody asked for.
 pub const DECODE_VARIANT_ENV: &str = "PAGED_ATTN_DECODE_VARIANT";
 
 /// The software pipeline of the decode kernel: warps per block (each owns 16 keys of a tile, so 4
-/// warps = 64-key tiles, 2 warps = 32-key tiles) and cp.async stages. The variants other than
-/// [`DecodePipeline::W4S3`] are compiled for bf16 at head size 128 only, the benchmarked shape;
-/// other element types and head sizes run `W4S3` (2 stages above head size 128) whatever is
-/// selected. An FP8 cache has a pipeline of its own whatever is selected (up to head size 128: 2
-/// warps, each with two 16-key groups per 64-key tile, 2 stages; above: 4 warps, 3 stages); the
-/// fold choice applies to it as to the others.
+/// warps = 64-key tiles, 2 warps = 32-key tiles) and cp.async stages. [`DecodePipeline::W4S2`] is
+/// compiled for f16 and bf16 at head size 128, the other pipelines but [`DecodePipeline::W4S3`]
+/// for bf16 at head size 128 only, the benchmarked shape; other element types and head sizes run
+/// `W4S3` (2 stages above head size 128) whatever is selected. An FP8 cache has a pipeline of its
+/// own whatever is selected (up to head size 128: 2 warps, each with two 16-key groups per 64-key
+/// tile, 2 stages; above: 4 warps, 3 stages); the fold choice applies to it as to the others.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DecodePipeline {
-    /// 4 warps, 64-key tiles, 3 stages: 2 blocks per SM at head size 128. The default.
+    /// Chosen per launch from the grid (the default): `W4S2` where it keeps more blocks resident
+    /// per SM than `W4S3` and the launch fills at least four full waves of them, else `W4S3`;
+    /// `W4S3` in batch-invariant mode. Both have 64-key tiles; on two H100s `W4S2` read 2.6-4%
+    /// faster on a grid of 5.2 of its waves, -4% to +2% on 2.6 waves and 5-7% slower on 1.3
+    /// (docs/PERFORMANCE.md, nineteenth session). [`decode_auto_pipeline`](super::decode_auto_pipeline)
+    /// tells which one a grid gets.
     #[default]
+    Auto,
+    /// 4 warps, 64-key tiles, 3 stages: 2 blocks per SM at head size 128.
     W4S3,
     /// 4 warps, 64-key tiles, 4 stages: 1 block per SM, 3 tiles in flight.
     W4S4,
@@ -39,11 +46,23 @@ pub enum DecodePipeline {
 
 impl DecodePipeline {
     /// Every pipeline, the default first.
-    pub const ALL: [DecodePipeline; 5] =
-        [DecodePipeline::W4S3, DecodePipeline::W4S4, DecodePipeline::W4S2, DecodePipeline::W2S6, DecodePipeline::W2S4];
+    pub const ALL: [DecodePipeline; 6] = [
+        DecodePipeline::Auto,
+        DecodePipeline::W4S3,
+        DecodePipeline::W4S4,
+        DecodePipeline::W4S2,
+        DecodePipeline::W2S6,
+        DecodePipeline::W2S4,
+    ];
 
-    fn code(self) -> u32 {
+    /// The pipeline of a [`DecodeVariant`] code's low byte (the kernels' numbering).
+    pub(crate) fn from_code(code: u32) -> Option<DecodePipeline> {
+        DecodePipeline::ALL.into_iter().find(|p| p.code() == code)
+    }
+
+    pub(crate) fn code(self) -> u32 {
         match self {
+            DecodePipeline::Auto => 5,
             DecodePipeline::W4S3 => 0,
             DecodePipeline::W4S4 => 1,
             DecodePipeline::W4S2 => 2,
@@ -54,6 +73,7 @@ impl DecodePipeline {
 
     fn name(self) -> &'static str {
         match self {
+            DecodePipeline::Auto => "auto",
             DecodePipeline::W4S3 => "w4s3",
             DecodePipeline::W4S4 => "w4s4",
             DecodePipeline::W4S2 => "w4s2",
@@ -71,10 +91,12 @@ impl DecodePipeline {
 /// size) in the order of the in-split reduction, so outputs of two variants may differ in the
 /// last bits while each is deterministic run to run.
 ///
-/// The default is [`DecodePipeline::W4S3`] with the folded combine: on the H200 the default
+/// The default is [`DecodePipeline::Auto`] with the folded combine: on the H200 the `W4S3`
 /// pipeline with the fold was never slower than with the second launch on the benchmarked
 /// shapes, and up to 8 us faster where a request is split many ways (b1 x 32768: 0.0515 ms
-/// against 0.0597).
+/// against 0.0597); `Auto` runs `W4S3` there and `W4S2` only on grids that have one split.
+/// `W4S2` and `W4S3` differ only in pipeline depth (same tiles, same arithmetic in the same
+/// order), so they give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeVariant {
     /// Warps and stages.
@@ -85,17 +107,17 @@ pub struct DecodeVariant {
 
 impl Default for DecodeVariant {
     fn default() -> Self {
-        DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: true }
+        DecodeVariant { pipeline: DecodePipeline::Auto, fold_combine: true }
     }
 }
 
 impl DecodeVariant {
     /// Every variant, the default first.
-    pub const ALL: [DecodeVariant; 10] = {
+    pub const ALL: [DecodeVariant; 12] = {
         let p = DecodePipeline::ALL;
-        let mut all = [DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: false }; 10];
+        let mut all = [DecodeVariant { pipeline: DecodePipeline::Auto, fold_combine: false }; 12];
         let mut i = 0;
-        while i < 5 {
+        while i < p.len() {
             all[2 * i] = DecodeVariant { pipeline: p[i], fold_combine: true };
             all[2 * i + 1] = DecodeVariant { pipeline: p[i], fold_combine: false };
             i += 1;
@@ -125,7 +147,9 @@ impl fmt::Display for DecodeVariant {
 
 /// A name that is not one of [`DecodeVariant::ALL`]'s.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown decode variant {0:?} (expected one of w4s3, w4s4, w4s2, w2s6, w2s4, each optionally with -fold)")]
+#[error(
+    "unknown decode variant {0:?} (expected one of auto, w4s3, w4s4, w4s2, w2s6, w2s4, each optionally with -fold)"
+)]
 pub struct UnknownDecodeVariant(pub String);
 
 impl FromStr for DecodeVariant {
@@ -189,7 +213,14 @@ mod tests {
         }
         assert_eq!(DecodeVariant::ALL[0], DecodeVariant::default());
         // The default folds the combine; the bare pipeline name is the second launch.
-        assert_eq!(DecodeVariant::default().to_string(), "w4s3-fold");
+        assert_eq!(DecodeVariant::default().to_string(), "auto-fold");
+        // The kernels' numbering (enum DecodeVariant in paged_decode.cu).
+        let codes: Vec<u32> = DecodePipeline::ALL.iter().map(|p| p.code()).collect();
+        assert_eq!(codes, [5, 0, 1, 2, 3, 4]);
+        for p in DecodePipeline::ALL {
+            assert_eq!(DecodePipeline::from_code(p.code()), Some(p));
+        }
+        assert_eq!(DecodePipeline::from_code(6), None);
         assert_eq!("w4s3".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(false));
         assert_eq!("W2S4-Fold".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(true));
         assert!("w9s9".parse::<DecodeVariant>().is_err());

@@ -378,6 +378,39 @@ pub fn decode_bytes_in_flight(
     Ok(bytes.max(0) as usize)
 }
 
+/// The pipeline a decode launch with the [`DecodePipeline::Auto`] variant runs on `ctx`'s device
+/// for a grid of `blocks` decode blocks (requests x kv heads x chunks of 16 query heads x splits)
+/// and `split_keys` (batch-invariant mode when positive): [`DecodePipeline::W4S2`] or
+/// [`DecodePipeline::W4S3`]. For engines that log their plan, and for tests; the launch decides
+/// the same way on its own.
+///
+/// # Errors
+/// As [`blocks_per_sm_for_cache`].
+pub fn decode_auto_pipeline(
+    ctx: &CudaContext,
+    head_size: usize,
+    dtype: DType,
+    cache_dtype: DType,
+    blocks: usize,
+    split_keys: usize,
+) -> Result<DecodePipeline, KernelError> {
+    const WHAT: &str = "decode_auto_pipeline";
+    let (h, d, kv) = instance_codes(WHAT, head_size, dtype, cache_dtype)?;
+    let blocks = i64::try_from(blocks).map_err(|_| invalid(WHAT, format!("{blocks} blocks overflow i64")))?;
+    let split_keys = to_i32(WHAT, "split_keys", split_keys)?;
+    bind_ctx(WHAT, ctx)?;
+    let mut code: i32 = -1;
+    // SAFETY: `code` is a live local the function writes one i32 to; the context is bound to this
+    // thread (above), which the runtime's occupancy and attribute queries need. No memory of the
+    // caller is otherwise touched.
+    let status = unsafe { ffi::pa_paged_decode_auto_pipeline(h, d, kv, blocks, split_keys, &mut code) };
+    status_to_result(WHAT, status)?;
+    u32::try_from(code)
+        .ok()
+        .and_then(DecodePipeline::from_code)
+        .ok_or_else(|| invalid(WHAT, format!("the kernels answered pipeline code {code}")))
+}
+
 /// The FFI codes of (head size, compute type, cache type), checked: `(head_size, dtype, kv_dtype)`
 /// as the occupancy and in-flight queries take them.
 fn instance_codes(
@@ -812,7 +845,9 @@ mod tests {
     #[test]
     fn decode_bytes_in_flight_follow_the_pipelines() {
         let bytes = |v: DecodeVariant, head: usize, cache: DType| decode_bytes_in_flight(v, head, DType::BF16, cache);
-        let w4s3 = DecodeVariant::default();
+        // The default (auto) answers with W4S3's figures: the pipeline wherever splits matter.
+        let w4s3 = DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: true };
+        assert_eq!(bytes(DecodeVariant::default(), 128, DType::BF16), bytes(w4s3, 128, DType::BF16));
         // Two of three stages of 64-key K and V tiles in flight, two bytes an element.
         assert_eq!(bytes(w4s3, 128, DType::BF16), Ok(2 * 64 * 128 * 2 * 2));
         assert_eq!(bytes(w4s3, 64, DType::BF16), Ok(2 * 64 * 64 * 2 * 2));
@@ -826,6 +861,11 @@ mod tests {
         // The other pipelines (bf16, head 128): W2S6 keeps five 32-key tiles in flight.
         let w2s6 = DecodeVariant { pipeline: DecodePipeline::W2S6, fold_combine: false };
         assert_eq!(bytes(w2s6, 128, DType::BF16), Ok(5 * 32 * 128 * 2 * 2));
+        // W4S2 exists for both 16-bit types: one 64-key tile in flight.
+        let w4s2 = DecodeVariant { pipeline: DecodePipeline::W4S2, fold_combine: false };
+        assert_eq!(bytes(w4s2, 128, DType::BF16), Ok(64 * 128 * 2 * 2));
+        assert_eq!(decode_bytes_in_flight(w4s2, 128, DType::F16, DType::F16), Ok(64 * 128 * 2 * 2));
+        assert_eq!(bytes(w4s2, 64, DType::BF16), bytes(w4s3, 64, DType::BF16));
         // Refused as the occupancy query refuses.
         assert!(matches!(bytes(w4s3, 100, DType::BF16), Err(KernelError::InvalidArgument { .. })));
         assert!(matches!(

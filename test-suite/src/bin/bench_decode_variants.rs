@@ -2,7 +2,10 @@
 //! on the decode shapes of the HBM3e issue, beside a device-to-device copy of the same bytes, in
 //! one run: bf16, 32 q / 8 kv heads (and MHA 32/32), head 128, block 16, shuffled block tables.
 //!
-//! `bench_decode_variants [--iters N] [--only SUBSTRING]`
+//! `bench_decode_variants [--iters N] [--only SUBSTRING] [--batches N,N,...]`
+//!
+//! `--batches` replaces the shapes by `bN x 4096` (32 / 8 heads) for each N: the decode's byte rate
+//! against its grid size (N x 8 blocks), to see what a partial last wave of blocks costs.
 //!
 //! For each variant the split count comes from the planner's wave model with that variant's
 //! occupancy (blocks per SM from the runtime), as the planner would choose it if that variant were
@@ -24,20 +27,27 @@ const WARMUP: usize = 5;
 const SPLIT_KEYS: usize = 1024;
 
 struct Shape {
-    name: &'static str,
+    name: String,
     batch: usize,
     ctx: usize,
     heads: usize,
     kv_heads: usize,
 }
 
-const SHAPES: [Shape; 5] = [
-    Shape { name: "b64 x 4096", batch: 64, ctx: 4096, heads: 32, kv_heads: 8 },
-    Shape { name: "b16 x 16384", batch: 16, ctx: 16384, heads: 32, kv_heads: 8 },
-    Shape { name: "b1 x 32768", batch: 1, ctx: 32768, heads: 32, kv_heads: 8 },
-    Shape { name: "b256 x 1024", batch: 256, ctx: 1024, heads: 32, kv_heads: 8 },
-    Shape { name: "MHA b32 x 4096", batch: 32, ctx: 4096, heads: 32, kv_heads: 32 },
-];
+fn shape(name: &str, batch: usize, ctx: usize, heads: usize, kv_heads: usize) -> Shape {
+    Shape { name: name.to_string(), batch, ctx, heads, kv_heads }
+}
+
+fn issue_shapes() -> Vec<Shape> {
+    vec![
+        shape("b64 x 4096", 64, 4096, 32, 8),
+        shape("b16 x 16384", 16, 16384, 32, 8),
+        shape("b1 x 32768", 1, 32768, 32, 8),
+        shape("b256 x 1024", 256, 1024, 32, 8),
+        shape("MHA b32 x 4096", 32, 4096, 32, 32),
+    ]
+}
+
 const D: usize = 128;
 const BS: usize = 16;
 
@@ -54,7 +64,7 @@ struct Setup {
 /// needed, every used slot holding a random row (one chunk of random rows reused, as
 /// bench_attention fills its caches).
 fn setup(dev: &CudaDevice, s: &Shape) -> Setup {
-    let mut rng = inputs::rng(s.name);
+    let mut rng = inputs::rng(&s.name);
     let per = s.ctx.div_ceil(BS);
     let need = per * s.batch;
     let num_blocks = need + need / 4 + 64;
@@ -183,7 +193,22 @@ fn main() {
         "{:<16} {:<12} {:>6} {:>4} {:>9} {:>8} {:>9} {:>7}",
         "shape", "variant", "splits", "/SM", "ms", "GB/s", "copy GB/s", "/copy"
     );
-    for s in SHAPES.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
+    let shapes = match arg("--batches") {
+        Some(list) => {
+            let batches: Result<Vec<usize>, _> = list.split(',').map(|b| b.trim().parse::<usize>()).collect();
+            match batches {
+                Ok(b) if !b.is_empty() && b.iter().all(|&n| (1..=4096).contains(&n)) => {
+                    b.into_iter().map(|n| shape(&format!("b{n} x 4096"), n, 4096, 32, 8)).collect()
+                }
+                _ => {
+                    eprintln!("bench_decode_variants: --batches takes a comma-separated list of 1..=4096");
+                    std::process::exit(2);
+                }
+            }
+        }
+        None => issue_shapes(),
+    };
+    for s in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let mut st = setup(&dev, s);
         // K and V read once, Q read, O written.
         let bytes = ((2 * s.batch * s.ctx * s.kv_heads + 2 * s.batch * s.heads) * D * 2) as f64;
@@ -231,7 +256,7 @@ fn main() {
             .unwrap_or(2)
             .max(1);
             let slots = cuda::decode_variant_slots(per_sm, v, D, DType::BF16, DType::BF16, saturation);
-            let splits = decode_split_count(blocks, sms, slots, s.ctx, decode_tile_keys(D));
+            let splits = decode_split_count(blocks, sms, per_sm, slots, s.ctx, decode_tile_keys(D));
             let ms = row(v.to_string(), v, splits, 0, per_sm);
             times.push((v, ms, per_sm));
             if ms < best.0 {

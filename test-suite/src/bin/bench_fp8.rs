@@ -411,7 +411,7 @@ fn sweep_cache<C: KvStorage<bf16>>(dev: &CudaDevice, s: &Shape, st: &mut Step, i
         let per_sm = kernels::blocks_per_sm_for_cache(dev.context(), probe, v, D, DType::BF16, C::DTYPE).unwrap_or(0);
         let blocks = s.seqs.len() * KV_HEADS;
         let slots = attention_backend::cuda::decode_variant_slots(per_sm, v, D, DType::BF16, C::DTYPE, saturation);
-        let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), slots, ctx, 64);
+        let planned = attention_backend::cuda::decode_split_count(blocks, st.meta.num_sms(), per_sm, slots, ctx, 64);
         let mut cands: Vec<usize> = if ctx >= 32768 {
             vec![8, 16, 24, 32, 48, 64]
         } else {

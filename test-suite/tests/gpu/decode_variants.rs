@@ -230,7 +230,7 @@ fn planned_splits<T: Element>(b: &Batch<T>) -> usize {
         )
         .unwrap() as usize;
     let max_len = b.lens.iter().copied().max().unwrap_or(1);
-    decode_split_count(blocks, sms, 2, max_len, decode_tile_keys(p.head_size))
+    decode_split_count(blocks, sms, 2, 2, max_len, decode_tile_keys(p.head_size))
 }
 
 fn close(x: f64, r: f64, atol: f64) -> bool {
@@ -317,9 +317,77 @@ fn decode_variants_against_cpu_bf16() {
 
 #[test]
 fn decode_variants_against_cpu_f16() {
-    // f16 runs the default pipeline in every variant; the fold is what differs.
-    let v = [DecodeVariant::default(), DecodeVariant { fold_combine: false, ..DecodeVariant::default() }];
+    // f16 has W4S3 and W4S2 (and auto, which picks between them); the other pipelines fall back.
+    let v = [
+        DecodeVariant::default(),
+        DecodeVariant { fold_combine: false, ..DecodeVariant::default() },
+        DecodeVariant { pipeline: DecodePipeline::W4S2, fold_combine: true },
+        DecodeVariant { pipeline: DecodePipeline::W2S4, fold_combine: false },
+    ];
     variant_grid::<f16>(&v, 21_000);
+}
+
+/// The auto pipeline on a grid of several waves (256 requests x 8 kv heads): it picks W4S2 where
+/// that keeps more blocks resident than W4S3 and the grid is four waves of it (H100 / H200 at head
+/// 128: 2048 blocks against 1584), W4S3 on a smaller grid and
+/// in batch-invariant mode, and every choice gives the same bits as the explicit pipelines (the
+/// two differ only in pipeline depth), which match the CPU backend.
+fn auto_pipeline_on_large_grids<T: Element>(seed: u64) {
+    let dev = common::device();
+    let params = AttentionParams::new(32, 8, 128);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let lens: Vec<usize> = (0..256).map(|_| rng.random_range(1..300usize)).collect();
+    let b = random_batch::<T>(params, 16, &lens, seed);
+    let sms = dev
+        .context()
+        .attribute(
+            attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as usize;
+    let resident = |pipeline| {
+        let v = DecodeVariant { pipeline, fold_combine: true };
+        let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+        kernels::blocks_per_sm_for_cache(dev.context(), probe, v, 128, T::DTYPE, T::DTYPE).unwrap()
+    };
+    let (r2, r3) = (resident(DecodePipeline::W4S2), resident(DecodePipeline::W4S3));
+    let pick = |blocks, split_keys| {
+        kernels::decode_auto_pipeline(dev.context(), 128, T::DTYPE, T::DTYPE, blocks, split_keys).unwrap()
+    };
+    let blocks = lens.len() * 8;
+    let wide = r2 > r3 && blocks >= 4 * r2 * sms;
+    eprintln!("auto {:?}: {sms} SMs, resident w4s2 {r2} / w4s3 {r3}, {blocks} blocks", T::DTYPE);
+    assert_eq!(pick(blocks, 0), if wide { DecodePipeline::W4S2 } else { DecodePipeline::W4S3 });
+    assert_eq!(pick(4 * r2 * sms - 1, 0), DecodePipeline::W4S3);
+    if r2 > r3 {
+        assert_eq!(pick(4 * r2 * sms, 0), DecodePipeline::W4S2);
+    }
+    assert_eq!(pick(blocks, 64), DecodePipeline::W4S3);
+    // Other head sizes and FP8 caches have no choice.
+    assert_eq!(
+        kernels::decode_auto_pipeline(dev.context(), 64, T::DTYPE, T::DTYPE, 1 << 20, 0).unwrap(),
+        DecodePipeline::W4S3
+    );
+    assert_eq!(
+        kernels::decode_auto_pipeline(dev.context(), 128, T::DTYPE, DType::Fp8E4M3, 1 << 20, 0).unwrap(),
+        DecodePipeline::W4S3
+    );
+    let mut ws = workspace(dev, 1);
+    let auto = launch(&b, DecodeVariant::default(), 1, 0, &mut ws);
+    check_cpu(&b, &auto, "auto on a large grid");
+    for pipeline in [DecodePipeline::W4S2, DecodePipeline::W4S3] {
+        let got = launch(&b, DecodeVariant { pipeline, fold_combine: true }, 1, 0, &mut ws);
+        assert!(bits(&got) == bits(&auto), "{pipeline:?} and auto differ on the same batch");
+    }
+}
+
+#[test]
+fn auto_pipeline_bf16() {
+    auto_pipeline_on_large_grids::<bf16>(21_500);
+}
+
+#[test]
+fn auto_pipeline_f16() {
+    auto_pipeline_on_large_grids::<f16>(21_600);
 }
 
 /// The folded combine's counters: two launches in a row on one workspace (what replaying a
