@@ -357,7 +357,7 @@ fn auto_pipeline_on_large_grids<T: Element>(seed: u64) {
     let wide = r2 > r3 && blocks >= 4 * r2 * sms;
     eprintln!("auto {:?}: {sms} SMs, resident w4s2 {r2} / w4s3 {r3}, {blocks} blocks", T::DTYPE);
     assert_eq!(pick(blocks, 0), if wide { DecodePipeline::W4S2 } else { DecodePipeline::W4S3 });
-    assert_eq!(pick(4 * r2 * sms - 1, 0), DecodePipeline::W4S3);
+    assert_eq!(pick((4 * r2 * sms).saturating_sub(1), 0), DecodePipeline::W4S3);
     if r2 > r3 {
         assert_eq!(pick(4 * r2 * sms, 0), DecodePipeline::W4S2);
     }
