@@ -27,10 +27,9 @@
 // per block = 64- or 32-key tiles, cp.async stages; w4s2 compiled for 16-bit types at head 128,
 // the others but w4s3 for bf16 / head 128 only; auto, the default, picks w4s2 or w4s3 per
 // launch, see auto_pipeline) and whether the combine is folded into the decode kernel: each split
-// block writes its
-// partial, fences, bumps a per-(request, kv head, row chunk) counter at the front of the
-// workspace, and the last to arrive merges all partials in split order (the same merge functions
-// as the combine kernel: same bits), then resets the counter, so replays need no memset.
+// block writes its partial, fences, bumps a per-(request, kv head, row chunk) counter at the front
+// of the workspace, and the last to arrive merges all partials in split order (the same merge
+// functions as the combine kernel: same bits), then resets the counter, so replays need no memset.
 // Batch-invariant mode (split_keys > 0): every split covers a fixed number of keys from the
 // request's first visible key, the grid's split count is the batch maximum and extra splits are
 // empty; the merge of one non-empty split with empty ones reproduces the single-split
@@ -45,7 +44,7 @@
 #include "attention/common.cuh"
 #include "attention/softmax_state.cuh"
 
-#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #ifndef PA_DECODE_STAGES
@@ -917,13 +916,27 @@ inline int64_t decode_workspace_need(int S, int n, int H, int D) {
   return S > 1 ? kDecodeCounters + static_cast<int64_t>(S) * n * H * (D + 2) : 0;
 }
 
+// Decode blocks of one split: requests x kv heads x row chunks of each GQA group (the grid's x).
+inline int64_t decode_blocks_per_split(const PaAttnArgs& a) {
+  constexpr int R = DecodeCfg<64>::kRows;  // the same for every configuration
+  const int G = a.num_heads / a.num_kv_heads;
+  return static_cast<int64_t>(a.req_end - a.req_begin) * a.num_kv_heads * ((G + R - 1) / R);
+}
+
+// Resident blocks per SM of a decode instantiation (as the runtime's occupancy calculator reports
+// it for the dynamic shared memory the launch asks for).
+template <typename Cfg, typename K>
+cudaError_t instance_blocks_per_sm(Cfg, K kernel, int32_t* blocks) {
+  return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes),
+                                     blocks);
+}
+
 template <typename T, int D, int W, int NS, int KV, int KG>
 cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, cudaStream_t stream) {
   using Cfg = DecodeCfg<D, W, NS, KV, KG>;
-  const int G = a.num_heads / a.num_kv_heads;
   const int n = a.req_end - a.req_begin;
   const int S = a.num_splits;
-  const int64_t gx = static_cast<int64_t>(n) * a.num_kv_heads * ((G + Cfg::kRows - 1) / Cfg::kRows);
+  const int64_t gx = decode_blocks_per_split(a);
   if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
   // The folded combine needs one counter per pre-split block; a larger grid takes the separate
   // combine (same merge arithmetic, same bits).
@@ -983,35 +996,36 @@ template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(in
 // alone with one tile in flight, below an SM's share of the bandwidth (w4s3 runs its blocks two at
 // a time with two tiles in flight each). Grids of four waves have one split in every plan (a split
 // only adds waves there), so the planner's w4s3 figures stay right. The batch-invariant mode keeps
-// w4s3: its output must not depend on the batch, and the batch decides the grid. The device's SM
-// count and both occupancies are asked once per device.
+// w4s3: its output must not depend on the batch, and the batch decides the grid. The smallest grid
+// that takes w4s2 is worked out once per device (the SM count and both pipelines' occupancies).
 constexpr int kAutoWaves = 4;
 template <typename T, int D, int KV> int auto_pipeline(int64_t blocks, int split_keys) {
   if constexpr (has_w4s2<T, D, KV>()) {
     if (split_keys > 0) return kW4S3;
-    // Per device: 1 + (w4s2 blocks per SM << 8 | w4s3 blocks per SM); 0 = not asked yet.
-    static std::atomic<int> cached[64] = {};
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || pa::sm_count(&sms) != cudaSuccess) return kW4S3;
-    int packed = (dev >= 0 && dev < 64) ? cached[dev].load(std::memory_order_relaxed) : 0;
-    if (packed == 0) {
-      using C2 = DecodeCfg<D, 4, 2, KV, 1>;
-      using C3 = DecodeCfg<D, 4, default_stages<D>(), KV, 1>;
+    // Per device: the smallest grid that runs w4s2 (INT64_MAX: none); 0 = not worked out yet.
+    static std::atomic<int64_t> least_blocks[64] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return kW4S3;
+    int64_t least = (dev >= 0 && dev < 64) ? least_blocks[dev].load(std::memory_order_relaxed) : 0;
+    if (least == 0) {
+      int sms = 0;
+      if (pa::sm_count(&sms) != cudaSuccess) return kW4S3;
       int32_t r2 = 0, r3 = 0;
-      auto k2 = decode_split_kernel<T, D, 4, 2, KV, 1>;
-      auto k3 = decode_split_kernel<T, D, 4, default_stages<D>(), KV, 1>;
-      if (pa::occupancy_blocks_per_sm(k2, C2::kThreads, static_cast<int>(C2::kSmemBytes), &r2) !=
-              cudaSuccess ||
-          pa::occupancy_blocks_per_sm(k3, C3::kThreads, static_cast<int>(C3::kSmemBytes), &r3) !=
-              cudaSuccess) {
+      auto resident = [](int variant, int32_t* r) {
+        return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
+          constexpr int W = decltype(w)::value, S = decltype(ns)::value, G = decltype(kg)::value;
+          return instance_blocks_per_sm(DecodeCfg<D, W, S, KV, G>{},
+                                        decode_split_kernel<T, D, W, S, KV, G>, r);
+        });
+      };
+      if (resident(kW4S2, &r2) != cudaSuccess || resident(kW4S3, &r3) != cudaSuccess) {
         cudaGetLastError();  // a failed query is not the launch's error: run the default
         return kW4S3;
       }
-      packed = 1 + ((std::min(r2, 255) << 8) | std::min(r3, 255));
-      if (dev >= 0 && dev < 64) cached[dev].store(packed, std::memory_order_relaxed);
+      least = r2 > r3 ? int64_t{kAutoWaves} * r2 * sms : INT64_MAX;
+      if (dev >= 0 && dev < 64) least_blocks[dev].store(least, std::memory_order_relaxed);
     }
-    const int r2 = ((packed - 1) >> 8) & 0xff, r3 = (packed - 1) & 0xff;
-    if (r2 > r3 && blocks >= int64_t{kAutoWaves} * r2 * sms) return kW4S2;
+    if (blocks >= least) return kW4S2;
   } else {
     (void)blocks;
     (void)split_keys;
@@ -1038,8 +1052,7 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
   const bool fold = (a.decode_variant & kFoldBit) != 0;
   int variant = a.decode_variant & 0xff;
   if (variant == kAuto) {
-    const int64_t chunks = (G + DecodeCfg<D>::kRows - 1) / DecodeCfg<D>::kRows;
-    variant = auto_pipeline<T, D, KV>(int64_t{n} * a.num_kv_heads * chunks * S, a.split_keys);
+    variant = auto_pipeline<T, D, KV>(decode_blocks_per_split(a) * S, a.split_keys);
   }
   return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
     return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold,
@@ -1105,8 +1118,7 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm_kv(int32_t head_size, int32_
                                                        int32_t variant, int32_t* blocks) {
   if (blocks == nullptr) return cudaErrorInvalidValue;
   return with_decode_instance(head_size, dtype, kv_dtype, variant, [&](auto cfg, auto kernel) -> cudaError_t {
-    using Cfg = decltype(cfg);
-    return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
+    return instance_blocks_per_sm(cfg, kernel, blocks);
   });
 }
 

@@ -239,8 +239,8 @@ pub(crate) fn launched_prefill_sms<T: Element, C: KvStorage<T>>(
 /// own), with the occupancy the runtime reports, or [`decode_blocks_per_sm`] if it cannot be asked,
 /// against the `saturation` bytes in flight the device's SMs need ([`device_saturation_bytes`]).
 ///
-/// Returns `(resident, slots)`: the blocks per SM the runtime reports and the [`decode_slots_per_sm`]
-/// among them, as [`decode_split_count`] takes them.
+/// Returns `(resident, slots)`: the blocks per SM the runtime reports and the
+/// [`decode_slots_per_sm`] among them, as [`decode_split_count`] takes them.
 pub(crate) fn decode_slots(
     ctx: &Arc<CudaContext>,
     head_size: usize,
@@ -376,12 +376,12 @@ pub const DECODE_TAIL_WAVES: f64 = 0.25;
 /// [`SPLIT_MERGE_KEYS`], where the waves are counted two ways. A grid that is resident all at
 /// once (at most `num_sms x resident` blocks) spreads evenly, so the busiest SM runs `L =
 /// ceil(blocks * s / num_sms)` of them in `L / slots` waves, and a partial wave costs at least
-/// nine tenths of a full one: an SM's byte rate grows with the blocks it holds (more loads in flight, more warps
-/// to hide the latency of each), so an SM holding three of four blocks is not 25% faster per
-/// block (FP8 b16 x 16384 on the H200: 3 splits filling 73% of the slots took 2.8% longer than
-/// 4 filling 97%). A larger grid is bound by the device's bandwidth, not by its busiest SM: the
-/// blocks left at the end have the memory system to themselves and run faster, so the waves are
-/// `blocks * s / (num_sms * slots)` plus [`DECODE_TAIL_WAVES`] for the drain.
+/// nine tenths of a full one: an SM's byte rate grows with the blocks it holds (more loads in
+/// flight, more warps to hide the latency of each), so an SM holding three of four blocks is not
+/// 25% faster per block (FP8 b16 x 16384 on the H200: 3 splits filling 73% of the slots took 2.8%
+/// longer than 4 filling 97%). A larger grid is bound by the device's bandwidth, not by its
+/// busiest SM: the blocks left at the end have the memory system to themselves and run faster,
+/// so the waves are `blocks * s / (num_sms * slots)` plus [`DECODE_TAIL_WAVES`] for the drain.
 /// (Counting whole blocks per SM there chose 3-4 splits for 60-68 requests x 8 kv heads at 4096
 /// keys on the H100, 5% slower than one split: 0.924-0.929 of a copy's rate against 0.98.) A
 /// split must keep at least four tiles; at most 64 splits. The smallest `s` within 2% of the

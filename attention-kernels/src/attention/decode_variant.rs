@@ -28,8 +28,8 @@ pub enum DecodePipeline {
     /// per SM than `W4S3` and the launch fills at least four full waves of them, else `W4S3`;
     /// `W4S3` in batch-invariant mode. Both have 64-key tiles; on two H100s `W4S2` read 2.6-4%
     /// faster on a grid of 5.2 of its waves, -4% to +2% on 2.6 waves and 5-7% slower on 1.3
-    /// (docs/PERFORMANCE.md, nineteenth session). [`decode_auto_pipeline`](super::decode_auto_pipeline)
-    /// tells which one a grid gets.
+    /// (docs/PERFORMANCE.md, nineteenth session).
+    /// [`decode_auto_pipeline`](super::decode_auto_pipeline) tells which one a grid gets.
     #[default]
     Auto,
     /// 4 warps, 64-key tiles, 3 stages: 2 blocks per SM at head size 128.

@@ -217,18 +217,21 @@ fn workspace(dev: &CudaDevice, floats: usize) -> CudaSlice<f32> {
     dev.stream().alloc_zeros::<f32>(floats.max(1)).unwrap()
 }
 
+fn num_sms(dev: &CudaDevice) -> usize {
+    dev.context()
+        .attribute(
+            attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as usize
+}
+
 /// The split count the planner's cost model picks for this batch (default mode).
 fn planned_splits<T: Element>(b: &Batch<T>) -> usize {
     let dev = common::device();
     let p = &b.params;
     let group = p.num_heads / p.num_kv_heads;
     let blocks = b.lens.len() * p.num_kv_heads * group.div_ceil(16);
-    let sms = dev
-        .context()
-        .attribute(
-            attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .unwrap() as usize;
+    let sms = num_sms(dev);
     let max_len = b.lens.iter().copied().max().unwrap_or(1);
     decode_split_count(blocks, sms, 2, 2, max_len, decode_tile_keys(p.head_size))
 }
@@ -338,12 +341,7 @@ fn auto_pipeline_on_large_grids<T: Element>(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let lens: Vec<usize> = (0..256).map(|_| rng.random_range(1..300usize)).collect();
     let b = random_batch::<T>(params, 16, &lens, seed);
-    let sms = dev
-        .context()
-        .attribute(
-            attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .unwrap() as usize;
+    let sms = num_sms(dev);
     let resident = |pipeline| {
         let v = DecodeVariant { pipeline, fold_combine: true };
         let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
