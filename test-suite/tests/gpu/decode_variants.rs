@@ -369,6 +369,23 @@ fn auto_pipeline_on_large_grids<T: Element>(seed: u64) {
         kernels::decode_auto_pipeline(dev.context(), 128, T::DTYPE, DType::Fp8E4M3, 1 << 20, 0).unwrap(),
         DecodePipeline::W4S3
     );
+    // Refused with a typed error, never answered: an unsupported head size, a compute type the
+    // kernels lack, a cache type that is neither the compute type nor FP8, a split_keys past i32,
+    // a block count past i64.
+    let refused = |head: usize, dtype: DType, cache: DType, split_keys: usize| {
+        matches!(
+            kernels::decode_auto_pipeline(dev.context(), head, dtype, cache, 1, split_keys),
+            Err(attention_kernels::KernelError::InvalidArgument { .. })
+        )
+    };
+    assert!(refused(100, T::DTYPE, T::DTYPE, 0));
+    assert!(refused(128, DType::F32, DType::F32, 0));
+    assert!(refused(128, DType::BF16, DType::F16, 0));
+    assert!(refused(128, T::DTYPE, T::DTYPE, 1 << 40));
+    assert!(matches!(
+        kernels::decode_auto_pipeline(dev.context(), 128, T::DTYPE, T::DTYPE, usize::MAX, 0),
+        Err(attention_kernels::KernelError::InvalidArgument { .. })
+    ));
     let mut ws = workspace(dev, 1);
     let auto = launch(&b, DecodeVariant::default(), 1, 0, &mut ws);
     check_cpu(&b, &auto, "auto on a large grid");
