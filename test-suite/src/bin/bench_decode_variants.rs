@@ -2,10 +2,15 @@
 //! on the decode shapes of the HBM3e issue, beside a device-to-device copy of the same bytes, in
 //! one run: bf16, 32 q / 8 kv heads (and MHA 32/32), head 128, block 16, shuffled block tables.
 //!
-//! `bench_decode_variants [--iters N] [--only SUBSTRING] [--batches N,N,...]`
+//! `bench_decode_variants [--iters N] [--only SUBSTRING] [--batches N,N,...] [--shapes BxL,...]
+//! [--splits N,N,...]`
 //!
 //! `--batches` replaces the shapes by `bN x 4096` (32 / 8 heads) for each N: the decode's byte rate
 //! against its grid size (N x 8 blocks), to see what a partial last wave of blocks costs.
+//! `--shapes` replaces them by `B` requests of `L` keys each (32 / 8 heads), e.g. `1x65536`: the
+//! time against the bytes at a fixed grid, which separates a launch's fixed cost from its rate.
+//! `--splits` times the default pipeline and the folded W4S3 and W4S2 at each listed split count
+//! instead of the planner's, in place of the variant table: what the planner's choice leaves.
 //!
 //! For each variant the split count comes from the planner's wave model with that variant's
 //! occupancy (blocks per SM from the runtime), as the planner would choose it if that variant were
@@ -17,7 +22,7 @@ use attention_backend::cuda::{self, decode_split_count, CudaDevice, CudaKvCache,
 use attention_backend::{bf16, AttentionMetadata, BlockTable, CacheLayout, DType, SlotMapping};
 use attention_kernels::attention::{
     self as kernels, decode_tile_keys, decode_workspace_len, AttentionBuffers, AttentionDims, AttentionFeatures,
-    AttentionKernel, AttentionStrides, DecodeVariant,
+    AttentionKernel, AttentionStrides, DecodePipeline, DecodeVariant,
 };
 use rand::seq::SliceRandom;
 use test_suite::inputs;
@@ -193,8 +198,29 @@ fn main() {
         "{:<16} {:<12} {:>6} {:>4} {:>9} {:>8} {:>9} {:>7}",
         "shape", "variant", "splits", "/SM", "ms", "GB/s", "copy GB/s", "/copy"
     );
-    let shapes = match arg("--batches") {
-        Some(list) => {
+    let shapes = match (arg("--batches"), arg("--shapes")) {
+        (_, Some(list)) => {
+            let parsed: Option<Vec<(usize, usize)>> = list
+                .split(',')
+                .map(|t| {
+                    let (b, l) = t.trim().split_once('x')?;
+                    Some((b.parse().ok()?, l.parse().ok()?))
+                })
+                .collect();
+            match parsed {
+                Some(v)
+                    if !v.is_empty()
+                        && v.iter().all(|&(b, l)| (1..=4096).contains(&b) && (1..=1 << 20).contains(&l)) =>
+                {
+                    v.into_iter().map(|(b, l)| shape(&format!("b{b} x {l}"), b, l, 32, 8)).collect()
+                }
+                _ => {
+                    eprintln!("bench_decode_variants: --shapes takes BxL,... with B in 1..=4096 and L in 1..=1048576");
+                    std::process::exit(2);
+                }
+            }
+        }
+        (Some(list), None) => {
             let batches: Result<Vec<usize>, _> = list.split(',').map(|b| b.trim().parse::<usize>()).collect();
             match batches {
                 Ok(b) if !b.is_empty() && b.iter().all(|&n| (1..=4096).contains(&n)) => {
@@ -206,8 +232,17 @@ fn main() {
                 }
             }
         }
-        None => issue_shapes(),
+        (None, None) => issue_shapes(),
     };
+    let split_list: Option<Vec<usize>> = arg("--splits").map(|list| {
+        match list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>() {
+            Ok(v) if !v.is_empty() && v.iter().all(|&n| (1..=256).contains(&n)) => v,
+            _ => {
+                eprintln!("bench_decode_variants: --splits takes a comma-separated list of 1..=256");
+                std::process::exit(2);
+            }
+        }
+    });
     for s in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let mut st = setup(&dev, s);
         // K and V read once, Q read, O written.
@@ -220,7 +255,8 @@ fn main() {
         };
         let copy_gbps = 2.0 * bytes / (copy.median_ms * 1e-3) / 1e9;
         let blocks = s.batch * s.kv_heads * (s.heads / s.kv_heads).div_ceil(16);
-        let max_ws = decode_workspace_len(64, s.batch, s.heads, D).max(decode_workspace_len(
+        let max_split = split_list.as_ref().and_then(|v| v.iter().copied().max()).unwrap_or(64).max(64);
+        let max_ws = decode_workspace_len(max_split, s.batch, s.heads, D).max(decode_workspace_len(
             s.ctx.div_ceil(SPLIT_KEYS).max(2),
             s.batch,
             s.heads,
@@ -243,6 +279,15 @@ fn main() {
             );
             t.median_ms
         };
+        if let Some(list) = &split_list {
+            let fold = |pipeline| DecodeVariant { pipeline, fold_combine: true };
+            for v in [DecodeVariant::default(), fold(DecodePipeline::W4S3), fold(DecodePipeline::W4S2)] {
+                for &n in list {
+                    row(v.to_string(), v, n, 0, 0);
+                }
+            }
+            continue;
+        }
         let mut best = (f64::INFINITY, DecodeVariant::default());
         let mut times = Vec::new();
         for v in DecodeVariant::ALL {
