@@ -33,6 +33,10 @@ const CU_HEADERS: &[&str] = &[
     "csrc/attention/scores.cuh",
 ];
 
+/// Set (to anything but empty or `0`) at build time: the decode kernel records a per-block
+/// timeline, read with `attention::decode_trace`. Off in every normal build.
+const DECODE_TRACE_ENV: &str = "PAGED_ATTN_DECODE_TRACE";
+
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";
 
@@ -41,7 +45,9 @@ fn main() {
     for path in CU_SOURCES.iter().chain(CU_SOURCES_SM90).chain(CU_HEADERS) {
         println!("cargo:rerun-if-changed={path}");
     }
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PAGED_ATTN_CACHE_DIR", "XDG_CACHE_HOME"] {
+    for var in
+        ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PAGED_ATTN_CACHE_DIR", "XDG_CACHE_HOME", DECODE_TRACE_ENV]
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -70,6 +76,13 @@ fn main() {
 
     // cc reads the CUDA compiler from `NVCC`; this build script is single-threaded.
     env::set_var("NVCC", &nvcc);
+    // The decode kernel's per-block timeline (a diagnostic; see `attention::decode_trace`).
+    let decode_trace = env::var(DECODE_TRACE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    if decode_trace {
+        println!(
+            "cargo:warning=attention-kernels: {DECODE_TRACE_ENV} set: the decode kernel records per-block timestamps"
+        );
+    }
     let base = || {
         let mut build = cc::Build::new();
         build
@@ -102,6 +115,9 @@ fn main() {
         if let Ok(jobs) = env::var("NUM_JOBS") {
             // nvcc compiles the two architectures of one file in parallel when told it may.
             build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
+        }
+        if decode_trace && stem == "paged_decode" {
+            build.define("PA_DECODE_TRACE", "1");
         }
         build.file(src).compile(&format!("attention_kernels_{stem}"));
     }

@@ -76,6 +76,47 @@ constexpr int kL2Prefetch = 128;
 // with anything else. Keep in sync with DECODE_COUNTER_SLOTS in src/attention.rs.
 constexpr int kDecodeCounters = 16384;
 
+// Per-block timeline (a diagnostic build: PAGED_ATTN_DECODE_TRACE=1 at build time defines
+// PA_DECODE_TRACE; otherwise every mark compiles to nothing and the kernels are unchanged). Thread
+// 0 of each of the first kTraceBlocks blocks of a launch writes the global timer (ns) at the
+// marks below and its SM; pa_decode_trace_read copies the last launch's record to the host. Why:
+// a launch's time is the slowest block's, and neither a profiler's averages nor the bench's
+// totals show where the last block spends it (the start chain, the stream, the wait for the
+// other splits, the folded merge; docs/PERFORMANCE.md, twentieth session).
+enum TraceMark : int {
+  kMarkStart = 0,      // block entry
+  kMarkIssued = 1,     // the prologue done, the first tiles' copies issued
+  kMarkFirstTile = 2,  // the first tile landed
+  kMarkLoopEnd = 3,    // every tile computed
+  kMarkWritten = 4,    // output or split partial written
+  kMarkMerged = 5,     // the folded merge done (the group's last block only; else 0)
+  kMarkArrived = 6,    // the fold's arrival counted (blocks of split launches; else 0)
+  kMarkSm = 7,         // the SM the block ran on
+  kTraceWords = 8,
+};
+#ifdef PA_DECODE_TRACE
+constexpr int kTraceBlocks = 16384;
+__device__ unsigned long long g_decode_trace[kTraceBlocks * kTraceWords];
+__device__ __forceinline__ void trace_mark(int mark) {
+  const unsigned b = blockIdx.x + blockIdx.z * gridDim.x;
+  if (threadIdx.x != 0 || b >= static_cast<unsigned>(kTraceBlocks)) return;
+  unsigned long long* rec = g_decode_trace + static_cast<size_t>(b) * kTraceWords;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  rec[mark] = t;
+  if (mark == kMarkStart) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    rec[kMarkSm] = sm;
+    rec[kMarkMerged] = 0;
+    rec[kMarkArrived] = 0;
+  }
+}
+#define PA_TRACE_MARK(mark) trace_mark(mark)
+#else
+#define PA_TRACE_MARK(mark) ((void)0)
+#endif
+
 // The pipeline variants (low byte of PaAttnArgs::decode_variant). Variants other than the
 // default are compiled for bf16 at head size 128 only (the benchmarked shape; every other dtype
 // and head size runs the default), which keeps the build to a few extra instantiations.
@@ -311,6 +352,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   const int gc = min(NR, G - hb);   // query heads of this block
   const int head0 = kvh * G + hb;   // first of them
   const int split = blockIdx.z;
+  PA_TRACE_MARK(kMarkStart);
 
   // Device metadata is clamped so that bad values cannot move any access out of its buffer.
   const int token = p.qsl[req];
@@ -524,9 +566,13 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   // Pipeline: tiles 0..S-2 in flight before the loop; iteration n waits for tile n, then issues
   // tile n+S-1 (into the stage computed in iteration n-1: the barrier orders those reads first),
   // reads the block-table entries of tile n+S and computes tile n.
+  PA_TRACE_MARK(kMarkIssued);
   for (int n = 0; n < n_tiles; ++n) {
     pa::cp_async_wait<S - 2>();
     __syncthreads();
+#ifdef PA_DECODE_TRACE
+    if (n == 0) PA_TRACE_MARK(kMarkFirstTile);
+#endif
     if (n + S - 1 < n_tiles) issue_tile(n + S - 1);
     pa::cp_async_commit();
     int64_t next_pg = 0;
@@ -733,6 +779,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   }
   pa::cp_async_wait<0>();
   __syncthreads();
+  PA_TRACE_MARK(kMarkLoopEnd);
 
   // Merge the warps' partial states through shared memory (the K/V tiles are free now).
   float* red_o = reinterpret_cast<float*>(smem);  // [W][16][D]
@@ -802,6 +849,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       }
     }
   }
+  PA_TRACE_MARK(kMarkWritten);
   if (num_splits == 1 || !p.fold) return;
 
   // Folded combine: the last of this group's num_splits blocks to finish merges every split's
@@ -820,10 +868,15 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     s_last = last;
   }
   __syncthreads();
+  PA_TRACE_MARK(kMarkArrived);
   if (!s_last) return;
   __threadfence();
   if (static_cast<size_t>(NR) * (2 * num_splits + 2) * sizeof(float) <= Cfg::kKvBytes) {
     fold_merge<T, D, Cfg::kThreads>(p, reinterpret_cast<float*>(smem), acc_ws, ml_ws, stride, local, head0, gc, token);
+#ifdef PA_DECODE_TRACE
+    __syncthreads();
+    PA_TRACE_MARK(kMarkMerged);
+#endif
     return;
   }
   for (int idx = tid; idx < gc * D; idx += Cfg::kThreads) {
@@ -1168,6 +1221,24 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t d
 
 // Counter slots at the front of the decode workspace (see kDecodeCounters).
 PA_EXPORT int32_t pa_paged_decode_counter_slots() { return kDecodeCounters; }
+
+// The per-block timeline of the last decode launch on the current device (see TraceMark): up to
+// `max_blocks` records of kTraceWords words copied to `host` after a device synchronisation, the
+// count written to `*built_blocks`; 0 there when the library was built without the trace.
+PA_EXPORT cudaError_t pa_decode_trace_read(uint64_t* host, int32_t max_blocks, int32_t* built_blocks) {
+#ifdef PA_DECODE_TRACE
+  const int n = max_blocks < 0 ? 0 : (max_blocks < kTraceBlocks ? max_blocks : kTraceBlocks);
+  *built_blocks = kTraceBlocks;
+  cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess || n == 0) return err;
+  return cudaMemcpyFromSymbol(host, g_decode_trace, static_cast<size_t>(n) * kTraceWords * sizeof(uint64_t));
+#else
+  (void)host;
+  (void)max_blocks;
+  *built_blocks = 0;
+  return cudaSuccess;
+#endif
+}
 
 // Decode attention for requests [req_begin, req_end), each with exactly one query token.
 // With num_splits > 1, `workspace` must hold kDecodeCounters + num_splits * n * num_heads *

@@ -17,10 +17,12 @@ use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice};
 
+mod decode_trace;
 mod decode_variant;
 mod prefill_path;
 mod side_stream;
 
+pub use decode_trace::{decode_trace, DecodeBlockTrace};
 pub use decode_variant::{
     decode_variant, set_decode_variant, DecodePipeline, DecodeVariant, UnknownDecodeVariant, DECODE_VARIANT_ENV,
 };

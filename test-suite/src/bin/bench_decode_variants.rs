@@ -3,7 +3,7 @@
 //! one run: bf16, 32 q / 8 kv heads (and MHA 32/32), head 128, block 16, shuffled block tables.
 //!
 //! `bench_decode_variants [--iters N] [--only SUBSTRING] [--batches N,N,...] [--shapes BxL,...]
-//! [--splits N,N,...]`
+//! [--splits N,N,...] [--trace DIR]`
 //!
 //! `--batches` replaces the shapes by `bN x 4096` (32 / 8 heads) for each N: the decode's byte rate
 //! against its grid size (N x 8 blocks), to see what a partial last wave of blocks costs.
@@ -11,6 +11,10 @@
 //! time against the bytes at a fixed grid, which separates a launch's fixed cost from its rate.
 //! `--splits` times the default pipeline and the folded W4S3 and W4S2 at each listed split count
 //! instead of the planner's, in place of the variant table: what the planner's choice leaves.
+//! `--trace DIR` (with `--splits`, in a build with `PAGED_ATTN_DECODE_TRACE=1` set at build time)
+//! writes the per-block timeline of each row's last launch to `DIR/<shape>_<variant>_<splits>.txt`:
+//! one line per block (grid order) with its start, issue, first tile, loop end, write, arrival and
+//! merge times in microseconds from the launch's first block start (-1: not reached) and its SM.
 //!
 //! For each variant the split count comes from the planner's wave model with that variant's
 //! occupancy (blocks per SM from the runtime), as the planner would choose it if that variant were
@@ -234,6 +238,7 @@ fn main() {
         }
         (None, None) => issue_shapes(),
     };
+    let trace_dir = arg("--trace");
     let split_list: Option<Vec<usize>> = arg("--splits").map(|list| {
         match list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>() {
             Ok(v) if !v.is_empty() && v.iter().all(|&n| (1..=256).contains(&n)) => v,
@@ -243,6 +248,10 @@ fn main() {
             }
         }
     });
+    if trace_dir.is_some() && split_list.is_none() {
+        eprintln!("bench_decode_variants: --trace needs --splits");
+        std::process::exit(2);
+    }
     for s in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
         let mut st = setup(&dev, s);
         // K and V read once, Q read, O written.
@@ -284,6 +293,13 @@ fn main() {
             for v in [DecodeVariant::default(), fold(DecodePipeline::W4S3), fold(DecodePipeline::W4S2)] {
                 for &n in list {
                     row(v.to_string(), v, n, 0, 0);
+                    if let Some(dir) = &trace_dir {
+                        let path = format!("{dir}/{}_{v}_{n}.txt", s.name.replace(' ', ""));
+                        if let Err(e) = write_trace(&dev, blocks * n, &path) {
+                            eprintln!("bench_decode_variants: --trace: {e}");
+                            std::process::exit(1);
+                        }
+                    }
                 }
             }
             continue;
@@ -317,4 +333,34 @@ fn main() {
         }
         println!("{:<16} best: {} ({:.4} ms)", s.name, best.1, best.0);
     }
+}
+
+/// Writes the per-block timeline of the last decode launch (`blocks` blocks) to `path`: times in
+/// microseconds from the earliest block start, -1 for a mark the block did not reach.
+fn write_trace(dev: &CudaDevice, blocks: usize, path: &str) -> Result<(), String> {
+    use std::io::Write;
+    let records = kernels::decode_trace(dev.context(), blocks)
+        .map_err(|e| e.to_string())?
+        .ok_or("the kernels were built without the trace: rebuild with PAGED_ATTN_DECODE_TRACE=1")?;
+    let t0 = records.iter().map(|r| r.start_ns).min().unwrap_or(0);
+    let us = |t: u64| if t == 0 { -1.0 } else { t.saturating_sub(t0) as f64 / 1e3 };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?);
+    writeln!(f, "# block start issued first_tile loop_end written arrived merged sm (us from the first start)")
+        .map_err(|e| e.to_string())?;
+    for (b, r) in records.iter().enumerate() {
+        writeln!(
+            f,
+            "{b} {:.3} {:.3} {:.3} {:.3} {:.3} {:.3} {:.3} {}",
+            us(r.start_ns),
+            us(r.issued_ns),
+            us(r.first_tile_ns),
+            us(r.loop_end_ns),
+            us(r.written_ns),
+            us(r.arrived_ns),
+            us(r.merged_ns),
+            r.sm
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    f.flush().map_err(|e| format!("{path}: {e}"))
 }

@@ -442,6 +442,40 @@ fn folded_combine_replays_f16() {
     fold_replays::<f16>(DecodePipeline::W4S3, 22_100);
 }
 
+/// The per-block timeline (`decode_trace`): absent from a normal build (the suite's), and in a
+/// build with `PAGED_ATTN_DECODE_TRACE` set, one record per block of the last launch whose marks
+/// come in order, on real SMs, with exactly one merging block per group of a folded launch.
+#[test]
+fn decode_trace_records_the_last_launch() {
+    let dev = common::device();
+    let fold = DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: true };
+    let a = random_batch::<bf16>(AttentionParams::new(8, 2, 128), 16, &[1328, 18, 463, 2000], 22_200);
+    let mut ws = workspace(dev, decode_workspace_len(7, 8, 16, 128));
+    let out = launch(&a, fold, 7, 0, &mut ws);
+    check_cpu(&a, &out, "decode_trace launch");
+    let groups = 4 * 2; // requests x kv heads (one row chunk: a group of 4 query heads)
+    let Some(records) = kernels::decode_trace(dev.context(), groups * 7).unwrap() else {
+        // A normal build carries no trace code, and says so for any block count.
+        assert!(kernels::decode_trace(dev.context(), 1 << 30).unwrap().is_none());
+        eprintln!("decode_trace: this build records no timeline (PAGED_ATTN_DECODE_TRACE unset)");
+        return;
+    };
+    let sms = num_sms(dev) as u32;
+    for (b, r) in records.iter().enumerate() {
+        assert!(r.sm < sms, "block {b}: SM {} of {sms}", r.sm);
+        assert!(r.start_ns > 0 && r.start_ns <= r.issued_ns, "block {b}: {r:?}");
+        assert!(r.issued_ns <= r.loop_end_ns && r.loop_end_ns <= r.written_ns, "block {b}: {r:?}");
+        assert!(r.written_ns <= r.arrived_ns, "block {b}: {r:?}");
+        assert!(r.merged_ns == 0 || r.arrived_ns <= r.merged_ns, "block {b}: {r:?}");
+    }
+    let merging = records.iter().filter(|r| r.merged_ns > 0).count();
+    assert_eq!(merging, groups, "one merging block per (request, kv head)");
+    assert!(matches!(
+        kernels::decode_trace(dev.context(), 1 << 30),
+        Err(attention_kernels::KernelError::InvalidArgument { .. })
+    ));
+}
+
 /// The merges have a fast form (statistics once per row: the combine kernel up to 64 splits, the
 /// fold while the row statistics fit in shared memory) and a general one (per element); all give
 /// the same bits. 7 splits: both fast; 70: the combine's general form against the fold's fast
