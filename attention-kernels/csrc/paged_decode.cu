@@ -79,7 +79,8 @@ constexpr int kDecodeCounters = 16384;
 // Per-block timeline (a diagnostic build: PAGED_ATTN_DECODE_TRACE=1 at build time defines
 // PA_DECODE_TRACE; otherwise every mark compiles to nothing and the kernels are unchanged). Thread
 // 0 of each of the first kTraceBlocks blocks of a launch writes the global timer (ns) at the
-// marks below and its SM; pa_decode_trace_read copies the last launch's record to the host. Why:
+// marks below (0 for a mark the block does not reach) and its SM; pa_decode_trace_read copies the
+// last launch's record to the host. Why:
 // a launch's time is the slowest block's, and neither a profiler's averages nor the bench's
 // totals show where the last block spends it (the start chain, the stream, the wait for the
 // other splits, the folded merge; docs/PERFORMANCE.md, twentieth session).
@@ -89,8 +90,8 @@ enum TraceMark : int {
   kMarkFirstTile = 2,  // the first tile landed
   kMarkLoopEnd = 3,    // every tile computed
   kMarkWritten = 4,    // output or split partial written
-  kMarkMerged = 5,     // the folded merge done (the group's last block only; else 0)
-  kMarkArrived = 6,    // the fold's arrival counted (blocks of split launches; else 0)
+  kMarkMerged = 5,     // the folded merge done (the group's last block only)
+  kMarkArrived = 6,    // the fold's arrival counted (blocks of split, folded launches only)
   kMarkSm = 7,         // the SM the block ran on
   kTraceWords = 8,
 };
@@ -101,16 +102,15 @@ __device__ __forceinline__ void trace_mark(int mark) {
   const unsigned b = blockIdx.x + blockIdx.z * gridDim.x;
   if (threadIdx.x != 0 || b >= static_cast<unsigned>(kTraceBlocks)) return;
   unsigned long long* rec = g_decode_trace + static_cast<size_t>(b) * kTraceWords;
+  if (mark == kMarkStart) {  // marks this launch does not reach read 0, not an older launch's
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    for (int m = kMarkIssued; m < kMarkSm; ++m) rec[m] = 0;
+    rec[kMarkSm] = sm;
+  }
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   rec[mark] = t;
-  if (mark == kMarkStart) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    rec[kMarkSm] = sm;
-    rec[kMarkMerged] = 0;
-    rec[kMarkArrived] = 0;
-  }
 }
 #define PA_TRACE_MARK(mark) trace_mark(mark)
 #else
@@ -891,6 +891,10 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f.out_scale);
     if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f.lse;
   }
+#ifdef PA_DECODE_TRACE
+  __syncthreads();
+  PA_TRACE_MARK(kMarkMerged);
+#endif
 }
 
 // Merges the splits of each (request, head): one warp per row (the separate-launch combine; the

@@ -14,7 +14,8 @@ use crate::{ffi, KernelError};
 const WORDS: usize = 8;
 
 /// One decode block's record of the last decode launch: global-timer readings in nanoseconds
-/// (comparable across blocks of one launch) and the SM it ran on.
+/// (comparable across blocks of one launch; 0 for a point the block did not reach, as a block
+/// with no key to read never reaches its first tile) and the SM it ran on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DecodeBlockTrace {
     /// Block entry.
@@ -28,11 +29,9 @@ pub struct DecodeBlockTrace {
     pub loop_end_ns: u64,
     /// The output rows, or the split's partial, written.
     pub written_ns: u64,
-    /// The folded merge of the block's group done: only in the group's last block to finish
-    /// (0 elsewhere).
+    /// The folded merge of the block's group done: only in the group's last block to finish.
     pub merged_ns: u64,
-    /// The block's arrival at its group's counter counted: blocks of a split, folded launch only
-    /// (0 elsewhere).
+    /// The block's arrival at its group's counter counted: blocks of a split, folded launch only.
     pub arrived_ns: u64,
     /// The SM the block ran on.
     pub sm: u32,
