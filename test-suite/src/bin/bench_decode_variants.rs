@@ -203,50 +203,37 @@ fn main() {
         "shape", "variant", "splits", "/SM", "ms", "GB/s", "copy GB/s", "/copy"
     );
     let shapes = match (arg("--batches"), arg("--shapes")) {
-        (_, Some(list)) => {
-            let parsed: Option<Vec<(usize, usize)>> = list
-                .split(',')
-                .map(|t| {
-                    let (b, l) = t.trim().split_once('x')?;
-                    Some((b.parse().ok()?, l.parse().ok()?))
-                })
-                .collect();
-            match parsed {
-                Some(v)
-                    if !v.is_empty()
-                        && v.iter().all(|&(b, l)| (1..=4096).contains(&b) && (1..=1 << 20).contains(&l)) =>
-                {
-                    v.into_iter().map(|(b, l)| shape(&format!("b{b} x {l}"), b, l, 32, 8)).collect()
-                }
-                _ => {
-                    eprintln!("bench_decode_variants: --shapes takes BxL,... with B in 1..=4096 and L in 1..=1048576");
-                    std::process::exit(2);
-                }
-            }
-        }
-        (Some(list), None) => {
-            let batches: Result<Vec<usize>, _> = list.split(',').map(|b| b.trim().parse::<usize>()).collect();
-            match batches {
-                Ok(b) if !b.is_empty() && b.iter().all(|&n| (1..=4096).contains(&n)) => {
-                    b.into_iter().map(|n| shape(&format!("b{n} x 4096"), n, 4096, 32, 8)).collect()
-                }
-                _ => {
-                    eprintln!("bench_decode_variants: --batches takes a comma-separated list of 1..=4096");
-                    std::process::exit(2);
-                }
-            }
-        }
+        (_, Some(list)) => parse_list(
+            &list,
+            |t| {
+                let (b, l) = t.split_once('x')?;
+                Some((b.parse().ok()?, l.parse().ok()?))
+            },
+            |&(b, l): &(usize, usize)| (1..=4096).contains(&b) && (1..=1 << 20).contains(&l),
+            "--shapes takes BxL,... with B in 1..=4096 and L in 1..=1048576",
+        )
+        .into_iter()
+        .map(|(b, l)| shape(&format!("b{b} x {l}"), b, l, 32, 8))
+        .collect(),
+        (Some(list), None) => parse_list(
+            &list,
+            |t| t.parse().ok(),
+            |n: &usize| (1..=4096).contains(n),
+            "--batches takes a comma-separated list of 1..=4096",
+        )
+        .into_iter()
+        .map(|n| shape(&format!("b{n} x 4096"), n, 4096, 32, 8))
+        .collect(),
         (None, None) => issue_shapes(),
     };
     let trace_dir = arg("--trace");
     let split_list: Option<Vec<usize>> = arg("--splits").map(|list| {
-        match list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>() {
-            Ok(v) if !v.is_empty() && v.iter().all(|&n| (1..=256).contains(&n)) => v,
-            _ => {
-                eprintln!("bench_decode_variants: --splits takes a comma-separated list of 1..=256");
-                std::process::exit(2);
-            }
-        }
+        parse_list(
+            &list,
+            |t| t.parse().ok(),
+            |n: &usize| (1..=256).contains(n),
+            "--splits takes a comma-separated list of 1..=256",
+        )
     });
     if trace_dir.is_some() && split_list.is_none() {
         eprintln!("bench_decode_variants: --trace needs --splits");
@@ -332,6 +319,18 @@ fn main() {
             println!("{:<16} {:<12} batch-invariant / default mode time: {:.3}", s.name, format!("{v}"), ms / base);
         }
         println!("{:<16} best: {} ({:.4} ms)", s.name, best.1, best.0);
+    }
+}
+
+/// A comma-separated option value, each item parsed by `item` and accepted by `ok`; any other
+/// value (an empty list included) ends the run with `usage` and exit status 2.
+fn parse_list<T>(list: &str, item: impl Fn(&str) -> Option<T>, ok: impl Fn(&T) -> bool, usage: &str) -> Vec<T> {
+    match list.split(',').map(|t| item(t.trim()).filter(&ok)).collect::<Option<Vec<T>>>() {
+        Some(v) if !v.is_empty() => v,
+        _ => {
+            eprintln!("bench_decode_variants: {usage}");
+            std::process::exit(2);
+        }
     }
 }
 
