@@ -570,9 +570,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
   for (int n = 0; n < n_tiles; ++n) {
     pa::cp_async_wait<S - 2>();
     __syncthreads();
-#ifdef PA_DECODE_TRACE
     if (n == 0) PA_TRACE_MARK(kMarkFirstTile);
-#endif
     if (n + S - 1 < n_tiles) issue_tile(n + S - 1);
     pa::cp_async_commit();
     int64_t next_pg = 0;
@@ -1226,15 +1224,17 @@ PA_EXPORT cudaError_t pa_paged_decode_blocks_per_sm(int32_t head_size, int32_t d
 // Counter slots at the front of the decode workspace (see kDecodeCounters).
 PA_EXPORT int32_t pa_paged_decode_counter_slots() { return kDecodeCounters; }
 
-// The per-block timeline of the last decode launch on the current device (see TraceMark): up to
-// `max_blocks` records of kTraceWords words copied to `host` after a device synchronisation, the
-// count written to `*built_blocks`; 0 there when the library was built without the trace.
+// The per-block timeline of the last decode launch on the current device (see TraceMark): the
+// count of blocks a build records written to `*built_blocks` (0 when the library was built
+// without the trace), then, for max_blocks > 0, up to `max_blocks` records of kTraceWords words
+// copied to `host` after a device synchronisation (a probe with max_blocks = 0 does not wait).
 PA_EXPORT cudaError_t pa_decode_trace_read(uint64_t* host, int32_t max_blocks, int32_t* built_blocks) {
 #ifdef PA_DECODE_TRACE
   const int n = max_blocks < 0 ? 0 : (max_blocks < kTraceBlocks ? max_blocks : kTraceBlocks);
   *built_blocks = kTraceBlocks;
-  cudaError_t err = cudaDeviceSynchronize();
-  if (err != cudaSuccess || n == 0) return err;
+  if (n == 0) return cudaSuccess;
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) return err;
   return cudaMemcpyFromSymbol(host, g_decode_trace, static_cast<size_t>(n) * kTraceWords * sizeof(uint64_t));
 #else
   (void)host;

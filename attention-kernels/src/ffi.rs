@@ -170,9 +170,10 @@ extern "C" {
     pub fn pa_paged_decode_counter_slots() -> i32;
 
     /// The per-block timeline of the last decode launch on the current device, in a build with
-    /// `PAGED_ATTN_DECODE_TRACE` set: synchronises the device, copies up to `max_blocks` records
-    /// of 8 `u64` (global timer at each mark, then the SM) to `host`, and writes the number of
-    /// blocks the build records to `*built_blocks` (0, and nothing copied, in a normal build).
+    /// `PAGED_ATTN_DECODE_TRACE` set: writes the number of blocks the build records to
+    /// `*built_blocks` (0, and nothing copied, in a normal build), then, for `max_blocks > 0`,
+    /// synchronises the device and copies up to `max_blocks` records of 8 `u64` (global timer at
+    /// each mark, then the SM) to `host`.
     pub fn pa_decode_trace_read(host: *mut u64, max_blocks: i32, built_blocks: *mut i32) -> CudaStatus;
 
     /// Same for the prefill kernel.

@@ -39,7 +39,7 @@ pub struct DecodeBlockTrace {
 
 /// The per-block records of the last decode launch on `ctx`'s device, `blocks` of them in grid
 /// order (block `x + z * grid_x`: every (request, kv head, row chunk) block of split 0, then of
-/// split 1, ...), after synchronising the device; `None` when the kernels were built without the
+/// split 1, ...), after synchronising the device (for `blocks > 0`); `None` when the kernels were built without the
 /// trace. Records past the last launch's grid hold older launches' values; a build records at
 /// most 16384 blocks.
 ///
