@@ -58,10 +58,16 @@
 // offset's shared-memory load, and the consumers waiting on FULL barriers for 16% of their time.
 // Block sizes RT does not divide still take that form.) Each thread then arrives on the stage's
 // FULL barrier with `cp.async.mbarrier.arrive.noinc` (count 128: one arrival per producer thread,
-// each fired when that thread's copies have landed). K and V have separate stages and barriers,
-// issued in the order the consumers need them: K0, then K(n+1) before V(n), so the next QK^T
-// never waits for a V. Before overwriting a stage the producer waits on its EMPTY barrier (count
-// 256: every consumer thread arrives once per use).
+// each fired when that thread's copies have landed). K and V have separate stages and barriers.
+// The grouped gather issues K(n), V(n), K(n+1), ...: with SV = 3 > SK = 2 (6 > 4 at head 64),
+// V(n)'s stage frees (both consumers' PV(n - SV) done) before K(n+1)'s (their S(n - SK + 1)), so
+// V(n) first never holds K(n+1) back and V lands a tile earlier than behind K(n+1) (the
+// consumers' FULL_V wait was 4.9% of their steady-state loop's samples; +1-2% on most causal
+// shapes, docs/PERFORMANCE.md, twenty-first session). Where V(n) must be sanitised (below), its
+// wait for the copies to land comes before K(n+1) is issued: issuing K(n+1) first, so that its
+// latency overlapped V(n)'s, measured slower. The offset-ring form (two V stages) keeps K(n+1)
+// before V(n). Before overwriting a stage the producer waits on its EMPTY barrier (count 256:
+// every consumer thread arrives once per use).
 // TMA is not used: a tile spans several pages at arbitrary places and the cache row stride is
 // not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
 // Hopper paged prefill does the same).
@@ -594,8 +600,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       return;
     }
 
-    // 16-bit cache: per item, its Q into buffer qi % NQ, then step j issues K of tile j and V of
-    // tile j - 1 (tiles in walking order, see "Tile order" in the header).
+    // 16-bit cache: per item, its Q into buffer qi % NQ, then step j issues K and V of tile j
+    // (grouped gather) or K of tile j and V of tile j - 1 (offset ring); tiles in walking order,
+    // see "Tile order" in the header, and the issue order in "Warpgroup 0".
     //
     // Grouped gather (RT divides the block size): this thread copies 16-byte unit c_thr of the
     // tile's RT consecutive rows grp * RT.., which lie in one page (RT divides the block size and
@@ -674,15 +681,6 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       const Item it = decode_item(item);
       if (it.n_tiles == 0) continue;
       load_q(it, qi);
-      auto fin = [&](int t, uint32_t s, uint32_t vs) {
-        if (!block_mask(it, t)) {
-          mbar_arrive_cp_async(full_v(s));
-        } else if (grouped) {
-          sanitize_own(s, vs);
-        } else {
-          sanitize_all(s, vs);
-        }
-      };
       if (grouped) {
         // The group's first key of each tile as a block-table index and a row in the page, carried
         // from tile to tile instead of divided by the block size twice per tile. Tiles are walked
@@ -706,10 +704,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         };
         int key_k = k00, r_k = r;
         int64_t pg_k = page_q(q, key_k);
-        int key_v = 0, r_v = 0;
-        int64_t pg_v = 0;
 #pragma unroll 1
-        for (int j = 0; j <= it.n_tiles; ++j) {
+        for (int j = 0; j < it.n_tiles; ++j) {
           const int key_kk = key_k, r_kk = r_k;
           const int64_t pg_kk = pg_k;
           if (j + 1 < it.n_tiles) {
@@ -723,20 +719,17 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
             r_k = r;
             pg_k = page_q(q, key_k);
           }
-          if (j < it.n_tiles) {
-            const uint32_t s = acquire_k(g + j);
-            issue_r(k_base + s * Cfg::kTileBytes, kc, key_kk, r_kk, pg_kk);
-            mbar_arrive_cp_async(full_k(s));
+          const uint32_t sk = acquire_k(g + j);
+          issue_r(k_base + sk * Cfg::kTileBytes, kc, key_kk, r_kk, pg_kk);
+          mbar_arrive_cp_async(full_k(sk));
+          const uint32_t sv = acquire_v(g + j);
+          const uint32_t vs = v_base + sv * Cfg::kTileBytes;
+          issue_r(vs, vc, key_kk, r_kk, pg_kk);
+          if (!block_mask(it, j)) {
+            mbar_arrive_cp_async(full_v(sv));
+          } else {
+            sanitize_own(sv, vs);
           }
-          if (j >= 1) {
-            const uint32_t s = acquire_v(g + j - 1);
-            const uint32_t vs = v_base + s * Cfg::kTileBytes;
-            issue_r(vs, vc, key_v, r_v, pg_v);
-            fin(j - 1, s, vs);
-          }
-          key_v = key_kk;
-          r_v = r_kk;
-          pg_v = pg_kk;
         }
       } else {
         int64_t pg = page_for(it, 0);
@@ -760,7 +753,11 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
             const uint32_t s = acquire_v(g + j - 1);
             const uint32_t vs = v_base + s * Cfg::kTileBytes;
             issue(vs, vc, ro_s + ((g + j - 1) % 3u) * BN);
-            fin(j - 1, s, vs);
+            if (!block_mask(it, j - 1)) {
+              mbar_arrive_cp_async(full_v(s));
+            } else {
+              sanitize_all(s, vs);
+            }
           }
         }
       }
