@@ -37,6 +37,11 @@ const CU_HEADERS: &[&str] = &[
 /// timeline, read with `attention::decode_trace`. Off in every normal build.
 const DECODE_TRACE_ENV: &str = "PAGED_ATTN_DECODE_TRACE";
 
+/// Set (to anything but empty or `0`) at build time: the warp-specialised prefill records a
+/// per-round timeline of its roles, read with `attention::prefill_trace`. Off in every normal
+/// build.
+const PREFILL_TRACE_ENV: &str = "PAGED_ATTN_PREFILL_TRACE";
+
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";
 
@@ -45,9 +50,16 @@ fn main() {
     for path in CU_SOURCES.iter().chain(CU_SOURCES_SM90).chain(CU_HEADERS) {
         println!("cargo:rerun-if-changed={path}");
     }
-    for var in
-        ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "PAGED_ATTN_CACHE_DIR", "XDG_CACHE_HOME", DECODE_TRACE_ENV]
-    {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "CUDA_ROOT",
+        "PAGED_ATTN_CACHE_DIR",
+        "XDG_CACHE_HOME",
+        DECODE_TRACE_ENV,
+        PREFILL_TRACE_ENV,
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -81,6 +93,13 @@ fn main() {
     if decode_trace {
         println!(
             "cargo:warning=attention-kernels: {DECODE_TRACE_ENV} set: the decode kernel records per-block timestamps"
+        );
+    }
+    // The warp-specialised prefill's per-round timeline (see `attention::prefill_trace`).
+    let prefill_trace = env::var(PREFILL_TRACE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    if prefill_trace {
+        println!(
+            "cargo:warning=attention-kernels: {PREFILL_TRACE_ENV} set: the warp-specialised prefill records per-round timestamps"
         );
     }
     let base = || {
@@ -123,7 +142,11 @@ fn main() {
     }
     for src in CU_SOURCES_SM90 {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
-        base().file(src).compile(&format!("attention_kernels_{stem}"));
+        let mut build = base();
+        if prefill_trace && stem == "paged_prefill_sm90ws" {
+            build.define("PA_PREFILL_TRACE", "1");
+        }
+        build.file(src).compile(&format!("attention_kernels_{stem}"));
     }
 
     for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {

@@ -252,6 +252,83 @@ constexpr int kBarTurn0 = 1;
 constexpr int kBarProducer = 3;
 constexpr int kBarEpi0 = 4;  // the staged epilogue's, one per consumer warpgroup
 
+// Per-item timeline (a diagnostic build: PAGED_ATTN_PREFILL_TRACE=1 at build time defines
+// PA_PREFILL_TRACE; otherwise every mark compiles to nothing and the kernel is unchanged). For the
+// first kPtRounds rounds of each of the first kPtBlocks blocks of a launch, the producer's thread 0
+// and each consumer warpgroup's thread 0 write the global timer (ns) at the marks below into one
+// record per round; pa_prefill_trace_read copies the last launch's records to the host. Why: an
+// item costs about 4.3 us beyond its key tiles at head 128 (attention-backend's prefill_cycles,
+// 22% of causal 8 x 2048), and neither the bench nor a profiler's per-range samples say which
+// role waits for which at an item boundary (docs/PERFORMANCE.md, twenty-first session).
+enum PrefillTraceWord : int {
+  kPtItem = 0,       // the round's item id (producer; -1: the block had no round left)
+  kPtTiles = 1,      // its key tiles
+  kPtSm = 2,         // the SM the block runs on
+  kPtProdStart = 3,  // producer: item decoded
+  kPtProdQ = 4,      // producer: Q's copies issued (after waiting for its buffer)
+  kPtProdK0 = 5,     // producer: the first K tile's copies issued
+  kPtProdEnd = 6,    // producer: the item's last V issued (and sanitised where needed)
+  kPtCons = 7,       // consumer c's marks start at kPtCons + kPtConsWords * c (PrefillConsMark)
+  kPtConsWords = 8,
+  kPtWords = 24,
+};
+enum PrefillConsMark : int {
+  kPcStart = 0,       // item decoded
+  kPcQ = 1,           // its Q landed
+  kPcS0Issued = 2,    // the first S product issued (the turn taken and handed over)
+  kPcS0Done = 3,      // the first S product done
+  kPcSoftmax0 = 4,    // the first tile's softmax done, P packed
+  kPcLoopEnd = 5,     // the steady-state loop done
+  kPcLastPv = 6,      // the last PV product done
+  kPcEnd = 7,         // rows written, the Q buffer released
+};
+#ifdef PA_PREFILL_TRACE
+constexpr int kPtBlocks = 160;
+constexpr int kPtRounds = 64;
+__device__ unsigned long long g_prefill_trace[kPtBlocks * kPtRounds * kPtWords];
+__device__ __forceinline__ unsigned long long* prefill_trace_rec(int round) {
+  if (blockIdx.x >= static_cast<unsigned>(kPtBlocks) || round < 0 || round >= kPtRounds) return nullptr;
+  return g_prefill_trace + (static_cast<size_t>(blockIdx.x) * kPtRounds + round) * kPtWords;
+}
+__device__ __forceinline__ unsigned long long prefill_trace_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// The producer opens round `round`'s record: its item (or -1 past the block's last round), tile
+// count and SM, its own marks cleared.
+__device__ __forceinline__ void prefill_trace_open(bool who, int round, long long item, int tiles) {
+  unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
+  if (rec == nullptr) return;
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  rec[kPtItem] = static_cast<unsigned long long>(item);
+  rec[kPtTiles] = static_cast<unsigned long long>(tiles);
+  rec[kPtSm] = sm;
+  for (int w = kPtProdQ; w <= kPtProdEnd; ++w) rec[w] = 0;
+  rec[kPtProdStart] = prefill_trace_now();
+}
+// Consumer c opens its part of a round's record (its marks cleared, then its start).
+__device__ __forceinline__ void prefill_trace_cons_open(bool who, int round, int c) {
+  unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
+  if (rec == nullptr) return;
+  for (int w = 1; w < kPtConsWords; ++w) rec[kPtCons + kPtConsWords * c + w] = 0;
+  rec[kPtCons + kPtConsWords * c + kPcStart] = prefill_trace_now();
+}
+__device__ __forceinline__ void prefill_trace_mark(bool who, int round, int word) {
+  unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
+  if (rec != nullptr) rec[word] = prefill_trace_now();
+}
+#define PA_PT_OPEN(who, round, item, tiles) prefill_trace_open((who), (round), (item), (tiles))
+#define PA_PT_CONS_OPEN(who, round, c) prefill_trace_cons_open((who), (round), (c))
+#define PA_PT_MARK(who, round, word) prefill_trace_mark((who), (round), (word))
+#else
+// Arguments evaluated for nothing (no side effects): no unused-variable warning in normal builds.
+#define PA_PT_OPEN(who, round, item, tiles) ((void)(who), (void)(round), (void)(item), (void)(tiles))
+#define PA_PT_CONS_OPEN(who, round, c) ((void)(who), (void)(round), (void)(c))
+#define PA_PT_MARK(who, round, word) ((void)(who), (void)(round), (void)(word))
+#endif
+
 #if PA_SM90_ENABLED
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -279,6 +356,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // the wgmma pipeline. Any stall of the consumers still reaches a guarded wait, because the
 // producer ends every block (n_tiles > 0) waiting for the consumers' last release.
 constexpr uint64_t kHangNs = 30ull * 1000 * 1000 * 1000;
+
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -677,10 +755,15 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 #pragma unroll 1
     for (int k = 0;; ++k) {
       const int item = round_item(k);
-      if (item >= n_items) break;
+      if (item >= n_items) {
+        PA_PT_OPEN(pt == 0, k, -1, 0);
+        break;
+      }
       const Item it = decode_item(item);
+      PA_PT_OPEN(pt == 0, k, item, it.n_tiles);
       if (it.n_tiles == 0) continue;
       load_q(it, qi);
+      PA_PT_MARK(pt == 0, k, kPtProdQ);
       if (grouped) {
         // The group's first key of each tile as a block-table index and a row in the page, carried
         // from tile to tile instead of divided by the block size twice per tile. Tiles are walked
@@ -722,6 +805,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           const uint32_t sk = acquire_k(g + j);
           issue_r(k_base + sk * Cfg::kTileBytes, kc, key_kk, r_kk, pg_kk);
           mbar_arrive_cp_async(full_k(sk));
+          PA_PT_MARK(pt == 0 && j == 0, k, kPtProdK0);
           const uint32_t sv = acquire_v(g + j);
           const uint32_t vs = v_base + sv * Cfg::kTileBytes;
           issue_r(vs, vc, key_kk, r_kk, pg_kk);
@@ -748,6 +832,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
             const uint32_t s = acquire_k(g + j);
             issue(k_base + s * Cfg::kTileBytes, kc, ro_s + ((g + j) % 3u) * BN);
             mbar_arrive_cp_async(full_k(s));
+            PA_PT_MARK(pt == 0 && j == 0, k, kPtProdK0);
           }
           if (j >= 1) {
             const uint32_t s = acquire_v(g + j - 1);
@@ -761,6 +846,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           }
         }
       }
+      PA_PT_MARK(pt == 0, k, kPtProdEnd);
       g += it.n_tiles;
       ++qi;
     }
@@ -790,10 +876,15 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   uint32_t g = 0;   // key tiles of earlier items (as the producer counts them)
   uint32_t qi = 0;  // earlier items that loaded Q
 
+  // The round of the walk (the producer's k): only the trace reads it.
+  int walk_round = -1;
+  const bool tracer = ct == 0;  // the thread that writes this warpgroup's marks in a trace build
 #pragma unroll 1
   for (int item = blockIdx.x, step = first_step; item < n_items;
        item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
+    ++walk_round;
     const Item it = decode_item(item);
+    PA_PT_CONS_OPEN(tracer, walk_round, cw);
     if (it.m0 >= it.q_len) continue;
     const int n_first = it.n_first, n_tiles = it.n_tiles, seq_len = it.seq_len;
     const int ctx = it.ctx, m0 = it.m0, rows = it.rows;
@@ -851,6 +942,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       // Every consumer waits for the item's Q before releasing it, so that its release can never
       // count towards the previous item's phase of q_empty.
       mbar_wait(q_full(qi % NQ), (qi / NQ) & 1);
+      PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcQ);
 
       if (wa <= wb) {
         float s[NS];
@@ -964,11 +1056,14 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         named_sync(bar_self, 256);
         issue_s(wa);
         named_arrive(bar_other, 256);
+        PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcS0Issued);
         w::wgmma_wait<0>();
         w::fence_regs(s);
+        PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcS0Done);
         mbar_arrive(empty_k(ks(wa)));
         softmax(wa, alpha);
         pack_p();
+        PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcSoftmax0);
         // Steady state: S(n) runs while O catches up with tile n - 1, then the softmax of tile n
         // runs while P(n - 1) V(n - 1) does.
 #pragma unroll 1
@@ -1002,6 +1097,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           alpha[0] = al[0];
           alpha[1] = al[1];
         }
+        PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcLoopEnd);
         // Every QK^T of this item has completed: Q's buffer may take a later item's rows (with the
         // staged epilogue, once the output rows have passed through it).
         if constexpr (!kStO) mbar_arrive(q_empty(qi % NQ));
@@ -1011,6 +1107,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         issue_pv(wb);
         w::wgmma_wait<0>();
         w::fence_regs(o);
+        PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcLastPv);
         note_bad_v(wb);
         mbar_arrive(empty_v(vs(wb)));
       } else {
@@ -1084,6 +1181,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         }
       }
     }
+    PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcEnd);
     if (n_tiles > 0) {
       g += n_tiles;
       ++qi;
@@ -1173,6 +1271,32 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, i
 // Varlen attention for requests [req_begin, req_end) on the warp-specialised Hopper kernel; same
 // contract and clamping as pa_paged_prefill. cudaErrorNotSupported for a shape off this path (see
 // pa_paged_prefill_sm90ws_supported): the caller runs pa_paged_prefill_sm90 instead.
+// The per-round timeline of the last warp-specialised prefill launch on the current device (see
+// PrefillTraceWord): the number of records a build keeps written to `*built_records` (blocks x
+// rounds; 0 when the library was built without the trace) and the rounds per block to
+// `*rounds_per_block`, then, for max_records > 0, up to `max_records` records of kPtWords words
+// (block-major) copied to `host` after a device synchronisation (a probe with max_records = 0
+// does not wait).
+PA_EXPORT cudaError_t pa_prefill_trace_read(uint64_t* host, int32_t max_records, int32_t* built_records,
+                                            int32_t* rounds_per_block) {
+#ifdef PA_PREFILL_TRACE
+  constexpr int kRecords = kPtBlocks * kPtRounds;
+  const int n = max_records < 0 ? 0 : (max_records < kRecords ? max_records : kRecords);
+  *built_records = kRecords;
+  *rounds_per_block = kPtRounds;
+  if (n == 0) return cudaSuccess;
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) return err;
+  return cudaMemcpyFromSymbol(host, g_prefill_trace, static_cast<size_t>(n) * kPtWords * sizeof(uint64_t));
+#else
+  (void)host;
+  (void)max_records;
+  *built_records = 0;
+  *rounds_per_block = 0;
+  return cudaSuccess;
+#endif
+}
+
 PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const PaAttnArgs& a = *args;

@@ -176,6 +176,18 @@ extern "C" {
     /// each mark, then the SM) to `host`.
     pub fn pa_decode_trace_read(host: *mut u64, max_blocks: i32, built_blocks: *mut i32) -> CudaStatus;
 
+    /// The per-round timeline of the last warp-specialised prefill launch on the current device,
+    /// in a build with `PAGED_ATTN_PREFILL_TRACE` set: writes the number of records the build
+    /// keeps (blocks x rounds; 0, and nothing copied, in a normal build) to `*built_records` and
+    /// the rounds per block to `*rounds_per_block`, then, for `max_records > 0`, synchronises the
+    /// device and copies up to `max_records` records of 24 `u64` (block-major) to `host`.
+    pub fn pa_prefill_trace_read(
+        host: *mut u64,
+        max_records: i32,
+        built_records: *mut i32,
+        rounds_per_block: *mut i32,
+    ) -> CudaStatus;
+
     /// Same for the prefill kernel.
     pub fn pa_paged_prefill_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
 

@@ -20,6 +20,7 @@ use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, 
 mod decode_trace;
 mod decode_variant;
 mod prefill_path;
+mod prefill_trace;
 mod side_stream;
 
 pub use decode_trace::{decode_trace, DecodeBlockTrace};
@@ -30,6 +31,7 @@ pub use prefill_path::{
     parse_ws_grid, prefill_kernel, prefill_kernel_for_cache, prefill_path, with_prefill_path, PrefillKernel,
     PrefillPath, PREFILL_PATH_ENV, WS_GRID_ENV,
 };
+pub use prefill_trace::{prefill_trace, PrefillConsumerMarks, PrefillRoundTrace};
 pub use side_stream::{Overlap, SideStream};
 
 use prefill_path::{resolve_prefill, ws_grid};

@@ -7,8 +7,15 @@
 //! time), and the largest difference between each kernel's output and the sm80 kernel's as a
 //! sanity check.
 //!
-//! `bench_prefill_paths [--iters N] [--only SUBSTRING] [--kernel sm80|sm90|sm90ws]`
+//! `bench_prefill_paths [--iters N] [--only SUBSTRING] [--kernel sm80|sm90|sm90ws] [--trace DIR]`
+//!
+//! `--trace DIR` (in a build with `PAGED_ATTN_PREFILL_TRACE=1` set at build time) writes the
+//! warp-specialised kernel's per-round timeline of each shape's last shuffled-table launch to
+//! `DIR/<shape>.txt`: one line per round of each block with its item, key tiles and SM, then the
+//! producer's and each consumer warpgroup's marks in microseconds from the launch's first producer
+//! start (-1: not reached).
 
+use attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute;
 use attention_backend::cuda::{self, AttentionWorkspace, CudaDevice, CudaKvCache, DeviceMetadata, DeviceTensor};
 use attention_backend::{bf16, AttentionMetadata, AttentionParams, BlockTable, CacheLayout, DType, SlotMapping};
 use attention_kernels::attention::{prefill_kernel, with_prefill_path, PrefillKernel, PrefillPath};
@@ -99,6 +106,13 @@ fn main() {
     let iters = arg("--iters").and_then(|v| v.parse().ok()).unwrap_or(50);
     let only = arg("--only");
     let kernel = arg("--kernel").map(|k| k.to_ascii_lowercase());
+    let trace_dir = arg("--trace");
+    if let Some(dir) = &trace_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("bench_prefill_paths: --trace {dir}: {e}");
+            std::process::exit(2);
+        }
+    }
     let dev = CudaDevice::new(0).unwrap_or_else(|e| {
         eprintln!("bench_prefill_paths: {e}");
         std::process::exit(1);
@@ -170,6 +184,13 @@ fn main() {
                 ms[i] = stats.median_ms;
                 if shuffled {
                     outs.push((want, s.out.to_host(&dev).unwrap()));
+                    if let (Some(dir), PrefillKernel::Sm90Ws) = (&trace_dir, want) {
+                        let path = format!("{dir}/{}.txt", shape.name.replace([' ', '.'], "_"));
+                        if let Err(e) = write_trace(&dev, &path) {
+                            eprintln!("bench_prefill_paths: --trace: {e}");
+                            std::process::exit(1);
+                        }
+                    }
                 }
             }
             let tf = |m: f64| shape.flops() / (m * 1e-3) / 1e12;
@@ -192,4 +213,49 @@ fn main() {
             }
         }
     }
+}
+
+/// Writes the per-round timeline of the last warp-specialised launch (its persistent grid: one
+/// block per SM, every shape here having more work items than SMs) to `path`.
+fn write_trace(dev: &CudaDevice, path: &str) -> Result<(), String> {
+    use attention_kernels::attention::{prefill_trace, PrefillConsumerMarks};
+    use std::io::Write;
+    let sms = dev.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1);
+    let blocks = usize::try_from(sms).unwrap_or(1).clamp(1, 160);
+    let records = prefill_trace(dev.context(), blocks)
+        .map_err(|e| e.to_string())?
+        .ok_or("the kernels were built without the trace: rebuild with PAGED_ATTN_PREFILL_TRACE=1")?;
+    let t0 = records.iter().map(|r| r.producer_start_ns).filter(|&t| t > 0).min().unwrap_or(0);
+    let us = |t: u64| if t == 0 { -1.0 } else { t.saturating_sub(t0) as f64 / 1e3 };
+    let cons = |c: &PrefillConsumerMarks| {
+        [c.start_ns, c.q_ns, c.s0_issued_ns, c.s0_done_ns, c.softmax0_ns, c.loop_end_ns, c.last_pv_ns, c.end_ns]
+            .map(|t| format!("{:.3}", us(t)))
+            .join(" ")
+    };
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?);
+    writeln!(
+        f,
+        "# block round item tiles sm | producer: start q k0 end | consumer 0, consumer 1: start q s0_issued \
+         s0_done softmax0 loop_end last_pv end (us from the first producer start)"
+    )
+    .map_err(|e| e.to_string())?;
+    for r in &records {
+        writeln!(
+            f,
+            "{} {} {} {} {} | {:.3} {:.3} {:.3} {:.3} | {} | {}",
+            r.block,
+            r.round,
+            r.item,
+            r.tiles,
+            r.sm,
+            us(r.producer_start_ns),
+            us(r.producer_q_ns),
+            us(r.producer_k0_ns),
+            us(r.producer_end_ns),
+            cons(&r.consumers[0]),
+            cons(&r.consumers[1])
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    f.flush().map_err(|e| format!("{path}: {e}"))
 }

@@ -15,7 +15,8 @@ use attention_backend::{
     bf16, cpu, f16, AttentionMetadata, AttentionParams, BlockTable, CacheLayout, CpuKvCache, DType, Element,
     SlotMapping,
 };
-use attention_kernels::attention::{prefill_kernel, with_prefill_path, PrefillKernel, PrefillPath};
+use attention_kernels::attention::{prefill_kernel, prefill_trace, with_prefill_path, PrefillKernel, PrefillPath};
+use attention_kernels::KernelError;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -378,4 +379,51 @@ fn sm90_unseen_non_finite_v_never_reaches_a_row() {
 #[test]
 fn sm90ws_unseen_non_finite_v_never_reaches_a_row() {
     unseen_all(SM90WS);
+}
+
+/// The per-round timeline (`prefill_trace`): absent from a normal build (the suite's), and in a
+/// build with `PAGED_ATTN_PREFILL_TRACE` set, block 0's rounds of the last warp-specialised launch
+/// in order, on a real SM, each role's marks in order.
+#[test]
+fn sm90ws_prefill_trace_records_the_last_launch() {
+    let ctx = common::device().context();
+    on_path(SM90WS, 128, || run_dyn(&Case::new((16, 2), 128, 16, LONG_BATCH, 13_500), true));
+    let Some(records) = prefill_trace(ctx, 1).unwrap() else {
+        // A normal build carries no trace code, and says so for any block count.
+        assert!(prefill_trace(ctx, 1 << 20).unwrap().is_none());
+        eprintln!("prefill_trace: this build records no timeline (PAGED_ATTN_PREFILL_TRACE unset)");
+        return;
+    };
+    let sms = ctx
+        .attribute(
+            attention_backend::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as u32;
+    assert!(!records.is_empty(), "block 0 walked no round");
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!((r.block, r.round as usize), (0, i), "{r:?}");
+        assert!(r.sm < sms && r.producer_start_ns > 0, "{r:?}");
+        if r.tiles > 0 {
+            let p = [r.producer_start_ns, r.producer_q_ns, r.producer_k0_ns, r.producer_end_ns];
+            assert!(p.windows(2).all(|w| w[0] <= w[1]), "producer: {r:?}");
+        }
+        for c in &r.consumers {
+            // No first S product: these rows see no key of the item (or the item has no rows).
+            if c.s0_issued_ns == 0 {
+                continue;
+            }
+            let m = [
+                c.start_ns,
+                c.q_ns,
+                c.s0_issued_ns,
+                c.s0_done_ns,
+                c.softmax0_ns,
+                c.loop_end_ns,
+                c.last_pv_ns,
+                c.end_ns,
+            ];
+            assert!(m.windows(2).all(|w| w[0] > 0 && w[0] <= w[1]), "consumer: {r:?}");
+        }
+    }
+    assert!(matches!(prefill_trace(ctx, 1 << 20), Err(KernelError::InvalidArgument { .. })));
 }
