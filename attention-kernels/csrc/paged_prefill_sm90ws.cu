@@ -269,8 +269,8 @@ enum PrefillTraceWord : int {
   kPtProdK0 = 5,     // producer: the first K tile's copies issued
   kPtProdEnd = 6,    // producer: the item's last V issued (and sanitised where needed)
   kPtCons = 7,       // consumer c's marks start at kPtCons + kPtConsWords * c (PrefillConsMark)
-  kPtConsWords = 8,
-  kPtWords = 24,
+  kPtConsWords = 11,
+  kPtWords = 29,
 };
 enum PrefillConsMark : int {
   kPcStart = 0,       // item decoded
@@ -281,6 +281,9 @@ enum PrefillConsMark : int {
   kPcLoopEnd = 5,     // the steady-state loop done
   kPcLastPv = 6,      // the last PV product done
   kPcEnd = 7,         // rows written, the Q buffer released
+  kPcFinal = 8,       // epilogue: the rows' sums, statistics and output scale final
+  kPcStaged = 9,      // epilogue: the rows staged in shared memory (after the warpgroup's barrier)
+  kPcStored = 10,     // epilogue: the rows' global stores issued (before the Q buffer's release)
 };
 #ifdef PA_PREFILL_TRACE
 constexpr int kPtBlocks = 160;
@@ -1133,6 +1136,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       const int r = r_thr + rr * 8;
       if (r < rows && t4 == 0 && p.lse) p.lse[(it.q_start + m0 + r) * H + it.h] = f.lse;
     }
+    PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcFinal);
     if (kStO && n_tiles > 0) {
       // Staged: this warpgroup's 64 rows of the item's Q buffer (no wgmma reads them any more),
       // laid out as Q's swizzled 64-column panels, so a warp's 4-byte stores hit 32 distinct banks
@@ -1153,6 +1157,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         }
       }
       named_sync(kBarEpi0 + cw, 128);
+      PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcStaged);
       constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll 4
       for (int idx = ct; idx < 64 * CH; idx += 128) {
@@ -1163,6 +1168,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           *reinterpret_cast<uint4*>(orow + c * 8) = v;
         }
       }
+      PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcStored);
       // This thread's loads are done (ld.shared completes in order); the release arrive orders
       // them before the producer's next copies into the buffer.
       mbar_arrive(q_empty(qi % NQ));

@@ -180,7 +180,7 @@ extern "C" {
     /// in a build with `PAGED_ATTN_PREFILL_TRACE` set: writes the number of records the build
     /// keeps (blocks x rounds; 0, and nothing copied, in a normal build) to `*built_records` and
     /// the rounds per block to `*rounds_per_block`, then, for `max_records > 0`, synchronises the
-    /// device and copies up to `max_records` records of 24 `u64` (block-major) to `host`.
+    /// device and copies up to `max_records` records of 29 `u64` (block-major) to `host`.
     pub fn pa_prefill_trace_read(
         host: *mut u64,
         max_records: i32,

@@ -12,10 +12,10 @@ use crate::launch::{bind_ctx, status_to_result};
 use crate::{ffi, KernelError};
 
 /// Words per record on the C side (`PrefillTraceWord::kPtWords`).
-const WORDS: usize = 24;
+const WORDS: usize = 29;
 /// Where the consumers' marks start, and how many each has (`kPtCons`, `kPtConsWords`).
 const CONS: usize = 7;
-const CONS_WORDS: usize = 8;
+const CONS_WORDS: usize = 11;
 
 /// One consumer warpgroup's marks for one item (global timer, ns; 0 for a point it did not reach:
 /// a warpgroup whose rows see no key of the item has no products).
@@ -37,6 +37,12 @@ pub struct PrefillConsumerMarks {
     pub last_pv_ns: u64,
     /// The item's rows written and its Q buffer released.
     pub end_ns: u64,
+    /// Epilogue: the rows' sums, statistics and output scale final (after the last PV product).
+    pub final_ns: u64,
+    /// Epilogue: the rows staged in shared memory, the warpgroup's barrier passed.
+    pub staged_ns: u64,
+    /// Epilogue: the rows' global stores issued (before the Q buffer's release, `end_ns`).
+    pub stored_ns: u64,
 }
 
 /// One round of one block of the last warp-specialised prefill launch: the item it walked, the
@@ -121,6 +127,9 @@ pub fn prefill_trace(ctx: &CudaContext, blocks: usize) -> Result<Option<Vec<Pref
                     loop_end_ns: m[5],
                     last_pv_ns: m[6],
                     end_ns: m[7],
+                    final_ns: m[8],
+                    staged_ns: m[9],
+                    stored_ns: m[10],
                 }
             };
             out.push(PrefillRoundTrace {

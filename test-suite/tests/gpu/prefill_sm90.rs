@@ -420,6 +420,9 @@ fn sm90ws_prefill_trace_records_the_last_launch() {
                 c.softmax0_ns,
                 c.loop_end_ns,
                 c.last_pv_ns,
+                c.final_ns,
+                c.staged_ns,
+                c.stored_ns,
                 c.end_ns,
             ];
             assert!(m.windows(2).all(|w| w[0] > 0 && w[0] <= w[1]), "consumer: {r:?}");
