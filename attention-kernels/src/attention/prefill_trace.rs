@@ -45,6 +45,27 @@ pub struct PrefillConsumerMarks {
     pub stored_ns: u64,
 }
 
+impl PrefillConsumerMarks {
+    /// Every mark in the order the warpgroup passes them: start, Q, first S issued and done,
+    /// first softmax, loop end, last PV, then the epilogue's final statistics, staging, stores and
+    /// end.
+    pub fn in_order(&self) -> [u64; 11] {
+        [
+            self.start_ns,
+            self.q_ns,
+            self.s0_issued_ns,
+            self.s0_done_ns,
+            self.softmax0_ns,
+            self.loop_end_ns,
+            self.last_pv_ns,
+            self.final_ns,
+            self.staged_ns,
+            self.stored_ns,
+            self.end_ns,
+        ]
+    }
+}
+
 /// One round of one block of the last warp-specialised prefill launch: the item it walked, the
 /// producer's marks and each consumer warpgroup's (global timer, ns; comparable across blocks of
 /// one launch; 0 for a point not reached).

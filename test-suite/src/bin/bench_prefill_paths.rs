@@ -227,23 +227,7 @@ fn write_trace(dev: &CudaDevice, path: &str) -> Result<(), String> {
         .ok_or("the kernels were built without the trace: rebuild with PAGED_ATTN_PREFILL_TRACE=1")?;
     let t0 = records.iter().map(|r| r.producer_start_ns).filter(|&t| t > 0).min().unwrap_or(0);
     let us = |t: u64| if t == 0 { -1.0 } else { t.saturating_sub(t0) as f64 / 1e3 };
-    let cons = |c: &PrefillConsumerMarks| {
-        [
-            c.start_ns,
-            c.q_ns,
-            c.s0_issued_ns,
-            c.s0_done_ns,
-            c.softmax0_ns,
-            c.loop_end_ns,
-            c.last_pv_ns,
-            c.final_ns,
-            c.staged_ns,
-            c.stored_ns,
-            c.end_ns,
-        ]
-        .map(|t| format!("{:.3}", us(t)))
-        .join(" ")
-    };
+    let cons = |c: &PrefillConsumerMarks| c.in_order().map(|t| format!("{:.3}", us(t))).join(" ");
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?);
     writeln!(
         f,

@@ -412,19 +412,7 @@ fn sm90ws_prefill_trace_records_the_last_launch() {
             if c.s0_issued_ns == 0 {
                 continue;
             }
-            let m = [
-                c.start_ns,
-                c.q_ns,
-                c.s0_issued_ns,
-                c.s0_done_ns,
-                c.softmax0_ns,
-                c.loop_end_ns,
-                c.last_pv_ns,
-                c.final_ns,
-                c.staged_ns,
-                c.stored_ns,
-                c.end_ns,
-            ];
+            let m = c.in_order();
             assert!(m.windows(2).all(|w| w[0] > 0 && w[0] <= w[1]), "consumer: {r:?}");
         }
     }
