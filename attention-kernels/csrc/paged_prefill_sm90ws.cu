@@ -252,6 +252,13 @@ constexpr int kBarTurn0 = 1;
 constexpr int kBarProducer = 3;
 constexpr int kBarEpi0 = 4;  // the staged epilogue's, one per consumer warpgroup
 
+// The global timer, ns (the producer's hang guard and the trace build's marks).
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Per-item timeline (a diagnostic build: PAGED_ATTN_PREFILL_TRACE=1 at build time defines
 // PA_PREFILL_TRACE; otherwise every mark compiles to nothing and the kernel is unchanged). For the
 // first kPtRounds rounds of each of the first kPtBlocks blocks of a launch, the producer's thread 0
@@ -293,11 +300,6 @@ __device__ __forceinline__ unsigned long long* prefill_trace_rec(int round) {
   if (blockIdx.x >= static_cast<unsigned>(kPtBlocks) || round < 0 || round >= kPtRounds) return nullptr;
   return g_prefill_trace + (static_cast<size_t>(blockIdx.x) * kPtRounds + round) * kPtWords;
 }
-__device__ __forceinline__ unsigned long long prefill_trace_now() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 // The producer opens round `round`'s record: its item (or -1 past the block's last round), tile
 // count and SM, its own marks cleared.
 __device__ __forceinline__ void prefill_trace_open(bool who, int round, long long item, int tiles) {
@@ -309,18 +311,18 @@ __device__ __forceinline__ void prefill_trace_open(bool who, int round, long lon
   rec[kPtTiles] = static_cast<unsigned long long>(tiles);
   rec[kPtSm] = sm;
   for (int w = kPtProdQ; w <= kPtProdEnd; ++w) rec[w] = 0;
-  rec[kPtProdStart] = prefill_trace_now();
+  rec[kPtProdStart] = global_ns();
 }
 // Consumer c opens its part of a round's record (its marks cleared, then its start).
 __device__ __forceinline__ void prefill_trace_cons_open(bool who, int round, int c) {
   unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
   if (rec == nullptr) return;
   for (int w = 1; w < kPtConsWords; ++w) rec[kPtCons + kPtConsWords * c + w] = 0;
-  rec[kPtCons + kPtConsWords * c + kPcStart] = prefill_trace_now();
+  rec[kPtCons + kPtConsWords * c + kPcStart] = global_ns();
 }
 __device__ __forceinline__ void prefill_trace_mark(bool who, int round, int word) {
   unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
-  if (rec != nullptr) rec[word] = prefill_trace_now();
+  if (rec != nullptr) rec[word] = global_ns();
 }
 #define PA_PT_OPEN(who, round, item, tiles) prefill_trace_open((who), (round), (item), (tiles))
 #define PA_PT_CONS_OPEN(who, round, c) prefill_trace_cons_open((who), (round), (c))
@@ -359,12 +361,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // the wgmma pipeline. Any stall of the consumers still reaches a guarded wait, because the
 // producer ends every block (n_tiles > 0) waiting for the consumers' last release.
 constexpr uint64_t kHangNs = 30ull * 1000 * 1000 * 1000;
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 __device__ __forceinline__ void mbar_wait_guarded(uint32_t bar, uint32_t parity) {
   if (mbar_try(bar, parity)) return;
   const uint64_t t0 = global_ns();
@@ -1274,9 +1270,6 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, i
   });
 }
 
-// Varlen attention for requests [req_begin, req_end) on the warp-specialised Hopper kernel; same
-// contract and clamping as pa_paged_prefill. cudaErrorNotSupported for a shape off this path (see
-// pa_paged_prefill_sm90ws_supported): the caller runs pa_paged_prefill_sm90 instead.
 // The per-round timeline of the last warp-specialised prefill launch on the current device (see
 // PrefillTraceWord): the number of records a build keeps written to `*built_records` (blocks x
 // rounds; 0 when the library was built without the trace) and the rounds per block to
@@ -1303,6 +1296,9 @@ PA_EXPORT cudaError_t pa_prefill_trace_read(uint64_t* host, int32_t max_records,
 #endif
 }
 
+// Varlen attention for requests [req_begin, req_end) on the warp-specialised Hopper kernel; same
+// contract and clamping as pa_paged_prefill. cudaErrorNotSupported for a shape off this path (see
+// pa_paged_prefill_sm90ws_supported): the caller runs pa_paged_prefill_sm90 instead.
 PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const PaAttnArgs& a = *args;
