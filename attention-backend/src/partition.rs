@@ -539,18 +539,32 @@ mod tests {
     /// 218).
     #[test]
     fn auto_picks_a_near_best_setting_on_the_h100_sweep() {
-        let h = h100();
         for (decodes, ctx, reqs, measured, off) in H100_SWEEP {
-            let p = prefill_sms(MixedPartition::Auto, &h, &shape(decodes, ctx, reqs, 128));
-            let at = if p == 0 {
-                off
-            } else {
-                let nearest = (0..5).min_by_key(|&i| SWEEP_GRIDS[i].abs_diff(p)).unwrap();
-                measured[nearest]
-            };
-            let best = measured.iter().fold(off, |a, &b| a.min(b));
-            assert!(at <= best * 1.05, "{decodes} x {ctx} + {reqs:?}: P = {p}, {at} us against {best}");
+            let what = format!("{decodes} x {ctx} + {reqs:?}");
+            assert_auto_near_best(&what, &h100(), &shape(decodes, ctx, reqs, 128), &SWEEP_GRIDS, &measured, off);
         }
+    }
+
+    /// The plan's pick for `step` (named `what`) on `rates` (the nearest of the measured `grids`
+    /// standing for it, or `off` for no partition) within 5% of the best of `measured` (times on
+    /// `grids`) and `off`.
+    fn assert_auto_near_best<F: Fn(usize) -> (usize, usize)>(
+        what: &str,
+        rates: &DeviceRates,
+        step: &MixedShape<F>,
+        grids: &[usize],
+        measured: &[f64],
+        off: f64,
+    ) {
+        let p = prefill_sms(MixedPartition::Auto, rates, step);
+        let at = if p == 0 {
+            off
+        } else {
+            let nearest = (0..grids.len()).min_by_key(|&i| grids[i].abs_diff(p)).unwrap();
+            measured[nearest]
+        };
+        let best = measured.iter().fold(off, |a, &b| a.min(b));
+        assert!(at <= best * 1.05, "{what}: P = {p}, {at} us against {best}");
     }
 
     /// The H200's mixed sweep (twentieth session, main `3987a13`, zig-zag order): each step's time
@@ -573,18 +587,10 @@ mod tests {
     /// 256 decodes + 4 x 256 (293 against 276).
     #[test]
     fn auto_picks_a_near_best_setting_on_the_h200_sweep() {
-        let h = DeviceRates::H200;
         for (decodes, ctx, reqs, measured, off) in H200_SWEEP {
-            let s = MixedShape { order: WsOrder::ZigZag, ..shape(decodes, ctx, reqs, 128) };
-            let p = prefill_sms(MixedPartition::Auto, &h, &s);
-            let at = if p == 0 {
-                off
-            } else {
-                let nearest = (0..4).min_by_key(|&i| H200_GRIDS[i].abs_diff(p)).unwrap();
-                measured[nearest]
-            };
-            let best = measured.iter().fold(off, |a, &b| a.min(b));
-            assert!(at <= best * 1.05, "{decodes} x {ctx} + {reqs:?}: P = {p}, {at} us against {best}");
+            let step = MixedShape { order: WsOrder::ZigZag, ..shape(decodes, ctx, reqs, 128) };
+            let what = format!("{decodes} x {ctx} + {reqs:?}");
+            assert_auto_near_best(&what, &DeviceRates::H200, &step, &H200_GRIDS, &measured, off);
         }
     }
 
