@@ -188,7 +188,8 @@ extern "C" {
         rounds_per_block: *mut i32,
     ) -> CudaStatus;
 
-    /// Same for the prefill kernel.
+    /// Resident blocks per SM of the sm80 prefill kernel for `head_size` and `dtype` (0 = f16,
+    /// 1 = bf16) on the current context's device, written to `*blocks` on success.
     pub fn pa_paged_prefill_blocks_per_sm(head_size: i32, dtype: i32, blocks: *mut i32) -> CudaStatus;
 
     /// The synthetic model's Q/K/V for every layer of a step (`csrc/synthetic_model.cu`):
