@@ -1230,12 +1230,8 @@ PA_EXPORT int32_t pa_paged_decode_counter_slots() { return kDecodeCounters; }
 // copied to `host` after a device synchronisation (a probe with max_blocks = 0 does not wait).
 PA_EXPORT cudaError_t pa_decode_trace_read(uint64_t* host, int32_t max_blocks, int32_t* built_blocks) {
 #ifdef PA_DECODE_TRACE
-  const int n = max_blocks < 0 ? 0 : (max_blocks < kTraceBlocks ? max_blocks : kTraceBlocks);
   *built_blocks = kTraceBlocks;
-  if (n == 0) return cudaSuccess;
-  const cudaError_t err = cudaDeviceSynchronize();
-  if (err != cudaSuccess) return err;
-  return cudaMemcpyFromSymbol(host, g_decode_trace, static_cast<size_t>(n) * kTraceWords * sizeof(uint64_t));
+  return pa::read_trace_records(host, max_blocks, kTraceBlocks, kTraceWords, g_decode_trace);
 #else
   (void)host;
   (void)max_blocks;

@@ -1280,13 +1280,9 @@ PA_EXPORT cudaError_t pa_prefill_trace_read(uint64_t* host, int32_t max_records,
                                             int32_t* rounds_per_block) {
 #ifdef PA_PREFILL_TRACE
   constexpr int kRecords = kPtBlocks * kPtRounds;
-  const int n = max_records < 0 ? 0 : (max_records < kRecords ? max_records : kRecords);
   *built_records = kRecords;
   *rounds_per_block = kPtRounds;
-  if (n == 0) return cudaSuccess;
-  const cudaError_t err = cudaDeviceSynchronize();
-  if (err != cudaSuccess) return err;
-  return cudaMemcpyFromSymbol(host, g_prefill_trace, static_cast<size_t>(n) * kPtWords * sizeof(uint64_t));
+  return pa::read_trace_records(host, max_records, kRecords, kPtWords, g_prefill_trace);
 #else
   (void)host;
   (void)max_records;

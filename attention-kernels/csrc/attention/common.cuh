@@ -76,6 +76,20 @@ inline cudaError_t occupancy_blocks_per_sm(K kernel, int threads, int smem, int3
   return err;
 }
 
+// The diagnostic trace reads (pa_decode_trace_read, pa_prefill_trace_read): up to `max_records`
+// of the `records` records of `words` u64 each in the __device__ array `symbol` copied to `host`,
+// after a device synchronisation so the last launch has written them; a request of none (a probe)
+// does not wait.
+template <typename Symbol>
+inline cudaError_t read_trace_records(uint64_t* host, int32_t max_records, int records, int words,
+                                      const Symbol& symbol) {
+  const int n = max_records < 0 ? 0 : (max_records < records ? max_records : records);
+  if (n == 0) return cudaSuccess;
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) return err;
+  return cudaMemcpyFromSymbol(host, symbol, static_cast<size_t>(n) * words * sizeof(uint64_t));
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // Per-head feature vectors (ALiBi slopes, sinks) travel by value in the kernel parameters.
