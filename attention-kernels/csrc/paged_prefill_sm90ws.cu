@@ -162,6 +162,16 @@
 // 64) instead of 16 bytes in each of 8 rows. Measured +8% on causal 8 x 2048 and +7-11% on items
 // of 512-1024 rows (H100); with the deeper V pipelines +13% and +9-19%. An FP8 cache's single Q
 // buffer keeps the direct stores.
+// A warpgroup's 64 staged rows, when all of them belong to the item, leave by bulk tensor stores
+// instead: the launcher encodes the output as a [tokens][heads][D] tensor map whose 64-row x
+// 64-column boxes with the 128-byte swizzle are exactly a staged panel, and one thread issues a
+// store per panel and waits only for the engine's reads of shared memory before the buffer's
+// release. The threads' own 16-byte stores took 0.9 us per item at head 128, queued behind the
+// producer's copies in the SM's memory pipeline (docs/PERFORMANCE.md, twenty-second session);
+// the bulk stores measured +1 to +2.7% over every causal shape (twenty-third session). A
+// request's last, partial row block, and an output whose address or strides are not 16-byte
+// multiples (no map), keep the threads' stores: a box never reaches rows outside the item. The
+// map is a by-value kernel argument encoded at each launch, so a captured CUDA graph holds it.
 //
 // FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
 // branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
@@ -182,6 +192,9 @@
 
 #include <algorithm>
 #include <climits>
+
+#include <cuda.h>  // CUtensorMap (a type only: the encoder comes through the runtime's driver entry point)
+#include <cudaTypedefs.h>
 
 #include "attention/common.cuh"
 #include "attention/fp8_tile.cuh"
@@ -290,7 +303,7 @@ enum PrefillConsMark : int {
   kPcEnd = 7,         // rows written, the Q buffer released
   kPcFinal = 8,       // epilogue: the rows' sums, statistics and output scale final
   kPcStaged = 9,      // epilogue: the rows staged in shared memory (after the warpgroup's barrier)
-  kPcStored = 10,     // epilogue: the rows' global stores issued (before the Q buffer's release)
+  kPcStored = 10,     // epilogue: the rows' stores issued (bulk stores: their shared reads done)
 };
 #ifdef PA_PREFILL_TRACE
 constexpr int kPtBlocks = 160;
@@ -426,7 +439,8 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 
 template <typename T, int D, bool kFp8, bool kGrouped>
 __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
-    prefill_sm90ws_kernel(const KernelParams p, const int n_items, const int zigzag) {
+    prefill_sm90ws_kernel(const KernelParams p, const int n_items, const int zigzag,
+                          const __grid_constant__ CUtensorMap o_map, const int o_tma) {
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D, kFp8, kGrouped>;
   constexpr bool kStO = Cfg::kStageO;
@@ -1152,16 +1166,36 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           st_shared_u32(ob + chunk_at(lr, j) + t4 * 4, pa::Elem<T>::pack(lo, hi));
         }
       }
+      // The bulk tensor store reads the staged rows through the async proxy.
+      const bool tma = o_tma != 0 && rows - rw0 >= 64;
+      if (tma) w::fence_proxy_async_smem();
       named_sync(kBarEpi0 + cw, 128);
       PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcStaged);
-      constexpr int CH = D / 8;  // 16-byte chunks per row
+      if (tma) {
+        // All 64 rows belong to the item: one bulk tensor store per 64-column panel (the staged
+        // panels are the 128-byte swizzle the map names), issued by one thread, which waits only
+        // for the engine's reads of shared memory before the buffer's release.
+        if (ct == 0) {
+#pragma unroll
+          for (int pn = 0; pn < D / 64; ++pn) {
+            asm volatile(
+                "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(&o_map),
+                "r"(pn * 64), "r"(it.h), "r"(it.q_start + m0 + rw0), "r"(ob + static_cast<uint32_t>(pn) * (BM * 128))
+                : "memory");
+          }
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+          asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        }
+      } else {
+        constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll 4
-      for (int idx = ct; idx < 64 * CH; idx += 128) {
-        const int lr = idx / CH, c = idx % CH;
-        if (rw0 + lr < rows) {
-          const uint4 v = ld_shared_v4(ob + chunk_at(lr, c));
-          T* orow = out + pa::o_row(p, it.q_start + m0 + rw0 + lr, it.h);
-          *reinterpret_cast<uint4*>(orow + c * 8) = v;
+        for (int idx = ct; idx < 64 * CH; idx += 128) {
+          const int lr = idx / CH, c = idx % CH;
+          if (rw0 + lr < rows) {
+            const uint4 v = ld_shared_v4(ob + chunk_at(lr, c));
+            T* orow = out + pa::o_row(p, it.q_start + m0 + rw0 + lr, it.h);
+            *reinterpret_cast<uint4*>(orow + c * 8) = v;
+          }
         }
       }
       PA_PT_MARK(tracer, walk_round, kPtCons + kPtConsWords * cw + kPcStored);
@@ -1202,6 +1236,54 @@ template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
   }
 }
 
+// The driver's tensor-map encoder, through the runtime (no link against the driver library);
+// null where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      f = nullptr;
+    }
+#else
+    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      f = nullptr;
+    }
+#endif
+    (void)cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The output as a [tokens][heads][D] tensor for the epilogue's bulk stores: boxes of 64 rows x 64
+// columns of one head, 128-byte swizzle (the staged layout). False where the output's address or
+// strides do not allow a map (16-byte multiples) or no encoder exists: the kernel then stores the
+// rows itself.
+template <typename T, int D>
+bool encode_out_map(const PaAttnArgs& a, CUtensorMap* map) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+  if (enc == nullptr || a.out == nullptr) return false;
+  const uint64_t ts = static_cast<uint64_t>(a.o_token_stride) * sizeof(T);
+  const uint64_t hs = static_cast<uint64_t>(a.o_head_stride) * sizeof(T);
+  if (a.o_token_stride <= 0 || a.o_head_stride <= 0 || ts % 16 != 0 || hs % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.out) % 16 != 0 || a.num_tokens <= 0) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(a.num_heads),
+                              static_cast<cuuint64_t>(a.num_tokens)};
+  const cuuint64_t strides[2] = {hs, ts};
+  const cuuint32_t box[3] = {64, 1, 64};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return enc(map, dt, 3, a.out, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int D, bool kFp8, bool kGrouped>
 cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
   using Cfg = WsCfg<D, kFp8, kGrouped>;
@@ -1223,8 +1305,10 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const int cap = a.prefill_grid;
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
   const dim3 blocks(static_cast<unsigned>(grid));
+  CUtensorMap o_map{};
+  const int o_tma = Cfg::kStageO && encode_out_map<T, D>(a, &o_map) ? 1 : 0;
   prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      kp, static_cast<int>(n_blocks), a.prefill_order);
+      kp, static_cast<int>(n_blocks), a.prefill_order, o_map, o_tma);
   return pa_last_launch_status();
 }
 
