@@ -169,9 +169,10 @@
 // release. The threads' own 16-byte stores took 0.9 us per item at head 128, queued behind the
 // producer's copies in the SM's memory pipeline (docs/PERFORMANCE.md, twenty-second session);
 // the bulk stores measured +1 to +2.7% over every causal shape (twenty-third session). A
-// request's last, partial row block, and an output whose address or strides are not 16-byte
-// multiples (no map), keep the threads' stores: a box never reaches rows outside the item. The
-// map is a by-value kernel argument encoded at each launch, so a captured CUDA graph holds it.
+// request's last, partial row block, and an output whose address or token stride is not a 16-byte
+// multiple or whose heads are not adjacent in a token's row (no map), keep the threads' stores: a
+// box never reaches rows outside the item. The map is a by-value kernel argument encoded at each
+// launch, so a captured CUDA graph holds it.
 //
 // FP8 caches (E4M3 / E5M2; one instantiation per compute type for both, the format a block-uniform
 // branch): the producer copies each tile's raw bytes (half the traffic) into one staging buffer for
@@ -1261,15 +1262,16 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // The output as a [tokens][heads][D] tensor for the epilogue's bulk stores: boxes of 64 rows x 64
 // columns of one head, 128-byte swizzle (the staged layout). False where the output's address or
-// strides do not allow a map (16-byte multiples) or no encoder exists: the kernel then stores the
-// rows itself.
+// token stride is not a 16-byte multiple, where a token's heads are not adjacent (a head-major
+// view: the layout the bulk stores have not been run on), or where no encoder exists: the kernel
+// then stores the rows itself.
 template <typename T, int D>
 bool encode_out_map(const PaAttnArgs& a, CUtensorMap* map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
   if (enc == nullptr || a.out == nullptr) return false;
   const uint64_t ts = static_cast<uint64_t>(a.o_token_stride) * sizeof(T);
   const uint64_t hs = static_cast<uint64_t>(a.o_head_stride) * sizeof(T);
-  if (a.o_token_stride <= 0 || a.o_head_stride <= 0 || ts % 16 != 0 || hs % 16 != 0 ||
+  if (a.o_head_stride != D || a.o_token_stride < static_cast<int64_t>(a.num_heads) * D || ts % 16 != 0 ||
       reinterpret_cast<uintptr_t>(a.out) % 16 != 0 || a.num_tokens <= 0) {
     return false;
   }
