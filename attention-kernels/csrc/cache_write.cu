@@ -54,11 +54,11 @@ struct BlockSize {
 };
 
 template <int VecBytes>
-__global__ void __launch_bounds__(256) kv_write_kernel(
-    const char* __restrict__ key, const char* __restrict__ value, char* __restrict__ key_cache,
-    char* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
-    unsigned row_vecs, int64_t key_stride_vecs, int64_t value_stride_vecs, int64_t block_stride_vecs,
-    BlockSize block_size, int64_t num_slots) {
+__global__ void __launch_bounds__(256)
+    kv_write_kernel(const char* __restrict__ key, const char* __restrict__ value, char* __restrict__ key_cache,
+                    char* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
+                    unsigned row_vecs, int64_t key_stride_vecs, int64_t value_stride_vecs, int64_t block_stride_vecs,
+                    BlockSize block_size, int64_t num_slots) {
   using V = typename pa::Vec<VecBytes>::type;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   unsigned i = threadIdx.x;
@@ -109,10 +109,9 @@ inline RowGrid row_grid(int64_t row_vecs, int64_t num_tokens) {
 }
 
 template <int VecBytes>
-cudaError_t launch(const void* key, const void* value, void* key_cache, void* value_cache,
-                   const int64_t* slot_mapping, int64_t num_tokens, int64_t row_bytes,
-                   int64_t key_stride_bytes, int64_t value_stride_bytes, int64_t block_stride_bytes,
-                   int64_t block_size, int64_t num_slots, cudaStream_t stream) {
+cudaError_t launch(const void* key, const void* value, void* key_cache, void* value_cache, const int64_t* slot_mapping,
+                   int64_t num_tokens, int64_t row_bytes, int64_t key_stride_bytes, int64_t value_stride_bytes,
+                   int64_t block_stride_bytes, int64_t block_size, int64_t num_slots, cudaStream_t stream) {
   const int64_t row_vecs = row_bytes / VecBytes;
   const RowGrid g = row_grid(row_vecs, num_tokens);
   if (!g.ok) return cudaErrorInvalidConfiguration;
@@ -151,8 +150,14 @@ template <> struct Widen<float> {
                 make_float4(__uint_as_float(b.x), __uint_as_float(b.y), __uint_as_float(b.z), __uint_as_float(b.w))};
   }
   static __device__ __forceinline__ void widen8(const Raw8& r, float* f) {
-    f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w;
-    f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
+    f[0] = r.a.x;
+    f[1] = r.a.y;
+    f[2] = r.a.z;
+    f[3] = r.a.w;
+    f[4] = r.b.x;
+    f[5] = r.b.y;
+    f[6] = r.b.z;
+    f[7] = r.b.w;
   }
   static __device__ __forceinline__ float load1(const float* p) { return pa::ldg_now(p); }
 };
@@ -219,8 +224,7 @@ __device__ __forceinline__ float scale_at(const float* __restrict__ scales, unsi
 }
 
 // fp8 of VE (16 or 8) quotients, packed low byte first, stored in one 16- or 8-byte store.
-template <int K, int VE>
-__device__ __forceinline__ void store_fp8(const float (&q)[VE], uint8_t* dst) {
+template <int K, int VE> __device__ __forceinline__ void store_fp8(const float (&q)[VE], uint8_t* dst) {
   static_assert(VE == 16 || VE == 8, "a 16- or 8-byte store");
   float h[8];
 #pragma unroll
@@ -263,8 +267,14 @@ __device__ __forceinline__ void quantize_store(const Src<T, VE>& kr, const Src<T
 #pragma unroll
     for (int j = 0; j < VE / 8; ++j) {
       const uint4 a = kr.part[j], b = vr.part[j];
-      w[4 * j] = a.x; w[4 * j + 1] = a.y; w[4 * j + 2] = a.z; w[4 * j + 3] = a.w;
-      w[VE / 2 + 4 * j] = b.x; w[VE / 2 + 4 * j + 1] = b.y; w[VE / 2 + 4 * j + 2] = b.z; w[VE / 2 + 4 * j + 3] = b.w;
+      w[4 * j] = a.x;
+      w[4 * j + 1] = a.y;
+      w[4 * j + 2] = a.z;
+      w[4 * j + 3] = a.w;
+      w[VE / 2 + 4 * j] = b.x;
+      w[VE / 2 + 4 * j + 1] = b.y;
+      w[VE / 2 + 4 * j + 2] = b.z;
+      w[VE / 2 + 4 * j + 3] = b.w;
     }
     using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
     in_range = pa::fp8::in_fast_range_packed<T2>(w);
@@ -297,11 +307,12 @@ __device__ __forceinline__ void quantize_store(const Src<T, VE>& kr, const Src<T
 }
 
 template <typename T, int K, int VE>
-__global__ void __launch_bounds__(256) kv_write_fp8_kernel(
-    const T* __restrict__ key, const T* __restrict__ value, uint8_t* __restrict__ key_cache,
-    uint8_t* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping, const float* __restrict__ k_scale,
-    const float* __restrict__ v_scale, unsigned head_vecs, int64_t num_tokens, unsigned row_vecs, int64_t key_stride,
-    int64_t value_stride, int64_t block_stride, BlockSize block_size, int64_t num_slots) {
+__global__ void __launch_bounds__(256)
+    kv_write_fp8_kernel(const T* __restrict__ key, const T* __restrict__ value, uint8_t* __restrict__ key_cache,
+                        uint8_t* __restrict__ value_cache, const int64_t* __restrict__ slot_mapping,
+                        const float* __restrict__ k_scale, const float* __restrict__ v_scale, unsigned head_vecs,
+                        int64_t num_tokens, unsigned row_vecs, int64_t key_stride, int64_t value_stride,
+                        int64_t block_stride, BlockSize block_size, int64_t num_slots) {
   static_assert(VE == 16 || VE == 8 || VE == 1, "16, 8 or 1 elements per thread");
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   unsigned i = threadIdx.x;
@@ -350,10 +361,9 @@ __global__ void __launch_bounds__(256) kv_write_fp8_kernel(
 
 template <typename T, int K, int VE>
 cudaError_t launch_fp8(const void* key, const void* value, void* key_cache, void* value_cache,
-                       const int64_t* slot_mapping, const float* k_scale, const float* v_scale,
-                       int64_t head_elems, int64_t num_tokens, int64_t row_elems, int64_t key_stride,
-                       int64_t value_stride, int64_t block_stride, int64_t block_size, int64_t num_slots,
-                       cudaStream_t stream) {
+                       const int64_t* slot_mapping, const float* k_scale, const float* v_scale, int64_t head_elems,
+                       int64_t num_tokens, int64_t row_elems, int64_t key_stride, int64_t value_stride,
+                       int64_t block_stride, int64_t block_size, int64_t num_slots, cudaStream_t stream) {
   const int64_t row_vecs = row_elems / VE;
   const RowGrid g = row_grid(row_vecs, num_tokens);
   if (!g.ok) return cudaErrorInvalidConfiguration;
@@ -367,10 +377,10 @@ cudaError_t launch_fp8(const void* key, const void* value, void* key_cache, void
 
 template <typename T>
 cudaError_t dispatch_fp8(int32_t kv_dtype, int ve, const void* key, const void* value, void* key_cache,
-                         void* value_cache, const int64_t* slot_mapping, const float* k_scale,
-                         const float* v_scale, int64_t head_elems, int64_t num_tokens, int64_t row_elems,
-                         int64_t key_stride, int64_t value_stride, int64_t block_stride, int64_t block_size,
-                         int64_t num_slots, cudaStream_t stream) {
+                         void* value_cache, const int64_t* slot_mapping, const float* k_scale, const float* v_scale,
+                         int64_t head_elems, int64_t num_tokens, int64_t row_elems, int64_t key_stride,
+                         int64_t value_stride, int64_t block_stride, int64_t block_size, int64_t num_slots,
+                         cudaStream_t stream) {
   auto go = [&](auto kind) {
     auto run = [&](auto v) {
       return launch_fp8<T, decltype(kind)::value, decltype(v)::value>(
@@ -402,11 +412,11 @@ template <typename T> struct Tag {
 // Returns cudaErrorInvalidValue for an unknown dtype, inconsistent sizes or a row of more than 2^30
 // elements.
 PA_EXPORT cudaError_t pa_kv_cache_write_fp8(const void* key, const void* value, void* key_cache, void* value_cache,
-                                            const int64_t* slot_mapping, const float* k_scale,
-                                            const float* v_scale, int64_t num_scales, int64_t num_tokens,
-                                            int64_t row_elems, int64_t key_stride, int64_t value_stride,
-                                            int64_t num_blocks, int64_t block_size, int64_t cache_block_stride,
-                                            int32_t in_dtype, int32_t kv_dtype, cudaStream_t stream) {
+                                            const int64_t* slot_mapping, const float* k_scale, const float* v_scale,
+                                            int64_t num_scales, int64_t num_tokens, int64_t row_elems,
+                                            int64_t key_stride, int64_t value_stride, int64_t num_blocks,
+                                            int64_t block_size, int64_t cache_block_stride, int32_t in_dtype,
+                                            int32_t kv_dtype, cudaStream_t stream) {
   if (in_dtype < 0 || in_dtype > 2) return cudaErrorInvalidValue;
   if (kv_dtype != pa::fp8::kE4M3 && kv_dtype != pa::fp8::kE5M2) return cudaErrorInvalidValue;
   if (block_size <= 0 || num_blocks < 0 || row_elems <= 0 || row_elems > kMaxRowElems) return cudaErrorInvalidValue;
@@ -424,9 +434,10 @@ PA_EXPORT cudaError_t pa_kv_cache_write_fp8(const void* key, const void* value, 
   const uint64_t elems = static_cast<uint64_t>(row_elems) | static_cast<uint64_t>(key_stride) |
                          static_cast<uint64_t>(value_stride) | static_cast<uint64_t>(cache_block_stride) |
                          static_cast<uint64_t>(head_elems);
-  const int ve = in_align % 16 != 0 ? 1 : elems % 16 == 0 && out_align % 16 == 0 ? 16
-                                      : elems % 8 == 0 && out_align % 8 == 0     ? 8
-                                                                                 : 1;
+  const int ve = in_align % 16 != 0                       ? 1
+                 : elems % 16 == 0 && out_align % 16 == 0 ? 16
+                 : elems % 8 == 0 && out_align % 8 == 0   ? 8
+                                                          : 1;
   auto go = [&](auto tag) {
     return dispatch_fp8<typename decltype(tag)::Type>(kv_dtype, ve, key, value, key_cache, value_cache, slot_mapping,
                                                       k_scale, v_scale, head_elems, num_tokens, row_elems, key_stride,
@@ -451,11 +462,10 @@ PA_EXPORT cudaError_t pa_kv_cache_write_fp8(const void* key, const void* value, 
 //   elem_bytes   = 2 (f16, bf16) or 4 (f32)
 // Returns cudaErrorInvalidValue for an element size other than 2 or 4, inconsistent sizes or a row
 // of more than 2^30 elements.
-PA_EXPORT cudaError_t pa_kv_cache_write(const void* key, const void* value, void* key_cache,
-                                        void* value_cache, const int64_t* slot_mapping,
-                                        int64_t num_tokens, int64_t row_elems, int64_t key_stride,
-                                        int64_t value_stride, int64_t num_blocks, int64_t block_size,
-                                        int64_t cache_block_stride, int32_t elem_bytes,
+PA_EXPORT cudaError_t pa_kv_cache_write(const void* key, const void* value, void* key_cache, void* value_cache,
+                                        const int64_t* slot_mapping, int64_t num_tokens, int64_t row_elems,
+                                        int64_t key_stride, int64_t value_stride, int64_t num_blocks,
+                                        int64_t block_size, int64_t cache_block_stride, int32_t elem_bytes,
                                         cudaStream_t stream) {
   if (elem_bytes != 2 && elem_bytes != 4) return cudaErrorInvalidValue;
   if (block_size <= 0 || num_blocks < 0 || row_elems <= 0 || row_elems > kMaxRowElems) return cudaErrorInvalidValue;
@@ -466,27 +476,25 @@ PA_EXPORT cudaError_t pa_kv_cache_write(const void* key, const void* value, void
   const int64_t ks = key_stride * elem_bytes;
   const int64_t vs = value_stride * elem_bytes;
   const int64_t bs = cache_block_stride * elem_bytes;
-  const uint64_t combined = static_cast<uint64_t>(row_bytes) | static_cast<uint64_t>(ks) |
-                            static_cast<uint64_t>(vs) | static_cast<uint64_t>(bs) |
-                            reinterpret_cast<uintptr_t>(key) |
-                            reinterpret_cast<uintptr_t>(value) |
-                            reinterpret_cast<uintptr_t>(key_cache) |
+  const uint64_t combined = static_cast<uint64_t>(row_bytes) | static_cast<uint64_t>(ks) | static_cast<uint64_t>(vs) |
+                            static_cast<uint64_t>(bs) | reinterpret_cast<uintptr_t>(key) |
+                            reinterpret_cast<uintptr_t>(value) | reinterpret_cast<uintptr_t>(key_cache) |
                             reinterpret_cast<uintptr_t>(value_cache);
   // `combined` has a low bit set wherever any operand does, so it is a multiple of N only when
   // every byte count and address is.
   switch (pa::widest_vector(combined)) {
     case 16:
-      return launch<16>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks,
-                        vs, bs, block_size, num_slots, stream);
+      return launch<16>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks, vs, bs, block_size,
+                        num_slots, stream);
     case 8:
-      return launch<8>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks,
-                       vs, bs, block_size, num_slots, stream);
+      return launch<8>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks, vs, bs, block_size,
+                       num_slots, stream);
     case 4:
-      return launch<4>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks,
-                       vs, bs, block_size, num_slots, stream);
+      return launch<4>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks, vs, bs, block_size,
+                       num_slots, stream);
     default:
-      return launch<2>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks,
-                       vs, bs, block_size, num_slots, stream);
+      return launch<2>(key, value, key_cache, value_cache, slot_mapping, num_tokens, row_bytes, ks, vs, bs, block_size,
+                       num_slots, stream);
   }
 }
 

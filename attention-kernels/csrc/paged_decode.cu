@@ -221,7 +221,7 @@ __device__ __forceinline__ float merge_elem(const float* acc, const float* ml, i
 // inlined: the decode loop's register allocation stays as it was without this tail.
 template <typename T, int D, int kThreads>
 __device__ __forceinline__ void fold_merge(const KernelParams& p, float* sm, const float* acc_ws, const float* ml_ws,
-                                        int64_t stride, int local, int head0, int gc, int token) {
+                                           int64_t stride, int local, int head0, int gc, int token) {
   constexpr int NR = 16;
   const int tid = threadIdx.x;
   const int H = p.num_heads;
@@ -311,8 +311,7 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t r[2], const void* smem) {
 // 2t4+1 at dims 2g and 2g+1; one byte permute makes the key pairs of dim 2g and of dim 2g+1, the
 // b operands of two n8 tiles, one over the even dims of the 16-dim unit, one over the odd. The
 // accumulator of unit u therefore holds dims u*16 + 4t4 + {0, 2} (even tile) and {1, 3} (odd).
-template <int KV>
-__device__ __forceinline__ uint32_t fp8_pair(uint32_t two) {
+template <int KV> __device__ __forceinline__ uint32_t fp8_pair(uint32_t two) {
   if constexpr (KV == pa::fp8::kE5M2) {
     // An E5M2 byte is the top byte of the f16 with the same value (infinities and NaN included):
     // one byte permute places bytes 0 and 1 as the high bytes of the two halves.
@@ -535,7 +534,10 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
     if constexpr (kFp8) {
       const uint2 x = *reinterpret_cast<const uint2*>(q_s + g * RS + kk * 16 + 4 * t4);
       const uint2 y = *reinterpret_cast<const uint2*>(q_s + (g + 8) * RS + kk * 16 + 4 * t4);
-      a[0] = x.x; a[1] = y.x; a[2] = x.y; a[3] = y.y;
+      a[0] = x.x;
+      a[1] = y.x;
+      a[2] = x.y;
+      a[3] = y.y;
     } else {
       pa::ldsm_x4(a, q_s + (lane % 16) * RS + kk * 16 + (lane / 16) * 8);
     }
@@ -599,7 +601,10 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           for (int e = 0; e < 4; ++e) s[kg][j][e] = s_odd[kg][j][e] = 0.f;
       auto q_at = [&](int kk, uint32_t a[4]) {
         if constexpr (Cfg::kQInRegs) {
-          a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+          a[0] = qf[kk][0];
+          a[1] = qf[kk][1];
+          a[2] = qf[kk][2];
+          a[3] = qf[kk][3];
         } else {
           q_frag(kk, a);
         }
@@ -612,7 +617,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
           uint32_t r[KG][4];
 #pragma unroll
           for (int kg = 0; kg < KG; ++kg) {
-            pa::ldsm_x4(r[kg], ks8 + (kw0 + kg * 16 + (lane % 8) + (lane / 16) * 8) * RSB + c2 * 32 + ((lane / 8) % 2) * 16);
+            pa::ldsm_x4(r[kg],
+                        ks8 + (kw0 + kg * 16 + (lane % 8) + (lane / 16) * 8) * RSB + c2 * 32 + ((lane / 8) % 2) * 16);
           }
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
@@ -677,7 +683,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
               const int kl = kw0 + kg * 16 + j * 8 + 2 * t4 + (e & 1);
               float x = s[kg][j][e];
               if (kl >= nk) x = -INFINITY;
-              else if (elementwise) x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
+              else if (elementwise)
+                x = pa::score_log2(kFp8 ? x * kq[e >> 1] : x, p, slope[e >> 1], pos, tile_start + kl);
               else x *= kFp8 ? sc2[e >> 1] : scale2;
               s[kg][j][e] = x;
             }
@@ -689,7 +696,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
         float mx = fmaxf(fmaxf(s[0][0][2 * rr], s[0][0][2 * rr + 1]), fmaxf(s[0][1][2 * rr], s[0][1][2 * rr + 1]));
 #pragma unroll
         for (int kg = 1; kg < KG; ++kg) {
-          mx = fmaxf(mx, fmaxf(fmaxf(s[kg][0][2 * rr], s[kg][0][2 * rr + 1]), fmaxf(s[kg][1][2 * rr], s[kg][1][2 * rr + 1])));
+          mx = fmaxf(
+              mx, fmaxf(fmaxf(s[kg][0][2 * rr], s[kg][0][2 * rr + 1]), fmaxf(s[kg][1][2 * rr], s[kg][1][2 * rr + 1])));
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -727,7 +735,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       if constexpr (kFp8) {
         // Two 16-dim units per ldmatrix.x4.trans: r[0] / r[1] = keys 0-7 / 8-15 of unit 2c,
         // r[2] / r[3] of unit 2c+1. o[2u] holds unit u's even dims, o[2u+1] its odd dims.
-        auto pv_unit = [&](const uint32_t (&pa_)[4], int u, uint32_t r_lo, uint32_t r_hi) {
+        auto pv_unit = [&](const uint32_t(&pa_)[4], int u, uint32_t r_lo, uint32_t r_hi) {
           const uint32_t p0 = __byte_perm(r_lo, 0u, 0x3120);  // (key 2t4, 2t4+1) at dim 2g | at 2g+1
           const uint32_t p1 = __byte_perm(r_hi, 0u, 0x3120);
           pa::Mma<MT>::run(o[2 * u], pa_, fp8_pair<KV>(p0), fp8_pair<KV>(p1));
@@ -738,7 +746,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
 #pragma unroll
           for (int kg = 0; kg < KG; ++kg) {
             uint32_t r[4];
-            pa::ldsm_x4_trans(r, vs8 + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + c2 * 32 + (lane / 16) * 16);
+            pa::ldsm_x4_trans(
+                r, vs8 + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RSB + c2 * 32 + (lane / 16) * 16);
             pv_unit(a[kg], 2 * c2, r[0], r[1]);
             pv_unit(a[kg], 2 * c2 + 1, r[2], r[3]);
           }
@@ -757,7 +766,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
 #pragma unroll
           for (int kg = 0; kg < KG; ++kg) {
             uint32_t b[4];
-            pa::ldsm_x4_trans(b, vs + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
+            pa::ldsm_x4_trans(
+                b, vs + (kw0 + kg * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + dn * 16 + (lane / 16) * 8);
             pa::Mma<T>::run(o[2 * dn], a[kg], b[0], b[1]);
             pa::Mma<T>::run(o[2 * dn + 1], a[kg], b[2], b[3]);
           }
@@ -801,7 +811,8 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
       } else {
         float* dst = red_o + (warp * NR + r) * D + 2 * t4;
 #pragma unroll
-        for (int j = 0; j < DT; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
+        for (int j = 0; j < DT; ++j)
+          *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
       }
       if (t4 == 0) {
         red_m[warp * NR + r] = st[rr].m2;
@@ -897,8 +908,7 @@ __global__ void __launch_bounds__(32 * W) decode_split_kernel(const KernelParams
 
 // Merges the splits of each (request, head): one warp per row (the separate-launch combine; the
 // folded combine in decode_split_kernel does the same arithmetic through the same functions).
-template <typename T>
-__global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams p, int D) {
+template <typename T> __global__ void __launch_bounds__(128) decode_combine_kernel(const KernelParams p, int D) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int H = p.num_heads;
   const int n_local = p.num_launch_reqs;
@@ -980,10 +990,8 @@ inline int64_t decode_blocks_per_split(const PaAttnArgs& a) {
 
 // Resident blocks per SM of a decode instantiation (as the runtime's occupancy calculator reports
 // it for the dynamic shared memory the launch asks for).
-template <typename Cfg, typename K>
-cudaError_t instance_blocks_per_sm(Cfg, K kernel, int32_t* blocks) {
-  return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes),
-                                     blocks);
+template <typename Cfg, typename K> cudaError_t instance_blocks_per_sm(Cfg, K kernel, int32_t* blocks) {
+  return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
 }
 
 template <typename T, int D, int W, int NS, int KV, int KG>
@@ -1031,10 +1039,14 @@ template <typename T, int D, int KV = 0, typename F> cudaError_t with_variant(in
     }
     if constexpr (D == 128 && std::is_same_v<T, __nv_bfloat16>) {
       switch (variant & 0xff) {
-        case kW4S4: return f(pa::HeadDim<4>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
-        case kW2S6: return f(pa::HeadDim<2>{}, pa::HeadDim<6>{}, pa::HeadDim<1>{});
-        case kW2S4: return f(pa::HeadDim<2>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
-        default: break;
+        case kW4S4:
+          return f(pa::HeadDim<4>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
+        case kW2S6:
+          return f(pa::HeadDim<2>{}, pa::HeadDim<6>{}, pa::HeadDim<1>{});
+        case kW2S4:
+          return f(pa::HeadDim<2>{}, pa::HeadDim<4>{}, pa::HeadDim<1>{});
+        default:
+          break;
       }
     }
     return f(pa::HeadDim<4>{}, pa::HeadDim<default_stages<D>()>{}, pa::HeadDim<1>{});
@@ -1069,8 +1081,7 @@ template <typename T, int D, int KV> int auto_pipeline(int64_t blocks, int split
       auto resident = [](int variant, int32_t* r) {
         return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
           constexpr int W = decltype(w)::value, S = decltype(ns)::value, G = decltype(kg)::value;
-          return instance_blocks_per_sm(DecodeCfg<D, W, S, KV, G>{},
-                                        decode_split_kernel<T, D, W, S, KV, G>, r);
+          return instance_blocks_per_sm(DecodeCfg<D, W, S, KV, G>{}, decode_split_kernel<T, D, W, S, KV, G>, r);
         });
       };
       if (resident(kW4S2, &r2) != cudaSuccess || resident(kW4S3, &r3) != cudaSuccess) {
@@ -1111,7 +1122,7 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
   }
   return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
     return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold,
-                                                                                                   stream);
+                                                                                                     stream);
   });
 }
 
@@ -1196,8 +1207,7 @@ PA_EXPORT cudaError_t pa_paged_decode_bytes_in_flight(int32_t head_size, int32_t
 // variant on the current device, for a grid of `blocks` decode blocks (requests x kv heads x row
 // chunks x splits) and `split_keys` (batch-invariant mode when positive); other variants run as
 // named. Needs a current CUDA context; writes *pipeline only on success.
-PA_EXPORT cudaError_t pa_paged_decode_auto_pipeline(int32_t head_size, int32_t dtype,
-                                                    int32_t kv_dtype, int64_t blocks,
+PA_EXPORT cudaError_t pa_paged_decode_auto_pipeline(int32_t head_size, int32_t dtype, int32_t kv_dtype, int64_t blocks,
                                                     int32_t split_keys, int32_t* pipeline) {
   if (pipeline == nullptr || blocks < 0 || split_keys < 0) return cudaErrorInvalidValue;
   if (dtype != 0 && dtype != 1) return cudaErrorInvalidValue;

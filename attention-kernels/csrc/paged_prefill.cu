@@ -69,8 +69,8 @@ template <int D, bool kFp8 = false> struct PrefillCfg {
 // a key outside [mask_below, mask_above] have the non-finite elements of their V fragments zeroed
 // and noted in `vbad`; without it, the plain product.
 template <typename T, int MT, int NT, int DT, int D, int BN, int RS, bool kSanitize>
-__device__ __forceinline__ void pv_tile(float (&o)[MT][DT][4], const uint32_t (&pk)[MT][NT][2], const T* vs,
-                                        int lane, int n0, int mask_above, int mask_below, uint32_t& vbad) {
+__device__ __forceinline__ void pv_tile(float (&o)[MT][DT][4], const uint32_t (&pk)[MT][NT][2], const T* vs, int lane,
+                                        int n0, int mask_above, int mask_below, uint32_t& vbad) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk) {
     const int k0 = n0 + kk * 16;
@@ -269,102 +269,105 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
 
     if (warp_work) {
     // S = Q K^T (this warp's 16 * MT rows x BN keys)
-    float s[MT][NT][4];
+      float s[MT][NT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+        for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (Cfg::kQInRegs) {
-          a[mt][0] = qf[mt][kk][0]; a[mt][1] = qf[mt][kk][1]; a[mt][2] = qf[mt][kk][2]; a[mt][3] = qf[mt][kk][3];
-        } else {
-          pa::ldsm_x4(a[mt], q_warp + (mt * 16 + lane % 16) * RS + kk * 16 + (lane / 16) * 8);
-        }
-      }
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t b[4];
-        pa::ldsm_x4(b, ks + (nn * 16 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          pa::Mma<T>::run(s[mt][2 * nn], a[mt], b[0], b[1]);
-          pa::Mma<T>::run(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+          if constexpr (Cfg::kQInRegs) {
+            a[mt][0] = qf[mt][kk][0];
+            a[mt][1] = qf[mt][kk][1];
+            a[mt][2] = qf[mt][kk][2];
+            a[mt][3] = qf[mt][kk][3];
+          } else {
+            pa::ldsm_x4(a[mt], q_warp + (mt * 16 + lane % 16) * RS + kk * 16 + (lane / 16) * 8);
+          }
+        }
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          uint32_t b[4];
+          pa::ldsm_x4(b, ks + (nn * 16 + (lane % 8) + (lane / 16) * 8) * RS + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            pa::Mma<T>::run(s[mt][2 * nn], a[mt], b[0], b[1]);
+            pa::Mma<T>::run(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+          }
         }
       }
-    }
 
     // Scores: with soft-cap / ALiBi, every element's exact score (log2 domain, masked where this
     // tile straddles a bound of the warp's rows); otherwise the raw products, scaled inside the
     // exponent below, with -inf where a straddling tile's key is hidden from the row.
-    const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
-    if (elementwise) {
+      const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
+      if (elementwise) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+          for (int j = 0; j < NT; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = (warp * MT + mt) * 16 + g + (e >= 2 ? 8 : 0);
-            const int key = n0 + j * 8 + 2 * t4 + (e & 1);
-            const int pos = ctx + m0 + r;
-            float x = pa::fp8tile::score_log2_scaled(s[mt][j][e], qk_scale, p, slope, pos, key);
-            if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
-            s[mt][j][e] = x;
+            for (int e = 0; e < 4; ++e) {
+              const int r = (warp * MT + mt) * 16 + g + (e >= 2 ? 8 : 0);
+              const int key = n0 + j * 8 + 2 * t4 + (e & 1);
+              const int pos = ctx + m0 + r;
+              float x = pa::fp8tile::score_log2_scaled(s[mt][j][e], qk_scale, p, slope, pos, key);
+              if (need_mask && !pa::key_visible(pos, key, seq_len, p)) x = -INFINITY;
+              s[mt][j][e] = x;
+            }
           }
-        }
-    } else if (need_mask) {
+      } else if (need_mask) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        pa::mask_scores<NT>(reinterpret_cast<float(&)[NT * 4]>(s[mt]), n0, ctx + m0 + (warp * MT + mt) * 16 + g, t4,
-                            p, seq_len);
+        for (int mt = 0; mt < MT; ++mt) {
+          pa::mask_scores<NT>(reinterpret_cast<float(&)[NT * 4]>(s[mt]), n0, ctx + m0 + (warp * MT + mt) * 16 + g, t4,
+                              p, seq_len);
+        }
       }
-    }
-    const float sc = elementwise ? 1.f : scale2;
+      const float sc = elementwise ? 1.f : scale2;
 
     // Online softmax for the thread's rows (g and g + 8 of each m-tile). P is packed to 16-bit
     // pairs as soon as it is exponentiated, so the f32 scores die before O += P V.
-    uint32_t pk[MT][NT][2];
+      uint32_t pk[MT][NT][2];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      float mu[2], al[2];
+      for (int mt = 0; mt < MT; ++mt) {
+        float mu[2], al[2];
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = -INFINITY;
+        for (int rr = 0; rr < 2; ++rr) {
+          float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf: a fully masked row
-      }
-      float sum0 = 0.f, sum1 = 0.f;
+          for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mu[rr] = st[mt][rr].advance(mx * sc, al[rr]);  // sc > 0; mx = -inf: a fully masked row
+        }
+        float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const float e0 = pa::fast_exp2(fmaf(s[mt][j][0], sc, -mu[0]));
-        const float e1 = pa::fast_exp2(fmaf(s[mt][j][1], sc, -mu[0]));
-        const float e2 = pa::fast_exp2(fmaf(s[mt][j][2], sc, -mu[1]));
-        const float e3 = pa::fast_exp2(fmaf(s[mt][j][3], sc, -mu[1]));
-        sum0 += e0 + e1;
-        sum1 += e2 + e3;
-        pk[mt][j][0] = pa::Elem<T>::pack(e0, e1);
-        pk[mt][j][1] = pa::Elem<T>::pack(e2, e3);
-      }
-      st[mt][0].add(al[0], sum0);
-      st[mt][1].add(al[1], sum1);
+        for (int j = 0; j < NT; ++j) {
+          const float e0 = pa::fast_exp2(fmaf(s[mt][j][0], sc, -mu[0]));
+          const float e1 = pa::fast_exp2(fmaf(s[mt][j][1], sc, -mu[0]));
+          const float e2 = pa::fast_exp2(fmaf(s[mt][j][2], sc, -mu[1]));
+          const float e3 = pa::fast_exp2(fmaf(s[mt][j][3], sc, -mu[1]));
+          sum0 += e0 + e1;
+          sum1 += e2 + e3;
+          pk[mt][j][0] = pa::Elem<T>::pack(e0, e1);
+          pk[mt][j][1] = pa::Elem<T>::pack(e2, e3);
+        }
+        st[mt][0].add(al[0], sum0);
+        st[mt][1].add(al[1], sum1);
       // Once the row maxima settle, alpha is 1 for the whole warp and the rescale is skipped.
-      if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
+        if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
 #pragma unroll
-        for (int j = 0; j < DT; ++j) {
-          o[mt][j][0] *= al[0];
-          o[mt][j][1] *= al[0];
-          o[mt][j][2] *= al[1];
-          o[mt][j][3] *= al[1];
+          for (int j = 0; j < DT; ++j) {
+            o[mt][j][0] *= al[0];
+            o[mt][j][1] *= al[0];
+            o[mt][j][2] *= al[1];
+            o[mt][j][3] *= al[1];
+          }
         }
       }
-    }
 
     // O += P V. On a tile that straddles a bound of the warp's rows, a V row a row cannot see is
     // multiplied by that row's zero probability, and 0 x NaN = NaN: every 16-key step holding a
@@ -372,34 +375,34 @@ __global__ void __launch_bounds__(PrefillCfg<D, kFp8>::kThreads) prefill_kernel(
     // the thread's keys had one (bit kk * 4 + i for keys kk * 16 + {2 t4, 2 t4 + 1, 2 t4 + 8,
     // 2 t4 + 9}, the keys of this thread's P fragment). Full tiles take the plain product: the
     // sanitising variant is a separate instantiation, so it costs the hot loop nothing.
-    uint32_t vbad = 0;
-    if (need_mask) {
-      pv_tile<T, MT, NT, DT, D, BN, RS, true>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
-    } else {
-      pv_tile<T, MT, NT, DT, D, BN, RS, false>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
-    }
-    if (need_mask) {
-      // A key is poisoned when any of its columns was: OR over the 8 lanes of each t4.
-      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 4);
-      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 8);
-      vbad |= __shfl_xor_sync(0xffffffffu, vbad, 16);
-      if (vbad != 0) {  // rare: only when a straddling tile holds a non-finite V element
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (!((vbad >> (kk * 4 + i)) & 1u)) continue;
-            const int key = n0 + kk * 16 + 2 * t4 + (i & 1) + (i >> 1) * 8;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-              for (int rr = 0; rr < 2; ++rr) {
-                const int pos = ctx + m0 + (warp * MT + mt) * 16 + g + rr * 8;
-                if (pa::key_visible(pos, key, seq_len, p)) v_bad[mt][rr] = true;
-              }
-          }
+      uint32_t vbad = 0;
+      if (need_mask) {
+        pv_tile<T, MT, NT, DT, D, BN, RS, true>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
+      } else {
+        pv_tile<T, MT, NT, DT, D, BN, RS, false>(o, pk, vs, lane, n0, mask_above, mask_below, vbad);
       }
-    }
+      if (need_mask) {
+      // A key is poisoned when any of its columns was: OR over the 8 lanes of each t4.
+        vbad |= __shfl_xor_sync(0xffffffffu, vbad, 4);
+        vbad |= __shfl_xor_sync(0xffffffffu, vbad, 8);
+        vbad |= __shfl_xor_sync(0xffffffffu, vbad, 16);
+        if (vbad != 0) {  // rare: only when a straddling tile holds a non-finite V element
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              if (!((vbad >> (kk * 4 + i)) & 1u)) continue;
+              const int key = n0 + kk * 16 + 2 * t4 + (i & 1) + (i >> 1) * 8;
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                  const int pos = ctx + m0 + (warp * MT + mt) * 16 + g + rr * 8;
+                  if (pa::key_visible(pos, key, seq_len, p)) v_bad[mt][rr] = true;
+                }
+            }
+        }
+      }
     }  // warp_work
 
     if (prefetch) ro_s[(n & 1) * BN + tid] = next_key < seq_len ? pa::cache_row(p, next_pg, next_key, kvh, D) : -1;
@@ -477,7 +480,8 @@ PA_EXPORT cudaError_t pa_paged_prefill_blocks_per_sm(int32_t head_size, int32_t 
     auto occupancy = [&](auto kernel) -> cudaError_t {
       return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
     };
-    return dtype == 0 ? occupancy(prefill_kernel<__half, D, false>) : occupancy(prefill_kernel<__nv_bfloat16, D, false>);
+    return dtype == 0 ? occupancy(prefill_kernel<__half, D, false>)
+                      : occupancy(prefill_kernel<__nv_bfloat16, D, false>);
   });
 }
 

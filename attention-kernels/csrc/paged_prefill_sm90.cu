@@ -75,8 +75,7 @@ template <int D, bool kFp8 = false> struct Sm90Cfg {
   static constexpr int kBadWords = kBN / 32;            // non-finite-V key bits of one tile
   static constexpr int kBadBytes = 2 * kBadWords * 4;   // two tiles (parity)
   static constexpr int kAlignSlack = 1024;              // swizzle atoms need 1024-byte alignment
-  static constexpr size_t kSmemBytes =
-      size_t(kAlignSlack) + kQBytes + kKvBytes + kStgBytes + kRowOffBytes + kBadBytes;
+  static constexpr size_t kSmemBytes = size_t(kAlignSlack) + kQBytes + kKvBytes + kStgBytes + kRowOffBytes + kBadBytes;
   static_assert(D % 64 == 0, "tiles are stored as 64-column swizzled panels");
   static_assert(kQBytes % 1024 == 0 && kTileBytes % 1024 == 0, "panels must keep 1024-byte alignment");
 };
@@ -390,7 +389,8 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
       const float os = bad ? __int_as_float(0x7fffffff) : (kFp8 ? f.out_scale * v_scale : f.out_scale);
       uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, token, h));
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
+      for (int j = 0; j < D / 8; ++j)
+        orow[j * 4 + t4] = pa::Elem<T>::pack(o[j * 4 + 2 * rr] * os, o[j * 4 + 2 * rr + 1] * os);
       if (t4 == 0 && p.lse) p.lse[token * H + h] = f.lse;
     }
   }
@@ -400,9 +400,12 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
 // Head sizes this path is compiled for; F is called with a HeadDim tag.
 template <typename F> cudaError_t dispatch_sm90_head_size(int head_size, F&& f) {
   switch (head_size) {
-    case 64: return f(pa::HeadDim<64>{});
-    case 128: return f(pa::HeadDim<128>{});
-    default: return cudaErrorNotSupported;
+    case 64:
+      return f(pa::HeadDim<64>{});
+    case 128:
+      return f(pa::HeadDim<128>{});
+    default:
+      return cudaErrorNotSupported;
   }
 }
 
@@ -436,8 +439,7 @@ cudaError_t launch_sm90(const PaAttnArgs& a, const KernelParams& kp, cudaStream_
   const int64_t n_blocks = m_blocks * a.num_heads * n;
   if (n_blocks > INT_MAX) return cudaErrorInvalidValue;
   auto kernel = prefill_sm90_kernel<T, D, kFp8>;
-  cudaError_t err =
-      pa::set_max_dynamic_smem_once<prefill_sm90_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
+  cudaError_t err = pa::set_max_dynamic_smem_once<prefill_sm90_kernel<T, D, kFp8>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(kp);
@@ -498,8 +500,10 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90(const PaAttnArgs* args, cudaStream_t
   return dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     if (fp8) {
-      return a.dtype == 0 ? launch_sm90<__half, D, true>(a, kp, stream) : launch_sm90<__nv_bfloat16, D, true>(a, kp, stream);
+      return a.dtype == 0 ? launch_sm90<__half, D, true>(a, kp, stream)
+                          : launch_sm90<__nv_bfloat16, D, true>(a, kp, stream);
     }
-    return a.dtype == 0 ? launch_sm90<__half, D, false>(a, kp, stream) : launch_sm90<__nv_bfloat16, D, false>(a, kp, stream);
+    return a.dtype == 0 ? launch_sm90<__half, D, false>(a, kp, stream)
+                        : launch_sm90<__nv_bfloat16, D, false>(a, kp, stream);
   });
 }

@@ -356,11 +356,10 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 // instruction itself may suspend the thread for a while before answering no.
 __device__ __forceinline__ bool mbar_try(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
+  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done)
+               : "r"(bar), "r"(parity)
+               : "memory");
   return done != 0;
 }
 // Waits until the phase of `bar` with parity `parity` has completed (acquire).
@@ -413,13 +412,11 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
-               : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0) : "memory");
 }
 // 16 bytes from base + row (element offset), or zeros when row < 0 (a key that must not be
 // loaded; the source is then base itself): the sign is the ignore-source predicate.
-template <typename E>
-__device__ __forceinline__ void cp_async16_row(uint32_t dst, const E* base, int64_t row) {
+template <typename E> __device__ __forceinline__ void cp_async16_row(uint32_t dst, const E* base, int64_t row) {
   const int64_t neg = row >> 63;  // -1 when the row is not to be loaded, else 0
   asm volatile(
       "{\n"
@@ -500,8 +497,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   // its role: with the round's index in the consumers' loop, the FP8 head-64 consumers lost their
   // uniform wgmma descriptors (R2UR in the turn); with the step in the producer's, its spills
   // grew (36 / 44 bytes against 24 / 36 stored / loaded at head 128).
-  const int first_step = zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1
-                                     : static_cast<int>(gridDim.x);
+  const int first_step =
+      zigzag != 0 ? 2 * static_cast<int>(gridDim.x - 1 - blockIdx.x) + 1 : static_cast<int>(gridDim.x);
   auto round_item = [&](int k) {
     const int g = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
     return k * g + ((zigzag & k & 1) != 0 ? g - 1 - b : b);
@@ -534,7 +531,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
     return it;
   };
   // First key of item `it`'s tile t (t counts tiles in the order they are walked).
-  auto tile_key0 = [&](const Item& it, int t) { return (kRev ? it.n_first + it.n_tiles - 1 - t : it.n_first + t) * BN; };
+  auto tile_key0 = [&](const Item& it, int t) {
+    return (kRev ? it.n_first + it.n_tiles - 1 - t : it.n_first + t) * BN;
+  };
   auto block_mask = [&](const Item& it, int t) {
     const int n0 = tile_key0(it, t);
     return n0 + BN - 1 > it.mask_above_b || n0 < it.mask_below_b;
@@ -562,7 +561,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       const unsigned char* vc8 = static_cast<const unsigned char*>(p.value_cache);
       auto stage_tile = [&](uint32_t dst, const unsigned char* src, const int64_t* ro) {
 #pragma unroll 4
-        for (int idx = pt; idx < BN * C16; idx += 128) cp_async16_row(dst + idx * 16, src + (idx % C16) * 16, ro[idx / C16]);
+        for (int idx = pt; idx < BN * C16; idx += 128)
+          cp_async16_row(dst + idx * 16, src + (idx % C16) * 16, ro[idx / C16]);
       };
       auto row_offset = [&](int t, int64_t page) {
         const int key = tile_key0(it, t) + pt;
@@ -606,8 +606,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
           }
           unsigned char* vd = smem + Cfg::kOffV + s * Cfg::kTileBytes;
           pa::fp8tile::widen_tile<T, BN, D, 128>(
-              p.kv_dtype, stg_v_ptr, [&](int r, int col) { return vd + w::swizzled_offset(BN, r, col); }, pt,
-              sanitize, bad);
+              p.kv_dtype, stg_v_ptr, [&](int r, int col) { return vd + w::swizzled_offset(BN, r, col); }, pt, sanitize,
+              bad);
           w::fence_proxy_async_smem();
           mbar_arrive(full_v(s));
         }
@@ -755,8 +755,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         const int r = idx / C, c = idx % C;
         uint4* ptr = reinterpret_cast<uint4*>(vp + w::swizzled_offset(BN, r, c * 8));
         uint4 v = *ptr;
-        const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) |
-                           pa::sanitize_pair<T>(v.z) | pa::sanitize_pair<T>(v.w);
+        const uint32_t f = pa::sanitize_pair<T>(v.x) | pa::sanitize_pair<T>(v.y) | pa::sanitize_pair<T>(v.z) |
+                           pa::sanitize_pair<T>(v.w);
         if (f != 0u) {
           *ptr = v;
           atomicOr(&bad[r >> 5], 1u << (r & 31));
@@ -787,7 +787,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         int q = k00 / bs, r = k00 - (k00 / bs) * bs;
         // Block 0 for a group past the sequence: its column is moved past the row, where page_at
         // reads block 0 (one predicate, no branch in the tile loop).
-        auto page_q = [&](int qq, int key) { return pa::page_at(p, it.req, key < it.seq_len ? qq : p.max_blocks_per_req); };
+        auto page_q = [&](int qq, int key) {
+          return pa::page_at(p, it.req, key < it.seq_len ? qq : p.max_blocks_per_req);
+        };
         // Rows past the sequence are zero-filled (cp.async's source size 0). Every address formed
         // lies inside the cache: the group's RT rows from row rr stay inside its page (block 0 when
         // the group holds no key of the sequence or its table entry is out of range).
@@ -1000,7 +1002,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
         };
         // Mask and online softmax of tile n in place: s becomes exp2(s - base) (unpacked), the
         // row sums join st, al gets the factor O owes before P(n) V(n) is added.
-        auto softmax = [&](int n, float (&al)[2]) {
+        auto softmax = [&](int n, float(&al)[2]) {
           const int n0 = tile_key0(it, n);
           const bool need_mask = n0 + BN - 1 > mask_above || n0 < mask_below;
           // Soft-cap / ALiBi: every element's exact score (and the mask); the mask alone: -inf where
@@ -1208,8 +1210,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       for (int rr = 0; rr < 2; ++rr) {
         const int r = r_thr + rr * 8;
         if (r < rows) {
-          uint32_t* orow =
-              reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
+          uint32_t* orow = reinterpret_cast<uint32_t*>(out + pa::o_row(p, it.q_start + m0 + r, it.h));
 #pragma unroll
           for (int j = 0; j < D / 8; ++j) {
             const float lo = o[j * 4 + 2 * rr] * os[rr], hi = o[j * 4 + 2 * rr + 1] * os[rr];
@@ -1231,9 +1232,12 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
 template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
   switch (head_size) {
-    case 64: return f(pa::HeadDim<64>{});
-    case 128: return f(pa::HeadDim<128>{});
-    default: return cudaErrorNotSupported;
+    case 64:
+      return f(pa::HeadDim<64>{});
+    case 128:
+      return f(pa::HeadDim<128>{});
+    default:
+      return cudaErrorNotSupported;
   }
 }
 
@@ -1265,8 +1269,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // token stride is not a 16-byte multiple, where a token's heads are not adjacent (a head-major
 // view: the layout the bulk stores have not been run on), or where no encoder exists: the kernel
 // then stores the rows itself.
-template <typename T, int D>
-bool encode_out_map(const PaAttnArgs& a, CUtensorMap* map) {
+template <typename T, int D> bool encode_out_map(const PaAttnArgs& a, CUtensorMap* map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
   if (enc == nullptr || a.out == nullptr) return false;
   const uint64_t ts = static_cast<uint64_t>(a.o_token_stride) * sizeof(T);
@@ -1296,8 +1299,7 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   // Room for the item walk's ids in an int (below 3 n_blocks, see the kernel).
   if (n_blocks > INT_MAX / 3) return cudaErrorInvalidValue;
   cudaError_t err =
-      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(
-          static_cast<int>(Cfg::kSmemBytes));
+      pa::set_max_dynamic_smem_once<prefill_sm90ws_kernel<T, D, kFp8, kGrouped>>(static_cast<int>(Cfg::kSmemBytes));
   if (err != cudaSuccess) return err;
   // Persistent grid: one block per SM (the kernel's occupancy), each walking items gridDim.x apart,
   // unless the caller capped it (PaAttnArgs::prefill_grid).

@@ -31,29 +31,21 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T x);
-template <>
-__device__ __forceinline__ float to_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // One thread = four consecutive elements of one head of one token of one layer.
 template <typename T>
-__global__ void __launch_bounds__(256) qkv_kernel(T* __restrict__ fused, const int64_t* __restrict__ inputs,
-                                                  int64_t num_tokens, int num_heads, int num_kv_heads, int head_size,
-                                                  int64_t row_stride, int64_t layer_stride, uint64_t seed) {
+__global__ void __launch_bounds__(256)
+    qkv_kernel(T* __restrict__ fused, const int64_t* __restrict__ inputs, int64_t num_tokens, int num_heads,
+               int num_kv_heads, int head_size, int64_t row_stride, int64_t layer_stride, uint64_t seed) {
   const int chunks = head_size / 4;
   const int slots = num_heads + 2 * num_kv_heads;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -78,16 +70,16 @@ __global__ void __launch_bounds__(256) qkv_kernel(T* __restrict__ fused, const i
   }
   const int64_t position = inputs[token];
   const uint64_t token_id = static_cast<uint64_t>(inputs[num_tokens + token]);
-  const uint64_t key = seed ^ (proj << 60) ^ ((static_cast<uint64_t>(layer) & 0xfff) << 48) ^
-                       ((head & 0xffff) << 32) ^ token_id;
+  const uint64_t key =
+      seed ^ (proj << 60) ^ ((static_cast<uint64_t>(layer) & 0xfff) << 48) ^ ((head & 0xffff) << 32) ^ token_id;
   const uint64_t state = mix64(mix64(key) ^ (static_cast<uint64_t>(position) * kGolden));
   const uint64_t bits = mix64(state + static_cast<uint64_t>(chunk + 1) * kGolden);
 
   T* dst = fused + layer * layer_stride + token * row_stride + static_cast<int64_t>(slot) * head_size + chunk * 4;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float x = static_cast<float>(static_cast<int16_t>(static_cast<uint16_t>(bits >> (16 * i)))) *
-                    (1.0f / 32768.0f);
+    const float x =
+        static_cast<float>(static_cast<int16_t>(static_cast<uint16_t>(bits >> (16 * i)))) * (1.0f / 32768.0f);
     dst[i] = from_f32<T>(x);
   }
 }
@@ -133,8 +125,8 @@ cudaError_t launch_qkv(void* fused, const int64_t* inputs, int64_t num_layers, i
 
 template <typename T>
 cudaError_t launch_sample(const void* out, int64_t token_stride, int64_t head_stride, const int64_t* last_rows,
-                          int64_t num_reqs, int64_t num_tokens, int num_heads, int head_size, uint64_t seed, uint32_t vocab,
-                          uint32_t* next, cudaStream_t stream) {
+                          int64_t num_reqs, int64_t num_tokens, int num_heads, int head_size, uint64_t seed,
+                          uint32_t vocab, uint32_t* next, cudaStream_t stream) {
   if (num_reqs == 0) return cudaSuccess;
   const int block = 128;
   const unsigned grid = static_cast<unsigned>((num_reqs + block - 1) / block);
@@ -167,19 +159,18 @@ PA_EXPORT cudaError_t pa_synthetic_qkv(void* fused, const int64_t* inputs, int64
 
 PA_EXPORT cudaError_t pa_synthetic_sample(const void* out, int64_t token_stride, int64_t head_stride,
                                           const int64_t* last_rows, int64_t num_reqs, int64_t num_tokens,
-                                          int32_t num_heads,
-                                          int32_t head_size, uint64_t seed, uint32_t vocab, uint32_t* next,
-                                          int32_t dtype, cudaStream_t stream) {
+                                          int32_t num_heads, int32_t head_size, uint64_t seed, uint32_t vocab,
+                                          uint32_t* next, int32_t dtype, cudaStream_t stream) {
   switch (dtype) {
     case 0:
-      return launch_sample<__half>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads, head_size, seed,
-                                   vocab, next, stream);
+      return launch_sample<__half>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads,
+                                   head_size, seed, vocab, next, stream);
     case 1:
-      return launch_sample<__nv_bfloat16>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads, head_size,
-                                          seed, vocab, next, stream);
+      return launch_sample<__nv_bfloat16>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads,
+                                          head_size, seed, vocab, next, stream);
     case 2:
-      return launch_sample<float>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads, head_size, seed,
-                                  vocab, next, stream);
+      return launch_sample<float>(out, token_stride, head_stride, last_rows, num_reqs, num_tokens, num_heads, head_size,
+                                  seed, vocab, next, stream);
     default:
       return cudaErrorInvalidValue;
   }

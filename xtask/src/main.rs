@@ -4,6 +4,7 @@
 
 mod bundle;
 mod candle;
+mod clang_format;
 mod cuda;
 mod package;
 mod sass;
@@ -17,11 +18,16 @@ cargo xtask <command>
 
 Commands:
   setup-cuda     install the pinned CUDA compiler (nvcc 13.0 from PyPI) into the user cache; idempotent
-  test           fmt check, clippy -D warnings, every workspace test (kernels compiled when nvcc is
-                 available or can be set up), the candle example checked; GPU tests are built and, with
-                 no GPU here, reported as NOT RUN; `sass` too when the kernels are compiled
+  test           fmt checks (cargo fmt; clang-format on the CUDA sources), clippy -D warnings, every
+                 workspace test (kernels compiled when nvcc is available or can be set up), the candle
+                 example checked; GPU tests are built and, with no GPU here, reported as NOT RUN; `sass`
+                 too when the kernels are compiled
   sass           compile the warp-specialised prefill alone and check its SASS: the softmax overlaps the
                  PV product, the wgmma descriptors are uniform (cuobjdump from PyPI, installed if missing)
+  clang-format [--check]
+                 format the CUDA sources (attention-kernels/csrc) by attention-kernels/.clang-format, or
+                 with --check only report differences (clang-format 19.1.7 from PyPI, installed if missing;
+                 CLANG_FORMAT overrides)
   fuzz [CASES]   the property tests with many more cases (default 20000), release build
   package        cargo package + publish --dry-run for the three library crates, the packaged kernels
                  built with `cuda`, the outside consumer (examples/consumer) run on them, docs with -D warnings
@@ -43,6 +49,11 @@ fn main() -> ExitCode {
         Some("sass") => cuda::find()
             .ok_or_else(|| "no nvcc: run `cargo xtask setup-cuda` first".to_string())
             .and_then(|root| sass::check(&root)),
+        Some("clang-format") => match args.get(1).map(String::as_str) {
+            None => clang_format::run(false),
+            Some("--check") => clang_format::run(true),
+            Some(other) => Err(format!("clang-format: unknown argument `{other}` (only --check)")),
+        },
         Some("fuzz") => test::fuzz(args.get(1).map(String::as_str)),
         Some("gpu-bundle") => bundle::build().map(|_| ()),
         Some("gpu-test") => bundle::gpu_test(),

@@ -38,6 +38,7 @@ pub fn run() -> Result<(), String> {
     let mut fmt = shell::cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     shell::run(fmt)?;
+    crate::clang_format::check_in_tests()?;
     bench_scripts()?;
 
     let cuda_root = cuda_for_tests();

@@ -12,9 +12,9 @@
 // All softmax state is kept in the log2 domain (scores multiplied by log2(e)) so exp2f serves.
 #pragma once
 
-#include "common/fp8.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "common/fp8.cuh"
 
 #include <atomic>
 #include <cstdint>
@@ -27,8 +27,7 @@ namespace pa {
 // launch: the attribute is per function and context, and the call costs about a microsecond of
 // host time, several per layer otherwise. A device is marked only after the call succeeds; devices
 // past the 64th are configured on every launch.
-template <auto Kernel>
-inline cudaError_t set_max_dynamic_smem_once(int bytes) {
+template <auto Kernel> inline cudaError_t set_max_dynamic_smem_once(int bytes) {
   static std::atomic<unsigned long long> done{0};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -66,8 +65,7 @@ inline cudaError_t sm_count(int* n) {
 // Resident blocks per SM of `kernel` launched with `threads` threads and `smem` bytes of dynamic
 // shared memory, as the runtime's occupancy calculator reports it (after allowing that much
 // shared memory, as the launch does). Needs a current CUDA context; writes *blocks only on success.
-template <typename K>
-inline cudaError_t occupancy_blocks_per_sm(K kernel, int threads, int smem, int32_t* blocks) {
+template <typename K> inline cudaError_t occupancy_blocks_per_sm(K kernel, int threads, int smem, int32_t* blocks) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int n = 0;
@@ -284,12 +282,17 @@ template <> struct Elem<__nv_bfloat16> {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
+template <typename T> __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
   float2 a = Elem<T>::to_float2(v.x), b = Elem<T>::to_float2(v.y);
   float2 c = Elem<T>::to_float2(v.z), d = Elem<T>::to_float2(v.w);
-  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
-  f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = b.x;
+  f[3] = b.y;
+  f[4] = c.x;
+  f[5] = c.y;
+  f[6] = d.x;
+  f[7] = d.y;
 }
 
 // ---- async copies, ldmatrix, mma -----------------------------------------------------------
@@ -297,9 +300,9 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
 // One predicated 16-byte cp.async: SETP turns operand %2 into the ignore-source predicate (the
 // copy then zero-fills its destination and reads nothing), L2 is the prefetch qualifier ("" or
 // ".L2::128B"). One text for the variants below.
-#define PA_CP_ASYNC16_PRED(SETP, L2, dst, src, v)                                                   \
+#define PA_CP_ASYNC16_PRED(SETP, L2, dst, src, v)                                               \
   asm volatile("{\n  .reg .pred skip;\n  " SETP " skip, %2, 0;\n  cp.async.cg.shared.global" L2 \
-               " [%0], [%1], 16, skip;\n}\n" ::"r"(dst),                                           \
+               " [%0], [%1], 16, skip;\n}\n" ::"r"(dst),                                        \
                "l"(src), "r"(v))
 
 // 16-byte global -> shared copy; when !pred the destination is zero-filled and nothing is read.
@@ -308,8 +311,7 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
 // in loops that issue-rate bounds).
 // PF: the L2 prefetch size the copy asks for on a miss (0: none, or 128 bytes: the decode's page
 // rows, see paged_decode.cu).
-template <int PF = 0>
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+template <int PF = 0> __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   static_assert(PF == 0 || PF == 128, "L2 prefetch size");
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const unsigned v = static_cast<unsigned>(pred);
@@ -337,9 +339,7 @@ __device__ __forceinline__ void cp_async16_row(void* smem, const E* base, int64_
   }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* smem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -377,8 +377,7 @@ template <> struct Mma<__nv_bfloat16> {
 // ---- scores, masks, normalisation ------------------------------------------------------------
 
 // Scaled (soft-capped, ALiBi-biased) score of a raw dot product, in the log2 domain.
-__device__ __forceinline__ float score_log2(float dot, const KernelParams& p, float slope, int pos,
-                                            int key) {
+__device__ __forceinline__ float score_log2(float dot, const KernelParams& p, float slope, int pos, int key) {
   float s = dot * p.scale;
   if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
   if (p.has_alibi) s -= slope * fabsf(static_cast<float>(pos - key));
@@ -394,8 +393,8 @@ __device__ __forceinline__ bool key_visible(int pos, int key, int seq_len, const
 }
 
 // Keys [lo, hi] that some row with position in [p_first, p_last] may see (hi < lo: none).
-__device__ __forceinline__ void key_range(int p_first, int p_last, int seq_len, const KernelParams& p,
-                                          int& lo, int& hi) {
+__device__ __forceinline__ void key_range(int p_first, int p_last, int seq_len, const KernelParams& p, int& lo,
+                                          int& hi) {
   lo = 0;
   hi = seq_len - 1;
   if (p.causal) hi = min(hi, p_last);
@@ -443,8 +442,7 @@ __device__ __forceinline__ int64_t page_of(const KernelParams& p, int req, int k
 }
 
 // Row offset (in elements) of (key, kv head) in the NHD cache, given its page.
-__device__ __forceinline__ int64_t cache_row(const KernelParams& p, int64_t page, int key, int kvh,
-                                             int head_size) {
+__device__ __forceinline__ int64_t cache_row(const KernelParams& p, int64_t page, int key, int kvh, int head_size) {
   return page * p.kv_bs +
          (static_cast<int64_t>(key % p.block_size) * p.num_kv_heads + kvh) * static_cast<int64_t>(head_size);
 }
@@ -467,8 +465,12 @@ __device__ __forceinline__ int64_t o_row(const KernelParams& p, int64_t token, i
 
 // Exponent bits of one 16-bit element, in both halves of a packed pair.
 template <typename T> struct NonFinite;
-template <> struct NonFinite<__half> { static constexpr uint32_t kExp = 0x7c00u; };
-template <> struct NonFinite<__nv_bfloat16> { static constexpr uint32_t kExp = 0x7f80u; };
+template <> struct NonFinite<__half> {
+  static constexpr uint32_t kExp = 0x7c00u;
+};
+template <> struct NonFinite<__nv_bfloat16> {
+  static constexpr uint32_t kExp = 0x7f80u;
+};
 
 // Zeroes the non-finite halves of a packed pair; bit 0 / bit 1 of the result say whether the low
 // / high half was non-finite.
@@ -483,8 +485,7 @@ template <typename T> __device__ __forceinline__ uint32_t sanitize_pair(uint32_t
 // Whether any half of four packed pairs is non-finite (exponent all ones), in three integer
 // operations per pair: the masked exponent plus its lowest bit carries into the half's sign bit
 // only when every exponent bit was set. A cheap verdict for a scan whose answer is almost always no.
-template <typename T>
-__device__ __forceinline__ bool any_nonfinite(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+template <typename T> __device__ __forceinline__ bool any_nonfinite(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
   constexpr uint32_t E = NonFinite<T>::kExp;
   constexpr uint32_t M = E | (E << 16);
   constexpr uint32_t L = (E & (~E + 1u)) * 0x00010001u;  // the exponent's lowest bit, both halves
@@ -511,18 +512,28 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Dispatch over the supported head sizes; F is called with an integral_constant-like tag.
-template <int D> struct HeadDim { static constexpr int value = D; };
+template <int D> struct HeadDim {
+  static constexpr int value = D;
+};
 
 template <typename F> inline cudaError_t dispatch_head_size(int head_size, F&& f) {
   switch (head_size) {
-    case 64: return f(HeadDim<64>{});
-    case 80: return f(HeadDim<80>{});
-    case 96: return f(HeadDim<96>{});
-    case 112: return f(HeadDim<112>{});
-    case 128: return f(HeadDim<128>{});
-    case 192: return f(HeadDim<192>{});
-    case 256: return f(HeadDim<256>{});
-    default: return cudaErrorNotSupported;
+    case 64:
+      return f(HeadDim<64>{});
+    case 80:
+      return f(HeadDim<80>{});
+    case 96:
+      return f(HeadDim<96>{});
+    case 112:
+      return f(HeadDim<112>{});
+    case 128:
+      return f(HeadDim<128>{});
+    case 192:
+      return f(HeadDim<192>{});
+    case 256:
+      return f(HeadDim<256>{});
+    default:
+      return cudaErrorNotSupported;
   }
 }
 

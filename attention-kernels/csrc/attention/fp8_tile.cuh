@@ -62,8 +62,7 @@ template <> struct Widen<__nv_bfloat16> {
 };
 
 // 16 FP8 values (one 16-byte vector) widened to 16 T values (two 16-byte vectors).
-template <typename T, int K>
-__device__ __forceinline__ void widen16(const uint4 v, uint4& a, uint4& b) {
+template <typename T, int K> __device__ __forceinline__ void widen16(const uint4 v, uint4& a, uint4& b) {
   a.x = Widen<T>::template pair<K>(v.x);
   a.y = Widen<T>::template pair<K>(v.x >> 16);
   a.z = Widen<T>::template pair<K>(v.y);
@@ -146,8 +145,8 @@ __device__ __forceinline__ void widen_kv(int kind, const unsigned char* src_k, c
 // pa::score_log2 with the score scale given explicitly: `scale` = softmax scale * k_scale for an
 // FP8 cache (the K dequantisation folded in), the plain softmax scale otherwise (then the same
 // arithmetic as score_log2).
-__device__ __forceinline__ float score_log2_scaled(float dot, float scale, const KernelParams& p, float slope,
-                                                   int pos, int key) {
+__device__ __forceinline__ float score_log2_scaled(float dot, float scale, const KernelParams& p, float slope, int pos,
+                                                   int key) {
   float s = dot * scale;
   if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
   if (p.has_alibi) s -= slope * fabsf(static_cast<float>(pos - key));

@@ -20,15 +20,13 @@ namespace fp8 {
 
 enum Kind : int { kSame = 0, kE4M3 = 1, kE5M2 = 2 };
 
-template <int K>
-__device__ __forceinline__ __nv_fp8_interpretation_t interpretation() {
+template <int K> __device__ __forceinline__ __nv_fp8_interpretation_t interpretation() {
   static_assert(K == kE4M3 || K == kE5M2, "not an FP8 kind");
   return K == kE4M3 ? __NV_E4M3 : __NV_E5M2;
 }
 
 // fp8(x), saturating; NaN stays NaN.
-template <int K>
-__device__ __forceinline__ uint8_t quantize(float x) {
+template <int K> __device__ __forceinline__ uint8_t quantize(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, interpretation<K>()));
 }
 
@@ -77,8 +75,7 @@ __device__ __forceinline__ float abs_max_nan(float a, float b) {
 // the smallest and largest magnitude, reduced as a tree (depth log2 N, N - 1 min and max each),
 // then two compares. A NaN makes the largest magnitude NaN and fails the test; a zero, a
 // subnormal or an infinity fails it through the bounds.
-template <int N>
-__device__ __forceinline__ bool in_fast_range(const float (&x)[N]) {
+template <int N> __device__ __forceinline__ bool in_fast_range(const float (&x)[N]) {
   static_assert(N >= 2 && (N & (N - 1)) == 0, "N must be a power of two");
   float lo[N / 2], hi[N / 2];
 #pragma unroll
@@ -101,8 +98,7 @@ __device__ __forceinline__ bool in_fast_range(const float (&x)[N]) {
 // 32-bit words, made on the packed values before they are widened (half the min/max
 // instructions, and no f32 copies live yet): widening is exact, so the magnitudes compare the
 // same. __hmax2_nan keeps a NaN, and __hmin2 drops it only where the max already carries it.
-template <typename T2, int W>
-__device__ __forceinline__ bool in_fast_range_packed(const uint32_t (&w)[W]) {
+template <typename T2, int W> __device__ __forceinline__ bool in_fast_range_packed(const uint32_t (&w)[W]) {
   static_assert(W >= 2 && (W & (W - 1)) == 0, "W must be a power of two");
   T2 lo[W / 2], hi[W / 2];
 #pragma unroll
@@ -127,8 +123,7 @@ __device__ __forceinline__ bool in_fast_range_packed(const uint32_t (&w)[W]) {
 
 // fp8(y[i]) for eight f32 values, packed low byte first (y[0] in bits 0..7 of .x): four cvts of
 // two values each.
-template <int K>
-__device__ __forceinline__ uint2 pack8(const float (&y)[8]) {
+template <int K> __device__ __forceinline__ uint2 pack8(const float (&y)[8]) {
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -139,25 +134,20 @@ __device__ __forceinline__ uint2 pack8(const float (&y)[8]) {
 
 // Two packed FP8 values (low byte first) widened exactly to an f16 pair, as the 32-bit register
 // an f16 mma operand takes (the first value in the low half). One cvt on sm_89 and later.
-template <int K>
-__device__ __forceinline__ uint32_t to_half2_bits(uint32_t two) {
+template <int K> __device__ __forceinline__ uint32_t to_half2_bits(uint32_t two) {
   const __half2_raw raw =
       __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), interpretation<K>());
   return static_cast<uint32_t>(raw.x) | (static_cast<uint32_t>(raw.y) << 16);
 }
 
 // Two packed FP8 values (low byte first) widened exactly to an f16 pair.
-template <int K>
-__device__ __forceinline__ __half2 to_half2(uint16_t two) {
+template <int K> __device__ __forceinline__ __half2 to_half2(uint16_t two) {
   const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), interpretation<K>());
   return __half2(raw);
 }
 
 // Two packed FP8 values widened exactly to f32.
-template <int K>
-__device__ __forceinline__ float2 to_float2(uint16_t two) {
-  return __half22float2(to_half2<K>(two));
-}
+template <int K> __device__ __forceinline__ float2 to_float2(uint16_t two) { return __half22float2(to_half2<K>(two)); }
 
 // The scale of KV head `kv_head` (entry 0 when not per head); 1 when no scale buffer is given.
 __device__ __forceinline__ float scale_of(const float* scales, int per_head, int kv_head) {

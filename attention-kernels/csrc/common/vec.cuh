@@ -11,10 +11,18 @@ namespace pa {
 
 // Raw storage of one vector of `Bytes` bytes, loaded and stored in a single instruction.
 template <int Bytes> struct Vec;
-template <> struct Vec<16> { using type = uint4; };
-template <> struct Vec<8> { using type = uint2; };
-template <> struct Vec<4> { using type = uint32_t; };
-template <> struct Vec<2> { using type = uint16_t; };
+template <> struct Vec<16> {
+  using type = uint4;
+};
+template <> struct Vec<8> {
+  using type = uint2;
+};
+template <> struct Vec<4> {
+  using type = uint32_t;
+};
+template <> struct Vec<2> {
+  using type = uint16_t;
+};
 
 // Global loads issued where they are written. A kernel that wants its loads in flight while it
 // waits on something else (a slot index, say) and then branches on that cannot use plain loads:
@@ -25,7 +33,9 @@ template <> struct Vec<2> { using type = uint16_t; };
 // addresses that are valid whichever way the branch goes.
 __device__ __forceinline__ uint4 ldg_now(const uint4* p) {
   uint4 v;
-  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 __device__ __forceinline__ uint2 ldg_now(const uint2* p) {
