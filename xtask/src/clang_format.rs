@@ -10,7 +10,7 @@ use std::process::Command;
 
 use crate::{cuda, shell};
 
-/// The pinned release (LLVM publishes clang-format alone on PyPI).
+/// The pinned release: the `clang-format` wheel on PyPI, which packages LLVM's binary alone.
 const WHEEL: &str = "clang-format==19.1.7";
 const VENV_DIR: &str = "clang-format-19.1.7";
 /// The folder whose `.cu` and `.cuh` files are formatted.
