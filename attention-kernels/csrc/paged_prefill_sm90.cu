@@ -397,18 +397,6 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
 #endif  // PA_SM90_ENABLED
 }
 
-// Head sizes this path is compiled for; F is called with a HeadDim tag.
-template <typename F> cudaError_t dispatch_sm90_head_size(int head_size, F&& f) {
-  switch (head_size) {
-    case 64:
-      return f(pa::HeadDim<64>{});
-    case 128:
-      return f(pa::HeadDim<128>{});
-    default:
-      return cudaErrorNotSupported;
-  }
-}
-
 // Whether the current device is compute capability 9.0 exactly (the only one the sm_90a image
 // runs on), asked once per device ordinal.
 bool current_device_is_sm90() {
@@ -462,7 +450,7 @@ PA_EXPORT int32_t pa_paged_prefill_sm90_device(void) { return current_device_is_
 // Query rows one sm90 prefill block computes (0 if the head size is not on this path).
 PA_EXPORT int32_t pa_paged_prefill_sm90_rows_per_block(int32_t head_size) {
   int32_t rows = 0;
-  dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
+  pa::dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
     rows = Sm90Cfg<decltype(tag)::value>::kBM;
     return cudaSuccess;
   });
@@ -472,7 +460,7 @@ PA_EXPORT int32_t pa_paged_prefill_sm90_rows_per_block(int32_t head_size) {
 // Resident blocks per SM of the sm90 prefill kernel for (head size, dtype) on the current device.
 PA_EXPORT cudaError_t pa_paged_prefill_sm90_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
-  return dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
+  return pa::dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     using Cfg = Sm90Cfg<D>;
     auto occupancy = [&](auto kernel) -> cudaError_t {
@@ -497,7 +485,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90(const PaAttnArgs* args, cudaStream_t
   const bool fp8 = a.kv_dtype != pa::fp8::kSame;
   // FP8 rows move as 16-byte vectors of 16 elements: the block stride must be a multiple of 16.
   if (fp8 && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
-  return dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
+  return pa::dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     if (fp8) {
       return a.dtype == 0 ? launch_sm90<__half, D, true>(a, kp, stream)

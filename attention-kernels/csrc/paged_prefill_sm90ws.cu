@@ -1230,17 +1230,6 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 #endif  // PA_SM90_ENABLED
 }
 
-template <typename F> cudaError_t dispatch_ws_head_size(int head_size, F&& f) {
-  switch (head_size) {
-    case 64:
-      return f(pa::HeadDim<64>{});
-    case 128:
-      return f(pa::HeadDim<128>{});
-    default:
-      return cudaErrorNotSupported;
-  }
-}
-
 // The driver's tensor-map encoder, through the runtime (no link against the driver library);
 // null where the driver has none.
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -1334,7 +1323,7 @@ PA_EXPORT int32_t pa_paged_prefill_sm90ws_supported(int32_t head_size, int32_t d
 // Query rows one block of the warp-specialised kernel computes (0 off this path).
 PA_EXPORT int32_t pa_paged_prefill_sm90ws_rows_per_block(int32_t head_size) {
   int32_t rows = 0;
-  dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
+  pa::dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
     rows = WsCfg<decltype(tag)::value, false>::kBM;
     return cudaSuccess;
   });
@@ -1345,7 +1334,7 @@ PA_EXPORT int32_t pa_paged_prefill_sm90ws_rows_per_block(int32_t head_size) {
 // device (1 where it fits at all: it is built for one block per SM).
 PA_EXPORT cudaError_t pa_paged_prefill_sm90ws_blocks_per_sm(int32_t head_size, int32_t dtype, int32_t* blocks) {
   if (blocks == nullptr || (dtype != 0 && dtype != 1)) return cudaErrorInvalidValue;
-  return dispatch_ws_head_size(head_size, [&](auto tag) -> cudaError_t {
+  return pa::dispatch_sm90_head_size(head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     // The larger of the 16-bit configurations (at head 128 the ring-less one, a third V stage).
     constexpr bool kG = D > 64;
@@ -1396,7 +1385,7 @@ PA_EXPORT cudaError_t pa_paged_prefill_sm90ws(const PaAttnArgs* args, cudaStream
   const bool fp8 = a.kv_dtype != pa::fp8::kSame;
   // FP8 rows move as 16-byte vectors of 16 elements: the block stride must be a multiple of 16.
   if (fp8 && a.kv_block_stride % 16 != 0) return cudaErrorMisalignedAddress;
-  return dispatch_ws_head_size(a.head_size, [&](auto tag) -> cudaError_t {
+  return pa::dispatch_sm90_head_size(a.head_size, [&](auto tag) -> cudaError_t {
     constexpr int D = decltype(tag)::value;
     if (fp8) {
       return a.dtype == 0 ? launch_ws<__half, D, true, false>(a, kp, stream)

@@ -537,6 +537,19 @@ template <typename F> inline cudaError_t dispatch_head_size(int head_size, F&& f
   }
 }
 
+// The head sizes both Hopper prefills (paged_prefill_sm90.cu, paged_prefill_sm90ws.cu) are compiled
+// for; F is called with a HeadDim tag.
+template <typename F> inline cudaError_t dispatch_sm90_head_size(int head_size, F&& f) {
+  switch (head_size) {
+    case 64:
+      return f(HeadDim<64>{});
+    case 128:
+      return f(HeadDim<128>{});
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
 inline bool head_size_supported(int head_size) {
   return head_size == 64 || head_size == 80 || head_size == 96 || head_size == 112 || head_size == 128 ||
          head_size == 192 || head_size == 256;
