@@ -135,9 +135,15 @@ fn main() {
         Shape { name: "prefill causal 2 x 2048", seqs: vec![(2048, 2048); 2], head_size: 128 },
         Shape { name: "prefill causal 1 x 4096", seqs: vec![(4096, 4096); 1], head_size: 128 },
         Shape { name: "prefill causal 1 x 8192", seqs: vec![(8192, 8192); 1], head_size: 128 },
+        // Head 64 (its kernel configuration differs: see paged_prefill_sm90ws.cu) over the same
+        // spread of item counts and lengths.
+        Shape { name: "prefill causal 2 x 8192 d64", seqs: vec![(8192, 8192); 2], head_size: 64 },
+        Shape { name: "chunked q512 on 7.5k prefix x 4 d64", seqs: vec![(512, 8192); 4], head_size: 64 },
+        Shape { name: "prefill causal 32 x 512 d64", seqs: vec![(512, 512); 32], head_size: 64 },
+        Shape { name: "prefill causal 1 x 2048 d64", seqs: vec![(2048, 2048); 1], head_size: 64 },
     ];
     println!(
-        "\n{:<32} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12}",
+        "\n{:<36} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12}",
         "shape (bf16, 32/8 heads)", "kernel", "shuf ms", "contig ms", "TFLOP/s", "contig TF", "paging cost"
     );
     for shape in shapes.iter().filter(|s| only.as_deref().is_none_or(|o| s.name.contains(o))) {
@@ -155,11 +161,11 @@ fn main() {
             match ok {
                 Ok(k) if k == want => {}
                 Ok(k) => {
-                    println!("{:<32} {:>6} runs {k:?} for this shape: skipped", shape.name, format!("{want:?}"));
+                    println!("{:<36} {:>6} runs {k:?} for this shape: skipped", shape.name, format!("{want:?}"));
                     continue;
                 }
                 Err(e) => {
-                    println!("{:<32} {:>6} unavailable: {e}", shape.name, format!("{want:?}"));
+                    println!("{:<36} {:>6} unavailable: {e}", shape.name, format!("{want:?}"));
                     continue;
                 }
             }
@@ -195,7 +201,7 @@ fn main() {
             }
             let tf = |m: f64| shape.flops() / (m * 1e-3) / 1e12;
             println!(
-                "{:<32} {:>6} {:>10.3} {:>10.3} {:>9.1} {:>9.1} {:>11.1}%",
+                "{:<36} {:>6} {:>10.3} {:>10.3} {:>9.1} {:>9.1} {:>11.1}%",
                 shape.name,
                 format!("{want:?}"),
                 ms[0],
@@ -209,7 +215,7 @@ fn main() {
             for (k, b) in rest {
                 let max_diff = a.iter().zip(b).map(|(x, y)| (x.to_f32() - y.to_f32()).abs()).fold(0.0f32, f32::max);
                 let non_finite = b.iter().filter(|x| !x.to_f32().is_finite()).count();
-                println!("{:<32} {k:?} vs sm80: max |diff| {max_diff:.2e}, {non_finite} non-finite {k:?} outputs", "");
+                println!("{:<36} {k:?} vs sm80: max |diff| {max_diff:.2e}, {non_finite} non-finite {k:?} outputs", "");
             }
         }
     }
