@@ -42,6 +42,11 @@ const DECODE_TRACE_ENV: &str = "PAGED_ATTN_DECODE_TRACE";
 /// build.
 const PREFILL_TRACE_ENV: &str = "PAGED_ATTN_PREFILL_TRACE";
 
+/// Set to `3` at build time: the warp-specialised prefill runs head 64 with three consumer
+/// warpgroups (192-row items) instead of two, an experimental configuration not yet measured
+/// (docs/PERFORMANCE.md, twenty-fifth session). Any other value keeps two.
+const WS_HEAD64_CONSUMERS_ENV: &str = "PAGED_ATTN_WS_HEAD64_CONSUMERS";
+
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
 const PINNED_CUDA_DIR: &str = "cuda-13.0";
 
@@ -59,6 +64,7 @@ fn main() {
         "XDG_CACHE_HOME",
         DECODE_TRACE_ENV,
         PREFILL_TRACE_ENV,
+        WS_HEAD64_CONSUMERS_ENV,
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -100,6 +106,12 @@ fn main() {
     if prefill_trace {
         println!(
             "cargo:warning=attention-kernels: {PREFILL_TRACE_ENV} set: the warp-specialised prefill records per-round timestamps"
+        );
+    }
+    let ws_three_consumers = env::var(WS_HEAD64_CONSUMERS_ENV).is_ok_and(|v| v == "3");
+    if ws_three_consumers {
+        println!(
+            "cargo:warning=attention-kernels: {WS_HEAD64_CONSUMERS_ENV}=3: the warp-specialised prefill runs head 64 with three consumers (experimental)"
         );
     }
     let base = || {
@@ -145,6 +157,9 @@ fn main() {
         let mut build = base();
         if prefill_trace && stem == "paged_prefill_sm90ws" {
             build.define("PA_PREFILL_TRACE", "1");
+        }
+        if ws_three_consumers && stem == "paged_prefill_sm90ws" {
+            build.define("PA_WS_HEAD64_CONSUMERS", "3");
         }
         build.file(src).compile(&format!("attention_kernels_{stem}"));
     }

@@ -7,11 +7,13 @@
 //
 // Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
 // block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its
-// own softmax with its next QK^T, and the two consumers take turns on the tensor cores so that one
-// group's softmax runs while the other's products do.
+// own softmax with its next QK^T, and the consumers take turns on the tensor cores so that one
+// group's softmax runs while another's products do.
 //
-// Block: 384 threads, one block per SM (shared memory and registers). A work item is 128 query
-// rows of one request and one query head (BM = 128); keys come in tiles of BN = 128.
+// Block: one producer warpgroup and two consumer warpgroups (384 threads; three, 512 threads, at
+// head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3, below), one block per SM (shared memory and
+// registers). A work item is 64 query rows per consumer of one request and one query head (BM =
+// 128; 192 with three consumers); keys come in tiles of BN = 128.
 //
 // Persistent grid: one block per SM, each taking one item per round of the heaviest-first order:
 // block b takes item k * gridDim.x + b of round k, or, in the zig-zag order (the Rust launcher's
@@ -60,40 +62,41 @@
 // FULL barrier with `cp.async.mbarrier.arrive.noinc` (count 128: one arrival per producer thread,
 // each fired when that thread's copies have landed). K and V have separate stages and barriers.
 // The grouped gather issues K(n), V(n), K(n+1), ...: with SV = 3 > SK = 2 (6 > 4 at head 64),
-// V(n)'s stage frees (both consumers' PV(n - SV) done) before K(n+1)'s (their S(n - SK + 1)), so
+// V(n)'s stage frees (every consumer's PV(n - SV) done) before K(n+1)'s (their S(n - SK + 1)), so
 // V(n) first never holds K(n+1) back and V lands a tile earlier than behind K(n+1) (the
 // consumers' FULL_V wait was 4.9% of their steady-state loop's samples; +1-2% on most causal
 // shapes, docs/PERFORMANCE.md, twenty-first session). Where V(n) must be sanitised (below), its
 // wait for the copies to land comes before K(n+1) is issued: issuing K(n+1) first, so that its
 // latency overlapped V(n)'s, measured slower. The offset-ring form (two V stages) keeps K(n+1)
-// before V(n). Before overwriting a stage the producer waits on its EMPTY barrier (count 256:
-// every consumer thread arrives once per use).
+// before V(n). Before overwriting a stage the producer waits on its EMPTY barrier (count 128 per
+// consumer warpgroup: every consumer thread arrives once per use).
 // TMA is not used: a tile spans several pages at arbitrary places and the cache row stride is
 // not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
 // Hopper paged prefill does the same).
 //
-// Warpgroups 1 and 2, the consumers (216 registers after `setmaxnreg.inc`, 224 with an FP8 cache),
-// own 64 query rows each.
-// Per key tile n, a consumer (both go through every tile in the same order, see "skipped tiles"):
+// Warpgroups 1.., the consumers (two at head 128: 216 registers after `setmaxnreg.inc`, 224 with
+// an FP8 cache; three at head 64 where built so: 160), own 64 query rows each.
+// Per key tile n, a consumer (all go through every tile in the same order, see "skipped tiles"):
 //   wait FULL_K(n); [turn] issue S(n) = Q K(n)^T; wait FULL_V(n-1); rescale O by the factor
 //   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
 //   (wgmma.wait_group 1 while the PV product still runs); release K(n); mask + softmax of
 //   S(n) in place; wait for the PV product; release V(n-1); pack P(n) to 16-bit pairs.
 // So the exponentials of tile n overlap the PV product of tile n-1 inside one warpgroup (ptxas
 // undid this until the wait after the softmax was pinned: see the steady-state loop). [turn]
-// is a named barrier per consumer (`bar.sync 1 + c, 256` waits for the other consumer's
-// `bar.arrive`): consumer 0 gets the first turn, and each consumer hands the turn over right after
-// issuing its two products, so their issue phases alternate and one group's softmax runs while the
-// other's products fill the tensor cores (FlashAttention-3's "ping-pong"). Every consumer takes
-// exactly one turn per tile; consumer 0 takes one extra sync at the end to consume the last
-// hand-over, so no named barrier is left half-arrived when the block exits.
+// is a named barrier per consumer (`bar.sync 1 + c, 256` waits for the previous consumer's
+// `bar.arrive`): consumer 0 gets the first turn, and each consumer hands the turn to the next (the
+// last to consumer 0) right after issuing its two products, so their issue phases take turns and
+// one group's softmax runs while another's products fill the tensor cores (FlashAttention-3's
+// "ping-pong"). Every consumer takes exactly one turn per tile; consumer 0 takes one extra sync at
+// the end to consume the last hand-over, so no named barrier is left half-arrived when the block
+// exits.
 //
 // Skipped tiles: a consumer whose rows see no key of a tile issues no product for it, but still
 // waits on the tile's FULL barriers, arrives on its EMPTY barriers and takes its turn. Waiting
 // on FULL before releasing keeps each barrier's phase in step with the producer (a release without
 // the wait could complete an EMPTY phase while copies of that stage are still in flight); taking
 // the turn keeps the alternation balanced. The producer only waits for stages it is about to reuse,
-// and every stage it fills is one both consumers will wait on and release. The tiles a consumer
+// and every stage it fills is one every consumer will wait on and release. The tiles a consumer
 // does see form one contiguous run (its rows' key interval), so its loop is: skip the tiles before
 // the run, the run itself with the first (S only) and last (PV only) tiles peeled off so that
 // every wgmma inside the steady-state loop is unconditional (conditional issue makes ptxas
@@ -203,9 +206,22 @@
 #include "attention/softmax_state.cuh"
 #include "attention/wgmma_sm90.cuh"
 
+// Consumer warpgroups at head 64: 2 (the default) or 3, an experimental configuration built with
+// PAGED_ATTN_WS_HEAD64_CONSUMERS=3 set at build time (docs/PERFORMANCE.md, twenty-fifth session:
+// not yet measured; the mixed-step partition model still plans head 64 with 128-row items).
+#ifndef PA_WS_HEAD64_CONSUMERS
+#define PA_WS_HEAD64_CONSUMERS 2
+#endif
+static_assert(PA_WS_HEAD64_CONSUMERS == 2 || PA_WS_HEAD64_CONSUMERS == 3, "two or three consumers at head 64");
+
 namespace {
 
 using pa::KernelParams;
+
+// Named barrier ids (0 is __syncthreads): the consumers' turns from kBarTurn0 (one per consumer),
+// then the producer's own and the staged epilogue's (one per consumer): WsCfg::kBarProducer,
+// WsCfg::kBarEpi0.
+constexpr int kBarTurn0 = 1;
 
 // kGrouped: the launcher sends only block sizes the grouped gather serves (RT divides them), so
 // at head 128 over a 16-bit cache the offset ring's room goes to a third V stage (see "Shared
@@ -216,8 +232,14 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   // The epilogue stages each consumer's output rows in its own rows of the item's Q buffer and
   // stores them as 16-byte row chunks (16-bit caches; the FP8 path keeps direct stores).
   static constexpr bool kStageO = !kFp8;
-  static constexpr int kConsumers = 2;
+  // Head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3 (see below): three consumer warpgroups
+  // (192-row items), so that two of them keep the tensor cores busy while the third runs its
+  // softmax (a head-64 tile has half the products of a head-128 one per exponential). Otherwise two.
+  static constexpr int kConsumers = D <= 64 ? PA_WS_HEAD64_CONSUMERS : 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kBarProducer = kBarTurn0 + kConsumers;
+  static constexpr int kBarEpi0 = kBarProducer + 1;
+  static_assert(kBarEpi0 + kConsumers <= 16, "named barriers");
   static constexpr int kBM = 64 * kConsumers;
   static constexpr int kBN = 128;
   // K and V stage counts (see "Shared memory" in the header: at head 128 a 16-bit cache spends the
@@ -234,13 +256,18 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   static constexpr int kTileBytes = kBN * D * 2;
   static constexpr int kStageBytes8 = kFp8 ? kBN * D : 0;  // one staged FP8 K or V tile, [BN][D] bytes
   static constexpr int kBadWords = kBN / 32;
-  // Register split: 128 x 72 + 256 x 216 (16-bit cache) or 128 x 56 + 256 x 224 (FP8) = 64512 =
-  // 384 x 168, the launch allocation. The producer keeps the persistent item loop's state, and over
-  // a 16-bit cache the carried page cursors of K and V, without spilling inside its tile loop (with
-  // an FP8 cache: 16 live values per widened 16-byte vector); the consumers do not spill at 216.
-  static constexpr int kProducerRegs = kFp8 ? 56 : 72;
-  static constexpr int kConsumerRegs = kFp8 ? 224 : 216;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 64512, "register split");
+  // Register split, at most the launch allocation (65536 registers over kThreads, in steps of 8).
+  // Two consumers: 128 x 72 + 256 x 216 (16-bit cache) or 128 x 56 + 256 x 224 (FP8) = 64512 =
+  // 384 x 168. The producer keeps the persistent item loop's state, and over a 16-bit cache the
+  // carried page cursors of K and V, without spilling inside its tile loop (with an FP8 cache: 16
+  // live values per widened 16-byte vector); the consumers do not spill at 216. Three consumers
+  // (head 64): 128 x 32 + 384 x 160 = 65536 = 512 x 128, FlashAttention-3's split for three MMA
+  // warpgroups; at 152 (with a 56-register producer) ptxas serialised every wgmma for want of
+  // registers (warning C7512), and at 32 the producer reloads a few spilled values per tile.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : (kFp8 ? 56 : 72);
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : (kFp8 ? 224 : 216);
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs == kThreads * kLaunchRegs, "register split");
   // Byte offsets from the 1024-aligned base.
   static constexpr int kOffK = kQBufs * kQBytes;
   static constexpr int kOffV = kOffK + kStagesK * kTileBytes;
@@ -260,11 +287,6 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   static_assert((kBN * kChunks) % 128 == 0, "producer copies divide evenly");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
-
-// Named barrier ids (0 is __syncthreads): the two consumers' turns, and the producer's own.
-constexpr int kBarTurn0 = 1;
-constexpr int kBarProducer = 3;
-constexpr int kBarEpi0 = 4;  // the staged epilogue's, one per consumer warpgroup
 
 // The global timer, ns (the producer's hang guard and the trace build's marks).
 __device__ __forceinline__ uint64_t global_ns() {
@@ -441,6 +463,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
                           const __grid_constant__ CUtensorMap o_map, const int o_tma) {
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D, kFp8, kGrouped>;
+  constexpr int kBarProducer = Cfg::kBarProducer, kBarEpi0 = Cfg::kBarEpi0;
   constexpr bool kStO = Cfg::kStageO;
   namespace w = pa::sm90;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, C = Cfg::kChunks;
@@ -618,18 +641,20 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
     }
   };
 
+  // Every consumer thread releases each stage once per use.
+  constexpr int kReleases = 128 * Cfg::kConsumers;
   if (tid == 0) {
     for (int s = 0; s < SK; ++s) {
       mbar_init(full_k(s), 128);
-      mbar_init(empty_k(s), 256);
+      mbar_init(empty_k(s), kReleases);
     }
     for (int s = 0; s < SV; ++s) {
       mbar_init(full_v(s), 128);
-      mbar_init(empty_v(s), 256);
+      mbar_init(empty_v(s), kReleases);
     }
     for (int b = 0; b < NQ; ++b) {
       mbar_init(q_full(b), 128);
-      mbar_init(q_empty(b), 256);
+      mbar_init(q_empty(b), kReleases);
     }
   }
   __syncthreads();  // the only block-wide barrier: the roles below never meet in bar 0 again
@@ -662,7 +687,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       }
     };
     // Q of item `it` into buffer qn % NQ (qn: the block's earlier Q loads): the buffer is free once
-    // both consumers finished the last QK^T of the item that used it before (NQ loads ago).
+    // every consumer finished the last QK^T of the item that used it before (NQ loads ago).
     auto load_q = [&](const Item& it, uint32_t qn) {
       const uint32_t b = qn % NQ;
       if (qn >= NQ) mbar_wait_guarded(q_empty(b), ((qn / NQ) - 1) & 1);
@@ -884,7 +909,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   const int g4 = lane >> 2, t4 = lane & 3;
   const int rw0 = cw * 64;
   const int r_thr = rw0 + warp * 16 + g4;  // this thread's rows r_thr and r_thr + 8 of a block
-  const int bar_self = kBarTurn0 + cw, bar_other = kBarTurn0 + 1 - cw;
+  // The turn passes round the consumers in order: this one's barrier, then the next one's.
+  const int bar_self = kBarTurn0 + cw;
+  const int bar_other = Cfg::kConsumers == 2 ? kBarTurn0 + 1 - cw : kBarTurn0 + (cw + 1) % Cfg::kConsumers;
   const uint32_t pin_addr = base + Cfg::kOffPin + 4u * static_cast<uint32_t>(ct + 128 * cw);
   T* out = static_cast<T*>(p.out);
   const bool elementwise = p.softcap > 0.f || p.has_alibi;
@@ -894,7 +921,9 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
   // The round of the walk (the producer's k): only the trace reads it.
   int walk_round = -1;
-  const bool tracer = ct == 0;  // the thread that writes this warpgroup's marks in a trace build
+  // The thread that writes this warpgroup's marks in a trace build (a record has room for two
+  // consumers' marks: with three, the third's are not kept).
+  const bool tracer = ct == 0 && (Cfg::kConsumers == 2 || cw < 2);
 #pragma unroll 1
   for (int item = blockIdx.x, step = first_step; item < n_items;
        item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
@@ -1225,7 +1254,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       ++qi;
     }
   }
-  // Consume consumer 1's last hand-over so both turn barriers end complete.
+  // Consume the last consumer's last hand-over so every turn barrier ends complete.
   if (cw == 0) named_sync(kBarTurn0, 256);
 #endif  // PA_SM90_ENABLED
 }
