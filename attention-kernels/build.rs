@@ -155,11 +155,13 @@ fn main() {
     for src in CU_SOURCES_SM90 {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
         let mut build = base();
-        if prefill_trace && stem == "paged_prefill_sm90ws" {
-            build.define("PA_PREFILL_TRACE", "1");
-        }
-        if ws_three_consumers && stem == "paged_prefill_sm90ws" {
-            build.define("PA_WS_HEAD64_CONSUMERS", "3");
+        if stem == "paged_prefill_sm90ws" {
+            if prefill_trace {
+                build.define("PA_PREFILL_TRACE", "1");
+            }
+            if ws_three_consumers {
+                build.define("PA_WS_HEAD64_CONSUMERS", "3");
+            }
         }
         build.file(src).compile(&format!("attention_kernels_{stem}"));
     }

@@ -232,7 +232,7 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   // The epilogue stages each consumer's output rows in its own rows of the item's Q buffer and
   // stores them as 16-byte row chunks (16-bit caches; the FP8 path keeps direct stores).
   static constexpr bool kStageO = !kFp8;
-  // Head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3 (see below): three consumer warpgroups
+  // Head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3 (see above): three consumer warpgroups
   // (192-row items), so that two of them keep the tensor cores busy while the third runs its
   // softmax (a head-64 tile has half the products of a head-128 one per exponential). Otherwise two.
   static constexpr int kConsumers = D <= 64 ? PA_WS_HEAD64_CONSUMERS : 2;
@@ -909,7 +909,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   const int g4 = lane >> 2, t4 = lane & 3;
   const int rw0 = cw * 64;
   const int r_thr = rw0 + warp * 16 + g4;  // this thread's rows r_thr and r_thr + 8 of a block
-  // The turn passes round the consumers in order: this one's barrier, then the next one's.
+  // The turn passes round the consumers in order: this one's barrier, then the next one's (two
+  // consumers keep the form 1 - cw, which ptxas turns into the same code as before the option).
   const int bar_self = kBarTurn0 + cw;
   const int bar_other = Cfg::kConsumers == 2 ? kBarTurn0 + 1 - cw : kBarTurn0 + (cw + 1) % Cfg::kConsumers;
   const uint32_t pin_addr = base + Cfg::kOffPin + 4u * static_cast<uint32_t>(ct + 128 * cw);
@@ -923,7 +924,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   int walk_round = -1;
   // The thread that writes this warpgroup's marks in a trace build (a record has room for two
   // consumers' marks: with three, the third's are not kept).
-  const bool tracer = ct == 0 && (Cfg::kConsumers == 2 || cw < 2);
+  const bool tracer = ct == 0 && cw < 2;
 #pragma unroll 1
   for (int item = blockIdx.x, step = first_step; item < n_items;
        item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
