@@ -69,6 +69,14 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
+    // The host side plans with the kernel's item rows (`ws_item_rows`), so it hears of the option
+    // whether or not this build compiles the kernels.
+    let ws_three_consumers = env::var(WS_HEAD64_CONSUMERS_ENV).is_ok_and(|v| v == "3");
+    println!("cargo::rustc-check-cfg=cfg(pa_ws_head64_three_consumers)");
+    if ws_three_consumers {
+        println!("cargo:rustc-cfg=pa_ws_head64_three_consumers");
+    }
+
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -108,7 +116,6 @@ fn main() {
             "cargo:warning=attention-kernels: {PREFILL_TRACE_ENV} set: the warp-specialised prefill records per-round timestamps"
         );
     }
-    let ws_three_consumers = env::var(WS_HEAD64_CONSUMERS_ENV).is_ok_and(|v| v == "3");
     if ws_three_consumers {
         println!(
             "cargo:warning=attention-kernels: {WS_HEAD64_CONSUMERS_ENV}=3: the warp-specialised prefill runs head 64 with three consumers (experimental)"

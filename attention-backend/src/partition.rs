@@ -37,7 +37,7 @@
 
 use std::sync::OnceLock;
 
-use attention_kernels::{DType, WsOrder};
+use attention_kernels::{ws_item_rows, DType, WsOrder};
 
 use crate::error::{AttentionError, Result};
 use crate::metadata::AttentionMetadata;
@@ -182,8 +182,8 @@ pub const PREFILL_FIXED_US: f64 = 6.5;
 /// 8 decodes + 1 x 1024: 3.5% and 14%).
 pub const MIN_PREDICTED_GAIN: f64 = 0.97;
 
-/// Query rows of one work item and keys of one key tile of the warp-specialised prefill.
-const ITEM_ROWS: usize = 128;
+/// Keys of one key tile of the warp-specialised prefill (its item rows are the kernels' own,
+/// `attention_kernels::ws_item_rows`).
 const TILE_KEYS: usize = 128;
 
 /// Most SMs the model plans for (its per-block loads live on the stack).
@@ -196,11 +196,13 @@ const MAX_SMS: usize = 512;
 /// 1 x 512, 4 x 256, the chunked q512 on 7.5k x 4 and q512 on 4k: all within 5% but 2 x 8192,
 /// 6% under its measured time and inside its run-to-run spread). Head 64: the tile cost from
 /// causal 8 x 2048 at head 64, with the item cost taken as 0.6 of head 128's (one point cannot
-/// separate the two).
+/// separate the two). A build whose head-64 items have three consumers' rows (192) takes head 64's
+/// tile cost scaled by the rows, a bound that assumes the third consumer gains nothing (not yet
+/// fitted on that build).
 pub fn prefill_cycles(head_size: usize) -> Option<(f64, f64)> {
     match head_size {
         128 => Some((3640.0, 8500.0)),
-        64 => Some((2600.0, 5100.0)),
+        64 => Some((2600.0 * ws_item_rows(64) as f64 / 128.0, 5100.0)),
         _ => None,
     }
 }
@@ -235,6 +237,7 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     let n = shape.prefill_reqs;
     let heads = shape.num_heads.max(1);
     let n_mb = row_blocks(shape);
+    let item_rows = ws_item_rows(shape.head_size);
     let items = n_mb * n * heads;
     if items == 0 {
         return Some(0.0);
@@ -268,7 +271,7 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
     };
     let mut item = 0;
     for mb_rev in 0..n_mb {
-        let m0 = (n_mb - 1 - mb_rev) * ITEM_ROWS;
+        let m0 = (n_mb - 1 - mb_rev) * item_rows;
         for r in 0..n {
             let first = item;
             item += heads;
@@ -276,7 +279,7 @@ pub fn prefill_alone_us<F: Fn(usize) -> (usize, usize)>(
             if m0 >= q {
                 continue;
             }
-            let rows = (q - m0).min(ITEM_ROWS);
+            let rows = (q - m0).min(item_rows);
             let last_key = seq.saturating_sub(q) + m0 + rows - 1;
             let cost = (last_key / TILE_KEYS + 1) as f64 * tile_cycles + item_cycles;
             add(first, heads, cost);
@@ -427,9 +430,10 @@ pub(crate) fn mixed_prefill_sms(
     prefill_sms(setting, rates, &shape)
 }
 
-/// Row blocks per request in the kernel's launch: its longest query's, in `ITEM_ROWS` rows.
+/// Row blocks per request in the kernel's launch: its longest query's, in item rows.
 fn row_blocks<F: Fn(usize) -> (usize, usize)>(shape: &MixedShape<F>) -> usize {
-    (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(ITEM_ROWS)).max().unwrap_or(0)
+    let rows = ws_item_rows(shape.head_size);
+    (0..shape.prefill_reqs).map(|r| (shape.prefill_req)(r).0.div_ceil(rows)).max().unwrap_or(0)
 }
 
 /// Work items (the kernel's grid without a cap) of the prefill part.

@@ -208,7 +208,7 @@
 
 // Consumer warpgroups at head 64: 2 (the default) or 3, an experimental configuration built with
 // PAGED_ATTN_WS_HEAD64_CONSUMERS=3 set at build time (docs/PERFORMANCE.md, twenty-fifth session:
-// not yet measured; the mixed-step partition model still plans head 64 with 128-row items).
+// not yet measured; the host side plans with the same item rows, ws_item_rows in ws_order.rs).
 #ifndef PA_WS_HEAD64_CONSUMERS
 #define PA_WS_HEAD64_CONSUMERS 2
 #endif

@@ -29,7 +29,7 @@ mod ws_order;
 pub use dtype::{CacheElement, DType, DeviceElement, Element, KvStorage};
 pub use error::KernelError;
 pub use fp8::{Fp8E4M3, Fp8E5M2};
-pub use ws_order::{WsOrder, WS_ORDER_ENV};
+pub use ws_order::{ws_item_rows, WsOrder, WS_ORDER_ENV};
 
 #[cfg(feature = "cuda")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cuda")))]

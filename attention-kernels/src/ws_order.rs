@@ -1,7 +1,7 @@
 //! The order in which the warp-specialised prefill's persistent blocks take their work items.
 //!
-//! The kernel's grid is one block per SM, and its work items (128 query rows of one request and
-//! one query head) come heaviest first. Block `b` of a grid of `g` takes one item per round: in
+//! The kernel's grid is one block per SM, and its work items (the query rows of one request and
+//! one query head that its consumers share, [`ws_item_rows`]) come heaviest first. Block `b` of a grid of `g` takes one item per round: in
 //! round `k` the items `k g .. (k + 1) g` go to the blocks in order, so block 0 always gets the
 //! heaviest item of the round and block `g - 1` the lightest. Within a causal request the items
 //! lighten by a key tile per row block, so over many rounds the first blocks collect a surplus that
@@ -20,6 +20,20 @@ use crate::KernelError;
 /// default ([`WsOrder::DEFAULT`]). Any other value makes prefill launches fail with
 /// [`KernelError::InvalidArgument`].
 pub const WS_ORDER_ENV: &str = "PAGED_ATTN_WS_ORDER";
+
+/// Consumer warpgroups of the warp-specialised prefill at head 64: three in a build with
+/// `PAGED_ATTN_WS_HEAD64_CONSUMERS=3` set (attention-kernels' build script), two otherwise.
+#[cfg(pa_ws_head64_three_consumers)]
+const HEAD64_CONSUMERS: usize = 3;
+#[cfg(not(pa_ws_head64_three_consumers))]
+const HEAD64_CONSUMERS: usize = 2;
+
+/// Query rows of one work item of the warp-specialised prefill at `head_size`: 64 per consumer
+/// warpgroup, so 128, or 192 at head 64 in a three-consumer build. The launch's item count and
+/// the mixed step's partition model both follow it; it is part of this build, not of a launch.
+pub fn ws_item_rows(head_size: usize) -> usize {
+    64 * if head_size <= 64 { HEAD64_CONSUMERS } else { 2 }
+}
 
 /// How the persistent blocks share the work items (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -125,5 +139,15 @@ mod tests {
         }
         assert_eq!(WsOrder::Strided.code(), 0);
         assert_eq!(WsOrder::ZigZag.code(), 1);
+    }
+
+    /// Two consumers' rows at every head size but 64, whose count is the build's.
+    #[test]
+    fn item_rows_per_head_size() {
+        for head in [80, 96, 112, 128, 192, 256] {
+            assert_eq!(ws_item_rows(head), 128, "head {head}");
+        }
+        assert!(matches!(HEAD64_CONSUMERS, 2 | 3));
+        assert_eq!(ws_item_rows(64), 64 * HEAD64_CONSUMERS);
     }
 }
