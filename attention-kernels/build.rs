@@ -42,9 +42,9 @@ const DECODE_TRACE_ENV: &str = "PAGED_ATTN_DECODE_TRACE";
 /// build.
 const PREFILL_TRACE_ENV: &str = "PAGED_ATTN_PREFILL_TRACE";
 
-/// Set to `3` at build time: the warp-specialised prefill runs head 64 with three consumer
-/// warpgroups (192-row items) instead of two, an experimental configuration not yet measured
-/// (docs/PERFORMANCE.md, twenty-fifth session). Any other value keeps two.
+/// Set to `2` at build time: the warp-specialised prefill runs head 64 with two consumer
+/// warpgroups (128-row items) instead of three, the configuration before the twenty-sixth session
+/// (docs/PERFORMANCE.md), kept for comparison. Any other value keeps three.
 const WS_HEAD64_CONSUMERS_ENV: &str = "PAGED_ATTN_WS_HEAD64_CONSUMERS";
 
 /// Version of the pinned toolkit that `cargo xtask setup-cuda` installs.
@@ -71,10 +71,10 @@ fn main() {
 
     // The host side plans with the kernel's item rows (`ws_item_rows`), so it hears of the option
     // whether or not this build compiles the kernels.
-    let ws_three_consumers = env::var(WS_HEAD64_CONSUMERS_ENV).is_ok_and(|v| v == "3");
-    println!("cargo::rustc-check-cfg=cfg(pa_ws_head64_three_consumers)");
-    if ws_three_consumers {
-        println!("cargo:rustc-cfg=pa_ws_head64_three_consumers");
+    let ws_two_consumers = env::var(WS_HEAD64_CONSUMERS_ENV).is_ok_and(|v| v == "2");
+    println!("cargo::rustc-check-cfg=cfg(pa_ws_head64_two_consumers)");
+    if ws_two_consumers {
+        println!("cargo:rustc-cfg=pa_ws_head64_two_consumers");
     }
 
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -116,9 +116,9 @@ fn main() {
             "cargo:warning=attention-kernels: {PREFILL_TRACE_ENV} set: the warp-specialised prefill records per-round timestamps"
         );
     }
-    if ws_three_consumers {
+    if ws_two_consumers {
         println!(
-            "cargo:warning=attention-kernels: {WS_HEAD64_CONSUMERS_ENV}=3: the warp-specialised prefill runs head 64 with three consumers (experimental)"
+            "cargo:warning=attention-kernels: {WS_HEAD64_CONSUMERS_ENV}=2: the warp-specialised prefill runs head 64 with two consumers (the earlier configuration)"
         );
     }
     let base = || {
@@ -166,8 +166,8 @@ fn main() {
             if prefill_trace {
                 build.define("PA_PREFILL_TRACE", "1");
             }
-            if ws_three_consumers {
-                build.define("PA_WS_HEAD64_CONSUMERS", "3");
+            if ws_two_consumers {
+                build.define("PA_WS_HEAD64_CONSUMERS", "2");
             }
         }
         build.file(src).compile(&format!("attention_kernels_{stem}"));

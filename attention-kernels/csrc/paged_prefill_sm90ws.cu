@@ -1,9 +1,9 @@
 // Paged prefill on Hopper (sm_90a), warp-specialised: one warpgroup gathers K/V pages, two
-// warpgroups run the matrix products, and neither waits for the other except through shared-memory
-// barriers. The default prefill at head sizes 64 and 128 over a 16-bit cache (the Rust launcher's
-// Auto path; PAGED_ATTN_PREFILL=sm90ws forces it for FP8 caches too); paged_prefill_sm90.cu
-// (every thread loads, then computes, in lockstep) stays the default for FP8 caches, where it
-// measured faster.
+// warpgroups (three at head 64) run the matrix products, and neither waits for the other except
+// through shared-memory barriers. The default prefill at head sizes 64 and 128 over a 16-bit cache
+// (the Rust launcher's Auto path; PAGED_ATTN_PREFILL=sm90ws forces it for FP8 caches too);
+// paged_prefill_sm90.cu (every thread loads, then computes, in lockstep) stays the default for FP8
+// caches, where it measured faster.
 //
 // Why: in the lockstep kernel the tensor cores idle during every load wait, every softmax and every
 // block-wide barrier. Here the loads run on their own warps, each consumer warpgroup overlaps its
@@ -11,9 +11,9 @@
 // group's softmax runs while another's products do.
 //
 // Block: one producer warpgroup and two consumer warpgroups (384 threads; three, 512 threads, at
-// head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3, below), one block per SM (shared memory and
-// registers). A work item is 64 query rows per consumer of one request and one query head (BM =
-// 128; 192 with three consumers); keys come in tiles of BN = 128.
+// head 64 unless built with PA_WS_HEAD64_CONSUMERS = 2, below), one block per SM (shared memory
+// and registers). A work item is 64 query rows per consumer of one request and one query head
+// (BM = 128; 192 with three consumers); keys come in tiles of BN = 128.
 //
 // Persistent grid: one block per SM, each taking one item per round of the heaviest-first order:
 // block b takes item k * gridDim.x + b of round k, or, in the zig-zag order (the Rust launcher's
@@ -45,16 +45,16 @@
 // copies to land. The consumers see their rows' run of tiles mirrored; nothing else changes (the
 // online softmax does not care about key order). FP8 caches keep the ascending order.
 //
-// Warpgroup 0, the producer (72 registers after `setmaxnreg.dec` over a 16-bit cache, 56 over FP8;
-// with 40, ptxas spilled the item loop's state inside the tile loop): loads the item's Q tile, then
-// walks its key tiles. Each producer thread copies one 16-byte column of RT consecutive key rows of
-// every tile (RT = 16 at head 128, 8 at head 64): when RT divides the block size those rows lie in
-// one page, so the thread reads one block-table entry per tile (a tile ahead, into a register) and
-// steps through the page by the token stride, with no shared memory and no barrier between
-// producer threads. Over a 16-bit cache the thread carries its rows' page index and row in the
-// page from tile to tile (tiles are BN keys apart) instead of dividing by the block size for each
-// tile: the producer's address arithmetic was on the critical path (measured, docs/PERFORMANCE.md,
-// twelfth session).
+// Warpgroup 0, the producer (72 registers after `setmaxnreg.dec` over a 16-bit cache, 56 over FP8,
+// 32 beside three consumers; with 40 beside two, ptxas spilled the item loop's state inside the
+// tile loop): loads the item's Q tile, then walks its key tiles. Each producer thread copies one
+// 16-byte column of RT consecutive key rows of every tile (RT = 16 at head 128, 8 at head 64): when
+// RT divides the block size those rows lie in one page, so the thread reads one block-table entry
+// per tile (a tile ahead, into a register) and steps through the page by the token stride, with no
+// shared memory and no barrier between producer threads. Over a 16-bit cache the thread carries its
+// rows' page index and row in the page from tile to tile (tiles are BN keys apart) instead of
+// dividing by the block size for each tile: the producer's address arithmetic was on the critical
+// path (measured, docs/PERFORMANCE.md, twelfth session).
 // (The first version had one thread per key row write its row's offset to a ring in shared memory
 // for the others to read after a producer barrier; Nsight Compute showed every copy waiting on its
 // offset's shared-memory load, and the consumers waiting on FULL barriers for 16% of their time.
@@ -75,7 +75,7 @@
 // Hopper paged prefill does the same).
 //
 // Warpgroups 1.., the consumers (two at head 128: 216 registers after `setmaxnreg.inc`, 224 with
-// an FP8 cache; three at head 64 where built so: 160), own 64 query rows each.
+// an FP8 cache; three at head 64: 160), own 64 query rows each.
 // Per key tile n, a consumer (all go through every tile in the same order, see "skipped tiles"):
 //   wait FULL_K(n); [turn] issue S(n) = Q K(n)^T; wait FULL_V(n-1); rescale O by the factor
 //   of tile n-1's softmax, issue O += P(n-1) V(n-1); [hand the turn over]; wait for S(n) only
@@ -206,11 +206,12 @@
 #include "attention/softmax_state.cuh"
 #include "attention/wgmma_sm90.cuh"
 
-// Consumer warpgroups at head 64: 2 (the default) or 3, an experimental configuration built with
-// PAGED_ATTN_WS_HEAD64_CONSUMERS=3 set at build time (docs/PERFORMANCE.md, twenty-fifth session:
-// not yet measured; the host side plans with the same item rows, ws_item_rows in ws_order.rs).
+// Consumer warpgroups at head 64: 3 (the default; +5.5% on causal 8 x 2048 at head 64, +4.6% on
+// 2 x 8192, +2.5% on the chunked q512 on 7.5k x 4, within 1.5% on short requests: H100,
+// docs/PERFORMANCE.md, twenty-sixth session) or 2, built with PAGED_ATTN_WS_HEAD64_CONSUMERS=2 set,
+// for comparison. The host side plans with the same item rows (ws_item_rows in ws_order.rs).
 #ifndef PA_WS_HEAD64_CONSUMERS
-#define PA_WS_HEAD64_CONSUMERS 2
+#define PA_WS_HEAD64_CONSUMERS 3
 #endif
 static_assert(PA_WS_HEAD64_CONSUMERS == 2 || PA_WS_HEAD64_CONSUMERS == 3, "two or three consumers at head 64");
 
@@ -232,7 +233,7 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   // The epilogue stages each consumer's output rows in its own rows of the item's Q buffer and
   // stores them as 16-byte row chunks (16-bit caches; the FP8 path keeps direct stores).
   static constexpr bool kStageO = !kFp8;
-  // Head 64 in a build with PA_WS_HEAD64_CONSUMERS = 3 (see above): three consumer warpgroups
+  // Head 64 (unless built with PA_WS_HEAD64_CONSUMERS = 2, see above): three consumer warpgroups
   // (192-row items), so that two of them keep the tensor cores busy while the third runs its
   // softmax (a head-64 tile has half the products of a head-128 one per exponential). Otherwise two.
   static constexpr int kConsumers = D <= 64 ? PA_WS_HEAD64_CONSUMERS : 2;

@@ -21,16 +21,17 @@ use crate::KernelError;
 /// [`KernelError::InvalidArgument`].
 pub const WS_ORDER_ENV: &str = "PAGED_ATTN_WS_ORDER";
 
-/// Consumer warpgroups of the warp-specialised prefill at head 64: three in a build with
-/// `PAGED_ATTN_WS_HEAD64_CONSUMERS=3` set (attention-kernels' build script), two otherwise.
-#[cfg(pa_ws_head64_three_consumers)]
+/// Consumer warpgroups of the warp-specialised prefill at head 64: three, or two in a build with
+/// `PAGED_ATTN_WS_HEAD64_CONSUMERS=2` set (attention-kernels' build script).
+#[cfg(not(pa_ws_head64_two_consumers))]
 const HEAD64_CONSUMERS: usize = 3;
-#[cfg(not(pa_ws_head64_three_consumers))]
+#[cfg(pa_ws_head64_two_consumers)]
 const HEAD64_CONSUMERS: usize = 2;
 
-/// Query rows of one work item of the warp-specialised prefill at `head_size`: 64 per consumer
-/// warpgroup, so 128, or 192 at head 64 in a three-consumer build. The launch's item count and
-/// the mixed step's partition model both follow it; it is part of this build, not of a launch.
+/// Query rows of one work item of the warp-specialised prefill at `head_size`, 64 per consumer
+/// warpgroup: 192 at head 64 (128 in a two-consumer build), 128 at every other head size. The
+/// kernel's item count and the mixed step's partition model both follow it; it is fixed when the
+/// kernels are built, not chosen per launch.
 pub fn ws_item_rows(head_size: usize) -> usize {
     64 * if head_size <= 64 { HEAD64_CONSUMERS } else { 2 }
 }

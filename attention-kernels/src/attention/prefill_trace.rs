@@ -89,8 +89,9 @@ pub struct PrefillRoundTrace {
     pub producer_k0_ns: u64,
     /// Producer: the last V tile's copies issued (and sanitised where a mask bound crosses it).
     pub producer_end_ns: u64,
-    /// Consumer warpgroups 0 and 1 (query rows 0-63 and 64-127 of the item; in a build with three
-    /// consumers at head 64, `PAGED_ATTN_WS_HEAD64_CONSUMERS=3`, the third's rows are not recorded).
+    /// Consumer warpgroups 0 and 1 (query rows 0-63 and 64-127 of the item; at head 64, where
+    /// three consumers share an item unless built otherwise, the third's rows 128-191 are not
+    /// recorded).
     pub consumers: [PrefillConsumerMarks; 2],
 }
 
