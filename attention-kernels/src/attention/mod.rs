@@ -228,6 +228,7 @@ enum Geometry {
     DecodeTileKeys,
     DecodeHeadsPerBlock,
     PrefillRowsPerBlock,
+    PrefillWsRowsPerBlock,
 }
 
 /// `which` at `head_size` (0 when the head size does not fit an `int` or is not supported).
@@ -238,6 +239,7 @@ fn geometry(head_size: usize, which: Geometry) -> usize {
         Geometry::DecodeTileKeys => ffi::pa_paged_decode_tile_keys,
         Geometry::DecodeHeadsPerBlock => ffi::pa_paged_decode_heads_per_block,
         Geometry::PrefillRowsPerBlock => ffi::pa_paged_prefill_rows_per_block,
+        Geometry::PrefillWsRowsPerBlock => ffi::pa_paged_prefill_sm90ws_rows_per_block,
     };
     // SAFETY: each of these is a pure function of its integer argument; it touches no memory and
     // no CUDA state.
@@ -266,6 +268,13 @@ pub fn decode_heads_per_block(head_size: usize) -> usize {
 /// request and head); 0 when the head size is not supported.
 pub fn prefill_rows_per_block(head_size: usize) -> usize {
     geometry(head_size, Geometry::PrefillRowsPerBlock)
+}
+
+/// Query rows of one work item of the warp-specialised Hopper prefill, as its compiled
+/// configuration says; 0 off its head sizes. The host's planning uses [`crate::ws_item_rows`],
+/// which needs no CUDA build; the two come from the same build setting and must agree.
+pub fn prefill_ws_rows_per_block(head_size: usize) -> usize {
+    geometry(head_size, Geometry::PrefillWsRowsPerBlock)
 }
 
 /// Resident blocks per SM of `kernel`'s instantiation for `head_size` and `dtype` on `ctx`'s

@@ -306,6 +306,11 @@ fn kernel_facts() {
         }
     }
     assert_eq!(attention::prefill_rows_per_block(120), 0);
+    // The warp-specialised prefill's items as compiled against the rows the host plans with.
+    for d in [64, 128] {
+        assert_eq!(attention::prefill_ws_rows_per_block(d), attention_kernels::ws_item_rows(d), "head {d}");
+    }
+    assert_eq!(attention::prefill_ws_rows_per_block(96), 0);
     assert!(attention::blocks_per_sm(
         dev.context(),
         AttentionKernel::Decode { num_splits: 1, split_keys: 0 },
