@@ -1,15 +1,15 @@
 //! The order in which the warp-specialised prefill's persistent blocks take their work items.
 //!
-//! The kernel's grid is one block per SM, and its work items (the query rows of one request and
-//! one query head that its consumers share, [`ws_item_rows`]) come heaviest first. Block `b` of a grid of `g` takes one item per round: in
-//! round `k` the items `k g .. (k + 1) g` go to the blocks in order, so block 0 always gets the
-//! heaviest item of the round and block `g - 1` the lightest. Within a causal request the items
-//! lighten by a key tile per row block, so over many rounds the first blocks collect a surplus that
-//! the last round cannot even out: the launch ends with the first blocks still working. The
-//! zig-zag order walks every other round's blocks in reverse (the block that took a round's
-//! heaviest item takes the next round's lightest), which pairs heavy with light and leaves the
-//! blocks within about one item of each other. The mixed step's partition model
-//! (`attention-backend`'s `partition` module) walks the same order as the kernel.
+//! The kernel's grid is one block per SM, and its work items (the query rows of one request and one
+//! query head that its consumers share, [`ws_item_rows`]) come heaviest first. Block `b` of a grid
+//! of `g` takes one item per round: in round `k` the items `k g .. (k + 1) g` go to the blocks in
+//! order, so block 0 always gets the heaviest item of the round and block `g - 1` the lightest.
+//! Within a causal request the items lighten row block by row block, so over many rounds the
+//! first blocks collect a surplus that the last round cannot even out: the launch ends with the
+//! first blocks still working. The zig-zag order walks every other round's blocks in reverse (the
+//! block that took a round's heaviest item takes the next round's lightest), which pairs heavy with
+//! light and leaves the blocks within about one item of each other. The mixed step's partition
+//! model (`attention-backend`'s `partition` module) walks the same order as the kernel.
 
 use std::sync::OnceLock;
 
