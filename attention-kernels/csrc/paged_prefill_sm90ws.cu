@@ -314,8 +314,9 @@ enum PrefillTraceWord : int {
   kPtProdEnd = 6,    // producer: the item's last V issued (and sanitised where needed)
   kPtCons = 7,       // consumer c's marks start at kPtCons + kPtConsWords * c (PrefillConsMark)
   kPtConsWords = 11,
-  kPtWords = 29,
+  kPtWords = 40,  // room for three consumers; a kernel with two leaves the third's words zero
 };
+static_assert(kPtWords == kPtCons + 3 * kPtConsWords, "a record holds three consumers' marks");
 enum PrefillConsMark : int {
   kPcStart = 0,       // item decoded
   kPcQ = 1,           // its Q landed
@@ -350,11 +351,16 @@ __device__ __forceinline__ void prefill_trace_open(bool who, int round, long lon
   for (int w = kPtProdQ; w <= kPtProdEnd; ++w) rec[w] = 0;
   rec[kPtProdStart] = global_ns();
 }
-// Consumer c opens its part of a round's record (its marks cleared, then its start).
-__device__ __forceinline__ void prefill_trace_cons_open(bool who, int round, int c) {
+// Consumer c of n opens its part of a round's record (its marks cleared, then its start);
+// consumer 0 also clears the words of consumers the kernel does not have, which an earlier launch
+// with more consumers may have left.
+__device__ __forceinline__ void prefill_trace_cons_open(bool who, int round, int c, int n) {
   unsigned long long* rec = who ? prefill_trace_rec(round) : nullptr;
   if (rec == nullptr) return;
   for (int w = 1; w < kPtConsWords; ++w) rec[kPtCons + kPtConsWords * c + w] = 0;
+  if (c == 0) {
+    for (int w = kPtCons + kPtConsWords * n; w < kPtWords; ++w) rec[w] = 0;
+  }
   rec[kPtCons + kPtConsWords * c + kPcStart] = global_ns();
 }
 __device__ __forceinline__ void prefill_trace_mark(bool who, int round, int word) {
@@ -362,12 +368,12 @@ __device__ __forceinline__ void prefill_trace_mark(bool who, int round, int word
   if (rec != nullptr) rec[word] = global_ns();
 }
 #define PA_PT_OPEN(who, round, item, tiles) prefill_trace_open((who), (round), (item), (tiles))
-#define PA_PT_CONS_OPEN(who, round, c) prefill_trace_cons_open((who), (round), (c))
+#define PA_PT_CONS_OPEN(who, round, c, n) prefill_trace_cons_open((who), (round), (c), (n))
 #define PA_PT_MARK(who, round, word) prefill_trace_mark((who), (round), (word))
 #else
 // Arguments evaluated for nothing (no side effects): no unused-variable warning in normal builds.
 #define PA_PT_OPEN(who, round, item, tiles) ((void)(who), (void)(round), (void)(item), (void)(tiles))
-#define PA_PT_CONS_OPEN(who, round, c) ((void)(who), (void)(round), (void)(c))
+#define PA_PT_CONS_OPEN(who, round, c, n) ((void)(who), (void)(round), (void)(c), (void)(n))
 #define PA_PT_MARK(who, round, word) ((void)(who), (void)(round), (void)(word))
 #endif
 
@@ -923,15 +929,14 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
   // The round of the walk (the producer's k): only the trace reads it.
   int walk_round = -1;
-  // The thread that writes this warpgroup's marks in a trace build (a record has room for two
-  // consumers' marks: with three, the third's are not kept).
-  const bool tracer = ct == 0 && cw < 2;
+  // The thread that writes this warpgroup's marks in a trace build.
+  const bool tracer = ct == 0;
 #pragma unroll 1
   for (int item = blockIdx.x, step = first_step; item < n_items;
        item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
     ++walk_round;
     const Item it = decode_item(item);
-    PA_PT_CONS_OPEN(tracer, walk_round, cw);
+    PA_PT_CONS_OPEN(tracer, walk_round, cw, Cfg::kConsumers);
     if (it.m0 >= it.q_len) continue;
     const int n_first = it.n_first, n_tiles = it.n_tiles, seq_len = it.seq_len;
     const int ctx = it.ctx, m0 = it.m0, rows = it.rows;

@@ -12,7 +12,7 @@ use crate::launch::{bind_ctx, status_to_result};
 use crate::{ffi, KernelError};
 
 /// Words per record on the C side (`PrefillTraceWord::kPtWords`).
-const WORDS: usize = 29;
+const WORDS: usize = 40;
 /// Where the consumers' marks start, and how many each has (`kPtCons`, `kPtConsWords`).
 const CONS: usize = 7;
 const CONS_WORDS: usize = 11;
@@ -89,10 +89,10 @@ pub struct PrefillRoundTrace {
     pub producer_k0_ns: u64,
     /// Producer: the last V tile's copies issued (and sanitised where a mask bound crosses it).
     pub producer_end_ns: u64,
-    /// Consumer warpgroups 0 and 1 (query rows 0-63 and 64-127 of the item; at head 64, where
-    /// three consumers share an item unless built otherwise, the third's rows 128-191 are not
-    /// recorded).
-    pub consumers: [PrefillConsumerMarks; 2],
+    /// Consumer warpgroups 0, 1 and 2 (query rows 0-63, 64-127 and 128-191 of the item); the
+    /// third is all zero where the kernel has two consumers (head 128, or head 64 in a
+    /// two-consumer build).
+    pub consumers: [PrefillConsumerMarks; 3],
 }
 
 /// The records of the last warp-specialised prefill launch on `ctx`'s device, for its first
@@ -165,7 +165,7 @@ pub fn prefill_trace(ctx: &CudaContext, blocks: usize) -> Result<Option<Vec<Pref
                 producer_q_ns: w[4],
                 producer_k0_ns: w[5],
                 producer_end_ns: w[6],
-                consumers: [cons(0), cons(1)],
+                consumers: [cons(0), cons(1), cons(2)],
             });
         }
     }

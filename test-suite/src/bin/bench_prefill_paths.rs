@@ -237,14 +237,15 @@ fn write_trace(dev: &CudaDevice, path: &str) -> Result<(), String> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?);
     writeln!(
         f,
-        "# block round item tiles sm | producer: start q k0 end | consumer 0, consumer 1: start q s0_issued \
-         s0_done softmax0 loop_end last_pv final staged stored end (us from the first producer start)"
+        "# block round item tiles sm | producer: start q k0 end | consumer 0, 1, 2: start q s0_issued \
+         s0_done softmax0 loop_end last_pv final staged stored end (us from the first producer start; \
+         -1: not reached, and a kernel with two consumers leaves the third's all -1)"
     )
     .map_err(|e| e.to_string())?;
     for r in &records {
         writeln!(
             f,
-            "{} {} {} {} {} | {:.3} {:.3} {:.3} {:.3} | {} | {}",
+            "{} {} {} {} {} | {:.3} {:.3} {:.3} {:.3} | {} | {} | {}",
             r.block,
             r.round,
             r.item,
@@ -255,7 +256,8 @@ fn write_trace(dev: &CudaDevice, path: &str) -> Result<(), String> {
             us(r.producer_k0_ns),
             us(r.producer_end_ns),
             cons(&r.consumers[0]),
-            cons(&r.consumers[1])
+            cons(&r.consumers[1]),
+            cons(&r.consumers[2])
         )
         .map_err(|e| e.to_string())?;
     }

@@ -383,7 +383,8 @@ fn sm90ws_unseen_non_finite_v_never_reaches_a_row() {
 
 /// The per-round timeline (`prefill_trace`): absent from a normal build (the suite's), and in a
 /// build with `PAGED_ATTN_PREFILL_TRACE` set, block 0's rounds of the last warp-specialised launch
-/// in order, on a real SM, each role's marks in order.
+/// in order, on a real SM, each role's marks in order; the third consumer's marks at head 64 only,
+/// and cleared at head 128 after a head-64 launch.
 #[test]
 fn sm90ws_prefill_trace_records_the_last_launch() {
     let ctx = common::device().context();
@@ -407,14 +408,32 @@ fn sm90ws_prefill_trace_records_the_last_launch() {
             let p = [r.producer_start_ns, r.producer_q_ns, r.producer_k0_ns, r.producer_end_ns];
             assert!(p.windows(2).all(|w| w[0] <= w[1]), "producer: {r:?}");
         }
-        for c in &r.consumers {
-            // No first S product: these rows see no key of the item (or the item has no rows).
-            if c.s0_issued_ns == 0 {
-                continue;
-            }
-            let m = c.in_order();
-            assert!(m.windows(2).all(|w| w[0] > 0 && w[0] <= w[1]), "consumer: {r:?}");
-        }
+        check_consumers(r);
+        // Head 128 has two consumers: the third's words stay clear.
+        assert_eq!(r.consumers[2], Default::default(), "{r:?}");
     }
+    // Head 64's items have a consumer per 64 rows as built: the third's marks when there are three.
+    on_path(SM90WS, 64, || run_dyn(&Case::new((16, 2), 64, 16, LONG_BATCH, 13_600), true));
+    let records = prefill_trace(ctx, 1).unwrap().expect("a trace build");
+    assert!(!records.is_empty(), "block 0 walked no round");
+    records.iter().for_each(check_consumers);
+    let third = records.iter().any(|r| r.consumers[2].s0_issued_ns > 0);
+    assert_eq!(third, attention_kernels::ws_item_rows(64) == 192, "{} rounds", records.len());
+    // A head-128 launch after it leaves none of the head-64 launch's third-consumer marks.
+    on_path(SM90WS, 128, || run_dyn(&Case::new((16, 2), 128, 16, LONG_BATCH, 13_700), true));
+    let records = prefill_trace(ctx, 1).unwrap().expect("a trace build");
+    assert!(records.iter().all(|r| r.consumers[2] == Default::default()));
     assert!(matches!(prefill_trace(ctx, 1 << 20), Err(KernelError::InvalidArgument { .. })));
+}
+
+/// Each consumer's marks of one round in order, unless its rows saw no key of the item.
+fn check_consumers(r: &attention_kernels::attention::PrefillRoundTrace) {
+    for c in &r.consumers {
+        // No first S product: these rows see no key of the item (or the item has no rows).
+        if c.s0_issued_ns == 0 {
+            continue;
+        }
+        let m = c.in_order();
+        assert!(m.windows(2).all(|w| w[0] > 0 && w[0] <= w[1]), "consumer: {r:?}");
+    }
 }
