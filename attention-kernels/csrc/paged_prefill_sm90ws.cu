@@ -206,8 +206,8 @@
 #include "attention/softmax_state.cuh"
 #include "attention/wgmma_sm90.cuh"
 
-// Consumer warpgroups at head 64: 3 (the default; +5.5% on causal 8 x 2048 at head 64, +4.6% on
-// 2 x 8192, +2.5% on the chunked q512 on 7.5k x 4, within 1.5% on short requests: H100,
+// Consumer warpgroups at head 64: 3 (the default; +5.7% on causal 8 x 2048 at head 64, +4.6% on
+// 2 x 8192, +2.4% on the chunked q512 on 7.5k x 4, within 1.5% on short requests: H100,
 // docs/PERFORMANCE.md, twenty-sixth session) or 2, built with PAGED_ATTN_WS_HEAD64_CONSUMERS=2 set,
 // for comparison. The host side plans with the same item rows (ws_item_rows in ws_order.rs).
 #ifndef PA_WS_HEAD64_CONSUMERS
@@ -917,7 +917,8 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
   const int rw0 = cw * 64;
   const int r_thr = rw0 + warp * 16 + g4;  // this thread's rows r_thr and r_thr + 8 of a block
   // The turn passes round the consumers in order: this one's barrier, then the next one's (two
-  // consumers keep the form 1 - cw, which ptxas turns into the same code as before the option).
+  // consumers keep the form 1 - cw, the same turn, which ptxas compiles to the code measured before
+  // three consumers existed).
   const int bar_self = kBarTurn0 + cw;
   const int bar_other = Cfg::kConsumers == 2 ? kBarTurn0 + 1 - cw : kBarTurn0 + (cw + 1) % Cfg::kConsumers;
   const uint32_t pin_addr = base + Cfg::kOffPin + 4u * static_cast<uint32_t>(ct + 128 * cw);
@@ -929,8 +930,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
 
   // The round of the walk (the producer's k): only the trace reads it.
   int walk_round = -1;
-  // The thread that writes this warpgroup's marks in a trace build.
-  const bool tracer = ct == 0;
+  const bool tracer = ct == 0;  // the thread that writes this warpgroup's marks in a trace build
 #pragma unroll 1
   for (int item = blockIdx.x, step = first_step; item < n_items;
        item += step, step = 2 * static_cast<int>(gridDim.x) - step) {
