@@ -198,7 +198,10 @@ const MAX_SMS: usize = 512;
 /// items): fitted on five shapes alone on the H100 (1.64 us per tile, 3.4 us per item; causal
 /// 8 x 2048, 2 x 8192, 32 x 512, 1 x 2048 and the chunked q512 on 7.5k x 4, zig-zag order: all
 /// within 5%). Head 64 in a two-consumer build (128-row items): the tile cost from causal 8 x 2048,
-/// with the item cost taken as 0.6 of head 128's (one point cannot separate the two).
+/// with the item cost taken as 0.6 of head 128's (one point cannot separate the two). All three
+/// were fitted before Q became a bulk tensor copy (twenty-seventh session), which shortened the
+/// short-item shapes on the H100 (head 128's causal 8 x 2048 by 6%, 32 x 512 by 12%, head 64's by
+/// 1-5%): until a new sweep refits them, the model overstates those prefills.
 pub fn prefill_cycles(head_size: usize) -> Option<(f64, f64)> {
     match (head_size, ws_item_rows(head_size)) {
         (128, _) => Some((3640.0, 8500.0)),

@@ -47,7 +47,15 @@
 //
 // Warpgroup 0, the producer (72 registers after `setmaxnreg.dec` over a 16-bit cache, 56 over FP8,
 // 32 beside three consumers; with 40 beside two, ptxas spilled the item loop's state inside the
-// tile loop): loads the item's Q tile, then walks its key tiles. Each producer thread copies one
+// tile loop): loads the item's Q tile, then walks its key tiles. Q is the one operand that is not
+// paged, a dense [tokens][heads][D] tensor, so over a 16-bit cache one producer thread loads it
+// with a bulk tensor copy (TMA) per 64-column panel, counted on the buffer's full barrier by its
+// bytes, while the other 127 start on the item's first K tile at once. When every thread issued
+// 16 cp.async of Q (8 at head 64) first, those took 2.1 us of the producer's time at each item
+// boundary and the consumers waited for the next item's first K tile behind them; Q by TMA
+// measured +7% on causal 8 x 2048, +13% on 32 x 512, +5-7% on 2 x 1024 and 4 x 1024, -1 to -5%
+// on 1 x 8192 and 2 x 8192 (H100, docs/PERFORMANCE.md, twenty-seventh session). FP8 caches, and query views whose
+// heads are not adjacent in a token's row, keep the threads' copies. Each producer thread copies one
 // 16-byte column of RT consecutive key rows of every tile (RT = 16 at head 128, 8 at head 64): when
 // RT divides the block size those rows lie in one page, so the thread reads one block-table entry
 // per tile (a tile ahead, into a register) and steps through the page by the token stride, with no
@@ -70,9 +78,10 @@
 // latency overlapped V(n)'s, measured slower. The offset-ring form (two V stages) keeps K(n+1)
 // before V(n). Before overwriting a stage the producer waits on its EMPTY barrier (count 128 per
 // consumer warpgroup: every consumer thread arrives once per use).
-// TMA is not used: a tile spans several pages at arbitrary places and the cache row stride is
-// not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
-// Hopper paged prefill does the same).
+// K and V do not use TMA: a tile spans several pages at arbitrary places and the cache row stride
+// is not one a tensor map could describe cheaply per page; cp.async gathers any layout (FlashInfer's
+// Hopper paged prefill does the same; a box per page measured 4-11% slower at block size 16,
+// docs/PERFORMANCE.md, fifteenth session).
 //
 // Warpgroups 1.., the consumers (two at head 128: 216 registers after `setmaxnreg.inc`, 224 with
 // an FP8 cache; three at head 64: 160), own 64 query rows each.
@@ -415,6 +424,19 @@ __device__ __forceinline__ void mbar_wait_guarded(uint32_t bar, uint32_t parity)
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
+// One arrival that also expects `bytes` more of asynchronous (TMA) transactions in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A tensor-map tile load into shared memory, its bytes counted on `bar`'s transaction count.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
 // One arrival, fired once every cp.async this thread issued before it has completed.
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
@@ -467,7 +489,8 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
 template <typename T, int D, bool kFp8, bool kGrouped>
 __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
     prefill_sm90ws_kernel(const KernelParams p, const int n_items, const int zigzag,
-                          const __grid_constant__ CUtensorMap o_map, const int o_tma) {
+                          const __grid_constant__ CUtensorMap o_map, const int o_tma,
+                          const __grid_constant__ CUtensorMap q_map, const int q_tma) {
 #if PA_SM90_ENABLED
   using Cfg = WsCfg<D, kFp8, kGrouped>;
   constexpr int kBarProducer = Cfg::kBarProducer, kBarEpi0 = Cfg::kBarEpi0;
@@ -660,7 +683,7 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
       mbar_init(empty_v(s), kReleases);
     }
     for (int b = 0; b < NQ; ++b) {
-      mbar_init(q_full(b), 128);
+      mbar_init(q_full(b), !kFp8 && q_tma != 0 ? 1 : 128);
       mbar_init(q_empty(b), kReleases);
     }
   }
@@ -697,6 +720,19 @@ __global__ void __launch_bounds__(WsCfg<D, kFp8, kGrouped>::kThreads, 1)
     // every consumer finished the last QK^T of the item that used it before (NQ loads ago).
     auto load_q = [&](const Item& it, uint32_t qn) {
       const uint32_t b = qn % NQ;
+      if (!kFp8 && q_tma != 0) {
+        if (pt == 0) {
+          if (qn >= NQ) mbar_wait_guarded(q_empty(b), ((qn / NQ) - 1) & 1);
+          w::fence_proxy_async_smem();
+          mbar_arrive_expect_tx(q_full(b), static_cast<uint32_t>(BM * D * sizeof(T)));
+#pragma unroll
+          for (int pn = 0; pn < D / 64; ++pn) {
+            tma_load_3d(q_buf(b) + static_cast<uint32_t>(pn) * (BM * 128), &q_map, pn * 64, it.h, it.q_start + it.m0,
+                        q_full(b));
+          }
+        }
+        return;
+      }
       if (qn >= NQ) mbar_wait_guarded(q_empty(b), ((qn / NQ) - 1) & 1);
       for (int idx = pt; idx < BM * C; idx += 128) {
         const int r = idx / C, c = idx % C;
@@ -1314,6 +1350,34 @@ template <typename T, int D> bool encode_out_map(const PaAttnArgs& a, CUtensorMa
              CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The query as a [tokens][heads][D] tensor for the producer's Q loads: boxes of 64 columns of one
+// head x `rows` tokens, 128-byte swizzle (the layout the consumers' wgmma descriptors read). Tokens
+// past the tensor's last arrive as zeros; rows of the next request past an item's own are loaded
+// and never written out (each output row depends on its own query row only). False where the
+// query's address or token stride is not a 16-byte multiple, where a token's heads are not adjacent
+// (a head-major view: the layout the tests have not run through this path), or where no encoder
+// exists: the producer threads then copy Q themselves.
+template <typename T, int D> bool encode_q_map(const PaAttnArgs& a, int rows, CUtensorMap* map) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
+  if (enc == nullptr || a.query == nullptr) return false;
+  const uint64_t ts = static_cast<uint64_t>(a.q_token_stride) * sizeof(T);
+  const uint64_t hs = static_cast<uint64_t>(a.q_head_stride) * sizeof(T);
+  if (a.q_head_stride != D || a.q_token_stride < static_cast<int64_t>(a.num_heads) * D || ts % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.query) % 16 != 0 || a.num_tokens <= 0) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(a.num_heads),
+                              static_cast<cuuint64_t>(a.num_tokens)};
+  const cuuint64_t strides[2] = {hs, ts};
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(rows)};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return enc(map, dt, 3, const_cast<void*>(a.query), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int D, bool kFp8, bool kGrouped>
 cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t stream) {
   using Cfg = WsCfg<D, kFp8, kGrouped>;
@@ -1336,8 +1400,10 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const dim3 blocks(static_cast<unsigned>(grid));
   CUtensorMap o_map{};
   const int o_tma = Cfg::kStageO && encode_out_map<T, D>(a, &o_map) ? 1 : 0;
+  CUtensorMap q_map{};
+  const int q_tma = !kFp8 && encode_q_map<T, D>(a, Cfg::kBM, &q_map) ? 1 : 0;
   prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      kp, static_cast<int>(n_blocks), a.prefill_order, o_map, o_tma);
+      kp, static_cast<int>(n_blocks), a.prefill_order, o_map, o_tma, q_map, q_tma);
   return pa_last_launch_status();
 }
 
