@@ -50,19 +50,19 @@
 // tile loop): loads the item's Q tile, then walks its key tiles. Q is the one operand that is not
 // paged, a dense [tokens][heads][D] tensor, so over a 16-bit cache one producer thread loads it
 // with a bulk tensor copy (TMA) per 64-column panel, counted on the buffer's full barrier by its
-// bytes, while the other 127 start on the item's first K tile at once. When every thread issued
-// 16 cp.async of Q (8 at head 64) first, those took 2.1 us of the producer's time at each item
-// boundary and the consumers waited for the next item's first K tile behind them; Q by TMA
-// measured +7% on causal 8 x 2048, +13% on 32 x 512, +5-7% on 2 x 1024 and 4 x 1024, -1 to -5%
-// on 1 x 8192 and 2 x 8192 (H100, docs/PERFORMANCE.md, twenty-seventh session). FP8 caches, and query views whose
-// heads are not adjacent in a token's row, keep the threads' copies. Each producer thread copies one
-// 16-byte column of RT consecutive key rows of every tile (RT = 16 at head 128, 8 at head 64): when
-// RT divides the block size those rows lie in one page, so the thread reads one block-table entry
-// per tile (a tile ahead, into a register) and steps through the page by the token stride, with no
-// shared memory and no barrier between producer threads. Over a 16-bit cache the thread carries its
-// rows' page index and row in the page from tile to tile (tiles are BN keys apart) instead of
-// dividing by the block size for each tile: the producer's address arithmetic was on the critical
-// path (measured, docs/PERFORMANCE.md, twelfth session).
+// bytes, while the other 127 start on the item's first K tile at once. When every thread issued 16
+// cp.async of Q (8 at head 64) first, those took 2.1 us of the producer's time at each item
+// boundary and the consumers waited for the next item's first K tile behind them; Q by TMA measured
+// +7% on causal 8 x 2048, +13% on 32 x 512, +5-7% on 2 x 1024 and 4 x 1024, -1 to -5% on 1 x 8192
+// and 2 x 8192 (H100, docs/PERFORMANCE.md, twenty-seventh session). FP8 caches, and query views
+// whose heads are not adjacent in a token's row, keep the threads' copies. Each producer thread
+// copies one 16-byte column of RT consecutive key rows of every tile (RT = 16 at head 128, 8 at
+// head 64): when RT divides the block size those rows lie in one page, so the thread reads one
+// block-table entry per tile (a tile ahead, into a register) and steps through the page by the
+// token stride, with no shared memory and no barrier between producer threads. Over a 16-bit cache
+// the thread carries its rows' page index and row in the page from tile to tile (tiles are BN keys
+// apart) instead of dividing by the block size for each tile: the producer's address arithmetic was
+// on the critical path (measured, docs/PERFORMANCE.md, twelfth session).
 // (The first version had one thread per key row write its row's offset to a ring in shared memory
 // for the others to read after a producer barrier; Nsight Compute showed every copy waiting on its
 // offset's shared-memory load, and the consumers waiting on FULL barriers for 16% of their time.
