@@ -1325,45 +1325,21 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The output as a [tokens][heads][D] tensor for the epilogue's bulk stores: boxes of 64 rows x 64
-// columns of one head, 128-byte swizzle (the staged layout). False where the output's address or
-// token stride is not a 16-byte multiple, where a token's heads are not adjacent (a head-major
-// view: the layout the bulk stores have not been run on), or where no encoder exists: the kernel
-// then stores the rows itself.
-template <typename T, int D> bool encode_out_map(const PaAttnArgs& a, CUtensorMap* map) {
+// One of the launch's [tokens][heads][D] tensors (the query or the output) as a tensor map for bulk
+// copies of one head's 64 columns x `rows` tokens, 128-byte swizzle: the layout of the kernel's
+// swizzled panels, which its wgmma descriptors read and its epilogue stages. False where the base
+// address or token stride is not a 16-byte multiple, where a token's heads are not adjacent (a
+// head-major view: the layout the tests have not run through the bulk copies), or where no encoder
+// exists: the kernel then moves those rows with its threads.
+template <typename T, int D>
+bool encode_rows_map(const PaAttnArgs& a, const void* base, int64_t token_stride, int64_t head_stride, int rows,
+                     CUtensorMapL2promotion l2, CUtensorMap* map) {
   PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-  if (enc == nullptr || a.out == nullptr) return false;
-  const uint64_t ts = static_cast<uint64_t>(a.o_token_stride) * sizeof(T);
-  const uint64_t hs = static_cast<uint64_t>(a.o_head_stride) * sizeof(T);
-  if (a.o_head_stride != D || a.o_token_stride < static_cast<int64_t>(a.num_heads) * D || ts % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(a.out) % 16 != 0 || a.num_tokens <= 0) {
-    return false;
-  }
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(a.num_heads),
-                              static_cast<cuuint64_t>(a.num_tokens)};
-  const cuuint64_t strides[2] = {hs, ts};
-  const cuuint32_t box[3] = {64, 1, 64};
-  const cuuint32_t estr[3] = {1, 1, 1};
-  const CUtensorMapDataType dt =
-      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return enc(map, dt, 3, a.out, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// The query as a [tokens][heads][D] tensor for the producer's Q loads: boxes of 64 columns of one
-// head x `rows` tokens, 128-byte swizzle (the layout the consumers' wgmma descriptors read). Tokens
-// past the tensor's last arrive as zeros; rows of the next request past an item's own are loaded
-// and never written out (each output row depends on its own query row only). False where the
-// query's address or token stride is not a 16-byte multiple, where a token's heads are not adjacent
-// (a head-major view: the layout the tests have not run through this path), or where no encoder
-// exists: the producer threads then copy Q themselves.
-template <typename T, int D> bool encode_q_map(const PaAttnArgs& a, int rows, CUtensorMap* map) {
-  PFN_cuTensorMapEncodeTiled_v12000 enc = tensor_map_encoder();
-  if (enc == nullptr || a.query == nullptr) return false;
-  const uint64_t ts = static_cast<uint64_t>(a.q_token_stride) * sizeof(T);
-  const uint64_t hs = static_cast<uint64_t>(a.q_head_stride) * sizeof(T);
-  if (a.q_head_stride != D || a.q_token_stride < static_cast<int64_t>(a.num_heads) * D || ts % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(a.query) % 16 != 0 || a.num_tokens <= 0) {
+  if (enc == nullptr || base == nullptr) return false;
+  const uint64_t ts = static_cast<uint64_t>(token_stride) * sizeof(T);
+  const uint64_t hs = static_cast<uint64_t>(head_stride) * sizeof(T);
+  if (head_stride != D || token_stride < static_cast<int64_t>(a.num_heads) * D || ts % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(base) % 16 != 0 || a.num_tokens <= 0) {
     return false;
   }
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(a.num_heads),
@@ -1373,9 +1349,8 @@ template <typename T, int D> bool encode_q_map(const PaAttnArgs& a, int rows, CU
   const cuuint32_t estr[3] = {1, 1, 1};
   const CUtensorMapDataType dt =
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  return enc(map, dt, 3, const_cast<void*>(a.query), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return enc(map, dt, 3, const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, l2, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <typename T, int D, bool kFp8, bool kGrouped>
@@ -1398,10 +1373,18 @@ cudaError_t launch_ws(const PaAttnArgs& a, const KernelParams& kp, cudaStream_t 
   const int cap = a.prefill_grid;
   const int64_t grid = cap < 0 ? n_blocks : std::min<int64_t>(n_blocks, cap > 0 ? cap : sms);
   const dim3 blocks(static_cast<unsigned>(grid));
+  // The output for the epilogue's bulk stores: 64-row boxes, one consumer warpgroup's rows.
   CUtensorMap o_map{};
-  const int o_tma = Cfg::kStageO && encode_out_map<T, D>(a, &o_map) ? 1 : 0;
+  const int o_tma =
+      static_cast<int>(Cfg::kStageO && encode_rows_map<T, D>(a, a.out, a.o_token_stride, a.o_head_stride, 64,
+                                                             CU_TENSOR_MAP_L2_PROMOTION_NONE, &o_map));
+  // The query for the producer's Q loads: boxes of an item's rows. Tokens past the tensor's last
+  // arrive as zeros; rows of the next request past an item's own are loaded and never written out
+  // (each output row depends on its own query row only). 16-bit caches only (see the producer).
   CUtensorMap q_map{};
-  const int q_tma = !kFp8 && encode_q_map<T, D>(a, Cfg::kBM, &q_map) ? 1 : 0;
+  const int q_tma =
+      static_cast<int>(!kFp8 && encode_rows_map<T, D>(a, a.query, a.q_token_stride, a.q_head_stride, Cfg::kBM,
+                                                      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, &q_map));
   prefill_sm90ws_kernel<T, D, kFp8, kGrouped><<<blocks, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
       kp, static_cast<int>(n_blocks), a.prefill_order, o_map, o_tma, q_map, q_tma);
   return pa_last_launch_status();
