@@ -322,11 +322,13 @@ template <int KV> __device__ __forceinline__ uint32_t fp8_pair(uint32_t two) {
 }
 
 // Launch bounds: w4s2 at head sizes up to 128 must keep three blocks per SM (at most 168
-// registers); every other configuration runs two or fewer 128-thread blocks per SM (shared
-// memory), so it may take up to 255. Without the minimum ptxas held the head-128 w4s3 kernel to
-// 168 registers with 12 / 16 bytes of spills; with it, 195 and none, and the default decode ran
-// 0.1-0.9% faster (b64 x 4096 0.45%, MHA b32 x 4096 0.9%, b1 x 32768 0.6%; w4s3 on b256 x 1024
-// 2.2%; H100, docs/PERFORMANCE.md, twenty-ninth session).
+// registers); every other configuration asks for two. Without a minimum, ptxas held the head-128
+// w4s3 kernel to 168 registers with 12 / 16 bytes of spills; with it, 195 and none (two blocks
+// per SM, as its shared memory allows), and the default decode ran 0.1-0.9% faster (b64 x 4096
+// 0.45%, MHA b32 x 4096 0.9%, b1 x 32768 0.6%; w4s3 on b256 x 1024 2.2%; H100,
+// docs/PERFORMANCE.md, twenty-ninth session). The configurations whose shared memory allows more
+// blocks keep them under these bounds (ptxas -v, sm_90a): w4s3 at heads 64 and 80 uses at most
+// 156 registers (three blocks), the FP8 pipelines' 64-thread blocks at most 200 (four).
 template <typename T, int D, int W, int NS, int KV = 0, int KG = 1>
 __global__ void __launch_bounds__(32 * W, (W == 4 && NS == 2 && D <= 128) ? 3 : 2)
     decode_split_kernel(const KernelParams p) {
