@@ -208,8 +208,10 @@ pub fn set_decode_variant(v: DecodeVariant) {
 /// process). Where every block of a folded launch can be resident at once, the launcher makes it
 /// cooperative and each (request, kv head) group's blocks wait for the group's last split, then
 /// merge equal shares of its output side by side (the default); with `0`, the group's last block
-/// merges alone, as on grids larger than the device holds. The two give the same bits; the
-/// setting exists so that tests reach the last-block merge on small grids. Values: unset or `1`
+/// merges alone, as on grids larger than the device holds and on a launch beside other work
+/// ([`Overlap::launch`](super::Overlap::launch)), where the group's blocks could wait for SMs the
+/// other kernel holds. The two give the same bits; the setting exists so that tests reach the
+/// last-block merge on small grids. Values: unset or `1`
 /// (on), `0` (off); anything else makes decode launches fail with [`KernelError::InvalidArgument`].
 pub const DECODE_GROUP_MERGE_ENV: &str = "PAGED_ATTN_DECODE_GROUP_MERGE";
 

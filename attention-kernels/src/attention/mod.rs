@@ -796,7 +796,10 @@ fn launch<T: Element, C: KvStorage<T>>(
         split_keys: to_i32(name, "split_keys", split_keys)?,
         decode_variant: match kernel {
             AttentionKernel::Decode { .. } => {
-                let off = if decode_variant::group_merge()? { 0 } else { decode_variant::GROUP_MERGE_OFF_BIT };
+                // Beside another kernel (a mixed step's side stream) the group merge's blocks could
+                // spin on SMs while the group's later blocks wait for SMs the other kernel holds.
+                let group = side.is_none() && decode_variant::group_merge()?;
+                let off = if group { 0 } else { decode_variant::GROUP_MERGE_OFF_BIT };
                 (variant.code() | off) as i32
             }
             AttentionKernel::Prefill { .. } => 0,
