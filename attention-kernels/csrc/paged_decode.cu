@@ -354,22 +354,30 @@ __device__ __forceinline__ void group_merge(const KernelParams& p, float* sm, co
     }
   }
   __syncthreads();
-  if (tid < nh) {
-    float* m_row = m_sm + tid * SP;
-    const float* l_row = l_sm + tid * SP;
+  // A warp per row: every lane takes the maximum in split order (its loads independent of the
+  // chain), the lanes turn the maxima into weights side by side (one exp2f each instead of SP in a
+  // chain), and lane 0 sums in split order.
+  const int warp = tid / 32, lane = tid % 32;
+  for (int h = warp; h < nh; h += kThreads / 32) {
+    float* m_row = m_sm + h * SP;
+    const float* l_row = l_sm + h * SP;
+    const int qh = head0 + h_lo + h;
+    const float sink = lane == 0 && p.has_sinks ? p.sinks[qh] : -INFINITY;  // loaded early
     float M = -INFINITY;
+#pragma unroll 8
     for (int sp = 0; sp < SP; ++sp) M = fmaxf(M, m_row[sp]);
     const float mu = pa::exp_base(M);
-    float L = 0.f;
-    for (int sp = 0; sp < SP; ++sp) {
-      const float w = pa::merge_weight_exact(m_row[sp], mu);
-      m_row[sp] = w;
-      L = __fmaf_rn(l_row[sp], w, L);
+    __syncwarp();  // every lane has read the maxima
+    for (int sp = lane; sp < SP; sp += 32) m_row[sp] = pa::merge_weight_exact(m_row[sp], mu);
+    __syncwarp();
+    if (lane == 0) {
+      float L = 0.f;
+#pragma unroll 8
+      for (int sp = 0; sp < SP; ++sp) L = __fmaf_rn(l_row[sp], m_row[sp], L);
+      const pa::Finalised f = pa::finalise(M, L, sink);
+      f_sm[2 * h] = f.out_scale;
+      f_sm[2 * h + 1] = f.lse;
     }
-    const int qh = head0 + h_lo + tid;
-    const pa::Finalised f = pa::finalise(M, L, p.has_sinks ? p.sinks[qh] : -INFINITY);
-    f_sm[2 * tid] = f.out_scale;
-    f_sm[2 * tid + 1] = f.lse;
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out);
@@ -980,36 +988,46 @@ __global__ void __launch_bounds__(32 * W, (W == 4 && NS == 2 && D <= 128) ? 3 : 
   // the last block's reads after every other arrival. No floating-point atomics: the merge order
   // is fixed, so the result does not depend on which block arrives last.
   __shared__ int s_last;
+  // The group merge (kp.fold == 2, where its shared memory fits): see group_merge.
+  const bool gm = p.fold == 2 && group_merge_bytes(gc, D, num_splits) <= Cfg::kKvBytes;
+  unsigned departed = 0;  // thread 0, group merge: this block's departure count
   __threadfence();
   __syncthreads();
   if (tid == 0) {
     unsigned* counter = reinterpret_cast<unsigned*>(p.workspace) + blockIdx.x;
+    const unsigned S = static_cast<unsigned>(num_splits);
     const unsigned arrived = atomicAdd(counter, 1u) + 1u;
-    const bool last = arrived == static_cast<unsigned>(num_splits);
-    if (last) {
-      // Every other block of the group has arrived. The fence orders their arrivals (and so
-      // their partials) before the reset, which the group merge's waiting blocks acquire.
-      if (p.fold == 2) __threadfence();
-      atomicExch(counter, 0u);
-    } else if (p.fold == 2) {
-      // The group merge: every block of the launch is resident (a cooperative launch), so the
-      // group's last arrival comes; it resets the counter, which stays zero until the launch
-      // ends (the next launch on the stream starts after it). Hang guard as in the prefill.
-      const unsigned long long t0 = pa::global_ns();
-      unsigned c;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(counter) : "memory");
-        if (c != 0 && pa::global_ns() - t0 > 30000000000ull) __trap();
-      } while (c != 0);
+    const bool last = arrived == S;
+    if (!gm) {
+      if (last) atomicExch(counter, 0u);  // every other block of the group has arrived
+    } else {
+      // Every block of the launch is resident (a cooperative launch), so the group's last
+      // arrival comes: wait for the count to reach S (an acquire load; each arrival was preceded
+      // by its block's fence, so every partial is visible after it). Then count this block out
+      // (S more arrivals); the last to leave resets the counter, when no block of the group
+      // reads it any more. Its return is only needed after the merge, so its round trip
+      // overlaps the merge. Hang guard as in the prefill.
+      if (!last) {
+        const unsigned long long t0 = pa::global_ns();
+        unsigned c;
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(counter) : "memory");
+          if (c < S && pa::global_ns() - t0 > 30000000000ull) __trap();
+        } while (c < S);
+      }
+      __threadfence();
+      departed = atomicAdd(counter, 1u) + 1u;
     }
     s_last = last;
   }
   __syncthreads();
   PA_TRACE_MARK(kMarkArrived);
-  if (p.fold == 2 && group_merge_bytes(gc, D, num_splits) <= Cfg::kKvBytes) {
-    __threadfence();
+  if (gm) {
     group_merge<T, D, Cfg::kThreads>(p, reinterpret_cast<float*>(smem), acc_ws, ml_ws, stride, local, head0, gc, token,
                                      split);
+    if (tid == 0 && departed == 2u * static_cast<unsigned>(num_splits)) {
+      atomicExch(reinterpret_cast<unsigned*>(p.workspace) + blockIdx.x, 0u);
+    }
 #ifdef PA_DECODE_TRACE
     __syncthreads();
     PA_TRACE_MARK(kMarkMerged);
