@@ -30,9 +30,10 @@
 // block writes its partial, fences, bumps a per-(request, kv head, row chunk) counter at the front
 // of the workspace, and the last to arrive merges all partials in split order (the same merge
 // functions as the combine kernel: same bits), then resets the counter, so replays need no memset.
-// Where the whole grid fits on the device at once (one wave: a few long requests split many ways),
-// the launch is cooperative and the group's blocks wait for its last arrival and merge equal
-// shares of the group's output side by side instead (group_merge; the same bits again).
+// Where the whole grid fits on the device at once (one wave: a few long requests split many ways)
+// and has at least kGroupMergeMinSplits splits, the launch is cooperative and the group's blocks
+// wait for its last arrival and merge equal shares of the group's output side by side instead
+// (group_merge; the same bits again).
 // Batch-invariant mode (split_keys > 0): every split covers a fixed number of keys from the
 // request's first visible key, the grid's split count is the batch maximum and extra splits are
 // empty; the merge of one non-empty split with empty ones reproduces the single-split
@@ -136,6 +137,11 @@ constexpr int kFoldBit = 1 << 8;
 // The folded combine merges by the group's last block only, even where the grid is resident at
 // once (see group_merge; the Rust side sets it from PAGED_ATTN_DECODE_GROUP_MERGE=0 for tests).
 constexpr int kGroupMergeOffBit = 1 << 9;
+// Fewest splits the group merge is used at. Below it the last block's merge is short and the
+// waiting costs more than it saves: on an H100 the group merge measured 1.3-2.2% slower at 8
+// splits, level at 16 and 5-7% faster at 32, where the last block's merge had grown to 7 us
+// (docs/PERFORMANCE.md, thirty-second session).
+constexpr int kGroupMergeMinSplits = 16;
 
 template <int D> constexpr int default_stages() { return D <= 128 ? PA_DECODE_STAGES : 2; }
 
@@ -1192,7 +1198,7 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, b
   cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS, KV, KG>>(static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), 1, S);
-  if (kp.fold != 0 && group) {
+  if (kp.fold != 0 && group && S >= kGroupMergeMinSplits) {
     // The group merge needs every block resident at once: launched cooperatively (the driver
     // refuses a grid that cannot be), where the grid fits the device's resident blocks.
     int32_t resident = 0;

@@ -88,11 +88,12 @@ impl DecodePipeline {
 /// last split of each (request, kv head) group to finish (an arrival counter per group in the
 /// workspace; that block merges every split's partial in split order, so the result is the same
 /// bits as the separate combine kernel and independent of arrival order) instead of a second
-/// launch. Where the whole folded grid is resident at once, the launch is cooperative and the
-/// group's blocks wait for its last split and merge equal shares side by side (the same bits;
-/// see [`DECODE_GROUP_MERGE_ENV`]). Every variant computes the same attention; they differ in speed, and (through the tile
-/// size) in the order of the in-split reduction, so outputs of two variants may differ in the
-/// last bits while each is deterministic run to run.
+/// launch. Where the whole folded grid is resident at once and has 16 splits or more, the launch
+/// is cooperative and the group's blocks wait for its last split and merge equal shares side by
+/// side (the same bits; see [`DECODE_GROUP_MERGE_ENV`]). Every variant computes the same
+/// attention; they differ in speed, and (through the tile size) in the order of the in-split
+/// reduction, so outputs of two variants may differ in the last bits while each is deterministic
+/// run to run.
 ///
 /// The default is [`DecodePipeline::Auto`] with the folded combine: on the H200 the `W4S3`
 /// pipeline with the fold was never slower than with the second launch on the benchmarked
@@ -205,8 +206,8 @@ pub fn set_decode_variant(v: DecodeVariant) {
 }
 
 /// The environment variable that turns the folded combine's group merge off (read once per
-/// process). Where every block of a folded launch can be resident at once, the launcher makes it
-/// cooperative and each (request, kv head) group's blocks wait for the group's last split, then
+/// process). Where every block of a folded launch of 16 splits or more can be resident at once,
+/// the launcher makes it cooperative and each (request, kv head) group's blocks wait for the group's last split, then
 /// merge equal shares of its output side by side (the default); with `0`, the group's last block
 /// merges alone, as on grids larger than the device holds and on a launch beside other work
 /// ([`Overlap::launch`](super::Overlap::launch)), where the group's blocks could wait for SMs the
