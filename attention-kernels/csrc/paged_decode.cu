@@ -138,8 +138,8 @@ constexpr int kFoldBit = 1 << 8;
 // once (see group_merge; the Rust side sets it from PAGED_ATTN_DECODE_GROUP_MERGE=0 for tests).
 constexpr int kGroupMergeOffBit = 1 << 9;
 // Fewest splits the group merge is used at. Below it the last block's merge is short and the
-// waiting costs more than it saves: on an H100 the group merge measured 1.3-2.2% slower at 8
-// splits, level at 16 and 5-7% faster at 32, where the last block's merge had grown to 7 us
+// waiting costs more than it saves: on an H100 the group merge measured 0.9-2.2% slower at 8
+// splits, level at 16 and 5-8% faster at 32, where the last block's merge had grown to 7 us
 // (docs/PERFORMANCE.md, thirty-second session).
 constexpr int kGroupMergeMinSplits = 16;
 
@@ -302,13 +302,15 @@ __device__ __forceinline__ void fold_merge(const KernelParams& p, float* sm, con
 // The group merge (the folded combine of a launch whose blocks are all resident at once, kp.fold
 // == 2): every block of the group merges an equal share of the group's output elements once all
 // of its splits have arrived. Why: in fold_merge one block merges every element of the group after
-// the last arrival, a chain of L2 round trips on the launch's critical path (3.9 us of a 55 us b1
-// x 32768 launch at 16 splits on an H100, and the bulk-copy form 3.4 us; docs/PERFORMANCE.md,
-// thirty-first session); here each block fetches its share's statistics and partials in one round
-// of loads (about gc * D floats per block whatever the split count) and the group's blocks merge
-// side by side. Block `split` takes elements [split * E, split * E + E) of the group's gc * D
-// (E = gc * D / S rounded up to a multiple of 4). Same operations in the same order as merge_stats
-// and merge_elem: the same bits as fold_merge and the combine kernel.
+// the last arrival, a chain of L2 round trips on the launch's critical path that grows with the
+// splits (3.9 us at 16 splits, 7.1 at 32, b1 x 32768 on an H100); here each block fetches its
+// share's statistics and partials in one round of loads (about gc * D floats per block whatever
+// the split count) and the group's blocks merge side by side. Measured (H100, docs/PERFORMANCE.md,
+// thirty-second session): a block's share takes 2.5 us and the wait for the last arrival 1.8, so
+// at 16 splits the launch is level with fold_merge and at 32 it is 5-8% faster. Block `split`
+// takes elements [split * E, split * E + E) of the group's gc * D (E = gc * D / S rounded up to a
+// multiple of 4). Same operations in the same order as merge_stats and merge_elem: the same bits
+// as fold_merge and the combine kernel.
 template <typename T, int D, int kThreads>
 __device__ __forceinline__ void group_merge(const KernelParams& p, float* sm, const float* acc_ws, const float* ml_ws,
                                             int64_t stride, int local, int head0, int gc, int token, int split) {
