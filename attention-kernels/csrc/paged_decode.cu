@@ -30,6 +30,10 @@
 // block writes its partial, fences, bumps a per-(request, kv head, row chunk) counter at the front
 // of the workspace, and the last to arrive merges all partials in split order (the same merge
 // functions as the combine kernel: same bits), then resets the counter, so replays need no memset.
+// Where the whole grid fits on the device at once (one wave: a few long requests split many ways)
+// and has at least kGroupMergeMinSplits splits, the launch is cooperative and the group's blocks
+// wait for its last arrival and merge equal shares of the group's output side by side instead
+// (group_merge; the same bits again).
 // Batch-invariant mode (split_keys > 0): every split covers a fixed number of keys from the
 // request's first visible key, the grid's split count is the batch maximum and extra splits are
 // empty; the merge of one non-empty split with empty ones reproduces the single-split
@@ -130,6 +134,14 @@ enum DecodeVariant : int {
   kNumVariants = 6,
 };
 constexpr int kFoldBit = 1 << 8;
+// The folded combine merges by the group's last block only, even where the grid is resident at
+// once (see group_merge; the Rust side sets it from PAGED_ATTN_DECODE_GROUP_MERGE=0 for tests).
+constexpr int kGroupMergeOffBit = 1 << 9;
+// Fewest splits the group merge is used at. Below it the last block's merge is short and the
+// waiting costs more than it saves: on an H100 the group merge measured 0.9-2.2% slower at 8
+// splits, level at 16 and 5-8% faster at 32, where the last block's merge had grown to 7 us
+// (docs/PERFORMANCE.md, thirty-second session).
+constexpr int kGroupMergeMinSplits = 16;
 
 template <int D> constexpr int default_stages() { return D <= 128 ? PA_DECODE_STAGES : 2; }
 
@@ -285,6 +297,114 @@ __device__ __forceinline__ void fold_merge(const KernelParams& p, float* sm, con
       if (d[e] == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f_sm[2 * h[e] + 1];
     }
   }
+}
+
+// The group merge (the folded combine of a launch whose blocks are all resident at once, kp.fold
+// == 2): every block of the group merges an equal share of the group's output elements once all
+// of its splits have arrived. Why: in fold_merge one block merges every element of the group after
+// the last arrival, a chain of L2 round trips on the launch's critical path that grows with the
+// splits (3.9 us at 16 splits, 7.1 at 32, b1 x 32768 on an H100); here each block fetches its
+// share's statistics and partials in one round of loads (about gc * D floats per block whatever
+// the split count) and the group's blocks merge side by side. Measured (H100, docs/PERFORMANCE.md,
+// thirty-second session): a block's share takes 2.5 us and the wait for the last arrival 1.8, so
+// at 16 splits the launch is level with fold_merge and at 32 it is 5-8% faster. Block `split`
+// takes elements [split * E, split * E + E) of the group's gc * D (E = gc * D / S rounded up to a
+// multiple of 4). Same operations in the same order as merge_stats and merge_elem: the same bits
+// as fold_merge and the combine kernel.
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void group_merge(const KernelParams& p, float* sm, const float* acc_ws, const float* ml_ws,
+                                            int64_t stride, int local, int head0, int gc, int token, int split) {
+  constexpr int NR = 16;
+  const int tid = threadIdx.x;
+  const int H = p.num_heads;
+  const int SP = p.num_splits;
+  const int n_el = gc * D;
+  const int E = ((n_el + SP - 1) / SP + 3) & ~3;
+  const int e0 = split * E;
+  const int ne = max(0, min(E, n_el - e0));
+  if (ne == 0) return;
+  const int h_lo = e0 / D, h_hi = (e0 + ne - 1) / D;  // the rows of this share
+  const int nh = h_hi - h_lo + 1;
+  const int64_t row0 = static_cast<int64_t>(local) * H + head0;
+  float* a_sm = sm;                 // [SP][ne]: the share's partials
+  float* m_sm = a_sm + SP * E;      // [nh][SP]: maxima, then weights
+  float* l_sm = m_sm + NR * SP;     // [nh][SP]: sums
+  float* f_sm = l_sm + NR * SP;     // [nh][2]: out_scale, lse
+  // One round of loads: every thread issues all of its loads before storing any.
+  constexpr int kPer = 8;
+  const int n_a = SP * ne, n_s = nh * SP;
+  for (int base = 0; base < n_a + n_s; base += kPer * kThreads) {
+    float v[kPer], w[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = base + i * kThreads + tid;
+      v[i] = 0.f;
+      w[i] = 0.f;
+      if (idx < n_a) {
+        const int sp = idx / ne, e = idx % ne;
+        v[i] = __ldcg(acc_ws + (sp * stride + row0) * D + e0 + e);
+      } else if (idx < n_a + n_s) {
+        const int j = idx - n_a, h = j / SP, sp = j % SP;
+        const float* ml = ml_ws + (sp * stride + row0 + h_lo + h) * 2;
+        v[i] = __ldcg(ml);
+        w[i] = __ldcg(ml + 1);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = base + i * kThreads + tid;
+      if (idx < n_a) {
+        a_sm[(idx / ne) * E + idx % ne] = v[i];
+      } else if (idx < n_a + n_s) {
+        m_sm[idx - n_a] = v[i];
+        l_sm[idx - n_a] = w[i];
+      }
+    }
+  }
+  __syncthreads();
+  // A warp per row: every lane takes the maximum in split order (its loads independent of the
+  // chain), the lanes turn the maxima into weights side by side (one exp2f each instead of SP in a
+  // chain), and lane 0 sums in split order.
+  const int warp = tid / 32, lane = tid % 32;
+  for (int h = warp; h < nh; h += kThreads / 32) {
+    float* m_row = m_sm + h * SP;
+    const float* l_row = l_sm + h * SP;
+    const int qh = head0 + h_lo + h;
+    const float sink = lane == 0 && p.has_sinks ? p.sinks[qh] : -INFINITY;  // loaded early
+    float M = -INFINITY;
+#pragma unroll 8
+    for (int sp = 0; sp < SP; ++sp) M = fmaxf(M, m_row[sp]);
+    const float mu = pa::exp_base(M);
+    __syncwarp();  // every lane has read the maxima
+    for (int sp = lane; sp < SP; sp += 32) m_row[sp] = pa::merge_weight_exact(m_row[sp], mu);
+    __syncwarp();
+    if (lane == 0) {
+      float L = 0.f;
+#pragma unroll 8
+      for (int sp = 0; sp < SP; ++sp) L = __fmaf_rn(l_row[sp], m_row[sp], L);
+      const pa::Finalised f = pa::finalise(M, L, sink);
+      f_sm[2 * h] = f.out_scale;
+      f_sm[2 * h + 1] = f.lse;
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  for (int e = tid; e < ne; e += kThreads) {
+    const int h = (e0 + e) / D - h_lo, d = (e0 + e) % D;
+    const float* w_row = m_sm + h * SP;
+    float o = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < SP; ++sp) o = __fmaf_rn(w_row[sp], a_sm[sp * E + e], o);
+    const int qh = head0 + h_lo + h;
+    out[pa::o_row(p, token, qh) + d] = static_cast<T>(o * f_sm[2 * h]);
+    if (d == 0 && p.lse) p.lse[static_cast<int64_t>(token) * H + qh] = f_sm[2 * h + 1];
+  }
+}
+
+// Bytes of shared memory group_merge needs for a group of gc rows at head size D split SP ways.
+__host__ __device__ constexpr size_t group_merge_bytes(int gc, int D, int SP) {
+  return (static_cast<size_t>(SP) * (((gc * D + SP - 1) / SP + 3) & ~3) + static_cast<size_t>(16) * (2 * SP + 2)) *
+         sizeof(float);
 }
 
 __device__ __forceinline__ void ldsm_x2(uint32_t r[2], const void* smem) {
@@ -876,17 +996,52 @@ __global__ void __launch_bounds__(32 * W, (W == 4 && NS == 2 && D <= 128) ? 3 : 
   // the last block's reads after every other arrival. No floating-point atomics: the merge order
   // is fixed, so the result does not depend on which block arrives last.
   __shared__ int s_last;
+  // The group merge (kp.fold == 2, where its shared memory fits): see group_merge.
+  const bool gm = p.fold == 2 && group_merge_bytes(gc, D, num_splits) <= Cfg::kKvBytes;
+  unsigned departed = 0;  // thread 0, group merge: this block's departure count
   __threadfence();
   __syncthreads();
   if (tid == 0) {
     unsigned* counter = reinterpret_cast<unsigned*>(p.workspace) + blockIdx.x;
+    const unsigned S = static_cast<unsigned>(num_splits);
     const unsigned arrived = atomicAdd(counter, 1u) + 1u;
-    const bool last = arrived == static_cast<unsigned>(num_splits);
-    if (last) atomicExch(counter, 0u);  // every other block of the group has arrived
+    const bool last = arrived == S;
+    if (!gm) {
+      if (last) atomicExch(counter, 0u);  // every other block of the group has arrived
+    } else {
+      // Every block of the launch is resident (a cooperative launch), so the group's last
+      // arrival comes: wait for the count to reach S (an acquire load; each arrival was preceded
+      // by its block's fence, so every partial is visible after it). Then count this block out
+      // (S more arrivals); the last to leave resets the counter, when no block of the group
+      // reads it any more. Its return is only needed after the merge, so its round trip
+      // overlaps the merge. Hang guard as in the prefill.
+      if (!last) {
+        const unsigned long long t0 = pa::global_ns();
+        unsigned c;
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(counter) : "memory");
+          if (c < S && pa::global_ns() - t0 > 30000000000ull) __trap();
+        } while (c < S);
+      }
+      __threadfence();
+      departed = atomicAdd(counter, 1u) + 1u;
+    }
     s_last = last;
   }
   __syncthreads();
   PA_TRACE_MARK(kMarkArrived);
+  if (gm) {
+    group_merge<T, D, Cfg::kThreads>(p, reinterpret_cast<float*>(smem), acc_ws, ml_ws, stride, local, head0, gc, token,
+                                     split);
+    if (tid == 0 && departed == 2u * static_cast<unsigned>(num_splits)) {
+      atomicExch(reinterpret_cast<unsigned*>(p.workspace) + blockIdx.x, 0u);
+    }
+#ifdef PA_DECODE_TRACE
+    __syncthreads();
+    PA_TRACE_MARK(kMarkMerged);
+#endif
+    return;
+  }
   if (!s_last) return;
   __threadfence();
   if (static_cast<size_t>(NR) * (2 * num_splits + 2) * sizeof(float) <= Cfg::kKvBytes) {
@@ -1003,8 +1158,35 @@ template <typename Cfg, typename K> cudaError_t instance_blocks_per_sm(Cfg, K ke
   return pa::occupancy_blocks_per_sm(kernel, Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), blocks);
 }
 
+// Blocks of a decode instantiation the device holds at once (resident per SM x SMs), worked out
+// once per device.
+template <typename Cfg, typename K> cudaError_t coresident_blocks(K kernel, int32_t* blocks) {
+  static std::atomic<int32_t> cached[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < 64) {
+    const int32_t c = cached[dev].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *blocks = c;
+      return cudaSuccess;
+    }
+  }
+  int sms = 0;
+  err = pa::sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  int32_t per_sm = 0;
+  err = instance_blocks_per_sm(Cfg{}, kernel, &per_sm);
+  if (err != cudaSuccess) return err;
+  const int32_t c = per_sm * sms;
+  if (c <= 0) return cudaErrorInvalidConfiguration;
+  if (dev >= 0 && dev < 64) cached[dev].store(c, std::memory_order_relaxed);
+  *blocks = c;
+  return cudaSuccess;
+}
+
 template <typename T, int D, int W, int NS, int KV, int KG>
-cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, cudaStream_t stream) {
+cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, bool group, cudaStream_t stream) {
   using Cfg = DecodeCfg<D, W, NS, KV, KG>;
   const int n = a.req_end - a.req_begin;
   const int S = a.num_splits;
@@ -1018,6 +1200,31 @@ cudaError_t launch_decode_cfg(const PaAttnArgs& a, KernelParams kp, bool fold, c
   cudaError_t err = pa::set_max_dynamic_smem_once<decode_split_kernel<T, D, W, NS, KV, KG>>(static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(gx), 1, S);
+  if (kp.fold != 0 && group && S >= kGroupMergeMinSplits) {
+    // The group merge needs every block resident at once: launched cooperatively (the driver
+    // refuses a grid that cannot be), where the grid fits the device's resident blocks.
+    int32_t resident = 0;
+    if (coresident_blocks<Cfg>(kernel, &resident) == cudaSuccess && gx * S <= resident) {
+      kp.fold = 2;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = grid;
+      cfg.blockDim = dim3(Cfg::kThreads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      if (cudaLaunchKernelEx(&cfg, kernel, kp) == cudaSuccess) return cudaSuccess;
+      // Refused (a partitioned device holds fewer blocks): the last block merges. A sticky error
+      // of an earlier launch fails the plain launch below as well.
+      cudaGetLastError();
+      kp.fold = 1;
+    } else {
+      cudaGetLastError();
+    }
+  }
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(kp);
   err = pa_last_launch_status();
   if (err != cudaSuccess || S == 1 || kp.fold) return err;
@@ -1117,7 +1324,8 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
   const int S = a.num_splits;
   if (S < 1 || S > 65535) return cudaErrorInvalidValue;
   if (a.split_keys < 0 || a.split_keys % kSplitGranule != 0) return cudaErrorInvalidValue;
-  if (a.decode_variant < 0 || (a.decode_variant & 0xff) >= kNumVariants || (a.decode_variant & ~0x1ff) != 0) {
+  if (a.decode_variant < 0 || (a.decode_variant & 0xff) >= kNumVariants ||
+      (a.decode_variant & ~(0xff | kFoldBit | kGroupMergeOffBit)) != 0) {
     return cudaErrorInvalidValue;
   }
   if (S > 1) {
@@ -1125,12 +1333,13 @@ cudaError_t launch_decode(const PaAttnArgs& a, const KernelParams& kp, cudaStrea
     if (a.workspace == nullptr || a.workspace_len < need) return cudaErrorInvalidValue;
   }
   const bool fold = (a.decode_variant & kFoldBit) != 0;
+  const bool group = (a.decode_variant & kGroupMergeOffBit) == 0;
   int variant = a.decode_variant & 0xff;
   if (variant == kAuto) {
     variant = auto_pipeline<T, D, KV>(decode_blocks_per_split(a) * S, a.split_keys);
   }
   return with_variant<T, D, KV>(variant, [&](auto w, auto ns, auto kg) -> cudaError_t {
-    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold,
+    return launch_decode_cfg<T, D, decltype(w)::value, decltype(ns)::value, KV, decltype(kg)::value>(a, kp, fold, group,
                                                                                                      stream);
   });
 }

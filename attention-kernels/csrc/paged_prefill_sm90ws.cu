@@ -226,6 +226,7 @@ static_assert(PA_WS_HEAD64_CONSUMERS == 2 || PA_WS_HEAD64_CONSUMERS == 3, "two o
 
 namespace {
 
+using pa::global_ns;
 using pa::KernelParams;
 
 // Named barrier ids (0 is __syncthreads): the consumers' turns from kBarTurn0 (one per consumer),
@@ -297,13 +298,6 @@ template <int D, bool kFp8 = false, bool kGrouped = false> struct WsCfg {
   static_assert((kBN * kChunks) % 128 == 0, "producer copies divide evenly");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
-
-// The global timer, ns (the producer's hang guard and the trace build's marks).
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 // Per-item timeline (a diagnostic build: PAGED_ATTN_PREFILL_TRACE=1 at build time defines
 // PA_PREFILL_TRACE; otherwise every mark compiles to nothing and the kernel is unchanged). For the

@@ -331,12 +331,15 @@ step() { echo; echo "=== $*"; "$@"; local rc=$?; if [ $rc -ne 0 ]; then echo "==
 # blocks, so that every block walks many items and the pipelines carry over between them, in each
 # of its two item orders (PAGED_ATTN_WS_ORDER). The
 # mixed-step tests run once more with every mixed step partitioned (the prefill part first on 5
-# SMs, the decode part beside it), which the default plan does only where it predicts a gain.
+# SMs, the decode part beside it), which the default plan does only where it predicts a gain. The
+# decode tests run once more with the group merge off, so that the folded combine's last-block
+# merge runs on the small grids that otherwise take the group merge.
 run_tests() {
     step ./gpu-tests
     step env PAGED_ATTN_WS_GRID=3 PAGED_ATTN_WS_ORDER=strided ./gpu-tests sm90ws
     step env PAGED_ATTN_WS_GRID=3 PAGED_ATTN_WS_ORDER=zigzag ./gpu-tests sm90ws
     step env PAGED_ATTN_MIXED_PARTITION=5 ./gpu-tests mixed
+    step env PAGED_ATTN_DECODE_GROUP_MERGE=0 ./gpu-tests decode
 }
 run_sanitize() {
     step compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 ./gpu-tests sanitizer_subset --test-threads=1

@@ -39,6 +39,14 @@ template <auto Kernel> inline cudaError_t set_max_dynamic_smem_once(int bytes) {
   return err;
 }
 
+// The global timer, ns (the hang guards of the prefill's producer and the decode's group merge,
+// and the trace builds' marks).
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Streaming multiprocessors of the current device, asked once per device and process (a persistent
 // kernel sizes its grid with it; the attribute query is cheap but not free on every launch).
 inline cudaError_t sm_count(int* n) {

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use super::{invalid, DECODE};
 use crate::KernelError;
@@ -87,9 +88,12 @@ impl DecodePipeline {
 /// last split of each (request, kv head) group to finish (an arrival counter per group in the
 /// workspace; that block merges every split's partial in split order, so the result is the same
 /// bits as the separate combine kernel and independent of arrival order) instead of a second
-/// launch. Every variant computes the same attention; they differ in speed, and (through the tile
-/// size) in the order of the in-split reduction, so outputs of two variants may differ in the
-/// last bits while each is deterministic run to run.
+/// launch. Where the whole folded grid is resident at once and has 16 splits or more, the launch
+/// is cooperative and the group's blocks wait for its last split and merge equal shares side by
+/// side (the same bits; see [`DECODE_GROUP_MERGE_ENV`]). Every variant computes the same
+/// attention; they differ in speed, and (through the tile size) in the order of the in-split
+/// reduction, so outputs of two variants may differ in the last bits while each is deterministic
+/// run to run.
 ///
 /// The default is [`DecodePipeline::Auto`] with the folded combine: on the H200 the `W4S3`
 /// pipeline with the fold was never slower than with the second launch on the benchmarked
@@ -201,6 +205,40 @@ pub fn set_decode_variant(v: DecodeVariant) {
     DECODE_VARIANT.store(v.code(), Ordering::Relaxed);
 }
 
+/// The environment variable that turns the folded combine's group merge off (read once per
+/// process). Where every block of a folded launch of 16 splits or more can be resident at once,
+/// the launcher makes it cooperative and each (request, kv head) group's blocks wait for the group's last split, then
+/// merge equal shares of its output side by side (the default); with `0`, the group's last block
+/// merges alone, as on grids larger than the device holds and on a launch beside other work
+/// ([`Overlap::launch`](super::Overlap::launch)), where the group's blocks could wait for SMs the
+/// other kernel holds. The two give the same bits; the setting exists so that tests reach the
+/// last-block merge on small grids. Values: unset or `1`
+/// (on), `0` (off); anything else makes decode launches fail with [`KernelError::InvalidArgument`].
+pub const DECODE_GROUP_MERGE_ENV: &str = "PAGED_ATTN_DECODE_GROUP_MERGE";
+
+/// `PaAttnArgs::decode_variant`'s bit that turns the group merge off (kGroupMergeOffBit).
+pub(super) const GROUP_MERGE_OFF_BIT: u32 = 1 << 9;
+
+/// Whether folded decode launches may merge by groups ([`DECODE_GROUP_MERGE_ENV`], read once).
+///
+/// # Errors
+/// [`KernelError::InvalidArgument`] when the variable holds something other than `0` or `1`.
+pub(super) fn group_merge() -> Result<bool, KernelError> {
+    static ENV: OnceLock<Result<bool, KernelError>> = OnceLock::new();
+    ENV.get_or_init(|| group_merge_from(std::env::var(DECODE_GROUP_MERGE_ENV))).clone()
+}
+
+/// [`group_merge`] for one reading of the environment variable.
+fn group_merge_from(var: Result<String, std::env::VarError>) -> Result<bool, KernelError> {
+    let parse = |s: &str| match s.trim() {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    };
+    crate::env_setting::read(var, true, parse)
+        .map_err(|v| invalid(DECODE, format!("{DECODE_GROUP_MERGE_ENV}={v}: expected 0 (off) or 1 (on)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +262,21 @@ mod tests {
         assert_eq!("w4s3".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(false));
         assert_eq!("W2S4-Fold".parse::<DecodeVariant>().map(|v| v.fold_combine), Ok(true));
         assert!("w9s9".parse::<DecodeVariant>().is_err());
+    }
+
+    #[test]
+    fn group_merge_from_the_environment() {
+        use std::env::VarError;
+        assert_eq!(group_merge_from(Err(VarError::NotPresent)), Ok(true));
+        assert_eq!(group_merge_from(Ok(" 0 ".into())), Ok(false));
+        assert_eq!(group_merge_from(Ok("1".into())), Ok(true));
+        match group_merge_from(Ok("off".into())) {
+            Err(KernelError::InvalidArgument { kernel, what }) => {
+                assert_eq!(kernel, DECODE);
+                assert_eq!(what, "PAGED_ATTN_DECODE_GROUP_MERGE=off: expected 0 (off) or 1 (on)");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

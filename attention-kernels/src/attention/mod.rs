@@ -25,7 +25,8 @@ mod side_stream;
 
 pub use decode_trace::{decode_trace, DecodeBlockTrace};
 pub use decode_variant::{
-    decode_variant, set_decode_variant, DecodePipeline, DecodeVariant, UnknownDecodeVariant, DECODE_VARIANT_ENV,
+    decode_variant, set_decode_variant, DecodePipeline, DecodeVariant, UnknownDecodeVariant, DECODE_GROUP_MERGE_ENV,
+    DECODE_VARIANT_ENV,
 };
 pub use prefill_path::{
     parse_ws_grid, prefill_kernel, prefill_kernel_for_cache, prefill_path, with_prefill_path, PrefillKernel,
@@ -794,7 +795,13 @@ fn launch<T: Element, C: KvStorage<T>>(
         dtype,
         split_keys: to_i32(name, "split_keys", split_keys)?,
         decode_variant: match kernel {
-            AttentionKernel::Decode { .. } => variant.code() as i32,
+            AttentionKernel::Decode { .. } => {
+                // Beside another kernel (a mixed step's side stream) the group merge's blocks could
+                // spin on SMs while the group's later blocks wait for SMs the other kernel holds.
+                let group = side.is_none() && decode_variant::group_merge()?;
+                let off = if group { 0 } else { decode_variant::GROUP_MERGE_OFF_BIT };
+                (variant.code() | off) as i32
+            }
             AttentionKernel::Prefill { .. } => 0,
         },
         kv_dtype,
