@@ -1161,28 +1161,20 @@ template <typename Cfg, typename K> cudaError_t instance_blocks_per_sm(Cfg, K ke
 // Blocks of a decode instantiation the device holds at once (resident per SM x SMs), worked out
 // once per device.
 template <typename Cfg, typename K> cudaError_t coresident_blocks(K kernel, int32_t* blocks) {
-  static std::atomic<int32_t> cached[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64) {
-    const int32_t c = cached[dev].load(std::memory_order_relaxed);
-    if (c > 0) {
-      *blocks = c;
-      return cudaSuccess;
-    }
-  }
-  int sms = 0;
-  err = pa::sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  int32_t per_sm = 0;
-  err = instance_blocks_per_sm(Cfg{}, kernel, &per_sm);
-  if (err != cudaSuccess) return err;
-  const int32_t c = per_sm * sms;
-  if (c <= 0) return cudaErrorInvalidConfiguration;
-  if (dev >= 0 && dev < 64) cached[dev].store(c, std::memory_order_relaxed);
-  *blocks = c;
-  return cudaSuccess;
+  static std::atomic<int> cached[pa::kCachedDevices] = {};
+  return pa::per_device_cached(
+      cached,
+      [kernel](int, int* c) {
+        int sms = 0;
+        cudaError_t err = pa::sm_count(&sms);
+        if (err != cudaSuccess) return err;
+        int32_t per_sm = 0;
+        err = instance_blocks_per_sm(Cfg{}, kernel, &per_sm);
+        if (err != cudaSuccess) return err;
+        *c = per_sm * sms;
+        return *c > 0 ? cudaSuccess : cudaErrorInvalidConfiguration;
+      },
+      blocks);
 }
 
 template <typename T, int D, int W, int NS, int KV, int KG>

@@ -400,22 +400,19 @@ __global__ void __launch_bounds__(Sm90Cfg<D, kFp8>::kThreads, Sm90Cfg<D, kFp8>::
 // Whether the current device is compute capability 9.0 exactly (the only one the sm_90a image
 // runs on), asked once per device ordinal.
 bool current_device_is_sm90() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return false;
-  if (dev < kMaxDevices) {
-    const int c = cached[dev].load(std::memory_order_relaxed);
-    if (c != 0) return c == 1;
-  }
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    return false;
-  }
-  const bool yes = major == 9 && minor == 0;
-  if (dev < kMaxDevices) cached[dev].store(yes ? 1 : 2, std::memory_order_relaxed);
-  return yes;
+  static std::atomic<int> cached[pa::kCachedDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int c = 0;
+  const cudaError_t err = pa::per_device_cached(
+      cached,
+      [](int dev, int* answer) {
+        int major = 0, minor = 0;
+        cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        *answer = major == 9 && minor == 0 ? 1 : 2;
+        return e;
+      },
+      &c);
+  return err == cudaSuccess && c == 1;
 }
 
 template <typename T, int D, bool kFp8>

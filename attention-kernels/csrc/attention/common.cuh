@@ -47,27 +47,45 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-// Streaming multiprocessors of the current device, asked once per device and process (a persistent
-// kernel sizes its grid with it; the attribute query is cheap but not free on every launch).
-inline cudaError_t sm_count(int* n) {
-  static std::atomic<int> cached[64] = {};
+// Device ordinals whose per-device figures are cached (per_device_cached); later ones are asked
+// every time.
+constexpr int kCachedDevices = 64;
+
+// A positive figure of the current device, worked out by `compute(dev, &value)` once per device
+// ordinal and process and kept in `cache` (kCachedDevices zero-initialised slots, 0: not yet
+// known). `compute` returns an error rather than a value <= 0. Writes *value only on success.
+template <typename F> inline cudaError_t per_device_cached(std::atomic<int>* cache, F compute, int* value) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < 64) {
-    const int c = cached[dev].load(std::memory_order_relaxed);
+  const bool slot = dev >= 0 && dev < kCachedDevices;
+  if (slot) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
     if (c > 0) {
-      *n = c;
+      *value = c;
       return cudaSuccess;
     }
   }
   int c = 0;
-  err = cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev);
+  err = compute(dev, &c);
   if (err != cudaSuccess) return err;
-  if (c <= 0) return cudaErrorInvalidDevice;
-  if (dev >= 0 && dev < 64) cached[dev].store(c, std::memory_order_relaxed);
-  *n = c;
+  if (slot) cache[dev].store(c, std::memory_order_relaxed);
+  *value = c;
   return cudaSuccess;
+}
+
+// Streaming multiprocessors of the current device, asked once per device and process (a persistent
+// kernel sizes its grid with it; the attribute query is cheap but not free on every launch).
+inline cudaError_t sm_count(int* n) {
+  static std::atomic<int> cached[kCachedDevices] = {};
+  return per_device_cached(
+      cached,
+      [](int dev, int* c) {
+        const cudaError_t err = cudaDeviceGetAttribute(c, cudaDevAttrMultiProcessorCount, dev);
+        if (err != cudaSuccess) return err;
+        return *c > 0 ? cudaSuccess : cudaErrorInvalidDevice;
+      },
+      n);
 }
 
 // Resident blocks per SM of `kernel` launched with `threads` threads and `smem` bytes of dynamic
