@@ -1,8 +1,9 @@
 //! The decode kernel's variants (pipelines, the folded split-KV combine) and its batch-invariant
 //! mode (`split_keys`), launched directly through the kernels crate with explicit split counts:
 //! every variant against the CPU backend on ACCEPTANCE.md's decode batches, the folded combine's
-//! counters across back-to-back launches on one workspace (what a CUDA-graph replay does), and
-//! a probe request computed alone and inside batches of 8, 64 and 256, bit for bit.
+//! counters across back-to-back launches on one workspace (what a CUDA-graph replay does), the
+//! group merge of long requests split 16 ways or more, and a probe request computed alone and
+//! inside batches of 8, 64 and 256, bit for bit.
 //!
 //! The process-wide variant is never changed here (other tests run in the same process): every
 //! launch names its variant.
@@ -442,6 +443,63 @@ fn folded_combine_replays_f16() {
     fold_replays::<f16>(DecodePipeline::W4S3, 22_100);
 }
 
+/// The group merge: a folded launch of at least 16 splits whose whole grid is resident at once
+/// (the default for a few long requests, where the group's blocks merge side by side). Checked
+/// against the CPU backend, bit for bit against the separate combine kernel (one merge
+/// arithmetic), replayed on one workspace with every counter back at zero; the small batches of
+/// the other tests split fewer ways and never take it. `run.sh` runs the decode tests once more
+/// with `PAGED_ATTN_DECODE_GROUP_MERGE=0`, where the same launches take the last block's merge
+/// and must give the same results.
+fn group_merge_case<T: Element>(params: AttentionParams, lens: &[usize], splits: &[usize], seed: u64) {
+    let dev = common::device();
+    let b = random_batch::<T>(params.clone(), 16, lens, seed);
+    let w4s3 = DecodeVariant { pipeline: DecodePipeline::W4S3, fold_combine: true };
+    let plain = DecodeVariant { fold_combine: false, ..w4s3 };
+    let (h, kvh, d) = (params.num_heads, params.num_kv_heads, params.head_size);
+    let probe = AttentionKernel::Decode { num_splits: 1, split_keys: 0 };
+    let per_sm = kernels::blocks_per_sm_for_cache(dev.context(), probe, w4s3, d, T::DTYPE, T::DTYPE).unwrap();
+    let resident = per_sm * num_sms(dev);
+    for &s in splits {
+        let what = format!("group merge {:?} heads {h}/{kvh} d {d} lens {lens:?} splits {s}", T::DTYPE);
+        // The launch's grid: (request, kv head, row chunk of 16 query heads) x splits.
+        let grid = lens.len() * kvh * (h / kvh).div_ceil(16) * s;
+        assert!(
+            s >= 16 && grid <= resident,
+            "{what}: {grid} blocks on a device holding {resident} at once do not take the group merge"
+        );
+        let mut ws = workspace(dev, decode_workspace_len(s, lens.len(), h, d));
+        let first = launch(&b, w4s3, s, 0, &mut ws);
+        check_cpu(&b, &first, &what);
+        let again = launch(&b, w4s3, s, 0, &mut ws);
+        assert!(bits(&first) == bits(&again), "{what}: a second launch on the same workspace differs");
+        let auto = launch(&b, DecodeVariant::default(), s, 0, &mut ws);
+        assert!(bits(&first) == bits(&auto), "{what}: the default variant differs from W4S3");
+        let separate = launch(&b, plain, s, 0, &mut ws);
+        assert!(bits(&first) == bits(&separate), "{what}: the group merge and the combine kernel differ");
+        let head = dev.stream().clone_dtoh(&ws.slice(..attention_kernels::attention::DECODE_COUNTER_SLOTS)).unwrap();
+        assert!(head.iter().all(|&x| f32::to_bits(x) == 0), "{what}: counters left non-zero");
+    }
+}
+
+#[test]
+fn group_merge_against_cpu_bf16() {
+    // One long request, GQA 4: 8 blocks per split, so 16, 32 and 33 splits (264 blocks: two per SM
+    // on 132 SMs) are resident; 33 leaves the last split shorter than the others.
+    group_merge_case::<bf16>(AttentionParams::new(32, 8, 128), &[20_000], &[16, 32, 33], 25_000);
+    // Two requests of different lengths (the shorter one's splits are a few tiles each, some
+    // empty), GQA 8 with sinks.
+    let sinks = AttentionParams::new(16, 2, 128).with_sinks(Some((0..16).map(|i| i as f32 * 0.37 - 2.0).collect()));
+    group_merge_case::<bf16>(sinks, &[9_000, 700], &[16, 48], 25_100);
+    // Head 64, GQA 32: two row chunks of 16 query heads per kv head; a soft-cap.
+    let d64 = AttentionParams::new(64, 2, 64).with_softcap(Some(30.0));
+    group_merge_case::<bf16>(d64, &[7_000], &[24], 25_200);
+}
+
+#[test]
+fn group_merge_against_cpu_f16() {
+    group_merge_case::<f16>(AttentionParams::new(32, 8, 128), &[12_345], &[17], 25_300);
+}
+
 /// The per-block timeline (`decode_trace`): absent from a normal build (the suite's), and in a
 /// build with `PAGED_ATTN_DECODE_TRACE` set, one record per block of the last launch whose marks
 /// come in order, on real SMs, with exactly one merging block per group of a folded launch.
@@ -608,6 +666,13 @@ fn sanitizer_subset_decode_variants() {
     let mut ws = workspace(dev, decode_workspace_len(12, 3, 8, 128));
     let got = launch(&b, fold, 12, 64, &mut ws);
     check_cpu(&b, &got, "sanitizer split_keys");
+    // The group merge: 16 splits, the whole grid (96 blocks) resident at once, five splits of the
+    // 700-key request and more of the others empty.
+    let mut ws = workspace(dev, decode_workspace_len(16, 3, 8, 128));
+    let first = launch(&b, fold, 16, 0, &mut ws);
+    check_cpu(&b, &first, "sanitizer group merge");
+    let again = launch(&b, fold, 16, 0, &mut ws);
+    assert!(bits(&first) == bits(&again), "sanitizer group merge: replay differs");
     let h = random_batch::<f16>(
         AttentionParams::new(4, 4, 64).with_sinks(Some(vec![0.5, -1.0, 2.0, 0.0])),
         32,
