@@ -484,7 +484,8 @@ fn group_merge_case<T: Element>(params: AttentionParams, lens: &[usize], splits:
 #[test]
 fn group_merge_against_cpu_bf16() {
     // One long request, GQA 4: 8 blocks per split, so 16, 32 and 33 splits (264 blocks: two per SM
-    // on 132 SMs) are resident; 33 leaves the last split shorter than the others.
+    // on 132 SMs) are resident. Splits are whole 64-key tiles, so the last split is short, and at
+    // 33 splits of 640 keys the 33rd is empty.
     group_merge_case::<bf16>(AttentionParams::new(32, 8, 128), &[20_000], &[16, 32, 33], 25_000);
     // Two requests of different lengths (the shorter one's splits are a few tiles each, some
     // empty), GQA 8 with sinks.
