@@ -226,12 +226,24 @@ fn num_sms(dev: &CudaDevice) -> usize {
         .unwrap() as usize
 }
 
+/// Decode blocks per split of a launch over `reqs` requests: (request, kv head, row chunk of 16
+/// query heads).
+fn blocks_per_split(p: &AttentionParams, reqs: usize) -> usize {
+    reqs * p.num_kv_heads * (p.num_heads / p.num_kv_heads).div_ceil(16)
+}
+
+/// Whether every arrival counter at the front of a decode workspace is zero (each folded launch
+/// must leave them so).
+fn counters_clear(dev: &CudaDevice, ws: &CudaSlice<f32>) -> bool {
+    let head = dev.stream().clone_dtoh(&ws.slice(..attention_kernels::attention::DECODE_COUNTER_SLOTS)).unwrap();
+    head.iter().all(|&x| f32::to_bits(x) == 0)
+}
+
 /// The split count the planner's cost model picks for this batch (default mode).
 fn planned_splits<T: Element>(b: &Batch<T>) -> usize {
     let dev = common::device();
     let p = &b.params;
-    let group = p.num_heads / p.num_kv_heads;
-    let blocks = b.lens.len() * p.num_kv_heads * group.div_ceil(16);
+    let blocks = blocks_per_split(p, b.lens.len());
     let sms = num_sms(dev);
     let max_len = b.lens.iter().copied().max().unwrap_or(1);
     decode_split_count(blocks, sms, 2, 2, max_len, decode_tile_keys(p.head_size))
@@ -427,8 +439,7 @@ fn fold_replays<T: Element>(pipeline: DecodePipeline, seed: u64) {
     let separate = launch(&a, plain, 7, 0, &mut ws);
     assert!(bits(&first) == bits(&separate), "{fold}: folded and separate combine differ");
     // Every counter back at zero.
-    let head = dev.stream().clone_dtoh(&ws.slice(..attention_kernels::attention::DECODE_COUNTER_SLOTS)).unwrap();
-    assert!(head.iter().all(|&x| f32::to_bits(x) == 0), "{fold}: counters left non-zero");
+    assert!(counters_clear(dev, &ws), "{fold}: counters left non-zero");
 }
 
 #[test]
@@ -446,10 +457,10 @@ fn folded_combine_replays_f16() {
 /// The group merge: a folded launch of at least 16 splits whose whole grid is resident at once
 /// (the default for a few long requests, where the group's blocks merge side by side). Checked
 /// against the CPU backend, bit for bit against the separate combine kernel (one merge
-/// arithmetic), replayed on one workspace with every counter back at zero; the small batches of
-/// the other tests split fewer ways and never take it. `run.sh` runs the decode tests once more
-/// with `PAGED_ATTN_DECODE_GROUP_MERGE=0`, where the same launches take the last block's merge
-/// and must give the same results.
+/// arithmetic), replayed on one workspace with every counter back at zero; the other tests that
+/// compare with the CPU split fewer ways or on grids too large to be resident. `run.sh` runs the
+/// decode tests once more with `PAGED_ATTN_DECODE_GROUP_MERGE=0`, where the same launches take
+/// the last block's merge and must give the same results.
 fn group_merge_case<T: Element>(params: AttentionParams, lens: &[usize], splits: &[usize], seed: u64) {
     let dev = common::device();
     let b = random_batch::<T>(params.clone(), 16, lens, seed);
@@ -461,8 +472,7 @@ fn group_merge_case<T: Element>(params: AttentionParams, lens: &[usize], splits:
     let resident = per_sm * num_sms(dev);
     for &s in splits {
         let what = format!("group merge {:?} heads {h}/{kvh} d {d} lens {lens:?} splits {s}", T::DTYPE);
-        // The launch's grid: (request, kv head, row chunk of 16 query heads) x splits.
-        let grid = lens.len() * kvh * (h / kvh).div_ceil(16) * s;
+        let grid = blocks_per_split(&params, lens.len()) * s;
         assert!(
             s >= 16 && grid <= resident,
             "{what}: {grid} blocks on a device holding {resident} at once do not take the group merge"
@@ -476,8 +486,7 @@ fn group_merge_case<T: Element>(params: AttentionParams, lens: &[usize], splits:
         assert!(bits(&first) == bits(&auto), "{what}: the default variant differs from W4S3");
         let separate = launch(&b, plain, s, 0, &mut ws);
         assert!(bits(&first) == bits(&separate), "{what}: the group merge and the combine kernel differ");
-        let head = dev.stream().clone_dtoh(&ws.slice(..attention_kernels::attention::DECODE_COUNTER_SLOTS)).unwrap();
-        assert!(head.iter().all(|&x| f32::to_bits(x) == 0), "{what}: counters left non-zero");
+        assert!(counters_clear(dev, &ws), "{what}: counters left non-zero");
     }
 }
 
