@@ -8,6 +8,11 @@
 use std::env;
 use std::path::{Path, PathBuf};
 
+#[path = "build/kernel_cache.rs"]
+mod kernel_cache;
+
+use kernel_cache::KernelCache;
+
 /// The CUDA translation units compiled for sm_80 and sm_90a, in this order.
 const CU_SOURCES: &[&str] = &[
     "csrc/cache_write.cu",
@@ -62,6 +67,7 @@ fn main() {
         "CUDA_ROOT",
         "PAGED_ATTN_CACHE_DIR",
         "XDG_CACHE_HOME",
+        kernel_cache::ENV,
         DECODE_TRACE_ENV,
         PREFILL_TRACE_ENV,
         WS_HEAD64_CONSUMERS_ENV,
@@ -94,11 +100,6 @@ fn main() {
         panic!("nvcc not found: run `cargo xtask setup-cuda` or set NVCC / CUDA_HOME");
     };
     let nvcc = cuda_root.join("bin").join("nvcc");
-    println!(
-        "cargo:warning=attention-kernels: compiling {} CUDA sources with {}",
-        CU_SOURCES.len() + CU_SOURCES_SM90.len(),
-        nvcc.display()
-    );
 
     // cc reads the CUDA compiler from `NVCC`; this build script is single-threaded.
     env::set_var("NVCC", &nvcc);
@@ -146,18 +147,19 @@ fn main() {
     // blocks per SM; the KV writes kept 40-60 registers live across the division slow paths, which
     // are real calls there, instead of 28-48; Hopper code serialises every wgmma). No kernel
     // calls device code of another file, so nothing needs device linking.
+    let cache = KernelCache::from_env();
+    let mut compiled = 0;
     for src in CU_SOURCES {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("kernels");
         let mut build = base();
         build.flag("-gencode=arch=compute_80,code=[sm_80,compute_80]");
-        if let Ok(jobs) = env::var("NUM_JOBS") {
-            // nvcc compiles the two architectures of one file in parallel when told it may.
-            build.flag(format!("--threads={}", jobs.parse::<usize>().unwrap_or(1).clamp(1, 4)));
-        }
         if decode_trace && stem == "paged_decode" {
             build.define("PA_DECODE_TRACE", "1");
         }
-        build.file(src).compile(&format!("attention_kernels_{stem}"));
+        // nvcc compiles the two architectures of one file in parallel when told it may; the
+        // thread count changes no output, so it stays out of the cache key.
+        let threads = env::var("NUM_JOBS").ok().map(|jobs| jobs.parse::<usize>().unwrap_or(1).clamp(1, 4));
+        compiled += library(build, src, &format!("attention_kernels_{stem}"), threads, cache.as_ref()) as usize;
     }
     for src in CU_SOURCES_SM90 {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
@@ -170,7 +172,17 @@ fn main() {
                 build.define("PA_WS_HEAD64_CONSUMERS", "2");
             }
         }
-        build.file(src).compile(&format!("attention_kernels_{stem}"));
+        compiled += library(build, src, &format!("attention_kernels_{stem}"), None, cache.as_ref()) as usize;
+    }
+    let total = CU_SOURCES.len() + CU_SOURCES_SM90.len();
+    match &cache {
+        Some(c) => println!(
+            "cargo:warning=attention-kernels: compiled {compiled} of {total} CUDA sources with {}, {} from the kernel cache in {}",
+            nvcc.display(),
+            total - compiled,
+            c.dir().display()
+        ),
+        None => println!("cargo:warning=attention-kernels: compiled {total} CUDA sources with {}", nvcc.display()),
     }
 
     for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
@@ -180,6 +192,50 @@ fn main() {
         }
     }
     println!("cargo:rustc-link-lib=dylib=stdc++");
+}
+
+/// Builds `src` into the static library `lib_name` and links it; returns whether nvcc ran (false:
+/// the library came from the kernel cache). `threads` is nvcc's `--threads`, which changes no
+/// output and so is not part of the cache key. A cache that cannot be read or written only costs
+/// the compile: the build goes on and says why in a warning.
+fn library(
+    mut build: cc::Build,
+    src: &str,
+    lib_name: &str,
+    threads: Option<usize>,
+    cache: Option<&KernelCache>,
+) -> bool {
+    build.file(src);
+    let inputs: Vec<&Path> = std::iter::once(src).chain(CU_HEADERS.iter().copied()).map(Path::new).collect();
+    let key = cache.map(|c| (c, c.key(&build, lib_name, &inputs)));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
+    let library = out_dir.join(format!("lib{lib_name}.a"));
+    if let Some((cache, Ok(key))) = &key {
+        match cache.fetch(lib_name, key, &library) {
+            Ok(true) => {
+                cc::emit_link_directives(&build, &library);
+                return false;
+            }
+            Ok(false) => {}
+            Err(e) => println!("cargo:warning=attention-kernels: kernel cache not read ({e}); compiling {src}"),
+        }
+    }
+    if let Some(n) = threads {
+        build.flag(format!("--threads={n}"));
+    }
+    let objects = build.compile_intermediates();
+    let built = build.create_archive(lib_name, &objects);
+    match &key {
+        Some((cache, Ok(key))) => {
+            if let Err(e) = cache.store(lib_name, key, &built) {
+                println!("cargo:warning=attention-kernels: kernel cache not written ({e})");
+            }
+        }
+        Some((_, Err(e))) => println!("cargo:warning=attention-kernels: no kernel cache key for {src} ({e})"),
+        None => {}
+    }
+    cc::emit_link_directives(&build, &built);
+    true
 }
 
 /// Finds a CUDA root (a folder with `bin/nvcc`), in this order:

@@ -9,11 +9,23 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The cargo that runs xtask, so nested builds use the same toolchain.
+///
+/// Its builds share one kernel cache (attention-kernels' `PAGED_ATTN_KERNEL_CACHE`, in xtask's
+/// cache folder), so the kernels compile once across the profiles, feature sets and target folders
+/// of `cargo xtask test` instead of once per build; a value already set (empty: no cache) wins.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root());
+    if std::env::var_os(KERNEL_CACHE_ENV).is_none() {
+        if let Ok(dir) = crate::cuda::cache_dir() {
+            cmd.env(KERNEL_CACHE_ENV, dir.join("kernels"));
+        }
+    }
     cmd
 }
+
+/// attention-kernels' build-time cache of compiled kernel libraries (see its README).
+const KERNEL_CACHE_ENV: &str = "PAGED_ATTN_KERNEL_CACHE";
 
 fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
