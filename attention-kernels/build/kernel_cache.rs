@@ -44,8 +44,12 @@ pub struct KernelCache {
 impl KernelCache {
     /// The cache [`ENV`] names, if any.
     pub fn from_env() -> Option<Self> {
-        let dir = std::env::var_os(ENV).filter(|v| !v.is_empty())?;
-        Some(Self { dir: PathBuf::from(dir) })
+        std::env::var_os(ENV).filter(|v| !v.is_empty()).map(|dir| Self::at(PathBuf::from(dir)))
+    }
+
+    /// A cache in `dir` (created at the first store).
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
     }
 
     pub fn dir(&self) -> &Path {
