@@ -101,7 +101,7 @@ fn main() {
     };
     let nvcc = cuda_root.join("bin").join("nvcc");
 
-    // cc reads the CUDA compiler from `NVCC`; this build script is single-threaded.
+    // cc reads the CUDA compiler from `NVCC`; set before any thread starts.
     env::set_var("NVCC", &nvcc);
     // The decode kernel's per-block timeline (a diagnostic; see `attention::decode_trace`).
     let decode_trace = env::var(DECODE_TRACE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
@@ -147,8 +147,10 @@ fn main() {
     // blocks per SM; the KV writes kept 40-60 registers live across the division slow paths, which
     // are real calls there, instead of 28-48; Hopper code serialises every wgmma). No kernel
     // calls device code of another file, so nothing needs device linking.
-    let cache = KernelCache::from_env();
-    let mut compiled = 0;
+    // nvcc compiles the two architectures of one file in parallel when told it may; the thread
+    // count changes no output, so it stays out of the cache key.
+    let jobs = env::var("NUM_JOBS").ok().and_then(|j| j.parse::<usize>().ok()).unwrap_or(1).max(1);
+    let mut units = Vec::new();
     for src in CU_SOURCES {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("kernels");
         let mut build = base();
@@ -156,10 +158,7 @@ fn main() {
         if decode_trace && stem == "paged_decode" {
             build.define("PA_DECODE_TRACE", "1");
         }
-        // nvcc compiles the two architectures of one file in parallel when told it may; the
-        // thread count changes no output, so it stays out of the cache key.
-        let threads = env::var("NUM_JOBS").ok().map(|jobs| jobs.parse::<usize>().unwrap_or(1).clamp(1, 4));
-        compiled += library(build, src, &format!("attention_kernels_{stem}"), threads, cache.as_ref()) as usize;
+        units.push(Unit { src, lib_name: format!("attention_kernels_{stem}"), build, threads: Some(jobs.min(4)) });
     }
     for src in CU_SOURCES_SM90 {
         let stem = Path::new(src).file_stem().and_then(|s| s.to_str()).unwrap_or("sm90");
@@ -172,8 +171,15 @@ fn main() {
                 build.define("PA_WS_HEAD64_CONSUMERS", "2");
             }
         }
-        compiled += library(build, src, &format!("attention_kernels_{stem}"), None, cache.as_ref()) as usize;
+        units.push(Unit { src, lib_name: format!("attention_kernels_{stem}"), build, threads: None });
     }
+    let cache = KernelCache::from_env();
+    let built = build_all(&units, jobs, cache.as_ref(), &files_under(Path::new("csrc")));
+    // Linked in source order, whatever order the builds finished in.
+    for (unit, (library, _)) in units.iter().zip(&built) {
+        cc::emit_link_directives(&unit.build, library);
+    }
+    let compiled = built.iter().filter(|(_, ran)| *ran).count();
     let total = CU_SOURCES.len() + CU_SOURCES_SM90.len();
     match &cache {
         Some(c) => println!(
@@ -194,28 +200,61 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=stdc++");
 }
 
-/// Builds `src` into the static library `lib_name` and links it; returns whether nvcc ran (false:
-/// the library came from the kernel cache). `threads` is nvcc's `--threads`, which changes no
-/// output and so is not part of the cache key. A cache that cannot be read or written only costs
-/// the compile: the build goes on and says why in a warning.
-fn library(
-    mut build: cc::Build,
-    src: &str,
-    lib_name: &str,
+/// One translation unit: its source, its library's name, its cc build and nvcc's `--threads`.
+struct Unit {
+    src: &'static str,
+    lib_name: String,
+    build: cc::Build,
     threads: Option<usize>,
-    cache: Option<&KernelCache>,
-) -> bool {
+}
+
+/// Builds every unit, `jobs` at a time (cargo's NUM_JOBS), the longest compiles first; returns
+/// each unit's library and whether nvcc ran for it, in the order of `units`. Why in parallel: the
+/// units are independent and nvcc is single-threaded per architecture, so on a machine with more
+/// cores than architectures the serial build left them idle for minutes.
+fn build_all(units: &[Unit], jobs: usize, cache: Option<&KernelCache>, sources: &[PathBuf]) -> Vec<(PathBuf, bool)> {
+    // Longest first, from the sources' sizes (the decode and the sm80 prefill dominate).
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(std::fs::metadata(units[i].src).map(|m| m.len()).unwrap_or(0)));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<(PathBuf, bool)>>> = units.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(units.len()) {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = order.get(k) else { break };
+                let done = library(&units[i], cache, sources);
+                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(done);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .zip(units)
+        .map(|(r, u)| {
+            r.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| panic!("attention-kernels: no library was built for {}", u.src))
+        })
+        .collect()
+}
+
+/// Builds one unit's static library (or takes it from the kernel cache); returns its path and
+/// whether nvcc ran. The cache key covers every file under `csrc/` (`sources`), not only the
+/// headers this script lists, so a header added without a `rerun-if-changed` line still changes
+/// the key. `--threads` changes no output and so is not part of the key. A cache that cannot be
+/// read or written only costs the compile: the build goes on and says why in a warning.
+fn library(unit: &Unit, cache: Option<&KernelCache>, sources: &[PathBuf]) -> (PathBuf, bool) {
+    let Unit { src, lib_name, threads, .. } = unit;
+    let mut build = unit.build.clone();
     build.file(src);
-    let inputs: Vec<&Path> = std::iter::once(src).chain(CU_HEADERS.iter().copied()).map(Path::new).collect();
+    let inputs: Vec<&Path> = std::iter::once(Path::new(*src)).chain(sources.iter().map(PathBuf::as_path)).collect();
     let key = cache.map(|c| (c, c.key(&build, lib_name, &inputs)));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
     let library = out_dir.join(format!("lib{lib_name}.a"));
     if let Some((cache, Ok(key))) = &key {
         match cache.fetch(lib_name, key, &library) {
-            Ok(true) => {
-                cc::emit_link_directives(&build, &library);
-                return false;
-            }
+            Ok(true) => return (library, false),
             Ok(false) => {}
             Err(e) => println!("cargo:warning=attention-kernels: kernel cache not read ({e}); compiling {src}"),
         }
@@ -234,8 +273,27 @@ fn library(
         Some((_, Err(e))) => println!("cargo:warning=attention-kernels: no kernel cache key for {src} ({e})"),
         None => {}
     }
-    cc::emit_link_directives(&build, &built);
-    true
+    (built, true)
+}
+
+/// Every file under `dir`, recursively, in a fixed order (unreadable folders are skipped: the
+/// compile that follows reports any source it cannot read).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// Finds a CUDA root (a folder with `bin/nvcc`), in this order:

@@ -2,20 +2,20 @@
 //! machine: the debug, test and release profiles, other target folders, `cargo package`'s builds.
 //!
 //! Why: nvcc spends about six minutes of two cores on these sources, and a workspace check builds
-//! them once per profile, feature set and target folder (five times in `cargo xtask test`). A
-//! library's bytes depend only on its inputs, so one compile can serve every build whose inputs
-//! match. Off unless [`ENV`] names a folder (`cargo xtask` names one in its cache folder); a build
-//! that names none compiles exactly as before.
+//! them once per profile, feature set and target folder (four or five times in `cargo xtask
+//! test`). A library's bytes depend only on its inputs, so one compile can serve every build whose
+//! inputs match. Off unless [`ENV`] names a folder (`cargo xtask` names one in its cache folder); a
+//! build that names none compiles exactly as before.
 //!
 //! The key is a 128-bit hash of everything that decides a library's bytes: its name, the compiler
 //! and every argument cc gives it (flags, defines, include folders, the host compiler named by
 //! `-ccbin`), what the compiler and the host compiler print for `--version`, the environment
 //! variables nvcc reads its own extra flags from, the target, and the path and contents of the
-//! source and of every header. A changed header, flag or toolkit is a different key, so a stale
-//! library is never linked; the cost of a key is a miss, which compiles as without the cache.
-//! Entries are whole `lib<name>.a` archives written under a temporary name and renamed into
-//! place, so a concurrent build sees a complete file or none. Each library keeps its
-//! [`KEEP_PER_LIBRARY`] most recently used entries.
+//! source and of every file it may include (build.rs passes all of `csrc/`). A changed header,
+//! flag or toolkit is a different key, so a stale library is never linked; the cost of a key is a
+//! miss, which compiles as without the cache. Entries are whole `lib<name>.a` archives written
+//! under a temporary name and renamed into place, so a concurrent build sees a complete file or
+//! none. Each library keeps its [`KEEP_PER_LIBRARY`] most recently used entries.
 
 use std::ffi::OsStr;
 use std::fs;
