@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 #[path = "build/kernel_cache.rs"]
 mod kernel_cache;
 
-use kernel_cache::KernelCache;
+use kernel_cache::{Inputs, KernelCache};
 
 /// The CUDA translation units compiled for sm_80 and sm_90a, in this order.
 const CU_SOURCES: &[&str] = &[
@@ -174,7 +174,10 @@ fn main() {
         units.push(Unit { src, lib_name: format!("attention_kernels_{stem}"), build, threads: None });
     }
     let cache = KernelCache::from_env();
-    let built = build_all(&units, jobs, cache.as_ref(), &files_under(Path::new("csrc")));
+    // The cache key covers every file under `csrc/`, not only the headers this script lists, so a
+    // header added without a `rerun-if-changed` line still changes the key.
+    let cache = cache.map(|c| (c, Inputs::read(&files_under(Path::new("csrc")))));
+    let built = build_all(&units, jobs, cache.as_ref());
     // Linked in source order, whatever order the builds finished in.
     for (unit, (library, _)) in units.iter().zip(&built) {
         cc::emit_link_directives(&unit.build, library);
@@ -182,7 +185,7 @@ fn main() {
     let compiled = built.iter().filter(|(_, ran)| *ran).count();
     let total = CU_SOURCES.len() + CU_SOURCES_SM90.len();
     match &cache {
-        Some(c) => println!(
+        Some((c, _)) => println!(
             "cargo:warning=attention-kernels: compiled {compiled} of {total} CUDA sources with {}, {} from the kernel cache in {}",
             nvcc.display(),
             total - compiled,
@@ -208,48 +211,49 @@ struct Unit {
     threads: Option<usize>,
 }
 
+/// The kernel cache and the files its keys cover (or why they could not be read).
+type Cache = (KernelCache, Result<Inputs, String>);
+
 /// Builds every unit, `jobs` at a time (cargo's NUM_JOBS), the longest compiles first; returns
 /// each unit's library and whether nvcc ran for it, in the order of `units`. Why in parallel: the
 /// units are independent and nvcc is single-threaded per architecture, so on a machine with more
 /// cores than architectures the serial build left them idle for minutes.
-fn build_all(units: &[Unit], jobs: usize, cache: Option<&KernelCache>, sources: &[PathBuf]) -> Vec<(PathBuf, bool)> {
+fn build_all(units: &[Unit], jobs: usize, cache: Option<&Cache>) -> Vec<(PathBuf, bool)> {
     // Longest first, from the sources' sizes (the decode and the sm80 prefill dominate).
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(std::fs::metadata(units[i].src).map(|m| m.len()).unwrap_or(0)));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<(PathBuf, bool)>>> = units.iter().map(|_| Default::default()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..jobs.min(units.len()) {
-            scope.spawn(|| loop {
-                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&i) = order.get(k) else { break };
-                let done = library(&units[i], cache, sources);
-                *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(done);
-            });
-        }
+    let mut built: Vec<(usize, (PathBuf, bool))> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs.min(units.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while let Some(&i) = order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                        done.push((i, library(&units[i], cache)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        // A worker that panicked (a failed compile: cc panics with nvcc's message) fails the build
+        // with that message.
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
-    results
-        .into_iter()
-        .zip(units)
-        .map(|(r, u)| {
-            r.into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| panic!("attention-kernels: no library was built for {}", u.src))
-        })
-        .collect()
+    built.sort_by_key(|(i, _)| *i);
+    built.into_iter().map(|(_, done)| done).collect()
 }
 
 /// Builds one unit's static library (or takes it from the kernel cache); returns its path and
-/// whether nvcc ran. The cache key covers every file under `csrc/` (`sources`), not only the
-/// headers this script lists, so a header added without a `rerun-if-changed` line still changes
-/// the key. `--threads` changes no output and so is not part of the key. A cache that cannot be
-/// read or written only costs the compile: the build goes on and says why in a warning.
-fn library(unit: &Unit, cache: Option<&KernelCache>, sources: &[PathBuf]) -> (PathBuf, bool) {
+/// whether nvcc ran. `--threads` changes no output and so is not part of the key. A cache that
+/// cannot be read or written only costs the compile: the build goes on and says why in a warning.
+fn library(unit: &Unit, cache: Option<&Cache>) -> (PathBuf, bool) {
     let Unit { src, lib_name, threads, .. } = unit;
     let mut build = unit.build.clone();
     build.file(src);
-    let inputs: Vec<&Path> = std::iter::once(Path::new(*src)).chain(sources.iter().map(PathBuf::as_path)).collect();
-    let key = cache.map(|c| (c, c.key(&build, lib_name, &inputs)));
+    let key = cache.map(|(c, inputs)| {
+        let key = inputs.as_ref().map_err(Clone::clone).and_then(|i| c.key(&build, lib_name, Path::new(src), i));
+        (c, key)
+    });
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
     let library = out_dir.join(format!("lib{lib_name}.a"));
     if let Some((cache, Ok(key))) = &key {

@@ -21,6 +21,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 /// The folder the cache lives in; unset or empty: no cache.
@@ -39,6 +40,31 @@ const RECIPE: &str = "attention-kernels kernel cache v1";
 
 pub struct KernelCache {
     dir: PathBuf,
+    /// `--version` outputs by program: every unit's key asks for the same two compilers.
+    versions: Mutex<Vec<(PathBuf, Vec<u8>)>>,
+}
+
+/// The files a key covers (the sources and every header they may include), read once for all the
+/// units of a build.
+pub struct Inputs {
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Inputs {
+    pub fn read(paths: &[PathBuf]) -> Result<Self, String> {
+        let files = paths
+            .iter()
+            .map(|path| {
+                let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                Ok((path.clone(), bytes))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { files })
+    }
+
+    fn get(&self, path: &Path) -> Option<&[u8]> {
+        self.files.iter().find(|(p, _)| p == path).map(|(_, bytes)| bytes.as_slice())
+    }
 }
 
 impl KernelCache {
@@ -49,16 +75,16 @@ impl KernelCache {
 
     /// A cache in `dir` (created at the first store).
     pub fn at(dir: PathBuf) -> Self {
-        Self { dir }
+        Self { dir, versions: Mutex::new(Vec::new()) }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The key of library `lib_name` built by `build` from `inputs` (its source and every header
-    /// the sources may include).
-    pub fn key(&self, build: &cc::Build, lib_name: &str, inputs: &[&Path]) -> Result<String, String> {
+    /// The key of library `lib_name` built by `build` from `source` and `inputs` (every file the
+    /// sources may include, `source` among them).
+    pub fn key(&self, build: &cc::Build, lib_name: &str, source: &Path, inputs: &Inputs) -> Result<String, String> {
         let tool = build.try_get_compiler().map_err(|e| format!("cc cannot name the compiler: {e}"))?;
         let mut h = Hash128::new();
         h.field(RECIPE.as_bytes());
@@ -68,20 +94,34 @@ impl KernelCache {
         for arg in tool.args() {
             h.field(arg.as_encoded_bytes());
         }
-        h.field(&version_of(tool.path())?);
+        h.field(&self.version_of(tool.path())?);
         let ccbin = tool.args().iter().filter_map(|a| a.to_str()?.strip_prefix("-ccbin=")).next_back();
         if let Some(host) = ccbin {
-            h.field(&version_of(Path::new(host))?);
+            h.field(&self.version_of(Path::new(host))?);
         }
         for var in NVCC_FLAG_VARS {
             h.field(std::env::var_os(var).unwrap_or_default().as_encoded_bytes());
         }
-        for path in inputs {
-            let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let own = inputs.get(source).ok_or_else(|| format!("{} is not among the kernel sources", source.display()))?;
+        for (path, bytes) in
+            std::iter::once((source, own)).chain(inputs.files.iter().map(|(p, b)| (p.as_path(), &b[..])))
+        {
             h.field(path.as_os_str().as_encoded_bytes());
-            h.field(&bytes);
+            h.field(bytes);
         }
         Ok(h.hex())
+    }
+
+    /// What `program --version` prints (stdout and stderr), run once per program per build.
+    fn version_of(&self, program: &Path) -> Result<Vec<u8>, String> {
+        let known = |v: &Vec<(PathBuf, Vec<u8>)>| v.iter().find(|(p, _)| p == program).map(|(_, out)| out.clone());
+        if let Some(out) = known(&self.versions.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(out);
+        }
+        // Run outside the lock: two units may both run it once, with the same answer.
+        let out = version_of(program)?;
+        self.versions.lock().unwrap_or_else(|e| e.into_inner()).push((program.to_path_buf(), out.clone()));
+        Ok(out)
     }
 
     fn entry(&self, lib_name: &str, key: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use kernel_cache::KernelCache;
+use kernel_cache::{Inputs, KernelCache};
 
 /// A fresh folder under the system's temporary folder, removed when dropped.
 struct Scratch(PathBuf);
@@ -43,8 +43,10 @@ fn build() -> cc::Build {
     b
 }
 
-fn key(cache: &KernelCache, b: &cc::Build, lib: &str, inputs: &[&Path]) -> String {
-    cache.key(b, lib, inputs).unwrap()
+/// The key of `lib` built from `paths[0]`, reading every file in `paths` now.
+fn key(cache: &KernelCache, b: &cc::Build, lib: &str, paths: &[&Path]) -> String {
+    let inputs = Inputs::read(&paths.iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).unwrap();
+    cache.key(b, lib, paths[0], &inputs).unwrap()
 }
 
 #[cfg(target_os = "linux")]
@@ -78,9 +80,21 @@ fn the_key_follows_every_input() {
     assert_ne!(key(&cache, &build(), "lib_b", &inputs), first, "the library's name is part of the key");
     assert_ne!(key(&cache, &build(), "lib_a", &inputs[..1]), first, "the list of inputs is part of the key");
 
+    let other = dir.0.join("other.cu");
+    fs::write(&other, "__global__ void k() {}\n").unwrap();
+    let all = Inputs::read(&[src.clone(), header.clone(), other.clone()]).unwrap();
+    assert_ne!(
+        cache.key(&build(), "lib_a", &src, &all).unwrap(),
+        cache.key(&build(), "lib_a", &other, &all).unwrap(),
+        "the unit's own source is part of the key"
+    );
+
     let missing = dir.0.join("gone.cuh");
-    let err = cache.key(&build(), "lib_a", &[src.as_path(), missing.as_path()]).unwrap_err();
+    let Err(err) = Inputs::read(&[src.clone(), missing]) else { panic!("a missing input was read") };
     assert!(err.contains("gone.cuh"), "{err}");
+    let inputs = Inputs::read(std::slice::from_ref(&header)).unwrap();
+    let err = cache.key(&build(), "lib_a", &src, &inputs).unwrap_err();
+    assert!(err.contains("k.cu"), "{err}");
 }
 
 #[test]

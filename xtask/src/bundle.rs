@@ -56,6 +56,25 @@ pub(crate) fn executables(json: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
+/// The output folder (`OUT_DIR`) of `package`'s build script in cargo's JSON messages.
+pub(crate) fn build_script_out_dir(json: &str, package: &str) -> Option<PathBuf> {
+    json.lines()
+        .filter(|l| l.contains("\"reason\":\"build-script-executed\""))
+        .filter(|l| field(l, "\"package_id\":\"").is_some_and(|id| package_name(&id) == Some(package)))
+        .filter_map(|l| field(l, "\"out_dir\":\"").map(PathBuf::from))
+        .next_back()
+}
+
+/// The package name in a cargo package id: `path+file:///dir/name#version`,
+/// `path+file:///dir#name@version` (cargo 1.77 on) or `name version (source)` (before).
+fn package_name(id: &str) -> Option<&str> {
+    match id.split_once('#') {
+        Some((_, fragment)) if fragment.contains('@') => fragment.split('@').next(),
+        Some((url, _)) => url.rsplit('/').next(),
+        None => id.split(' ').next(),
+    }
+}
+
 fn field(s: &str, key: &str) -> Option<String> {
     let start = s.find(key)? + key.len();
     let end = s[start..].find('"')? + start;

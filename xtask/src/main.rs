@@ -22,8 +22,9 @@ Commands:
                  workspace test (kernels compiled when nvcc is available or can be set up), the candle
                  example checked; GPU tests are built and, with no GPU here, reported as NOT RUN; `sass`
                  too when the kernels are compiled
-  sass           compile the warp-specialised prefill alone and check its SASS: the softmax overlaps the
-                 PV product, the wgmma descriptors are uniform (cuobjdump from PyPI, installed if missing)
+  sass           check the SASS of the warp-specialised prefill that the CUDA tests link (built first if
+                 needed): the softmax overlaps the PV product, the wgmma descriptors are uniform
+                 (cuobjdump from PyPI, installed if missing)
   clang-format [--check]
                  format the CUDA sources (attention-kernels/csrc) by attention-kernels/.clang-format, or
                  with --check only report differences (clang-format 19.1.7 from PyPI, installed if missing;

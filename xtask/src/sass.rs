@@ -12,9 +12,13 @@
 //!   thread and moved into a uniform register: 48 per tile when the consumer index was not known
 //!   to be warp-uniform).
 //!
-//! The kernel is compiled alone to a cubin with the device flags build.rs uses and disassembled
-//! with cuobjdump, which NVIDIA publishes on PyPI (pinned below; its 13.2 release is the first
-//! there and reads CUDA 13.0 cubins).
+//! The library checked is the one the workspace's tests link: cargo names the build-script output
+//! folder of that build (already built within `cargo xtask test`), and cuobjdump disassembles the
+//! kernel's static library there. cuobjdump
+//! comes from the toolkit or from NVIDIA's wheel on PyPI (pinned below; its 13.2 release is the
+//! first there and reads CUDA 13.0 code). Why not a separate compile of the source, as the first
+//! form did: that repeated build.rs's flags by hand (checking code the library might not ship)
+//! and cost an nvcc run of about a minute on two cores.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,14 +30,15 @@ use crate::{cuda, shell};
 const CUOBJDUMP_WHEELS: &[&str] = &["nvidia-cuda-cuobjdump==13.2.51", "nvidia-cuda-nvdisasm==13.2.51"];
 /// Folder of its virtual environment inside the cache.
 const CUOBJDUMP_VENV: &str = "cuobjdump-13.2.51";
-/// The source under test, relative to the workspace root.
-const SOURCE: &str = "attention-kernels/csrc/paged_prefill_sm90ws.cu";
+/// The static library under test, in attention-kernels' build-script output folder.
+const LIBRARY: &str = "libattention_kernels_paged_prefill_sm90ws.a";
 /// Exponentials a consumer thread computes per key tile (BN / 2 with BN = 128).
 const EXP_PER_TILE: usize = 64;
 /// A turn holds at least a head-64 tile's wgmmas (4 for S, 8 for PV).
 const MIN_WGMMA_PER_TURN: usize = 12;
 
-/// Compiles the warp-specialised prefill with `cuda_root`'s nvcc and checks its SASS.
+/// Builds attention-kernels with `cuda_root`'s nvcc (if it is not built yet) and checks the
+/// warp-specialised prefill's SASS.
 pub fn check(cuda_root: &Path) -> Result<(), String> {
     check_with(cuda_root, &cuobjdump(cuda_root)?)
 }
@@ -52,32 +57,40 @@ pub fn check_in_tests(cuda_root: &Path) -> Result<(), String> {
 }
 
 fn check_with(cuda_root: &Path, cuobjdump: &Path) -> Result<(), String> {
-    let root = shell::workspace_root();
-    let out_dir = crate::package::target_dir()?.join("sass");
-    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    let cubin = out_dir.join("paged_prefill_sm90ws.cubin");
-    // The device flags of build.rs's `base()` (host-only flags aside): keep the two in step, or
-    // this checks code the library does not ship.
-    let mut nvcc = Command::new(cuda_root.join("bin/nvcc"));
-    nvcc.args(["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a"])
-        .arg("-I")
-        .arg(root.join("attention-kernels/csrc"))
-        .arg("-cubin")
-        .arg("-o")
-        .arg(&cubin)
-        .arg(root.join(SOURCE));
-    shell::run(nvcc)?;
+    let library = shipped_library(cuda_root)?;
     let mut dump = Command::new(cuobjdump);
-    dump.arg("-sass").arg(&cubin);
+    dump.arg("-sass").arg(&library);
     if let Some(bin) = cuobjdump.parent() {
         dump.env("NVDISASM_PATH", bin);
     }
     let sass = shell::output(dump)?;
+    println!("SASS of {}:", library.display());
     let report = check_sass(&sass)?;
     for line in &report {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The warp-specialised prefill's library as the workspace's tests link it: the build step of
+/// `cargo xtask test` (fresh there, so nothing is rebuilt; standalone, it builds those tests), whose
+/// build-script output folder for attention-kernels cargo names in its JSON messages. (A build of
+/// attention-kernels alone unifies other features and gets a folder of its own, whose kernels a
+/// run without the kernel cache would compile again.)
+fn shipped_library(cuda_root: &Path) -> Result<PathBuf, String> {
+    let mut build = shell::cargo();
+    build.env("NVCC", cuda_root.join("bin/nvcc"));
+    build.args(["test", "--workspace", "--exclude", "test-suite", "--features", crate::test::CUDA_FEATURES]);
+    build.args(["--no-run", "--message-format", "json-render-diagnostics"]);
+    let json = shell::output(build)?;
+    let out_dir = crate::bundle::build_script_out_dir(&json, "attention-kernels")
+        .ok_or("cargo named no build-script output folder for attention-kernels")?;
+    let library = out_dir.join(LIBRARY);
+    if library.is_file() {
+        Ok(library)
+    } else {
+        Err(format!("attention-kernels' build left no {LIBRARY} in {}", out_dir.display()))
+    }
 }
 
 /// A cuobjdump that reads sm_90a cubins: the toolkit's own, else the pinned wheel (installed now

@@ -6,7 +6,8 @@ use crate::{bundle, cuda, shell};
 
 /// Features that turn on the CUDA code paths in every crate but test-suite (whose GPU test target is
 /// built and run separately).
-const CUDA_FEATURES: &str = "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,paged-serve/cuda";
+pub(crate) const CUDA_FEATURES: &str =
+    "attention-kernels/cuda,attention-backend/cuda,model-runner/cuda,paged-serve/cuda";
 
 /// [`CUDA_FEATURES`] and test-suite's, for whole-workspace commands.
 const CUDA_FEATURES_ALL: &str =
