@@ -37,7 +37,7 @@ SPIN_CYCLES_PER_S = 2.0e9
 # The spin covers the host's enqueueing of the timed calls with this much to spare, up to a second.
 SPIN_MARGIN, SPIN_EXTRA_S, SPIN_MAX_S = 1.5, 1e-3, 1.0
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
-# Set when a spin did not cover the host's enqueueing (printed once per row by the callers' log).
+# Timed runs whose spin did not cover the host's enqueueing (reported after each row, see main).
 _spin_short = {"count": 0}
 
 
@@ -51,8 +51,8 @@ def median_ms(fn, warmup=WARMUP, iters=ITERS):
     measure device time only. Why not a spin before every call, as the bench did until the
     thirty-fifth session: on a power-capped card each spin is a millisecond of low power that the
     next call spends at a higher clock, so compute-bound peers were timed in a state our back-to-back
-    launches never reach (FlashInfer's FA3 on causal 2 x 8192: 1.88 ms that way, 2.18 ms back to
-    back on the same H100; docs/PERFORMANCE.md)."""
+    launches never reach (FlashInfer's FA3 on causal 2 x 8192: 1.901 ms that way, 2.079 ms back to
+    back, in one H100 run; docs/PERFORMANCE.md)."""
     sleep = getattr(torch.cuda, "_sleep", None)
 
     def batch(n, spin_s):
@@ -306,10 +306,6 @@ def attention_peers(row):
     result.update(flashinfer_peer.flashinfer_peer(
         row, check, median_ms, matches))
     print(f"    flashinfer: {result['flashinfer_status']} in {time.time() - t0:.1f} s", flush=True)
-    if _spin_short["count"]:
-        print(f"    note: {_spin_short['count']} timed batches outran their spin (host slower than "
-              "estimated): those calls may include host time", flush=True)
-        _spin_short["count"] = 0
     if check is None:
         result["check"] = "no check file: peers were not compared with our output"
     return result
@@ -338,6 +334,10 @@ def main():
             peers = attention_peers(row)
         else:
             continue
+        if _spin_short["count"]:
+            print(f"    note: {_spin_short['count']} timed runs outran their spin (the host enqueued more "
+                  "slowly than in the warm-up): their calls may include host time", flush=True)
+            _spin_short["count"] = 0
         out.append({"name": row["name"], "dtype": row["dtype"], "kernel": kind, **peers})
         print(f"  {row['name']:<36} {row['dtype']:<5} " + " ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in peers.items()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Tests of the bench scripts' plain-Python parts, runnable with python3 alone (no torch, no GPU):
-the FlashInfer page-table conversion and result summary (flashinfer_peer.py) and the report's
-merge, table and JSON (report.py on synthetic rows). `cargo xtask test` runs this file.
+the FlashInfer page-table conversion and result summary (flashinfer_peer.py), the report's merge,
+table and JSON (report.py on synthetic rows), and the peers' timing protocol (peers.median_ms
+against a stand-in for torch.cuda). `cargo xtask test` runs this file.
 
 Usage: python3 bench/test_peers.py    (prints one PASS or FAIL line at the end)
 """
@@ -291,6 +292,100 @@ class Compiles(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("peers.py", "report.py", "flashinfer_peer.py", "test_peers.py"):
                 py_compile.compile(os.path.join(HERE, name), cfile=os.path.join(tmp, name + "c"), doraise=True)
+
+
+def _import_peers_with_fake_torch(log, elapsed):
+    """peers.py imported against a stand-in torch whose CUDA calls append to `log`; event pairs
+    report the durations in `elapsed`, in order."""
+    import importlib
+    import types
+
+    durations = iter(elapsed)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return next(durations)
+
+    cuda = types.SimpleNamespace(Event=Event, synchronize=lambda: log.append("sync"),
+                                 _sleep=lambda cycles: log.append(("sleep", cycles)))
+    torch = types.ModuleType("torch")
+    torch.cuda = cuda
+    nn = types.ModuleType("torch.nn")
+    functional = types.ModuleType("torch.nn.functional")
+    attention = types.ModuleType("torch.nn.attention")
+    attention.SDPBackend = types.SimpleNamespace(FLASH_ATTENTION=0, CUDNN_ATTENTION=1)
+    attention.sdpa_kernel = None
+    torch.bfloat16 = torch.float16 = torch.float32 = None
+    saved = {k: sys.modules.get(k) for k in ("torch", "torch.nn", "torch.nn.functional", "torch.nn.attention", "peers")}
+    sys.modules.update({"torch": torch, "torch.nn": nn, "torch.nn.functional": functional,
+                        "torch.nn.attention": attention})
+    sys.modules.pop("peers", None)
+    try:
+        return importlib.import_module("peers")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+class Timing(unittest.TestCase):
+    def test_one_spin_per_timed_run_and_the_median(self):
+        log = []
+        elapsed = [5.0, 1.0, 3.0, 2.0, 4.0]
+        peers = _import_peers_with_fake_torch(log, elapsed)
+        ms = peers.median_ms(lambda: log.append("call"), warmup=2, iters=5)
+        self.assertEqual(ms, 3.0)
+        # warm-up: two calls with no spin, then a sync; the timed run: one spin, then five calls
+        # back to back, each between its own two events, then a sync
+        warm = ["record", "call", "record"] * 2 + ["sync"]
+        self.assertEqual(log[:len(warm)], warm)
+        timed = log[len(warm):]
+        self.assertEqual(timed[0][0], "sleep")
+        self.assertEqual(timed[1:], ["record", "call", "record"] * 5 + ["sync"])
+
+    def test_the_spin_outlasts_the_hosts_enqueueing(self):
+        import time
+
+        log = []
+        peers = _import_peers_with_fake_torch(log, [1.0] * 10)
+
+        def slow_call():  # 2 ms of host time per call
+            log.append("call")
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        peers.median_ms(slow_call, warmup=2, iters=10)
+        cycles = [e[1] for e in log if isinstance(e, tuple)]
+        self.assertEqual(len(cycles), 1)
+        # ten calls of at least 2 ms each: the spin must cover 20 ms of enqueueing, at the fastest clock
+        self.assertGreaterEqual(cycles[0] / peers.SPIN_CYCLES_PER_S, 0.020)
+        self.assertEqual(peers._spin_short["count"], 0)
+
+    def test_a_run_that_outlasts_its_spin_is_counted(self):
+        import time
+
+        log = []
+        peers = _import_peers_with_fake_torch(log, [1.0] * 10)
+        calls = {"n": 0}
+
+        def slower_after_warmup():  # fast in the warm-up, 5 ms a call after it
+            calls["n"] += 1
+            if calls["n"] > 2:
+                end = time.perf_counter() + 0.005
+                while time.perf_counter() < end:
+                    pass
+
+        peers.median_ms(slower_after_warmup, warmup=2, iters=10)
+        self.assertEqual(peers._spin_short["count"], 1)
 
 
 if __name__ == "__main__":
