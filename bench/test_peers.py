@@ -6,6 +6,7 @@ against a stand-in for torch.cuda). `cargo xtask test` runs this file.
 
 Usage: python3 bench/test_peers.py    (prints one PASS or FAIL line at the end)
 """
+import contextlib
 import json
 import os
 import py_compile
@@ -20,6 +21,25 @@ sys.path.insert(0, HERE)
 
 import flashinfer_peer as fp  # noqa: E402  (after the path tweak)
 import report  # noqa: E402
+
+
+@contextlib.contextmanager
+def stand_in_modules(modules, fresh=()):
+    """`modules` ({name: module}) in sys.modules, and the modules named in `fresh` dropped so that
+    they import again against them; on exit sys.modules holds what it held before for every name."""
+    names = list(modules) + [n for n in fresh if n not in modules]
+    saved = {k: sys.modules.get(k) for k in names}
+    sys.modules.update(modules)
+    for name in fresh:
+        sys.modules.pop(name, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
 
 
 class PageTable(unittest.TestCase):
@@ -172,10 +192,8 @@ class Jit(unittest.TestCase):
         core.JitSpec = Spec
         jit = types.ModuleType("flashinfer.jit")
         jit.core = core
-        saved = {k: sys.modules.get(k) for k in ("flashinfer", "flashinfer.jit", "flashinfer.jit.core")}
-        sys.modules.update({"flashinfer": types.ModuleType("flashinfer"), "flashinfer.jit": jit,
-                            "flashinfer.jit.core": core})
-        try:
+        with stand_in_modules({"flashinfer": types.ModuleType("flashinfer"), "flashinfer.jit": jit,
+                               "flashinfer.jit.core": core}):
             fp._install_jit_guard(None)
             with self.assertRaises(fp.NotPrebuilt):
                 Spec().build()
@@ -190,12 +208,6 @@ class Jit(unittest.TestCase):
 
             with self.assertRaises(fp.NotPrebuilt):
                 Later().build_and_load()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = v
 
 
 def ours_rows():
@@ -304,7 +316,7 @@ def _import_peers_with_fake_torch(log, elapsed):
 
     class Event:
         def __init__(self, enable_timing=False):
-            self.t = None
+            pass
 
         def record(self):
             log.append("record")
@@ -322,18 +334,9 @@ def _import_peers_with_fake_torch(log, elapsed):
     attention.SDPBackend = types.SimpleNamespace(FLASH_ATTENTION=0, CUDNN_ATTENTION=1)
     attention.sdpa_kernel = None
     torch.bfloat16 = torch.float16 = torch.float32 = None
-    saved = {k: sys.modules.get(k) for k in ("torch", "torch.nn", "torch.nn.functional", "torch.nn.attention", "peers")}
-    sys.modules.update({"torch": torch, "torch.nn": nn, "torch.nn.functional": functional,
-                        "torch.nn.attention": attention})
-    sys.modules.pop("peers", None)
-    try:
+    with stand_in_modules({"torch": torch, "torch.nn": nn, "torch.nn.functional": functional,
+                           "torch.nn.attention": attention}, fresh=["peers"]):
         return importlib.import_module("peers")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 class Timing(unittest.TestCase):
