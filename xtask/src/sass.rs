@@ -14,9 +14,8 @@
 //!
 //! The library checked is the one the workspace's tests link: cargo names the build-script output
 //! folder of that build (already built within `cargo xtask test`), and cuobjdump disassembles the
-//! kernel's static library there. cuobjdump
-//! comes from the toolkit or from NVIDIA's wheel on PyPI (pinned below; its 13.2 release is the
-//! first there and reads CUDA 13.0 code). Why not a separate compile of the source, as the first
+//! kernel's static library there. cuobjdump comes from the toolkit or from NVIDIA's wheel on PyPI
+//! (pinned below; its 13.2 release is the first there and reads CUDA 13.0 code). Why not a separate compile of the source, as the first
 //! form did: that repeated build.rs's flags by hand (checking code the library might not ship)
 //! and cost an nvcc run of about a minute on two cores.
 
@@ -37,8 +36,8 @@ const EXP_PER_TILE: usize = 64;
 /// A turn holds at least a head-64 tile's wgmmas (4 for S, 8 for PV).
 const MIN_WGMMA_PER_TURN: usize = 12;
 
-/// Builds attention-kernels with `cuda_root`'s nvcc (if it is not built yet) and checks the
-/// warp-specialised prefill's SASS.
+/// Builds the workspace's CUDA tests with `cuda_root`'s nvcc (if they are not built yet) and checks
+/// the SASS of the warp-specialised prefill they link.
 pub fn check(cuda_root: &Path) -> Result<(), String> {
     check_with(cuda_root, &cuobjdump(cuda_root)?)
 }
